@@ -1,0 +1,184 @@
+"""Command line: argparse front, no logic. Errors -> one line on stderr + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from . import __version__
+from .errors import EXIT_CODES, OnnxPruneError, UsageError
+from .importance import SCORERS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin a dynamic input's dims for analysis and verification (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="node or weight names (globs) to leave alone; blocks their groups (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxprune",
+        description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
+        epilog="Also: 'onnxprune info MODEL' describes the prunable groups. Exit codes: "
+        + "; ".join(f"{k} {v.split(' (')[0]}" for k, v in EXIT_CODES.items()),
+    )
+    p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
+    p.add_argument("--importance", default="l1", choices=sorted(SCORERS), help="channel importance (default l1)")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels of all groups together instead of R per group")
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                   help="never keep fewer than N channels in a group (default 1)")
+    p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
+                   help="with --global: remove at most R of any one group (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")
+    p.add_argument("--report", metavar="FILE.json", help="write a JSON report")
+    p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
+    p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
+    p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
+    _common(p)
+    return p
+
+
+def build_info_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune info", description="Params, MACs and channel groups of a model.")
+    p.add_argument("model")
+    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
+    _common(p)
+    return p
+
+
+def _check_flags(args, argv) -> None:
+    if args.plan_in and args.structured is not None:
+        raise UsageError("--plan-in and --structured are exclusive: a plan already says what to cut")
+    if args.plan_in and any(a.split("=")[0] in ("--importance", "--global", "--round-to") for a in argv):
+        raise UsageError("--plan-in applies a plan exactly; --importance/--global/--round-to do not apply")
+    if args.plan_in is None and args.structured is None:
+        raise UsageError("nothing to do: give --structured R or --plan-in FILE")
+    if args.dry_run and args.output:
+        raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
+
+
+def run_prune(argv: list[str]) -> int:
+    from .api import prune_file
+    from .model import parse_input_shapes
+
+    args = build_parser().parse_args(argv)
+    _check_flags(args, argv)
+    report = prune_file(
+        args.model, args.output, args.structured,
+        force=args.force, dry_run=args.dry_run, plan_in=args.plan_in, plan_out=args.plan_out,
+        report_path=args.report, seed=args.seed,
+        importance=args.importance, global_ranking=args.global_ranking, round_to=args.round_to,
+        min_channels=args.min_channels, max_group_ratio=args.max_group_ratio,
+        ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
+    )
+    for w in report.warnings:
+        print(f"onnxprune: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(report.summary(verbose=args.verbose))
+        if report.written:
+            print(f"wrote   {report.output}")
+        elif args.dry_run:
+            print("dry run: nothing written")
+    return 0
+
+
+def run_info(argv: list[str]) -> int:
+    import json
+
+    from .api import analyse
+    from .model import load_model, parse_input_shapes
+    from .stats import count_macs, count_params, format_count
+
+    args = build_info_parser().parse_args(argv)
+    model = load_model(args.model)
+    analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore))
+    macs = count_macs(model, shapes=analysis.shapes.static)
+    prunable = analysis.prunable
+    blocked = [g for g in analysis.groups if g.blocked]
+    info = {
+        "params": count_params(model),
+        "macs": macs,
+        "inputs": {k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
+        "prunable": [{"id": g.id, "sources": g.sources, "channels": g.size,
+                      "units": len(g.unit_members()), "nodes": len(g.nodes)} for g in prunable],
+        "blocked": [{"id": g.id, "sources": g.sources, "channels": g.size, "reason": "; ".join(g.blocked)}
+                    for g in blocked],
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
+    if not args.quiet:
+        shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
+        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
+        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
+        for g in prunable:
+            tied = f", {len(g.unit_members())} units" if len(g.unit_members()) != g.size else ""
+            print(f"  {g.size:>5} ch{tied:<12} {', '.join(g.sources)}")
+        print(f"{len(blocked)} blocked group(s)")
+        for g in blocked:
+            print(f"  {g.size:>5} ch  {', '.join(g.sources)}: {'; '.join(g.blocked)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv[:1] == ["info"]:
+            return run_info(argv[1:])
+        return run_prune(argv)
+    except OnnxPruneError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: keep it to one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"onnxprune: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

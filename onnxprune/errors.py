@@ -1,0 +1,46 @@
+"""Typed errors. The CLI maps each to one exit code (see ``EXIT_CODES``)."""
+
+
+class OnnxPruneError(Exception):
+    """Base class: an error with a one-line message meant for the user."""
+
+    exit_code = 1
+
+
+class UsageError(OnnxPruneError):
+    """Bad arguments, or an output that would overwrite something without --force."""
+
+    exit_code = 2
+
+
+class InvalidModel(OnnxPruneError):
+    """The input is not a readable, valid ONNX model."""
+
+    exit_code = 3
+
+
+class UnsupportedModel(OnnxPruneError):
+    """A valid model that onnxprune cannot handle (old opset, runtime cannot run it, ...)."""
+
+    exit_code = 4
+
+
+class VerificationFailed(OnnxPruneError):
+    """The pruned model failed a check; nothing was written."""
+
+    exit_code = 5
+
+
+class PlanMismatch(UsageError):
+    """A plan file does not fit the model it is applied to."""
+
+
+EXIT_CODES = {
+    0: "success (also when nothing was prunable: an unchanged copy is written)",
+    1: "internal error (a bug: please report it with --debug output)",
+    2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output)",
+    3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
+    4: "unsupported model (opset < 11, or onnxruntime cannot run it)",
+    5: "verification failed (the pruned model did not pass the checks; nothing written)",
+    130: "interrupted (Ctrl-C); nothing written",
+}

@@ -1,0 +1,169 @@
+"""A thin view over an onnx-graphsurgeon graph: producers, consumers, constants, shapes.
+
+``GraphView.from_model`` imports the model into onnx-graphsurgeon and
+normalises how weights are spelled, so that rules see one form:
+Constant nodes become constant tensors and Identity nodes that merely route a
+constant (the torch exporter does this for some biases) are bypassed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .model import Shapes, opset_of
+
+
+@dataclass
+class GraphView:
+    graph: gs.Graph
+    shapes: Shapes
+    opset: int
+    subgraph_refs: frozenset[str]
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> "GraphView":
+        graph = gs.import_onnx(model)
+        _name_nodes(graph)
+        _constants_as_tensors(graph)
+        _bypass_constant_identities(graph)
+        return cls(graph, shapes, opset_of(model), frozenset(_subgraph_references(graph)))
+
+    # --- structure -------------------------------------------------------
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.graph.nodes
+
+    def producer(self, tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    def consumers(self, tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+        """(node, input index) for every use of ``tensor`` (a node may use it twice)."""
+        uses, seen = [], set()
+        for node in tensor.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            uses.extend((node, i) for i, t in enumerate(node.inputs) if t is tensor)
+        return uses
+
+    def is_graph_input(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.inputs)
+
+    def is_graph_output(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.outputs)
+
+    # --- values ------------------------------------------------------------
+    @staticmethod
+    def is_constant(tensor: gs.Tensor | None) -> bool:
+        return isinstance(tensor, gs.Constant)
+
+    @staticmethod
+    def value(tensor: gs.Tensor) -> np.ndarray | None:
+        """The constant's values, or None for a computed tensor."""
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        return None
+
+    def int_values(self, tensor: gs.Tensor | None) -> list[int] | None:
+        v = self.value(tensor) if tensor is not None else None
+        return None if v is None else [int(x) for x in np.atleast_1d(v).tolist()]
+
+    # --- shapes ------------------------------------------------------------
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        return self.shapes.static.get(tensor.name)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        s = self.shape(tensor)
+        return None if s is None else len(s)
+
+    def dim(self, tensor: gs.Tensor, axis: int) -> int | None:
+        s = self.shape(tensor)
+        if s is None or not -len(s) <= axis < len(s):
+            return None
+        return s[axis]
+
+    def is_dynamic(self, tensor: gs.Tensor, axis: int) -> bool:
+        if isinstance(tensor, gs.Constant):
+            return False
+        return axis in self.shapes.dynamic.get(tensor.name, set())
+
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed nodes stable names, so reports and --ignore can refer to them."""
+    taken = {n.name for n in graph.nodes if n.name}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _constants_as_tensors(graph: gs.Graph) -> None:
+    """Constant nodes -> constant tensors (unless they are graph outputs)."""
+    for node in list(graph.nodes):
+        if node.op != "Constant" or node.domain not in (None, "", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if any(t is out for t in graph.outputs):
+            continue
+        value = _constant_node_value(node)
+        if value is None:
+            continue
+        const = gs.Constant(out.name, value)
+        for consumer in list(out.outputs):
+            consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in node.attrs:
+            v = node.attrs[key]
+            if isinstance(v, gs.Constant):
+                return np.asarray(v.values)
+            if key == "value_float" or key == "value_floats":
+                return np.asarray(v, dtype=np.float32)
+            return np.asarray(v, dtype=np.int64)
+    return None  # sparse_value / string values: leave the node alone
+
+
+def _bypass_constant_identities(graph: gs.Graph) -> None:
+    """Consumers of Identity(constant) read the constant directly."""
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        out = node.outputs[0]
+        if any(t is out for t in graph.outputs):
+            continue
+        src = node.inputs[0]
+        for consumer in list(out.outputs):
+            consumer.inputs[:] = [src if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _subgraph_references(graph: gs.Graph) -> set[str]:
+    """Names of outer-scope tensors that If/Loop/Scan bodies read."""
+    refs: set[str] = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            bodies = value if isinstance(value, list) else [value]
+            for body in bodies:
+                if isinstance(body, gs.Graph):
+                    for inner in body.nodes:
+                        refs.update(t.name for t in inner.inputs if t is not None)
+                    refs.update(_subgraph_references(body))
+    return refs

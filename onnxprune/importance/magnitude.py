@@ -1,0 +1,45 @@
+"""Magnitude criteria: L1 / L2 of every weight coupled to a channel, and BN |gamma|."""
+
+from __future__ import annotations
+
+import numpy as np
+
+WEIGHT_ROLES = ("weight",)
+
+
+def _per_channel(group, view, roles, reduce) -> tuple[np.ndarray, np.ndarray] | None:
+    """Sum of ``reduce(w)`` and element count per channel over the slots with ``roles``."""
+    slots = [s for s in group.params.values() if s.role in roles]
+    if not slots:
+        return None
+    total = np.zeros(group.size)
+    count = np.zeros(group.size)
+    for slot in slots:
+        w = np.asarray(view.value(slot.tensor), dtype=np.float64)
+        other = tuple(a for a in range(w.ndim) if a != slot.axis)
+        per_pos = reduce(w).sum(axis=other) if other else reduce(w)
+        owned = slot.owner >= 0
+        np.add.at(total, slot.owner[owned], per_pos[owned])
+        np.add.at(count, slot.owner[owned], w.size / w.shape[slot.axis])
+    return total, np.maximum(count, 1)
+
+
+def l1(group, view, seed=0):
+    """Mean |w| over all weights (conv filters, matrices, on both sides) of each channel."""
+    total, count = _per_channel(group, view, WEIGHT_ROLES, np.abs)
+    return total / count
+
+
+def l2(group, view, seed=0):
+    """Root-mean-square of all weights of each channel."""
+    total, count = _per_channel(group, view, WEIGHT_ROLES, np.square)
+    return np.sqrt(total / count)
+
+
+def bn_scale(group, view, seed=0):
+    """Mean |gamma| of the group's BatchNormalization nodes; None when it has none."""
+    found = _per_channel(group, view, ("bn_scale",), np.abs)
+    if found is None:
+        return None
+    total, count = found
+    return total / count

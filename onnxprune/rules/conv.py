@@ -1,0 +1,125 @@
+"""Conv and ConvTranspose.
+
+Grouped convolutions keep their ``group`` count: every group loses the same
+in-group positions (channels j, j + C/g, j + 2C/g, ... are tied), so the
+weight stays one tensor of shape (M, C'/g, k...). Depthwise convolutions
+(group == input channels) pass channels through, together with their
+filters, and their ``group`` attribute is rewritten to the new width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import Link, Reached, barrier, related, rule, strided
+from ..graph import attr
+
+
+def _geometry(node, view):
+    """(group, input channels, weight) or None when the weight is computed."""
+    w = node.inputs[1]
+    if not view.is_constant(w):
+        return None
+    return int(attr(node, "group", 1)), view.dim(node.inputs[0], 1), w
+
+
+def _is_depthwise(group: int, cin: int | None) -> bool:
+    return cin is not None and group == cin and group > 1
+
+
+def _has_bias(node) -> bool:
+    return len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
+
+
+def _bias(node, owner) -> list[Link]:
+    return [Link("in", 2, 0, owner, "bias")] if _has_bias(node) else []
+
+
+# --- Conv: X (N, C, ...), W (M, C/g, k...), B (M) -------------------------------
+
+def conv_source(node, view):
+    geo = _geometry(node, view)
+    if geo is None or _is_depthwise(geo[0], geo[1]):
+        return []
+    return [(0, 1)]
+
+
+def conv_rewrite(node, view, cut):
+    group, cin, _ = _geometry(node, view)
+    if _is_depthwise(group, cin):
+        node.attrs["group"] = cut.new_dim(node.inputs[0], 1)
+
+
+@rule("Conv", source=conv_source, rewrite=conv_rewrite)
+def conv(node, view, r: Reached):
+    geo = _geometry(node, view)
+    if geo is None:
+        return barrier("weights are computed at run time")
+    group, cin, w = geo
+    if cin is None:
+        return barrier("input channel count unknown (pin dims with --input-shape)")
+    if r.axis != 1 or r.index != 0:
+        return barrier(f"channels reach axis {r.axis} of input/output {r.index}")
+    m = w.shape[0]
+    if _is_depthwise(group, cin):
+        mult = m // group
+        if r.side == "in":
+            out = np.repeat(r.owner, mult)
+            return related(Link("out", 0, 1, out), Link("in", 1, 0, out, "weight"), *_bias(node, out))
+        ties = [np.arange(c * mult, (c + 1) * mult) for c in range(group)] if mult > 1 else []
+        return related(
+            Link("in", 0, 1, r.owner[::mult]),
+            Link("in", 1, 0, r.owner, "weight"),
+            *_bias(node, r.owner),
+            ties=ties,
+        )
+    if r.side == "out":  # the node's own filters
+        ties = strided(m, m // group) if group > 1 else []
+        return related(Link("in", 1, 0, r.owner, "weight"), *_bias(node, r.owner), ties=ties)
+    per_group = cin // group
+    ties = strided(cin, per_group) if group > 1 else []
+    return related(Link("in", 1, 1, r.owner[:per_group], "weight"), ties=ties)
+
+
+# --- ConvTranspose: X (N, C, ...), W (C, M/g, k...), B (M) ----------------------
+
+def _deconv_depthwise(group, cin, w) -> bool:
+    return _is_depthwise(group, cin) and w.shape[1] == 1
+
+
+def conv_transpose_source(node, view):
+    geo = _geometry(node, view)
+    if geo is None or _deconv_depthwise(*geo):
+        return []
+    return [(0, 1)]
+
+
+def conv_transpose_rewrite(node, view, cut):
+    if _deconv_depthwise(*_geometry(node, view)):
+        node.attrs["group"] = cut.new_dim(node.inputs[0], 1)
+
+
+@rule("ConvTranspose", source=conv_transpose_source, rewrite=conv_transpose_rewrite)
+def conv_transpose(node, view, r: Reached):
+    geo = _geometry(node, view)
+    if geo is None:
+        return barrier("weights are computed at run time")
+    group, cin, w = geo
+    if cin is None:
+        return barrier("input channel count unknown (pin dims with --input-shape)")
+    if r.axis != 1 or r.index != 0:
+        return barrier(f"channels reach axis {r.axis} of input/output {r.index}")
+    if _deconv_depthwise(group, cin, w):
+        return related(
+            Link(("out" if r.side == "in" else "in"), 0, 1, r.owner),
+            Link("in", 1, 0, r.owner, "weight"),
+            *_bias(node, r.owner),
+        )
+    per_group_out = w.shape[1]
+    if r.side == "out":
+        ties = strided(per_group_out * group, per_group_out) if group > 1 else []
+        return related(
+            Link("in", 1, 1, r.owner[:per_group_out], "weight"), *_bias(node, r.owner), ties=ties
+        )
+    ties = strided(cin, cin // group) if group > 1 else []
+    return related(Link("in", 1, 0, r.owner, "weight"), ties=ties)

@@ -1,0 +1,341 @@
+"""Ops that move, cut or reinterpret axes: Concat, Split, Slice, Transpose,
+Reshape/Flatten/Squeeze/Unsqueeze, Gather, and Shape (shape arithmetic).
+
+Index mappings are exact: Concat and Split offset positions, Flatten and
+Reshape repeat each channel over the axes it is merged with, and a Reshape
+that splits the channel axis (C -> (G, C/G), heads) ties each block of C/G
+positions into one unit. Targets that cannot be recomputed are barriers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, passthrough, related, rule
+from ..graph import attr
+
+
+def _present(t) -> bool:
+    return t is not None and t.name != ""
+
+
+def _axis(node, view, tensor, default=0) -> int:
+    return normalise_axis(int(attr(node, "axis", default)), view.rank(tensor))
+
+
+# --- Concat ----------------------------------------------------------------------
+
+@rule("Concat")
+def concat(node, view, r: Reached):
+    rank = view.rank(node.outputs[0])
+    if rank is None:
+        return barrier("output shape unknown")
+    axis = normalise_axis(int(attr(node, "axis")), rank)
+    if r.axis != axis:  # concatenated along another axis: all operands share the channels
+        links = [Link("in", i, r.axis, r.owner) for i in range(len(node.inputs))
+                 if not (r.side == "in" and i == r.index)]
+        if r.side == "in":
+            links.append(Link("out", 0, r.axis, r.owner))
+        return Relation(links)
+    sizes = [view.dim(t, axis) for t in node.inputs]
+    if None in sizes:
+        return barrier("operand shapes unknown")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if r.side == "in":
+        out = np.full(int(offsets[-1]), -1)
+        out[offsets[r.index]:offsets[r.index + 1]] = r.owner
+        return related(Link("out", 0, axis, out))
+    parts = [r.owner[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+    return Relation([Link("in", i, axis, p) for i, p in enumerate(parts) if (p >= 0).any()])
+
+
+# --- Split -----------------------------------------------------------------------
+
+def _split_sizes(node, view, axis: int) -> list[int] | None:
+    if len(node.inputs) > 1 and _present(node.inputs[1]):
+        return view.int_values(node.inputs[1])
+    if "split" in node.attrs:
+        return list(node.attrs["split"])
+    total = view.dim(node.inputs[0], axis)
+    if total is None:
+        return None
+    n = len(node.outputs)
+    chunk = math.ceil(total / n)
+    return [min(chunk, total - k * chunk) for k in range(n)]
+
+
+def split_rewrite(node, view, cut):
+    axis = _axis(node, view, node.inputs[0])
+    sizes = [cut.new_dim(o, axis) for o in node.outputs]
+    node.attrs.pop("num_outputs", None)
+    if view.opset >= 13:
+        cut.replace_constant(node, 1, np.array(sizes, dtype=np.int64))
+    else:
+        node.attrs["split"] = sizes
+
+
+@rule("Split", rewrite=split_rewrite)
+def split(node, view, r: Reached):
+    if r.side == "in" and r.index != 0:
+        return barrier("channels reach the split sizes")
+    axis = _axis(node, view, node.inputs[0])
+    if r.axis != axis:
+        links = [Link("out", j, r.axis, r.owner) for j in range(len(node.outputs))
+                 if not (r.side == "out" and j == r.index)]
+        if r.side == "out":
+            links.append(Link("in", 0, r.axis, r.owner))
+        return Relation(links)
+    sizes = _split_sizes(node, view, axis)
+    if sizes is None:
+        return barrier("split sizes are computed at run time")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if r.side == "in":
+        parts = [r.owner[offsets[j]:offsets[j + 1]] for j in range(len(sizes))]
+        return Relation([Link("out", j, axis, p) for j, p in enumerate(parts) if (p >= 0).any()])
+    whole = np.full(int(offsets[-1]), -1)
+    whole[offsets[r.index]:offsets[r.index + 1]] = r.owner
+    return related(Link("in", 0, axis, whole))
+
+
+# --- Slice -----------------------------------------------------------------------
+
+def _slice_spec(node, view) -> dict[int, tuple[int, int, int]] | None:
+    """axis -> (start, stop, step) as given (not normalised); None if computed."""
+    rank = view.rank(node.inputs[0])
+    if view.opset < 10 or "starts" in node.attrs:
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        values = [view.int_values(t) if _present(t) else None
+                  for t in node.inputs[1:5]] + [None] * (5 - len(node.inputs))
+        starts, ends, axes, steps = values[:4]
+        if starts is None or ends is None or (len(node.inputs) > 3 and _present(node.inputs[3]) and axes is None) \
+                or (len(node.inputs) > 4 and _present(node.inputs[4]) and steps is None):
+            return None
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+    return {normalise_axis(a, rank): (s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)}
+
+
+def slice_rewrite(node, view, cut):
+    spec = _slice_spec(node, view)
+    data = node.inputs[0]
+    axes = sorted(spec)
+    new = {}
+    for a in axes:
+        removed = cut.removed(data, a)
+        if not len(removed):
+            continue
+        size = view.dim(data, a)
+        start, stop, _ = slice(*spec[a]).indices(size)
+        kept = np.setdiff1d(np.arange(size), removed)
+        new_start = int(np.sum(kept < start))
+        new[a] = (new_start, new_start + int(np.sum((kept >= start) & (kept < stop))))
+    if not new:
+        return
+    starts = [new.get(a, spec[a][:2])[0] for a in axes]
+    ends = [new.get(a, spec[a][:2])[1] for a in axes]
+    if "starts" in node.attrs:
+        node.attrs.update(starts=starts, ends=ends, axes=axes)
+        return
+    cut.replace_constant(node, 1, np.array(starts, dtype=np.int64))
+    cut.replace_constant(node, 2, np.array(ends, dtype=np.int64))
+    cut.replace_constant(node, 3, np.array(axes, dtype=np.int64))
+    steps = [spec[a][2] for a in axes]
+    cut.replace_constant(node, 4, np.array(steps, dtype=np.int64))
+
+
+@rule("Slice", rewrite=slice_rewrite)
+def slice_(node, view, r: Reached):
+    if r.side == "in" and r.index != 0:
+        return barrier("channels reach the slice bounds")
+    spec = _slice_spec(node, view)
+    if spec is None:
+        return barrier("slice bounds are computed at run time")
+    if r.axis not in spec:
+        return passthrough(r)
+    size = view.dim(node.inputs[0], r.axis)
+    if size is None:
+        return barrier("input shape unknown")
+    start, stop, step = slice(*spec[r.axis]).indices(size)
+    if step != 1:
+        return barrier("strided slice along the channel axis")
+    if r.side == "in":
+        return related(Link("out", 0, r.axis, r.owner[start:stop]))
+    whole = np.full(size, -1)
+    whole[start:stop] = r.owner
+    return related(Link("in", 0, r.axis, whole))
+
+
+# --- Transpose -------------------------------------------------------------------
+
+@rule("Transpose")
+def transpose(node, view, r: Reached):
+    rank = view.rank(node.inputs[0])
+    perm = list(attr(node, "perm", None) or reversed(range(rank)))
+    if r.side == "in":
+        return related(Link("out", 0, perm.index(r.axis), r.owner))
+    return related(Link("in", 0, perm[r.axis], r.owner))
+
+
+# --- Reshape, Flatten, Squeeze, Unsqueeze: one index mapping ------------------------
+
+def _prefix_products(shape) -> list[int]:
+    out = [1]
+    for d in shape:
+        out.append(out[-1] * d)
+    return out
+
+
+def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
+    """Map channel ``axis`` of a tensor of shape ``src`` onto the same data in shape ``dst``.
+
+    Returns (dst axis, owner on it, ties on the source axis) or a barrier reason.
+    """
+    if None in src or None in dst or 0 in src or 0 in dst:
+        return "reshape with unknown or empty dims"
+    ps, pd = _prefix_products(src), _prefix_products(dst)
+    before, after, size = ps[axis], ps[axis + 1], src[axis]
+    if before in pd and after in pd:  # the axis survives whole, maybe split into several
+        j = max(i for i, p in enumerate(pd) if p == before)
+        k = min(i for i, p in enumerate(pd) if p == after)
+        if k - j == 1:
+            return j, owner, []
+        grid = owner.reshape(dst[j:k])
+        for t in range(k - j):
+            if dst[j + t] == 1:
+                continue
+            line = np.moveaxis(grid, t, 0).reshape(dst[j + t], -1)[:, 0]
+            shape = [1] * (k - j)
+            shape[t] = dst[j + t]
+            if np.array_equal(grid, np.broadcast_to(line.reshape(shape), grid.shape)):
+                return j + t, line, []
+        block = size // dst[j]  # whole blocks (e.g. heads) become units
+        ties = blocks_of(size, block)
+        reps = np.array([next((int(o) for o in owner[b] if o >= 0), -1) for b in ties])
+        return j, reps, ties
+    # merged with neighbouring axes into one destination axis
+    lo = [i for i, p in enumerate(pd) if p <= before and p in ps]
+    hi = [i for i, p in enumerate(pd) if p >= after and p in ps]
+    if not lo or not hi or max(lo) + 1 != min(hi):
+        return "reshape mixes the channel axis with other axes"
+    j = max(lo)
+    a0 = max(i for i, p in enumerate(ps) if p == pd[j] and i <= axis)
+    a1 = min(i for i, p in enumerate(ps) if p == pd[j + 1] and i > axis)
+    merged = [a for a in range(a0, a1) if a != axis]
+    if any(a in dynamic and src[a] != 1 for a in merged) or any(a in dynamic for a in merged if a < axis):
+        return "reshape merges the channel axis with a dynamic axis"
+    outer, inner = before // pd[j], pd[j + 1] // after
+    return j, np.tile(np.repeat(owner, inner), outer), []
+
+
+def _reshape_target_ok(node, view, out_axis: int) -> str | None:
+    """A Reshape target entry we can rewrite: a constant, or -1 in a computed target."""
+    if node.op != "Reshape" or view.is_constant(node.inputs[1]):
+        return None
+    entry = _shape_entry(view, node.inputs[1], out_axis)
+    return None if entry == -1 else "Reshape target is computed at run time"
+
+
+def _shape_entry(view, tensor, index: int):
+    """Entry ``index`` of a 1-D shape tensor built by Concat of pieces, if constant."""
+    value = view.value(tensor)
+    if value is not None:
+        return int(np.atleast_1d(value)[index])
+    node = view.producer(tensor)
+    if node is None or node.op != "Concat":
+        return None
+    offset = 0
+    for piece in node.inputs:
+        n = view.dim(piece, 0) if view.rank(piece) == 1 else 1
+        if n is None:
+            return None
+        if index < offset + n:
+            v = view.value(piece)
+            return None if v is None else int(np.atleast_1d(v)[index - offset])
+        offset += n
+    return None
+
+
+def reshape_rewrite(node, view, cut):
+    if node.op != "Reshape" or not view.is_constant(node.inputs[1]):
+        return
+    out = node.outputs[0]
+    target = np.array(view.value(node.inputs[1]), dtype=np.int64, copy=True)
+    changed = False
+    for j in range(len(target)):
+        new = cut.new_dim(out, j)
+        if new != view.dim(out, j) and target[j] != -1:
+            target[j] = new
+            changed = True
+    if changed:
+        cut.replace_constant(node, 1, target)
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze", rewrite=reshape_rewrite)
+def reshape(node, view, r: Reached):
+    if r.side == "in" and r.index != 0:
+        return barrier("channels reach the target shape")
+    src_t, dst_t = (node.inputs[0], node.outputs[0]) if r.side == "in" else (node.outputs[0], node.inputs[0])
+    src, dst = view.shape(src_t), view.shape(dst_t)
+    if src is None or dst is None:
+        return barrier("shape unknown")
+    dynamic = {a for a in range(len(src)) if view.is_dynamic(src_t, a)}
+    mapped = map_reshape(src, dst, r.axis, r.owner, dynamic)
+    if isinstance(mapped, str):
+        return barrier(mapped)
+    axis, owner, ties = mapped
+    problem = _reshape_target_ok(node, view, axis if r.side == "in" else r.axis)
+    if problem:
+        return barrier(problem)
+    return related(Link("out" if r.side == "in" else "in", 0, axis, owner), ties=ties)
+
+
+# --- Gather (indexing along another axis) ------------------------------------------
+
+@rule("Gather")
+def gather(node, view, r: Reached):
+    data, indices = node.inputs[:2]
+    rank, idx_rank = view.rank(data), view.rank(indices)
+    if rank is None or idx_rank is None:
+        return barrier("shape unknown")
+    g = _axis(node, view, data)
+    if r.side == "in":
+        if r.index != 0 or r.axis == g:
+            return barrier("gathers along the channel axis")
+        return related(Link("out", 0, r.axis if r.axis < g else r.axis + idx_rank - 1, r.owner))
+    if r.axis < g:
+        return related(Link("in", 0, r.axis, r.owner))
+    if r.axis >= g + idx_rank:
+        return related(Link("in", 0, r.axis - idx_rank + 1, r.owner))
+    return barrier("channels reach the gathered indices")
+
+
+# --- Shape: reading a tensor's dims ---------------------------------------------------
+
+@rule("Shape")
+def shape(node, view, r: Reached):
+    """Safe when no consumer reads the channel count: Gather/Slice of other entries."""
+    rank = view.rank(node.inputs[0])
+    start = normalise_axis(int(attr(node, "start", 0)), rank)
+    end = attr(node, "end", None)
+    end = rank if end is None else min(normalise_axis(int(end), rank), rank)
+    if not start <= r.axis < end:
+        return Relation()
+    entry = r.axis - start
+    for consumer, _ in view.consumers(node.outputs[0]):
+        if consumer.op == "Gather" and int(attr(consumer, "axis", 0)) == 0:
+            picked = view.int_values(consumer.inputs[1])
+            if picked is not None and entry not in [normalise_axis(p, end - start) for p in picked]:
+                continue
+        if consumer.op == "Slice":
+            spec = _slice_spec(consumer, view)
+            if spec is not None and 0 in spec:
+                lo, hi, step = slice(*spec[0]).indices(end - start)
+                if entry not in range(lo, hi, step):
+                    continue
+        return barrier("shape arithmetic reads the channel count")
+    return Relation()

@@ -1,0 +1,99 @@
+"""Parameter and MAC counts of a model, from static shapes.
+
+MACs count the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
+(activation x activation MatMuls included); elementwise work is not counted.
+The tools/ benchmarks use this one function for every tool they compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from .model import infer_shapes, resolve_input_shapes
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of all float initializers and float Constant-node tensors."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    total += math.prod(a.t.dims)
+    return int(total)
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes: dict | None = None) -> int | None:
+    """Multiply-accumulates for one run at the given (or static, else 1) input shapes.
+
+    None when a counted op has a dim that shape inference could not resolve.
+    """
+    if shapes is None:
+        shapes = infer_shapes(model, resolve_input_shapes(model, input_shapes))
+    total = 0
+    for node in model.graph.node:
+        counter = _COUNTERS.get(node.op_type)
+        if counter is None:
+            continue
+        dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]
+        macs = counter(node, dims)
+        if macs is None:
+            return None
+        total += macs
+    return int(total)
+
+
+def _known(*shapes) -> bool:
+    return all(s is not None and None not in s for s in shapes)
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _conv(node, dims):
+    x, w, out = dims[0], dims[1], dims[-1]
+    if not _known(w, out):
+        return None
+    return math.prod(out) * math.prod(w[1:])  # out elements x (C/g x kernel)
+
+
+def _conv_transpose(node, dims):
+    x, w = dims[0], dims[1]
+    if not _known(x, w):
+        return None
+    return math.prod(x) * math.prod(w[1:])  # in elements x (M/g x kernel)
+
+
+def _gemm(node, dims):
+    a, out = dims[0], dims[-1]
+    if not _known(a, out):
+        return None
+    k = a[0] if _attr(node, "transA", 0) else a[1]
+    return math.prod(out) * k
+
+
+def _matmul(node, dims):
+    a, out = dims[0], dims[-1]
+    if not _known(a, out) or not a:
+        return None
+    return math.prod(out) * a[-1]
+
+
+_COUNTERS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
+
+
+def format_count(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
