@@ -121,9 +121,7 @@ def _constants_as_tensors(graph: gs.Graph) -> None:
         value = _constant_node_value(node)
         if value is None:
             continue
-        const = gs.Constant(out.name, value)
-        for consumer in list(out.outputs):
-            consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
+        _redirect(out, gs.Constant(out.name, value))
         node.outputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False)
 
@@ -148,11 +146,17 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         out = node.outputs[0]
         if any(t is out for t in graph.outputs):
             continue
-        src = node.inputs[0]
-        for consumer in list(out.outputs):
-            consumer.inputs[:] = [src if t is out else t for t in consumer.inputs]
+        _redirect(out, node.inputs[0])
         node.outputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every consumer of ``old`` reads ``new`` instead."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
 
 
 def _subgraph_references(graph: gs.Graph) -> set[str]:
