@@ -204,10 +204,62 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     return shapes
 
 
+def _unresolved(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
+    return [
+        name for node in model.graph.node for name in node.output
+        if name and (shapes.get(name) is None or None in shapes[name])
+    ]
+
+
+def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, tuple]:
+    """Shapes of ``names`` observed in one onnxruntime run at the pinned input shapes.
+
+    ONNX shape inference gives up on shape arithmetic (Shape -> Div -> Slice,
+    as torch exports ``chunk``); at fixed input shapes the run is exact.
+    """
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in sess.get_inputs():
+            shape = inputs.get(i.name, ())
+            if "int" in i.type:
+                feeds[i.name] = np.zeros(shape, dtype=np.int64 if "64" in i.type else np.int32)
+            elif "bool" in i.type:
+                feeds[i.name] = np.zeros(shape, dtype=bool)
+            else:
+                feeds[i.name] = np.zeros(shape, dtype=np.float16 if "16" in i.type else np.float32)
+        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+        values = sess.run(wanted, feeds)
+    except Exception:
+        return {}
+    return {n: tuple(np.shape(v)) for n, v in zip(wanted, values)}
+
+
+def static_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Every tensor's shape at the given input shapes: inferred, else measured."""
+    shapes = infer_shapes(model, inputs)
+    unresolved = _unresolved(model, shapes)
+    if unresolved and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        shapes.update(measure_shapes(model, inputs, unresolved))
+    return shapes
+
+
 def analyse_shapes(model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None) -> Shapes:
     """Pinned static shapes plus the axes that are dynamic in the model as given."""
     inputs = resolve_input_shapes(model, pinned)
-    static = infer_shapes(model, inputs)
+    static = static_shapes(model, inputs)
     free = infer_shapes(model, None)
     dynamic = {name: {a for a, d in enumerate(dims) if d is None} for name, dims in free.items()}
     for name, dims in static.items():

@@ -11,7 +11,7 @@ import math
 
 import onnx
 
-from .model import infer_shapes, resolve_input_shapes
+from .model import resolve_input_shapes, static_shapes
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -32,7 +32,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes:
     None when a counted op has a dim that shape inference could not resolve.
     """
     if shapes is None:
-        shapes = infer_shapes(model, resolve_input_shapes(model, input_shapes))
+        shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
     total = 0
     for node in model.graph.node:
         counter = _COUNTERS.get(node.op_type)
