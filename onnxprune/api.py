@@ -22,13 +22,12 @@ from .groups import Group, find_groups
 from .importance import score_groups
 from .model import (
     AtomicModelWriter,
-    Shapes,
-    analyse_shapes,
     check_output_path,
     default_output_path,
     load_model,
     resolve_input_shapes,
 )
+from .shapes import Shapes, analyse_shapes
 from .plan import Plan, check_plan, make_plan
 from .report import BlockedGroup, GroupReport, Report
 from .stats import count_macs, count_params

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .model import Shapes, opset_of
+from .model import opset_of
+from .shapes import Shapes
 
 
 @dataclass

@@ -62,17 +62,21 @@ class Group:
     nodes: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
+    _members: list | None = field(default=None, repr=False)
 
     @property
     def prunable(self) -> bool:
-        return not self.blocked and self.size > 1 and len(set(self.units.tolist())) > 1
+        return not self.blocked and self.size > 1 and len(self.unit_members()) > 1
 
     def unit_members(self) -> list[np.ndarray]:
         """Channels of each unit, units ordered by their first channel."""
-        order = {}
-        for ch, u in enumerate(self.units.tolist()):
-            order.setdefault(u, []).append(ch)
-        return [np.array(v) for v in order.values()]
+        if self._members is None:
+            _, first, inverse = np.unique(self.units, return_index=True, return_inverse=True)
+            by_unit = np.argsort(inverse, kind="stable")
+            bounds = np.cumsum(np.bincount(inverse))[:-1]
+            members = np.split(by_unit, bounds)
+            self._members = [members[u] for u in np.argsort(first)]
+        return self._members
 
 
 class _UnionFind:

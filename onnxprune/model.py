@@ -12,7 +12,6 @@ import contextlib
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -23,24 +22,6 @@ from .errors import InvalidModel, UnsupportedModel, UsageError
 MIN_OPSET = 11
 # Above this, the protobuf serialiser cannot hold the model in one message.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-# Initializers at most this large keep their values in the copy used for
-# shape inference (they may be Reshape targets, Slice bounds, ...).
-SMALL_CONSTANT = 64
-
-
-@dataclass
-class Shapes:
-    """Static shapes of every tensor, as inferred with the pinned input dims.
-
-    ``static[name]`` is a tuple of ints (or None for dims inference could not
-    resolve); ``dynamic[name]`` holds the axes that are symbolic in the model
-    as given, before pinning (they must stay dynamic, and index mappings that
-    depend on them are unsafe).
-    """
-
-    static: dict[str, tuple] = field(default_factory=dict)
-    dynamic: dict[str, set[int]] = field(default_factory=dict)
-    pinned_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -141,146 +122,6 @@ def resolve_input_shapes(
         else:
             result[name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
     return result
-
-
-@contextlib.contextmanager
-def _weights_detached(model: onnx.ModelProto):
-    """Temporarily replace large initializers by data-free stand-ins (same name, dims, type).
-
-    Shape inference needs only dims and small constants; leaving the weights
-    out keeps it fast and lets it work on models over the 2 GB protobuf limit.
-    """
-    graph = model.graph
-    originals = list(graph.initializer)
-    light = []
-    for t in originals:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
-            light.append(t)
-        else:
-            stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-            light.append(stub)
-    del graph.initializer[:]
-    graph.initializer.extend(light)
-    try:
-        yield model
-    finally:
-        del graph.initializer[:]
-        graph.initializer.extend(originals)
-
-
-def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple]:
-    """Shapes of all tensors; with ``input_shapes`` the graph inputs are pinned first.
-
-    The model itself is left as it was.
-    """
-    with _weights_detached(model):
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
-    del light.graph.value_info[:]
-    if input_shapes:
-        for vi in light.graph.input:
-            if vi.name in input_shapes:
-                dims = vi.type.tensor_type.shape.dim
-                for d, v in zip(dims, input_shapes[vi.name]):
-                    d.Clear()
-                    d.dim_value = v
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        raise UnsupportedModel(f"ONNX shape inference failed: {_first_line(exc)}") from exc
-    shapes: dict[str, tuple] = {}
-    graph = inferred.graph
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
-            )
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
-
-
-def _unresolved(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
-    return [
-        name for node in model.graph.node for name in node.output
-        if name and (shapes.get(name) is None or None in shapes[name])
-    ]
-
-
-def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, tuple]:
-    """Shapes of ``names`` observed in one onnxruntime run at the pinned input shapes.
-
-    ONNX shape inference gives up on shape arithmetic (Shape -> Div -> Slice,
-    as torch exports ``chunk``); at fixed input shapes the run is exact.
-    """
-    try:
-        import numpy as np
-        import onnxruntime as ort
-    except ImportError:
-        return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feeds = {}
-        for i in sess.get_inputs():
-            shape = inputs.get(i.name, ())
-            if "int" in i.type:
-                feeds[i.name] = np.zeros(shape, dtype=np.int64 if "64" in i.type else np.int32)
-            elif "bool" in i.type:
-                feeds[i.name] = np.zeros(shape, dtype=bool)
-            else:
-                feeds[i.name] = np.zeros(shape, dtype=np.float16 if "16" in i.type else np.float32)
-        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
-        values = sess.run(wanted, feeds)
-    except Exception:
-        return {}
-    return {n: tuple(np.shape(v)) for n, v in zip(wanted, values)}
-
-
-def static_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
-    """Every tensor's shape at the given input shapes: inferred, else measured."""
-    shapes = infer_shapes(model, inputs)
-    unresolved = _unresolved(model, shapes)
-    if unresolved and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        shapes.update(measure_shapes(model, inputs, unresolved))
-    return shapes
-
-
-def analyse_shapes(model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None) -> Shapes:
-    """Pinned static shapes plus the axes that are dynamic in the model as given."""
-    inputs = resolve_input_shapes(model, pinned)
-    static = static_shapes(model, inputs)
-    free = infer_shapes(model, None)
-    dynamic = {name: {a for a, d in enumerate(dims) if d is None} for name, dims in free.items()}
-    for name, dims in static.items():
-        if name not in free:
-            dynamic[name] = set(range(len(dims)))  # unknown without pinning: treat as dynamic
-    return Shapes(static=static, dynamic=dynamic, pinned_inputs=inputs)
-
-
-def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop all intermediate value_info and infer it again (never leave stale shapes)."""
-    del model.graph.value_info[:]
-    with _weights_detached(model):
-        light = onnx.ModelProto()
-        light.CopyFrom(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
-    except Exception:
-        return model  # the checker's full check reports the real problem
-    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in io)
-    return model
 
 
 def default_output_path(input_path: str | os.PathLike) -> Path:

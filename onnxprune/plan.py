@@ -91,7 +91,9 @@ def nearest_multiple(target: float, step: int, low: int, high: int) -> int | Non
 
 def _unit_order(group, scores) -> tuple[list[np.ndarray], np.ndarray]:
     members = group.unit_members()
-    unit_scores = np.array([scores[m].mean() for m in members])
+    sizes = np.array([len(m) for m in members])
+    unit_ids = np.repeat(np.arange(len(members)), sizes)
+    unit_scores = np.bincount(unit_ids, scores[np.concatenate(members)]) / sizes
     order = np.argsort(-unit_scores, kind="stable")
     return [members[i] for i in order], unit_scores[order]
 

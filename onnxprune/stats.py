@@ -11,7 +11,8 @@ import math
 
 import onnx
 
-from .model import resolve_input_shapes, static_shapes
+from .model import resolve_input_shapes
+from .shapes import static_shapes
 
 
 def count_params(model: onnx.ModelProto) -> int:

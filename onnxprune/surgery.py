@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import GraphView
-from .model import refresh_value_info
+from .shapes import refresh_value_info
 from .plan import Plan
 from .rules import lookup
 

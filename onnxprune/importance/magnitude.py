@@ -19,8 +19,8 @@ def _per_channel(group, view, roles, reduce) -> tuple[np.ndarray, np.ndarray] | 
         other = tuple(a for a in range(w.ndim) if a != slot.axis)
         per_pos = reduce(w).sum(axis=other) if other else reduce(w)
         owned = slot.owner >= 0
-        np.add.at(total, slot.owner[owned], per_pos[owned])
-        np.add.at(count, slot.owner[owned], w.size / w.shape[slot.axis])
+        total += np.bincount(slot.owner[owned], per_pos[owned], minlength=group.size)
+        count += np.bincount(slot.owner[owned], minlength=group.size) * (w.size / w.shape[slot.axis])
     return total, np.maximum(count, 1)
 
 

@@ -1,0 +1,258 @@
+"""Static shapes for analysis: ONNX shape inference on a weight-free copy,
+with the dynamic input dims pinned, shape arithmetic folded at those dims,
+and (last resort) shapes measured in one onnxruntime run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import UnsupportedModel
+from .model import EXTERNAL_DATA_THRESHOLD, _first_line, resolve_input_shapes
+
+# Initializers at most this large keep their values in the copy used for
+# shape inference (they may be Reshape targets, Slice bounds, ...).
+SMALL_CONSTANT = 64
+
+
+@dataclass
+class Shapes:
+    """Static shapes of every tensor, as inferred with the pinned input dims.
+
+    ``static[name]`` is a tuple of ints (or None for dims inference could not
+    resolve); ``dynamic[name]`` holds the axes that are symbolic in the model
+    as given, before pinning (they must stay dynamic, and index mappings that
+    depend on them are unsafe).
+    """
+
+    static: dict[str, tuple] = field(default_factory=dict)
+    dynamic: dict[str, set[int]] = field(default_factory=dict)
+    pinned_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights (stand-ins keep name, dims and type).
+
+    Shape inference needs only dims and small constants; leaving the weights
+    out keeps it fast and lets it work on models over the 2 GB protobuf limit.
+    """
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    for t in source.initializer:
+        if math.prod(t.dims) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+        else:
+            graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple]:
+    """Shapes of all tensors; with ``input_shapes`` the graph inputs are pinned first.
+
+    The model itself is left as it was.
+    """
+    light = light_copy(model)
+    if input_shapes:
+        for vi in light.graph.input:
+            if vi.name in input_shapes:
+                dims = vi.type.tensor_type.shape.dim
+                for d, v in zip(dims, input_shapes[vi.name]):
+                    d.Clear()
+                    d.dim_value = v
+    shapes = _run_inference(light)
+    if input_shapes:  # pinned: shape arithmetic has values now; fold it and infer again
+        for _ in range(3):
+            folded = fold_shape_arithmetic(light, shapes)
+            if not folded:
+                break
+            _freeze(light, folded)
+            shapes = _run_inference(light)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _run_inference(light: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise UnsupportedModel(f"ONNX shape inference failed: {_first_line(exc)}") from exc
+    shapes: dict[str, tuple] = {}
+    graph = inferred.graph
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+# Ops that shape arithmetic is made of; cheap to evaluate on small integer tensors.
+_FOLDABLE = set(
+    "Shape Size Gather Slice Concat Unsqueeze Squeeze Add Sub Mul Div Cast Floor Ceil Neg Abs Sqrt "
+    "Reshape Expand ConstantOfShape Range Equal Where Min Max Mod ReduceProd Identity Not Less Greater".split()
+)
+_FOLD_LIMIT = 4096  # elements: shape tensors are tiny; never evaluate real data
+
+
+def fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Values of shape-computing tensors at the pinned input shapes.
+
+    Starts from Shape of tensors with known static shapes and small constants,
+    and evaluates the foldable ops that follow (onnx's reference evaluator).
+    """
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in light.graph.initializer
+        if t.HasField("raw_data") or t.int64_data or t.int32_data or t.float_data
+    }
+    folded: dict[str, np.ndarray] = {}
+    for node in light.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(a.t)
+            continue
+        if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Shape":
+            dims = shapes.get(node.input[0])
+            if dims is None or None in dims:
+                continue
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            folded[node.output[0]] = values[node.output[0]] = np.array(dims[start:end], np.int64)
+            continue
+        inputs = [values.get(n) if n else None for n in node.input]
+        if any(n and v is None for n, v in zip(node.input, inputs)):
+            continue
+        if any(v is not None and v.size > _FOLD_LIMIT for v in inputs):
+            continue
+        try:
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node], "fold",
+                    [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                     for n, v in zip(node.input, inputs) if n],
+                    [onnx.helper.make_empty_tensor_value_info(o) for o in node.output],
+                ),
+                opset_imports=light.opset_import,
+            )
+            outs = ReferenceEvaluator(single).run(None, {n: v for n, v in zip(node.input, inputs) if n})
+        except Exception:
+            continue
+        for name, value in zip(node.output, outs):
+            value = np.asarray(value)
+            if value.size <= _FOLD_LIMIT:
+                folded[name] = values[name] = value
+    return folded if _new_facts(light, folded) else {}
+
+
+def _new_facts(light: onnx.ModelProto, folded: dict) -> bool:
+    present = {t.name for t in light.graph.initializer}
+    return any(name not in present for name in folded)
+
+
+def _freeze(light: onnx.ModelProto, folded: dict[str, np.ndarray]) -> None:
+    """Turn folded tensors into initializers and drop the nodes that computed them."""
+    from onnx import numpy_helper
+
+    present = {t.name for t in light.graph.initializer}
+    outputs = {o.name for o in light.graph.output}
+    new = {k: v for k, v in folded.items() if k not in present and k not in outputs}
+    light.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in new.items())
+    keep = [n for n in light.graph.node if not (n.output and all(o in new or not o for o in n.output))]
+    del light.graph.node[:]
+    light.graph.node.extend(keep)
+
+
+def _unresolved(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
+    return [
+        name for node in model.graph.node for name in node.output
+        if name and (shapes.get(name) is None or None in shapes[name])
+    ]
+
+
+def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, tuple]:
+    """Shapes of ``names`` observed in one onnxruntime run at the pinned input shapes.
+
+    ONNX shape inference gives up on shape arithmetic (Shape -> Div -> Slice,
+    as torch exports ``chunk``); at fixed input shapes the run is exact.
+    """
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in sess.get_inputs():
+            shape = inputs.get(i.name, ())
+            if "int" in i.type:
+                feeds[i.name] = np.zeros(shape, dtype=np.int64 if "64" in i.type else np.int32)
+            elif "bool" in i.type:
+                feeds[i.name] = np.zeros(shape, dtype=bool)
+            else:
+                feeds[i.name] = np.zeros(shape, dtype=np.float16 if "16" in i.type else np.float32)
+        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+        values = sess.run(wanted, feeds)
+    except Exception:
+        return {}
+    return {n: tuple(np.shape(v)) for n, v in zip(wanted, values)}
+
+
+def static_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Every tensor's shape at the given input shapes: inferred, else measured."""
+    shapes = infer_shapes(model, inputs)
+    unresolved = _unresolved(model, shapes)
+    if unresolved and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        shapes.update(measure_shapes(model, inputs, unresolved))
+    return shapes
+
+
+def analyse_shapes(model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None) -> Shapes:
+    """Pinned static shapes plus the axes that are dynamic in the model as given."""
+    inputs = resolve_input_shapes(model, pinned)
+    static = static_shapes(model, inputs)
+    free = infer_shapes(model, None)
+    dynamic = {name: {a for a, d in enumerate(dims) if d is None} for name, dims in free.items()}
+    for name, dims in static.items():
+        if name not in free:
+            dynamic[name] = set(range(len(dims)))  # unknown without pinning: treat as dynamic
+    return Shapes(static=static, dynamic=dynamic, pinned_inputs=inputs)
+
+
+def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop all intermediate value_info and infer it again (never leave stale shapes)."""
+    del model.graph.value_info[:]
+    light = light_copy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
+    except Exception:
+        return model  # the checker's full check reports the real problem
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in io)
+    return model
+
+
