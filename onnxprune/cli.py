@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxprune: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): the work is done, stay quiet
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as exc:  # a bug: keep it to one line unless --debug
         if debug:
             traceback.print_exc()
