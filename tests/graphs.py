@@ -1,0 +1,316 @@
+"""Test helpers: build small ONNX graphs with onnx.helper, run them with
+onnxruntime, and check a pruned model against the original.
+
+``masked_reference(model, analysis, plan)`` is the reference for mask
+equivalence (DESIGN.md invariant 2): a copy of the ORIGINAL model in which
+every removed channel's contribution is zeroed at its consumers, i.e. the
+removed positions of the consumer-side weights (the reduction axis: Conv
+weight axis 1, ConvTranspose weight axis 0, Gemm B's reduction axis, a
+constant MatMul operand's reduction axis) are set to 0. The weights to mask
+come from the group's ParamSlots; each masked weight becomes a private
+initializer of its node, so shared initializers stay intact for other users.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+
+FLOAT = TensorProto.FLOAT
+
+
+# --- building -------------------------------------------------------------------------
+
+class GraphBuilder:
+    """A tiny imperative graph builder; every node gets a name (tests refer to them)."""
+
+    def __init__(self, opset: int = 17, seed: int = 0, name: str = "g"):
+        self.opset = opset
+        self.rng = np.random.default_rng(seed)
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self._count = itertools.count()
+        self._names: set[str] = set()
+
+    def fresh(self, base: str) -> str:
+        while True:
+            name = f"{base}_{next(self._count)}"
+            if name not in self._names:
+                self._names.add(name)
+                return name
+
+    # tensors
+    def input(self, name: str, shape, dtype=FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+        self._names.add(name)
+        return name
+
+    def const(self, value, name: str | None = None) -> str:
+        name = name or self.fresh("c")
+        self._names.add(name)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, shape, name: str | None = None, fan_in: int | None = None, offset: float = 0.0) -> str:
+        fan_in = fan_in or int(np.prod(shape[1:])) or 1
+        w = self.rng.standard_normal(shape) / np.sqrt(fan_in) + offset
+        return self.const(w.astype(np.float32), name or self.fresh("w"))
+
+    def ints(self, values, name: str | None = None) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), name)
+
+    def floats(self, values, name: str | None = None) -> str:
+        return self.const(np.asarray(values, dtype=np.float32), name)
+
+    # nodes
+    def op(self, op: str, inputs, outputs: int = 1, name: str | None = None, domain: str = "", **attrs):
+        name = name or self.fresh(op)
+        self._names.add(name)
+        outs = [f"{name}_out{i}" if outputs > 1 else f"{name}_out" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain, **attrs))
+        return outs if outputs > 1 else outs[0]
+
+    def conv(self, x, cin, cout, k=3, group=1, bias=True, name=None, stride=1, w=None, b=None, pad=None):
+        name = name or self.fresh("conv")
+        w = w or self.weight((cout, cin // group, k, k), f"{name}.W")
+        inputs = [x, w]
+        if bias:
+            inputs.append(b or self.weight((cout,), f"{name}.B", fan_in=4))
+        pad = k // 2 if pad is None else pad
+        return self.op("Conv", inputs, name=name, kernel_shape=[k, k], pads=[pad] * 4,
+                       strides=[stride, stride], group=group)
+
+    def bn(self, x, c, name=None):
+        name = name or self.fresh("bn")
+        scale = self.const((self.rng.random(c) + 0.5).astype(np.float32), f"{name}.scale")
+        shift = self.weight((c,), f"{name}.shift", fan_in=4)
+        mean = self.weight((c,), f"{name}.mean", fan_in=4)
+        var = self.const((self.rng.random(c) + 0.5).astype(np.float32), f"{name}.var")
+        return self.op("BatchNormalization", [x, scale, shift, mean, var], name=name, epsilon=1e-5)
+
+    def gemm(self, x, k, n, name=None, bias=True, trans_b=0, **attrs):
+        name = name or self.fresh("gemm")
+        w = self.weight((n, k) if trans_b else (k, n), f"{name}.W", fan_in=k)
+        inputs = [x, w] + ([self.weight((n,), f"{name}.C", fan_in=4)] if bias else [])
+        return self.op("Gemm", inputs, name=name, transB=trans_b, **attrs)
+
+    def matmul(self, x, k, n, name=None):
+        name = name or self.fresh("matmul")
+        return self.op("MatMul", [x, self.weight((k, n), f"{name}.W", fan_in=k)], name=name)
+
+    # model
+    def build(self, outputs, check: bool = True) -> onnx.ModelProto:
+        """The model, with graph output shapes filled in by shape inference."""
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs,
+            [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="onnxprune-tests")
+        model.ir_version = min(model.ir_version, 10)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        known = {v.name: v for v in inferred.graph.output}
+        ran = None
+        for i, o in enumerate(outputs):
+            if known[o].type.tensor_type.HasField("shape"):
+                model.graph.output[i].CopyFrom(known[o])
+            else:  # ONNX cannot infer it (e.g. GroupNormalization): take it from a run
+                ran = ran or dict(zip(outputs, run(model, make_feeds(model))))
+                model.graph.output[i].CopyFrom(helper.make_tensor_value_info(o, FLOAT, list(ran[o].shape)))
+        if check:
+            onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+# --- running --------------------------------------------------------------------------
+
+def session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def make_feeds(model: onnx.ModelProto, seed: int = 0, dims: dict | None = None) -> dict[str, np.ndarray]:
+    """Random float inputs; symbolic dims become ``dims.get(name, 2)``."""
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 2)
+                 for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return session(model).run(None, feeds)
+
+
+def rel_err(reference: np.ndarray, other: np.ndarray) -> float:
+    reference = np.asarray(reference, np.float64)
+    other = np.asarray(other, np.float64)
+    assert reference.shape == other.shape, (reference.shape, other.shape)
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    err = float(np.max(np.abs(reference - other))) if reference.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def assert_close(reference: list, other: list, tol: float = 1e-4) -> None:
+    assert len(reference) == len(other)
+    for i, (a, b) in enumerate(zip(reference, other)):
+        e = rel_err(a, b)
+        assert e <= tol, f"output {i}: relative error {e:.3g} > {tol}"
+
+
+# --- mask equivalence -------------------------------------------------------------------
+
+def consumer_side(slot) -> bool:
+    """Is this ParamSlot the reduction (input-channel) axis of a weight?"""
+    node, i, axis = slot.node, slot.input, slot.axis
+    ndim = len(slot.tensor.shape)
+    if node.op == "Conv":
+        return i == 1 and axis == 1
+    if node.op == "ConvTranspose":
+        return i == 1 and axis == 0
+    if node.op == "Gemm":
+        return i == 1 and axis == (1 if node.attrs.get("transB", 0) else 0)
+    if node.op == "MatMul":
+        return (i == 1 and axis == ndim - 2) or (i == 0 and axis == ndim - 1)
+    return False
+
+
+def removed_positions(owner: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    owned = owner >= 0
+    hit = np.zeros(len(owner), bool)
+    hit[owned] = removed[owner[owned]]
+    return np.nonzero(hit)[0]
+
+
+def masked_reference(model: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
+    """The original model with removed channels zeroed at their consumers' weights."""
+    ref = copy.deepcopy(model)
+    by_name = {n.name: n for n in ref.graph.node}
+    masked: dict[tuple[str, int], np.ndarray] = {}
+    for group in analysis.groups:
+        if group.id not in plan.keep:
+            continue
+        removed = plan.removed(group.id)
+        for slot in group.params.values():
+            if not consumer_side(slot):
+                continue
+            positions = removed_positions(slot.owner, removed)
+            if not len(positions):
+                continue
+            key = (slot.node.name, slot.input)
+            values = masked.setdefault(key, np.array(slot.tensor.values, copy=True))
+            index = [slice(None)] * values.ndim
+            index[slot.axis] = positions
+            values[tuple(index)] = 0
+    for (name, i), values in masked.items():
+        node = by_name[name]
+        new = f"{node.input[i]}__masked__{name}"
+        ref.graph.initializer.append(numpy_helper.from_array(values, new))
+        node.input[i] = new
+    return ref
+
+
+# --- checking a pruned model ------------------------------------------------------------------
+
+def io_signature(model: onnx.ModelProto):
+    inits = {t.name for t in model.graph.initializer}
+    ins = [(v.name, v.type.SerializeToString()) for v in model.graph.input if v.name not in inits]
+    outs = [(v.name, v.type.SerializeToString()) for v in model.graph.output]
+    return ins, outs
+
+
+def check_valid(original: onnx.ModelProto, pruned: onnx.ModelProto, checker: bool = True) -> None:
+    """Invariant 3: full checker, same IO names/shapes/dtypes, onnxruntime loads it."""
+    if checker:
+        onnx.checker.check_model(pruned, full_check=True)
+    assert io_signature(pruned) == io_signature(original)
+    session(pruned)
+
+
+def prune_checked(model: onnx.ModelProto, ratio=None, plan=None, *, mask: bool = True, tol: float = 1e-4,
+                  feeds: dict | None = None, macs_drop: bool = True, checker: bool = True, **options):
+    """Prune, then check validity, the untouched input, MACs and mask equivalence.
+
+    Returns (PruneResult, Analysis of the original, pruned outputs).
+    """
+    before = model.SerializeToString()
+    analysis = onnxprune.analyse(model, options.get("input_shapes"), options.get("ignore", ()))
+    result = onnxprune.prune(model, ratio, plan=plan, **options)
+    assert model.SerializeToString() == before, "the input model was modified"
+    check_valid(model, result.model, checker)
+    feeds = feeds or make_feeds(model)
+    out = run(result.model, feeds)
+    if macs_drop:
+        assert onnxprune.count_macs(result.model) < onnxprune.count_macs(model)
+    if mask:
+        assert_close(run(masked_reference(model, analysis, result.plan), feeds), out, tol)
+    return result, analysis, out
+
+
+# --- reading groups and models -------------------------------------------------------------
+
+def group_of(analysis, source: str):
+    """The group whose sources include node ``source``."""
+    hits = [g for g in analysis.groups if source in g.sources]
+    assert len(hits) == 1, f"{source}: {len(hits)} groups ({[g.id for g in analysis.groups]})"
+    return hits[0]
+
+
+def groups_by_source(analysis) -> dict[str, object]:
+    return {s: g for g in analysis.groups for s in g.sources}
+
+
+def node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def nodes_of(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def attr_of(n: onnx.NodeProto, name: str, default=None):
+    for a in n.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """An initializer, or the value of a Constant node."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(attr_of(n, "value"))
+    raise KeyError(name)
+
+
+def input_value(model: onnx.ModelProto, node_name: str, index: int) -> np.ndarray:
+    return value(model, node(model, node_name).input[index])
+
+
+def full_plan(analysis, keep: dict[str, list[int]]):
+    """A Plan keeping ``keep[group id]`` (sorted) for the given groups."""
+    sizes = {g.id: g.size for g in analysis.groups}
+    return onnxprune.Plan(keep={k: sorted(v) for k, v in keep.items()}, sizes={k: sizes[k] for k in keep})

@@ -1,0 +1,104 @@
+"""The bundled digits model: its architecture and its data split, importable.
+
+``models/digits_cnn.onnx`` is ``DigitsCNN()`` trained by
+``tools/make_digits_model.py``. Later accuracy benchmarks import this module
+(``sys.path.insert(0, "tools")``) so that they use the same split and the
+same preprocessing as the training script.
+
+Data: scikit-learn's ``load_digits`` (1,797 8x8 grey images, pixel values
+0..16, no download). Split: ``train_test_split(test_size=0.25,
+random_state=0, stratify=y)`` -> 1,347 train / 450 held out. Preprocessing:
+pixel / 16 as float32, shape (N, 1, 8, 8). The model takes that tensor as
+input "input" and returns "logits" (N, 10).
+
+Architecture (channels x height x width after each block), chosen so that the
+pruner meets the patterns it must handle:
+
+    stem      Conv3x3(1->16)  + BN + ReLU                        16x8x8
+    expand    Conv3x3(16->32) + BN + ReLU                        32x8x8
+    residual  Conv3x3(32->32) + BN + ReLU, Conv3x3(32->32) + BN,
+              Add(skip = expand output), ReLU                    32x8x8   (residual Add couples 2 convs)
+    pool      MaxPool 2x2                                        32x4x4
+    depthwise Conv3x3(32->32, group=32) + BN + ReLU              32x4x4   (depthwise: passes channels through)
+    pointwise Conv1x1(32->48) + BN + ReLU                        48x4x4
+    grouped   Conv3x3(48->48, group=4) + BN + ReLU               48x4x4   (grouped conv: group count kept)
+    SE        GlobalAvgPool -> Conv1x1(48->12) + ReLU
+              -> Conv1x1(12->48) -> Sigmoid -> Mul               48x4x4   (squeeze-excite Mul)
+    head      GlobalAvgPool -> Flatten -> Linear(48->10)         10
+
+The legacy exporter folds every BatchNorm into its Conv (eval mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLIT = {"test_size": 0.25, "random_state": 0}
+NUM_CLASSES = 10
+
+
+def load_split():
+    """(x_train, x_test, y_train, y_test): float32 (N, 1, 8, 8) in [0, 1], int64 labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    return train_test_split(x, y, stratify=y, **SPLIT)
+
+
+def build_model():
+    """A fresh (untrained) ``DigitsCNN``; torch is imported only here."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k=3, groups=1, relu=True):
+        layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        if relu:
+            layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, channels, reduced):
+            super().__init__()
+            self.reduce = nn.Conv2d(channels, reduced, 1)
+            self.expand = nn.Conv2d(reduced, channels, 1)
+
+        def forward(self, x):
+            s = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+            return x * torch.sigmoid(self.expand(s))
+
+    class DigitsCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(1, 16)
+            self.expand = conv_bn(16, 32)
+            self.res1 = conv_bn(32, 32)
+            self.res2 = conv_bn(32, 32, relu=False)
+            self.pool = nn.MaxPool2d(2)
+            self.depthwise = conv_bn(32, 32, groups=32)
+            self.pointwise = conv_bn(32, 48, k=1)
+            self.grouped = conv_bn(48, 48, groups=4)
+            self.se = SqueezeExcite(48, 12)
+            self.head = nn.Linear(48, NUM_CLASSES)
+
+        def forward(self, x):
+            x = self.expand(self.stem(x))
+            x = torch.relu(x + self.res2(self.res1(x)))
+            x = self.pool(x)
+            x = self.grouped(self.pointwise(self.depthwise(x)))
+            x = self.se(x)
+            x = nn.functional.adaptive_avg_pool2d(x, 1)
+            return self.head(torch.flatten(x, 1))
+
+    return DigitsCNN()
+
+
+def accuracy_onnx(path, x, y, providers=("CPUExecutionProvider",)) -> float:
+    """Top-1 accuracy of an ONNX digits model with onnxruntime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=list(providers))
+    logits = sess.run(["logits"], {"input": x})[0]
+    return float((logits.argmax(1) == y).mean())
