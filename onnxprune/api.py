@@ -23,6 +23,7 @@ from .importance import score_groups
 from .model import (
     AtomicModelWriter,
     check_output_path,
+    ensure_writable,
     default_output_path,
     load_model,
     resolve_input_shapes,
@@ -161,6 +162,9 @@ def prune_file(
     output = Path(output_path) if output_path else default_output_path(input_path)
     if not dry_run:
         check_output_path(input_path, output, force)
+    for side, flag in ((report_path, "--report"), (plan_out, "--plan-out")):
+        if side:
+            ensure_writable(side, flag)
     plan = Plan.load(plan_in) if plan_in else None
     model = load_model(input_path)
     result = prune(model, ratio, plan=plan, seed=seed, **options)

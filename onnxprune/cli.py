@@ -10,6 +10,7 @@ import traceback
 from . import __version__
 from .errors import EXIT_CODES, OnnxPruneError, UsageError
 from .importance import SCORERS
+from .errors import first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,10 +126,12 @@ def run_info(argv: list[str]) -> int:
     import json
 
     from .api import analyse
-    from .model import load_model, parse_input_shapes
+    from .model import ensure_writable, load_model, parse_input_shapes, write_text_file
     from .stats import count_macs, count_params, format_count
 
     args = build_info_parser().parse_args(argv)
+    if args.json:
+        ensure_writable(args.json, "--json")
     model = load_model(args.model)
     analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore))
     macs = count_macs(model, shapes=analysis.shapes.static)
@@ -144,8 +147,7 @@ def run_info(argv: list[str]) -> int:
                     for g in blocked],
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=1)
+        write_text_file(args.json, json.dumps(info, indent=1) + "\n")
     if not args.quiet:
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
         print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: keep it to one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"onnxprune: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        print(f"onnxprune: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)",
+              file=sys.stderr)
         return 1
 
 

@@ -35,10 +35,21 @@ class PlanMismatch(UsageError):
     """A plan file does not fit the model it is applied to."""
 
 
+class MissingDependency(UsageError):
+    """An optional package the requested work needs is not installed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line, for messages that must stay on one line."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 EXIT_CODES = {
     0: "success (also when nothing was prunable: an unchanged copy is written)",
     1: "internal error (a bug: please report it with --debug output)",
-    2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output)",
+    2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output, "
+       "onnxruntime not installed)",
     3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
     4: "unsupported model (opset < 11, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",

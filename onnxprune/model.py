@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidModel, UnsupportedModel, UsageError
+from .errors import InvalidModel, UnsupportedModel, UsageError, first_line
 
 MIN_OPSET = 11
 # Above this, the protobuf serialiser cannot hold the model in one message.
@@ -43,11 +43,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidModel(f"{path}: not a readable ONNX protobuf ({_first_line(exc)})") from exc
+        raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
     except OSError as exc:  # external data file missing or unreadable
-        raise InvalidModel(f"{path}: cannot read ({_first_line(exc)})") from exc
+        raise InvalidModel(f"{path}: cannot read ({first_line(exc)})") from exc
     except Exception as exc:  # protobuf raises assorted types on garbage input
-        raise InvalidModel(f"{path}: not a readable ONNX protobuf ({_first_line(exc)})") from exc
+        raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
     if not model.HasField("graph") or not model.opset_import or not model.graph.node:
         raise InvalidModel(f"{path}: not an ONNX model (no graph, nodes or opset)")
     try:
@@ -56,7 +56,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         else:
             onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise InvalidModel(f"{path}: fails onnx.checker: {_first_line(exc)}") from exc
+        raise InvalidModel(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise UnsupportedModel(
@@ -64,11 +64,6 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             "upgrade it with onnx.version_converter first"
         )
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -140,12 +135,33 @@ def check_output_path(input_path, output_path, force: bool) -> Path:
         raise UsageError(f"{out}: output would overwrite the input; pass --force to allow it")
     if out.exists() and not force and not same:
         raise UsageError(f"{out}: exists; pass --force to overwrite it")
-    parent = out.parent if str(out.parent) else Path(".")
+    return ensure_writable(out)
+
+
+def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail before any work when ``path`` cannot be written (probed: os.access lies to root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: {what} path is a directory")
+    parent = path.parent
     if not parent.is_dir():
-        raise UsageError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{out}: directory {parent} is not writable")
-    return out
+        raise UsageError(f"{path}: directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write in {parent} ({exc.strerror})") from None
+    return path
+
+
+def write_text_file(path: str | os.PathLike, text: str) -> None:
+    """Write a side file (report, plan) atomically; an OS failure is a usage error."""
+    path = Path(path)
+    try:
+        with AtomicModelWriter(path) as writer:
+            writer.write_bytes(text.encode())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -169,11 +185,28 @@ class AtomicModelWriter:
     def __enter__(self) -> "AtomicModelWriter":
         return self
 
-    def write(self, model: onnx.ModelProto) -> Path:
-        directory = self.final.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=directory)
+    def _temporary(self) -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
         self.tmp = Path(tmp)
+        return self.tmp
+
+    def write_bytes(self, data: bytes) -> Path:
+        self._temporary().write_bytes(data)
+        return self.tmp
+
+    def write(self, model: onnx.ModelProto) -> Path:
+        try:
+            return self._write(model)
+        except OSError as exc:
+            raise UsageError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
+
+    def _write(self, model: onnx.ModelProto) -> Path:
+        directory = self.final.parent
+        self._temporary()
         if needs_external_data(model):
             # A fresh name: never clobber a data file another model refers to.
             self.data_file = directory / f"{self.final.name}.{uuid.uuid4().hex[:8]}.data"
@@ -191,8 +224,12 @@ class AtomicModelWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None and self.tmp is not None:
-            os.replace(self.tmp, self.final)
-            return False
+            try:
+                os.replace(self.tmp, self.final)
+                return False
+            except OSError as err:
+                self.tmp.unlink(missing_ok=True)
+                raise UsageError(f"{self.final}: cannot write ({err.strerror})") from None
         for p in (self.tmp, self.data_file):
             if p is not None:
                 with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PlanMismatch, UsageError
+from .model import write_text_file
 
 PLAN_SCHEMA = 1
 
@@ -40,7 +41,7 @@ class Plan:
         }
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        write_text_file(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> "Plan":
@@ -77,6 +78,8 @@ def check_plan(plan: Plan, groups) -> None:
         for members in group.unit_members():
             if kept[members].any() and not kept[members].all():
                 raise PlanMismatch(f"plan group {gid!r} splits channels that must go together {members.tolist()[:8]}")
+        if emptied_slots(group, kept):
+            raise PlanMismatch(f"plan group {gid!r} keeps no channel of a tensor (e.g. all of a Slice's channels)")
 
 
 def nearest_multiple(target: float, step: int, low: int, high: int) -> int | None:
@@ -111,14 +114,27 @@ def _uniform_units(group) -> bool:
 
 
 def _choose(group, scores, count: int) -> list[int]:
-    """Best units until ``count`` channels are kept."""
+    """Best units until ``count`` channels are kept; then no tensor may be left empty."""
     ordered, _ = _unit_order(group, scores)
-    kept: list[int] = []
+    kept = np.zeros(group.size, bool)
     for members in ordered:
-        if len(kept) >= count:
+        if kept.sum() >= count:
             break
-        kept.extend(members.tolist())
-    return sorted(kept)
+        kept[members] = True
+    unit_of = {int(c): m for m in ordered for c in m}
+    for owner in emptied_slots(group, kept):  # e.g. a Slice that passes on only removed channels
+        best = owner[np.argmax(scores[owner])]
+        kept[unit_of[int(best)]] = True
+    return np.nonzero(kept)[0].tolist()
+
+
+def emptied_slots(group, kept: np.ndarray) -> list[np.ndarray]:
+    """Owners of the group's tensors (wholly its own) that would keep no channel."""
+    empty = []
+    for slot in group.dims.values():
+        if (slot.owner >= 0).all() and not kept[slot.owner].any():
+            empty.append(slot.owner)
+    return empty
 
 
 def make_plan(

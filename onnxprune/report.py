@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .model import write_text_file
 from .stats import format_count
 
 REPORT_SCHEMA = 1
@@ -59,7 +60,7 @@ class Report:
         return data
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        write_text_file(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     def summary(self, verbose: bool = False) -> str:
         pruned = [g for g in self.groups if g.channels_after < g.channels_before]

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 
 from .errors import UnsupportedModel
-from .model import EXTERNAL_DATA_THRESHOLD, _first_line, resolve_input_shapes
+from .errors import first_line
+from .model import EXTERNAL_DATA_THRESHOLD, resolve_input_shapes
 
 # Initializers at most this large keep their values in the copy used for
 # shape inference (they may be Reshape targets, Slice bounds, ...).
@@ -86,7 +87,7 @@ def _run_inference(light: onnx.ModelProto) -> dict[str, tuple]:
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise UnsupportedModel(f"ONNX shape inference failed: {_first_line(exc)}") from exc
+        raise UnsupportedModel(f"ONNX shape inference failed: {first_line(exc)}") from exc
     shapes: dict[str, tuple] = {}
     graph = inferred.graph
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import UnsupportedModel, VerificationFailed
-from .model import _first_line
+from .errors import MissingDependency, UnsupportedModel, VerificationFailed
+from .errors import first_line
 
 _INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
 
@@ -20,8 +20,9 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:  # pragma: no cover - packaging guards this
-        raise UnsupportedModel(
-            "onnxruntime is not installed: pip install 'onnxprune[cpu]' (or [gpu] for CUDA)"
+        raise MissingDependency(
+            "onnxruntime is not installed (needed to verify the result): "
+            "pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' for CUDA)"
         ) from None
     return onnxruntime
 
@@ -85,20 +86,21 @@ def check_model_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise VerificationFailed(f"pruned model fails onnx.checker: {_first_line(exc)}") from exc
+        raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
 
 
 def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
     """Inputs and outputs of the input model (the reference for the pruned one)."""
+    _ort()
     try:
         sess = session(Path(model_path))
     except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot load the input model: {_first_line(exc)}") from exc
+        raise UnsupportedModel(f"onnxruntime cannot load the input model: {first_line(exc)}") from exc
     feeds = make_inputs(sess, shapes, bounds, seed)
     try:
         outputs = sess.run(None, feeds)
     except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot run the input model: {_first_line(exc)}") from exc
+        raise UnsupportedModel(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
     names = [o.name for o in sess.get_outputs()]
     return feeds, dict(zip(names, outputs))
 
@@ -110,7 +112,7 @@ def verify_file(path: Path, feeds: dict, reference: dict) -> Verification:
         sess = session(Path(path))
         outputs = sess.run(None, feeds)
     except Exception as exc:
-        raise VerificationFailed(f"onnxruntime rejects the pruned model: {_first_line(exc)}") from exc
+        raise VerificationFailed(f"onnxruntime rejects the pruned model: {first_line(exc)}") from exc
     names = [o.name for o in sess.get_outputs()]
     if names != list(reference):
         raise VerificationFailed(f"output names changed: {names} != {list(reference)}")

@@ -237,8 +237,6 @@ def test_output_flag_and_quiet(model, capsys, tmp_path):
     assert listing(tmp_path) == {"model.onnx", "small.onnx"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AtomicModelWriter uses tempfile.mkstemp, so outputs are "
-                                       "created mode 0600 whatever the umask")
 def test_output_is_not_world_unreadable(model, capsys, tmp_path):
     """A pruned model is an ordinary file: its mode follows the umask like the input's did."""
     out_path = tmp_path / "small.onnx"
@@ -622,8 +620,6 @@ def test_unwritable_output_dir_exit_2(model, capsys, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs a read-only sysfs")
-@pytest.mark.xfail(os.geteuid() == 0, strict=True,
-                   reason="BUG: as root os.access() says yes; the write's PermissionError becomes exit 1 'internal error'")
 def test_unwritable_output_location_exit_2(model, capsys):
     """sysfs refuses new files even to root, where the os.access pre-check passes."""
     code, _, err = run_main(capsys, model, "--structured", "0.4", "-o", "/sys/onnxprune-test-out.onnx")
@@ -648,13 +644,7 @@ def test_missing_plan_file_exit_2(model, capsys, tmp_path):
     assert listing(tmp_path) == {"model.onnx"}
 
 
-_SIDE_FILE_BUG = "BUG: --report/--plan-out/--json paths are not checked up front; writing them raises OSError -> exit 1"
-
-
-@pytest.mark.parametrize("flag", [
-    pytest.param("--report", marks=pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG + " after the model was written")),
-    pytest.param("--plan-out", marks=pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG)),
-])
+@pytest.mark.parametrize("flag", ["--report", "--plan-out"])
 @pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
 def test_unwritable_side_file_exit_2_and_nothing_written(model, capsys, tmp_path, flag, where):
     target = tmp_path / "no" / "side.json"
@@ -667,7 +657,6 @@ def test_unwritable_side_file_exit_2_and_nothing_written(model, capsys, tmp_path
     assert not (tmp_path / "model.pruned.onnx").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG)
 def test_info_json_unwritable_exit_2(model, capsys, tmp_path):
     code, _, err = run_main(capsys, "info", model, "--json", tmp_path / "no" / "info.json")
     assert code == 2, err
@@ -718,8 +707,6 @@ def test_internal_error_is_one_line(model, capsys, tmp_path, monkeypatch):
     assert code == 1 and "Traceback" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.main prints str(exc) of an unexpected exception whole; "
-                                       "a multi-line message gives a multi-line stderr")
 def test_internal_error_with_multiline_message_is_one_line(model, capsys, monkeypatch):
     _raise_in_surgery(monkeypatch, "simulated bug\nwith a second line")
     code, _, err = run_main(capsys, model, "--structured", "0.4")

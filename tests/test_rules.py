@@ -1149,7 +1149,7 @@ def test_initializers_listed_as_graph_inputs():
     prune_checked(model, 0.5)
 
 
-# --- bugs found (xfail until fixed) --------------------------------------------------------------
+# --- regressions: bugs found by these tests, now fixed --------------------------------------------------------------
 
 def _one_channel_slice_model(tail):
     """x -> conv1 (3 -> 3) -> Relu -> Slice channels [0:1] -> tail."""
@@ -1164,12 +1164,10 @@ def _one_channel_slice_model(tail):
     return b.build(b.gemm(f, 16, 5, name="fc"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: map_reshape crashes (IndexError / ValueError) when the channel axis "
-                                       "reaching a Flatten/Reshape has extent 1")
 @pytest.mark.parametrize("tail", ["gap_flatten", "flatten"])
 def test_flatten_of_a_one_channel_slice(tail):
     model = _one_channel_slice_model(tail)
-    a = onnxprune.analyse(model)  # crashes today
+    a = onnxprune.analyse(model)
     g = group_of(a, "conv1")
     result = onnxprune.prune(model, plan=full_plan(a, {g.id: [0, 2]}) if g.prunable else None,
                              ratio=None if g.prunable else 0.5)
@@ -1190,23 +1188,19 @@ def _slice_then_pool_model(scale_sliced=1.0):
     return b.build(b.conv(p, 2, 4, name="conv2", w=b.weight((4, 2, 3, 3), "conv2.W", fan_in=1000)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a plan that keeps none of the channels a Slice passes on leaves a "
-                                       "0-channel tensor; onnxruntime refuses the model")
 def test_plan_emptying_a_slice_explicit():
     model = _slice_then_pool_model()
     a = onnxprune.analyse(model)
     g = group_of(a, "conv1")
-    try:
-        result = onnxprune.prune(model, plan=full_plan(a, {g.id: [2, 3, 4, 5, 6, 7]}))
-    except onnxprune.UsageError:
-        return  # refusing such a plan is a fine answer too
-    check_valid(model, result.model)  # onnxruntime: "ReorderOutput ... invalid channel count"
+    # keeping none of the sliced channels would leave a 0-channel tensor: the plan is refused
+    with pytest.raises(onnxprune.UsageError, match="keeps no channel"):
+        onnxprune.prune(model, plan=full_plan(a, {g.id: [2, 3, 4, 5, 6, 7]}))
+    result = onnxprune.prune(model, plan=full_plan(a, {g.id: [1, 2, 3, 4, 5, 6, 7]}))
+    check_valid(model, result.model)
     feeds = make_feeds(model)
     assert_close(run(masked_reference(model, a, result.plan), feeds), run(result.model, feeds))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ratio pruning may keep none of the channels a Slice passes on, "
-                                       "leaving a 0-channel tensor; onnxruntime refuses the model")
 def test_plan_emptying_a_slice_by_ratio():
     model = _slice_then_pool_model(scale_sliced=0.01)  # the sliced channels score lowest
     result, _, _ = prune_checked(model, 0.75)

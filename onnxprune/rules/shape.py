@@ -199,7 +199,7 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
         return "reshape with unknown or empty dims"
     ps, pd = _prefix_products(src), _prefix_products(dst)
     before, after, size = ps[axis], ps[axis + 1], src[axis]
-    if before in pd and after in pd:  # the axis survives whole, maybe split into several
+    if size > 1 and before in pd and after in pd:  # the axis survives whole, maybe split
         j = max(i for i, p in enumerate(pd) if p == before)
         k = min(i for i, p in enumerate(pd) if p == after)
         if k - j == 1:
@@ -217,12 +217,12 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
         ties = blocks_of(size, block)
         reps = np.array([next((int(o) for o in owner[b] if o >= 0), -1) for b in ties])
         return j, reps, ties
-    # merged with neighbouring axes into one destination axis
-    lo = [i for i, p in enumerate(pd) if p <= before and p in ps]
-    hi = [i for i, p in enumerate(pd) if p >= after and p in ps]
-    if not lo or not hi or max(lo) + 1 != min(hi):
+    # merged with neighbouring axes into one destination axis: the one whose
+    # extent starts at or before the channel axis and ends after it
+    cover = [j for j in range(len(dst)) if pd[j] <= before < pd[j + 1] and pd[j + 1] >= after]
+    if not cover or pd[cover[0]] not in ps or pd[cover[0] + 1] not in ps:
         return "reshape mixes the channel axis with other axes"
-    j = max(lo)
+    j = cover[0]
     a0 = max(i for i, p in enumerate(ps) if p == pd[j] and i <= axis)
     a1 = min(i for i, p in enumerate(ps) if p == pd[j + 1] and i > axis)
     merged = [a for a in range(a0, a1) if a != axis]
