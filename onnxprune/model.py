@@ -9,6 +9,7 @@ half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import uuid
@@ -51,7 +52,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import or not model.graph.node:
         raise InvalidModel(f"{path}: not an ONNX model (no graph, nodes or opset)")
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if approx_size(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -164,8 +165,17 @@ def write_text_file(path: str | os.PathLike, text: str) -> None:
         raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+def approx_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers, from their dims (ByteSize() walks every byte)."""
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
+        total += math.prod(t.dims) * itemsize
+    return total
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    return approx_size(model) > EXTERNAL_DATA_THRESHOLD
 
 
 class AtomicModelWriter:

@@ -13,7 +13,7 @@ import onnx
 
 from .errors import UnsupportedModel
 from .errors import first_line
-from .model import EXTERNAL_DATA_THRESHOLD, resolve_input_shapes
+from .model import EXTERNAL_DATA_THRESHOLD, approx_size, resolve_input_shapes
 
 # Initializers at most this large keep their values in the copy used for
 # shape inference (they may be Reshape targets, Slice bounds, ...).
@@ -227,7 +227,7 @@ def static_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) ->
     """Every tensor's shape at the given input shapes: inferred, else measured."""
     shapes = infer_shapes(model, inputs)
     unresolved = _unresolved(model, shapes)
-    if unresolved and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if unresolved and approx_size(model) < EXTERNAL_DATA_THRESHOLD:
         shapes.update(measure_shapes(model, inputs, unresolved))
     return shapes
 

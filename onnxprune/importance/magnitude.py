@@ -15,30 +15,39 @@ def _per_channel(group, view, roles, reduce) -> tuple[np.ndarray, np.ndarray] | 
     total = np.zeros(group.size)
     count = np.zeros(group.size)
     for slot in slots:
-        w = np.asarray(view.value(slot.tensor), dtype=np.float64)
-        other = tuple(a for a in range(w.ndim) if a != slot.axis)
-        per_pos = reduce(w).sum(axis=other) if other else reduce(w)
+        w = np.asarray(view.value(slot.tensor))
+        rows = np.moveaxis(w, slot.axis, 0).reshape(w.shape[slot.axis], -1)
+        per_pos = reduce(rows)
         owned = slot.owner >= 0
         total += np.bincount(slot.owner[owned], per_pos[owned], minlength=group.size)
         count += np.bincount(slot.owner[owned], minlength=group.size) * (w.size / w.shape[slot.axis])
     return total, np.maximum(count, 1)
 
 
+def _abs_sum(rows: np.ndarray) -> np.ndarray:
+    return np.abs(rows).sum(axis=1, dtype=np.float64)
+
+
+def _square_sum(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float32, copy=False)
+    return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)  # no temporary of w's size
+
+
 def l1(group, view, seed=0):
     """Mean |w| over all weights (conv filters, matrices, on both sides) of each channel."""
-    total, count = _per_channel(group, view, WEIGHT_ROLES, np.abs)
+    total, count = _per_channel(group, view, WEIGHT_ROLES, _abs_sum)
     return total / count
 
 
 def l2(group, view, seed=0):
     """Root-mean-square of all weights of each channel."""
-    total, count = _per_channel(group, view, WEIGHT_ROLES, np.square)
+    total, count = _per_channel(group, view, WEIGHT_ROLES, _square_sum)
     return np.sqrt(total / count)
 
 
 def bn_scale(group, view, seed=0):
     """Mean |gamma| of the group's BatchNormalization nodes; None when it has none."""
-    found = _per_channel(group, view, ("bn_scale",), np.abs)
+    found = _per_channel(group, view, ("bn_scale",), _abs_sum)
     if found is None:
         return None
     total, count = found
