@@ -130,3 +130,14 @@ def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
         for i, vi in enumerate(ours):
             if vi.name in theirs:
                 ours[i].CopyFrom(theirs[vi.name])
+    # Old exporters also list initializers as inputs (overridable defaults): keep
+    # those entries for the initializers that the cut left as they were.
+    listed = {v.name for v in model.graph.input}
+    kept = {t.name: t for t in model.graph.initializer}
+    for vi in original.graph.input:
+        if vi.name not in listed and vi.name in kept and list(kept[vi.name].dims) == _dims(vi):
+            model.graph.input.append(vi)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_value for d in vi.type.tensor_type.shape.dim]
