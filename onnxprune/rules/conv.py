@@ -37,29 +37,42 @@ def _bias(node, owner) -> list[Link]:
 
 # --- Conv: X (N, C, ...), W (M, C/g, k...), B (M) -------------------------------
 
-def conv_source(node, view):
-    geo = _geometry(node, view)
-    if geo is None or _is_depthwise(geo[0], geo[1]):
-        return []
-    return [(0, 1)]
+def _conv_depthwise(group, cin, w) -> bool:
+    return _is_depthwise(group, cin)
 
 
-def conv_rewrite(node, view, cut):
-    group, cin, _ = _geometry(node, view)
-    if _is_depthwise(group, cin):
-        node.attrs["group"] = cut.new_dim(node.inputs[0], 1)
+def _filters_unless(depthwise):
+    """source hook: the output channels are the node's own filters, except when depthwise."""
+    def source(node, view):
+        geo = _geometry(node, view)
+        return [] if geo is None or depthwise(*geo) else [(0, 1)]
+    return source
 
 
-@rule("Conv", source=conv_source, rewrite=conv_rewrite)
-def conv(node, view, r: Reached):
-    geo = _geometry(node, view)
+def _regroup_if(depthwise):
+    """rewrite hook: a depthwise node's ``group`` follows its new width."""
+    def rewrite(node, view, cut):
+        if depthwise(*_geometry(node, view)):
+            node.attrs["group"] = cut.new_dim(node.inputs[0], 1)
+    return rewrite
+
+
+def _unusable(geo, r: Reached):
     if geo is None:
         return barrier("weights are computed at run time")
-    group, cin, w = geo
-    if cin is None:
+    if geo[1] is None:
         return barrier("input channel count unknown (pin dims with --input-shape)")
     if r.axis != 1 or r.index != 0:
         return barrier(f"channels reach axis {r.axis} of input/output {r.index}")
+    return None
+
+
+@rule("Conv", source=_filters_unless(_conv_depthwise), rewrite=_regroup_if(_conv_depthwise))
+def conv(node, view, r: Reached):
+    geo = _geometry(node, view)
+    if (stop := _unusable(geo, r)) is not None:
+        return stop
+    group, cin, w = geo
     m = w.shape[0]
     if _is_depthwise(group, cin):
         mult = m // group
@@ -87,28 +100,12 @@ def _deconv_depthwise(group, cin, w) -> bool:
     return _is_depthwise(group, cin) and w.shape[1] == 1
 
 
-def conv_transpose_source(node, view):
-    geo = _geometry(node, view)
-    if geo is None or _deconv_depthwise(*geo):
-        return []
-    return [(0, 1)]
-
-
-def conv_transpose_rewrite(node, view, cut):
-    if _deconv_depthwise(*_geometry(node, view)):
-        node.attrs["group"] = cut.new_dim(node.inputs[0], 1)
-
-
-@rule("ConvTranspose", source=conv_transpose_source, rewrite=conv_transpose_rewrite)
+@rule("ConvTranspose", source=_filters_unless(_deconv_depthwise), rewrite=_regroup_if(_deconv_depthwise))
 def conv_transpose(node, view, r: Reached):
     geo = _geometry(node, view)
-    if geo is None:
-        return barrier("weights are computed at run time")
+    if (stop := _unusable(geo, r)) is not None:
+        return stop
     group, cin, w = geo
-    if cin is None:
-        return barrier("input channel count unknown (pin dims with --input-shape)")
-    if r.axis != 1 or r.index != 0:
-        return barrier(f"channels reach axis {r.axis} of input/output {r.index}")
     if _deconv_depthwise(group, cin, w):
         return related(
             Link(("out" if r.side == "in" else "in"), 0, 1, r.owner),
