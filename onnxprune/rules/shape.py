@@ -326,6 +326,8 @@ def shape(node, view, r: Reached):
     if not start <= r.axis < end:
         return Relation()
     entry = r.axis - start
+    if view.is_graph_output(node.outputs[0]):
+        return barrier("the model outputs this shape")
     for consumer, _ in view.consumers(node.outputs[0]):
         if consumer.op == "Gather" and int(attr(consumer, "axis", 0)) == 0:
             picked = view.int_values(consumer.inputs[1])
