@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxprune",
         description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
-        epilog="Also: 'onnxprune info MODEL' describes the prunable groups. Exit codes: "
+        epilog="Also: 'onnxprune info MODEL' describes the prunable groups; 'onnxprune bench A.onnx "
+        "B.onnx' times models side by side with onnxruntime. Exit codes: "
         + "; ".join(f"{k} {v.split(' (')[0]}" for k, v in EXIT_CODES.items()),
     )
     p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
@@ -83,6 +84,51 @@ def build_info_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
     _common(p)
+    return p
+
+
+def _batches(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text}")
+    return values
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxprune bench",
+        description="onnxruntime latency of models side by side: warm-up, then timed runs interleaved "
+        "round-robin; median, p90, p99 and speedup over the first model.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files; the first is the speedup reference")
+    p.add_argument("--provider", default="cpu",
+                   help="cpu, cuda, or a full onnxruntime provider name (default cpu)")
+    p.add_argument("--batch", type=_batches, default=[1], metavar="B1,B2,...",
+                   help="batch sizes (dim 0 of every input; default 1)")
+    p.add_argument("--threads", type=_positive, metavar="N", help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--warmup", type=_count, default=10, metavar="W", help="untimed runs per model and batch (default 10)")
+    p.add_argument("--iters", type=_positive, default=100, metavar="N",
+                   help="timed runs per model and batch (default 100)")
+    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin a dynamic input's other dims (dim 0 comes from --batch; repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -161,12 +207,32 @@ def run_info(argv: list[str]) -> int:
     return 0
 
 
+def run_bench(argv: list[str]) -> int:
+    import json
+
+    from .bench import bench, format_table
+    from .model import ensure_writable, parse_input_shapes, write_text_file
+
+    args = build_bench_parser().parse_args(argv)
+    if args.json:
+        ensure_writable(args.json, "--json")
+    result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
+                   warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
+    if args.json:
+        write_text_file(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
+    if not args.quiet:
+        print(format_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         if argv[:1] == ["info"]:
             return run_info(argv[1:])
+        if argv[:1] == ["bench"]:
+            return run_bench(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
         if debug:

@@ -27,8 +27,8 @@ def _ort():
     return onnxruntime
 
 
-def session(path_or_bytes, threads: int | None = None):
-    """A CPU session with spinning threads off (they distort side-by-side timings)."""
+def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionProvider",)):
+    """A session (CPU unless told) with spinning threads off (they distort side-by-side timings)."""
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -36,7 +36,7 @@ def session(path_or_bytes, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     source = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=list(providers))
 
 
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
