@@ -18,7 +18,7 @@ import onnx
 
 from .errors import UnsupportedModel, UsageError, first_line
 from .model import graph_inputs, load_model, resolve_input_shapes
-from .verify import _ort, index_bounds, make_inputs, session
+from .verify import index_bounds, make_inputs, require_onnxruntime, session
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -51,7 +51,7 @@ class BenchResult:
 def resolve_provider(name: str) -> str:
     """'cpu', 'cuda' or a full provider name -> an available provider name."""
     full = PROVIDER_ALIASES.get(name.lower(), name)
-    available = _ort().get_available_providers()
+    available = require_onnxruntime().get_available_providers()
     if full not in available:
         raise UsageError(f"--provider {name}: not available in this onnxruntime; available: {', '.join(available)}")
     return full
@@ -96,7 +96,7 @@ def make_runner(sess, feeds: dict, provider: str):
         return lambda: sess.run(None, feeds)
     # On CUDA, copies host <-> device would dominate small models: inputs live on
     # the device once, outputs stay there.
-    ort = _ort()
+    ort = require_onnxruntime()
     binding = sess.io_binding()
     device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in feeds.items()}
     for name, value in device_inputs.items():

@@ -71,13 +71,12 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
                     d.Clear()
                     d.dim_value = v
     shapes = _run_inference(light)
-    if input_shapes:  # pinned: shape arithmetic has values now; fold it and infer again
-        for _ in range(3):
-            folded = fold_shape_arithmetic(light, shapes)
-            if not folded:
-                break
-            _freeze(light, folded)
-            shapes = _run_inference(light)
+    # Pinned: shape arithmetic has values now. Where inference left dims open,
+    # fold it into constants and infer again, while that resolves more.
+    for _ in range(3 if input_shapes else 0):
+        if not _unresolved(light, shapes) or not _freeze(light, fold_shape_arithmetic(light, shapes)):
+            break
+        shapes = _run_inference(light)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
@@ -159,16 +158,14 @@ def fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, tuple]) -> d
             value = np.asarray(value)
             if value.size <= _FOLD_LIMIT:
                 folded[name] = values[name] = value
-    return folded if _new_facts(light, folded) else {}
+    return folded
 
 
-def _new_facts(light: onnx.ModelProto, folded: dict) -> bool:
-    present = {t.name for t in light.graph.initializer}
-    return any(name not in present for name in folded)
+def _freeze(light: onnx.ModelProto, folded: dict[str, np.ndarray]) -> int:
+    """Turn folded tensors into initializers and drop the nodes that computed them.
 
-
-def _freeze(light: onnx.ModelProto, folded: dict[str, np.ndarray]) -> None:
-    """Turn folded tensors into initializers and drop the nodes that computed them."""
+    Returns how many tensors became constants (0: folding found nothing new).
+    """
     from onnx import numpy_helper
 
     present = {t.name for t in light.graph.initializer}
@@ -178,6 +175,7 @@ def _freeze(light: onnx.ModelProto, folded: dict[str, np.ndarray]) -> None:
     keep = [n for n in light.graph.node if not (n.output and all(o in new or not o for o in n.output))]
     del light.graph.node[:]
     light.graph.node.extend(keep)
+    return len(new)
 
 
 def _unresolved(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[str]:
@@ -194,7 +192,6 @@ def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], n
     as torch exports ``chunk``); at fixed input shapes the run is exact.
     """
     try:
-        import numpy as np
         import onnxruntime as ort
     except ImportError:
         return {}

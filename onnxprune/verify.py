@@ -16,7 +16,7 @@ from .errors import first_line
 _INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
 
 
-def _ort():
+def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError:  # pragma: no cover - packaging guards this
@@ -29,7 +29,7 @@ def _ort():
 
 def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionProvider",)):
     """A session (CPU unless told) with spinning threads off (they distort side-by-side timings)."""
-    ort = _ort()
+    ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -91,7 +91,7 @@ def check_model_file(path: Path) -> None:
 
 def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
     """Inputs and outputs of the input model (the reference for the pruned one)."""
-    _ort()
+    require_onnxruntime()
     try:
         sess = session(Path(model_path))
     except Exception as exc:
