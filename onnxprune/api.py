@@ -19,7 +19,10 @@ import onnx
 from .errors import UsageError, VerificationFailed
 from .graph import GraphView
 from .groups import Group, find_groups
-from .importance import score_groups
+from .calibration import batch_size_for, measure
+from .compensate import compensate as compensate_biases, output_errors
+from .data import Dataset, ImageOptions, load_data
+from .importance import check_criterion, needs_data, score_groups
 from .model import (
     AtomicModelWriter,
     check_output_path,
@@ -30,7 +33,9 @@ from .model import (
 )
 from .shapes import Shapes, analyse_shapes
 from .plan import Plan, check_plan, make_plan
-from .report import BlockedGroup, GroupReport, Report
+from .report import NO_STRUCTURED, BlockedGroup, GroupReport, Report
+from .sparsity import MIN_ELEMENTS, sparsify
+from .sparsity import check_options as check_sparsity_options
 from .stats import count_macs, count_params
 from .surgery import apply_plan, export
 from .verify import index_bounds, run_original, verify_file
@@ -86,34 +91,82 @@ def prune(
     input_shapes: dict | None = None,
     seed: int = 0,
     plan: Plan | None = None,
+    data: Dataset | str | Path | None = None,
+    calib_samples: int | None = None,
+    compensate: bool | None = None,
+    batch_size: int | None = None,
+    images: ImageOptions | None = None,
+    head_ratio: float | None = None,
+    quiet: bool = True,
 ) -> PruneResult:
-    """Prune ``model`` in memory: remove ``ratio`` of each group's channels, or apply ``plan``."""
+    """Prune ``model`` in memory: remove ``ratio`` of each group's channels, or apply ``plan``.
+
+    With ``data`` (a Dataset or a --data path), the data criteria can be used
+    and the removed channels' mean contributions are folded into the readers'
+    biases (``compensate``, on by default when data is given). ``head_ratio``
+    applies to groups whose units are attention heads (default: ``ratio``).
+    """
     started = time.perf_counter()
     validate_options(ratio, round_to, min_channels, max_group_ratio)
+    if head_ratio is not None:
+        validate_options(head_ratio, round_to, min_channels, max_group_ratio)
     if ratio is None and plan is None:
         raise UsageError("give a ratio (--structured) or a plan (--plan-in)")
+    if compensate and data is None:
+        raise UsageError("--compensate measures mean activations: give --data FILE")
+    if calib_samples is not None and calib_samples < 1:
+        raise UsageError(f"calib-samples must be at least 1, got {calib_samples}")
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
+    check_criterion(importance if plan is None else "l1", data is not None)
+    if data is not None and not isinstance(data, Dataset):
+        data = load_data(data, model, images)
+    calib = data.sample(calib_samples, seed) if data is not None else None
+    compensate = calib is not None and compensate is not False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = analyse(model, input_shapes, ignore)
+        stats = None
+        data_criterion = plan is None and needs_data(importance)
+        if calib is not None and (data_criterion or compensate):
+            stats = measure(model, analysis.prunable, analysis.view, calib,
+                            gradients=data_criterion and importance in ("taylor", "fisher"),
+                            activations=compensate or importance in ("activation", "apoz"),
+                            batch_size=batch_size, quiet=quiet)
         if plan is None:
-            scores = score_groups(analysis.groups, analysis.view, importance, seed)
-            plan = make_plan(analysis.groups, scores, ratio, round_to, global_ranking, min_channels, max_group_ratio)
+            scores = score_groups(analysis.groups, analysis.view, importance, seed,
+                                  stats if data_criterion else None)
+            ratios = {g.id: head_ratio for g in analysis.prunable if g.kind == "heads"} if head_ratio is not None else {}
+            plan = make_plan(analysis.groups, scores, ratio, round_to, global_ranking, min_channels, max_group_ratio,
+                             ratios)
         else:
             check_plan(plan, analysis.groups)
             scores = {}
     report = _report(analysis, plan, scores, ratio, importance if ratio is not None else "plan")
     report.warnings = [str(w.message) for w in caught]
+    if calib is not None:
+        report.data = {"source": calib.source, "samples": len(calib), "notes": calib.notes}
     if plan.keep:
+        folded = compensate_biases(analysis.view, analysis.groups, plan, stats) if compensate else None
         apply_plan(analysis.view, analysis.groups, plan)
         pruned = export(analysis.view, model)
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, analysis.shapes.pinned_inputs)
+        if folded is not None:
+            report.compensation = _compensation_effect(model, pruned, plan, folded, calib, input_shapes,
+                                                       ignore, batch_size)
     else:
         pruned = model
     report.seconds = time.perf_counter() - started
     return PruneResult(pruned, plan, report)
+
+
+def _compensation_effect(model, pruned, plan, folded, calib, input_shapes, ignore, batch_size) -> dict:
+    """How much output error compensation removed, on (up to 256 of) the calibration samples."""
+    plain = prune(model, plan=plan, input_shapes=input_shapes, ignore=ignore).model
+    sample = calib.sample(256, seed=0)
+    errors = output_errors(model, {"without": plain, "with": pruned}, sample, batch_size_for(model, batch_size))
+    return {**folded.to_json(), "output_error": errors}
 
 
 def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:
@@ -132,7 +185,12 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
             info = {"criterion": importance, "kept_mean": float(scores[g.id][kept].mean())}
             if removed.size:
                 info["removed_mean"] = float(scores[g.id][removed].mean())
-        groups.append(GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info))
+        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind)
+        if g.kind == "heads":
+            kept_set = set(kept)
+            report.units_before = len(g.unit_members())
+            report.units_after = sum(1 for m in g.unit_members() if int(m[0]) in kept_set)
+        groups.append(report)
     params = count_params(model)
     macs = count_macs(model, shapes=analysis.shapes.static)
     return Report(
@@ -154,10 +212,21 @@ def prune_file(
     report_path: str | Path | None = None,
     verify: bool = True,
     seed: int = 0,
+    unstructured: float | None = None,
+    nm: str | tuple[int, int] | None = None,
+    min_elements: int = MIN_ELEMENTS,
     **options,
 ) -> Report:
-    """Prune a file and write the verified result atomically (unless ``dry_run``)."""
+    """Prune a file and write the verified result atomically (unless ``dry_run``).
+
+    ``unstructured`` (a ratio) or ``nm`` (``"2:4"``) zero single weights after
+    the structured step, or alone when neither ``ratio`` nor ``plan_in`` is given
+    (see onnxprune/sparsity.py; ``global_ranking`` and ``ignore`` apply too).
+    """
     started = time.perf_counter()
+    sparse = unstructured is not None or nm is not None
+    if sparse:
+        check_sparsity_options(unstructured, nm, min_elements)
     input_path = Path(input_path)
     output = Path(output_path) if output_path else default_output_path(input_path)
     if not dry_run:
@@ -167,7 +236,12 @@ def prune_file(
             ensure_writable(side, flag)
     plan = Plan.load(plan_in) if plan_in else None
     model = load_model(input_path)
-    result = prune(model, ratio, plan=plan, seed=seed, **options)
+    if sparse and ratio is None and plan is None:
+        result = _unpruned(model, options.get("input_shapes"))
+    else:
+        result = prune(model, ratio, plan=plan, seed=seed, **options)
+    if sparse:
+        result = _sparsified(result, unstructured, nm, min_elements, options)
     report = result.report
     report.input = str(input_path)
     if plan_out:
@@ -183,6 +257,22 @@ def prune_file(
     if report_path:
         report.save(report_path)
     return report
+
+
+def _unpruned(model: onnx.ModelProto, input_shapes) -> PruneResult:
+    """Sparsity alone: no channel is planned; the report keeps the model's counts."""
+    params, macs = count_params(model), count_macs(model, input_shapes)
+    report = Report(input="", output=None, ratio=None, importance=NO_STRUCTURED, params_before=params,
+                    params_after=params, macs_before=macs, macs_after=macs, groups=[], blocked=[])
+    return PruneResult(model, Plan(), report)
+
+
+def _sparsified(result: PruneResult, unstructured, nm, min_elements: int, options) -> PruneResult:
+    """Sparsity on the (structurally pruned) model; the result is verified with it."""
+    sparse = sparsify(result.model, unstructured, nm, min_elements=min_elements, ignore=options.get("ignore", ()),
+                      global_ranking=unstructured is not None and options.get("global_ranking", False))
+    result.report.sparsity = sparse.report
+    return PruneResult(sparse.model, result.plan, result.report)
 
 
 def _write_verified(pruned, output: Path, input_path: Path, report: Report, verify: bool, seed, input_shapes):

@@ -9,8 +9,9 @@ import traceback
 
 from . import __version__
 from .errors import EXIT_CODES, OnnxPruneError, UsageError
-from .importance import SCORERS
+from .importance import CRITERIA, needs_data
 from .errors import first_line
+from .sparsity import MIN_ELEMENTS, parse_nm
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
     p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
-    p.add_argument("--importance", default="l1", choices=sorted(SCORERS), help="channel importance (default l1)")
+    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1; "
+                        f"{', '.join(c for c in CRITERIA if needs_data(c))} need --data)")
+    p.add_argument("--head-ratio", type=_ratio, metavar="R",
+                   help="fraction of attention heads to remove (default: the --structured ratio)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels of all groups together instead of R per group")
     p.add_argument("--round-to", type=_positive, default=1, metavar="N",
@@ -75,8 +80,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
+    _data_options(p)
+    _sparsity_options(p)
     _common(p)
     return p
+
+
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        return parse_nm(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sparsity_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sparsity (zero single weights; after --structured, or alone)")
+    g.add_argument("--unstructured", type=_ratio, metavar="R",
+                   help="zero the fraction R of each weight tensor, lowest |w| first (with --global: of all "
+                        "weights ranked together)")
+    g.add_argument("--nm", type=_nm, metavar="N:M",
+                   help="keep the N largest of every M consecutive weights along the reduction axis (e.g. 2:4)")
+    g.add_argument("--min-elements", type=_count, default=MIN_ELEMENTS, metavar="N",
+                   help=f"leave weight tensors with fewer than N elements dense (default {MIN_ELEMENTS})")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected H,W (positive integers), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data (for the data criteria and bias compensation)")
+    g.add_argument("--data", metavar="PATH", help="FILE.npz (arrays named after the inputs, optional 'labels'), "
+                   "or a folder of .npz / .npy files or of images")
+    g.add_argument("--calib-samples", type=_positive, metavar="N", help="use N samples drawn with --seed (default all)")
+    g.add_argument("--batch-size", type=_positive, metavar="N", help="samples per run (default 32, or the model's fixed batch)")
+    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold removed channels' mean output into the next layer's bias (default: on with --data)")
+    g.add_argument("--image-size", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    g.add_argument("--mean", type=_floats, metavar="M0,M1,M2", help="images: per-channel mean after scaling to [0, 1]")
+    g.add_argument("--std", type=_floats, metavar="S0,S1,S2", help="images: per-channel std after scaling to [0, 1]")
+    g.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb", help="images: channel order (default rgb)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), help="images: tensor layout (default: from the input shape)")
+
+
+def image_options(args):
+    from .data import ImageOptions
+
+    options = ImageOptions(channel_order=args.channel_order, layout=args.layout, size=args.image_size)
+    if args.mean:
+        options.mean = args.mean
+    if args.std:
+        if any(s <= 0 for s in args.std):
+            raise UsageError(f"--std values must be positive, got {args.std}")
+        options.std = args.std
+    return options
 
 
 def build_info_parser() -> argparse.ArgumentParser:
@@ -137,8 +204,13 @@ def _check_flags(args, argv) -> None:
         raise UsageError("--plan-in and --structured are exclusive: a plan already says what to cut")
     if args.plan_in and any(a.split("=")[0] in ("--importance", "--global", "--round-to") for a in argv):
         raise UsageError("--plan-in applies a plan exactly; --importance/--global/--round-to do not apply")
-    if args.plan_in is None and args.structured is None:
-        raise UsageError("nothing to do: give --structured R or --plan-in FILE")
+    sparse = args.unstructured is not None or args.nm is not None
+    if args.unstructured is not None and args.nm is not None:
+        raise UsageError("--unstructured and --nm are exclusive: choose one sparsity pattern")
+    if args.nm is not None and args.global_ranking and args.structured is None:
+        raise UsageError("--global ranks channels or --unstructured weights; --nm keeps N of every M in place")
+    if args.plan_in is None and args.structured is None and not sparse:
+        raise UsageError("nothing to do: give --structured R, --plan-in FILE, --unstructured R or --nm N:M")
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
 
@@ -156,6 +228,10 @@ def run_prune(argv: list[str]) -> int:
         importance=args.importance, global_ranking=args.global_ranking, round_to=args.round_to,
         min_channels=args.min_channels, max_group_ratio=args.max_group_ratio,
         ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
+        data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
+        compensate=args.compensate, images=image_options(args), head_ratio=args.head_ratio,
+        quiet=args.quiet,
+        unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
     )
     for w in report.warnings:
         print(f"onnxprune: warning: {w}", file=sys.stderr)

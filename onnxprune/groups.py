@@ -62,6 +62,7 @@ class Group:
     nodes: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
+    kind: str = "channels"  # or "heads": units are attention heads (see --head-ratio)
     _members: list | None = field(default=None, repr=False)
 
     @property
@@ -161,10 +162,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
             group.dims[key] = DimSlot(t, ax, own.copy())
             queue.append(group.dims[key])
             return
-        both = (slot.owner >= 0) & (own >= 0)
-        if (slot.owner[both] != own[both]).any():
-            block(f"{t.name}: channels meet with two different index mappings")
-            return
+        tie_where_they_differ(slot.owner, own)
         new = (own >= 0) & (slot.owner < 0)
         if new.any():
             slot.owner[new] = own[new]
@@ -176,10 +174,17 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
         if slot is None:
             group.params[key] = ParamSlot(node, i, ax, own.copy(), role)
             return
-        both = (slot.owner >= 0) & (own >= 0)
-        if (slot.owner[both] != own[both]).any():
-            block(f"{node.name}: parameter sliced with two different index mappings")
+        tie_where_they_differ(slot.owner, own)
         slot.owner = np.where(slot.owner >= 0, slot.owner, own)
+
+    def tie_where_they_differ(have: np.ndarray, new: np.ndarray) -> None:
+        """A position reached as channel a by one path and b by another goes only when both go:
+        a and b become one unit (e.g. the halves of a Split added together, a head's
+        channels met again through its head index)."""
+        both = (have >= 0) & (new >= 0)
+        for a, b in zip(have[both], new[both]):
+            if a != b:
+                uf.union((a, b))
 
     def visit(node, reached: Reached, at: gs.Tensor) -> None:
         seen_nodes.setdefault(node.name)
@@ -195,6 +200,8 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
         if relation.barrier:
             block(f"{node.op} {node.name}: {relation.barrier}")
             return
+        if relation.kind:
+            group.kind = relation.kind
         for positions in relation.ties:
             chans = reached.owner[positions]
             if (chans < 0).any() and (chans >= 0).any():

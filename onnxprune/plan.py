@@ -145,13 +145,18 @@ def make_plan(
     global_ranking: bool = False,
     min_channels: int = 1,
     max_group_ratio: float = 0.9,
+    ratios: dict[str, float] | None = None,
 ) -> Plan:
+    """``ratios`` (group id -> ratio) overrides ``ratio`` for those groups, also under global ranking."""
     prunable = [g for g in groups if g.prunable]
+    ratios = ratios or {}
+    ranked = [g for g in prunable if g.id not in ratios]
     targets = (
-        _global_targets(prunable, scores, ratio, min_channels, max_group_ratio)
+        _global_targets(ranked, scores, ratio, min_channels, max_group_ratio)
         if global_ranking
-        else {g.id: g.size * (1.0 - ratio) for g in prunable}
+        else {g.id: g.size * (1.0 - ratio) for g in ranked}
     )
+    targets.update({g.id: g.size * (1.0 - ratios[g.id]) for g in prunable if g.id in ratios})
     plan = Plan()
     for g in prunable:
         count = _keep_count(g, targets[g.id], round_to, min_channels)

@@ -20,6 +20,9 @@ class GroupReport:
     channels_before: int
     channels_after: int
     importance: dict = field(default_factory=dict)
+    kind: str = "channels"  # or "heads"
+    units_before: int = 0  # heads (for kind "heads")
+    units_after: int = 0
 
 
 @dataclass
@@ -28,6 +31,64 @@ class BlockedGroup:
     sources: list[str]
     channels: int
     reason: str
+
+
+@dataclass
+class TensorSparsity:
+    """One weight tensor considered for sparsity (see onnxprune/sparsity.py)."""
+
+    name: str
+    nodes: list[str]  # the nodes that read it as a weight
+    shape: list[int]
+    elements: int
+    zeros_before: int
+    zeros_after: int
+    sparsity: float  # zeros_after / elements
+    pattern: str | None  # "unstructured" or "N:M along axis A"; None when skipped
+    criterion: str | None  # "magnitude" or "scores"; None when skipped
+    skipped: str | None = None  # why the tensor was left alone
+
+
+@dataclass
+class SparsityReport:
+    """Unstructured or N:M sparsity; the totals cover the tensors that were sparsified."""
+
+    pattern: str  # "unstructured" or "N:M"
+    ratio: float | None  # unstructured only
+    ranking: str | None  # unstructured only: "per-tensor" or "global"
+    min_elements: int
+    tensors: list[TensorSparsity]
+    elements: int
+    zeros_before: int
+    zeros_after: int
+    zipped_before: int | None  # deflate (level 6) of the model before / after sparsity, bytes
+    zipped_after: int | None
+
+    @property
+    def sparsified(self) -> list[TensorSparsity]:
+        return [t for t in self.tensors if t.skipped is None]
+
+    @property
+    def skipped(self) -> list[TensorSparsity]:
+        return [t for t in self.tensors if t.skipped is not None]
+
+    def summary_lines(self, verbose: bool = False) -> list[str]:
+        how = self.pattern if self.ratio is None else f"{self.pattern} {self.ratio:g} {self.ranking}"
+        share = f"{self.zeros_after / self.elements:.1%}" if self.elements else "n/a"
+        line = (f"sparsity {how}: {format_count(self.zeros_after)} of {format_count(self.elements)} weights zero "
+                f"({share}) in {len(self.sparsified)} tensor(s), {len(self.skipped)} skipped")
+        if self.skipped and not verbose:
+            line += f" (e.g. {self.skipped[0].name}: {self.skipped[0].skipped})"
+        lines = [line]
+        if verbose:
+            lines += _sparsity_table(self.tensors)
+        if self.zipped_before and self.zipped_after:
+            lines.append(f"zipped  {_bytes(self.zipped_before):>9} -> {_bytes(self.zipped_after):<9}"
+                         f"({self.zipped_before / self.zipped_after:.2f}x smaller)")
+        return lines
+
+
+NO_STRUCTURED = "none"  # Report.importance when only sparsity ran (no channel was planned)
 
 
 @dataclass
@@ -45,7 +106,10 @@ class Report:
     seconds: float = 0.0
     output_error: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    data: dict | None = None  # calibration data: source, samples
+    compensation: dict | None = None  # readers, skipped, output_error without/with
     written: bool = False
+    sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
 
     @property
@@ -69,12 +133,14 @@ class Report:
             f"({_ratio(self.params_before, self.params_after)})",
             f"MACs    {format_count(self.macs_before):>9} -> {format_count(self.macs_after):<9}"
             f"({_ratio(self.macs_before, self.macs_after)})",
-            f"groups  {len(pruned)} pruned, {len(self.groups) - len(pruned)} left whole, "
-            f"{len(self.blocked)} blocked",
         ]
+        if self.importance != NO_STRUCTURED:
+            lines.append(f"groups  {len(pruned)} pruned, {len(self.groups) - len(pruned)} left whole, "
+                         f"{len(self.blocked)} blocked")
         shown = pruned if verbose else pruned[:8]
         for g in shown:
-            lines.append(f"  pruned  {g.channels_before:>5} -> {g.channels_after:<5} {_label(g.sources, g.id)}")
+            heads = f"({g.units_before} -> {g.units_after} heads) " if g.kind == "heads" else ""
+            lines.append(f"  pruned  {g.channels_before:>5} -> {g.channels_after:<5} {heads}{_label(g.sources, g.id)}")
         if len(pruned) > len(shown):
             lines.append(f"  ... {len(pruned) - len(shown)} more pruned groups (--verbose or --report)")
         reasons: dict[str, list[BlockedGroup]] = {}
@@ -85,6 +151,16 @@ class Report:
             lines.append(
                 f"  blocked {len(items):>3} group(s): {kind} (e.g. {_label(example.sources, example.id)}: {example.reason})"
             )
+        if self.data:
+            lines.append(f"data    {self.data['samples']} calibration samples from {self.data['source']}")
+        if self.compensation:
+            c = self.compensation
+            err = c.get("output_error") or {}
+            effect = (f": output error {err['without']:.3g} -> {err['with']:.3g} on calibration data"
+                      if err else "")
+            lines.append(f"compensation  {c['readers']} reader bias(es) adjusted{effect}")
+        if self.sparsity is not None:
+            lines += self.sparsity.summary_lines(verbose)
         if self.output_error:
             worst = max(self.output_error.values())
             lines.append(f"output  max deviation from the original {worst:.3g} (relative to output scale)")
@@ -109,3 +185,24 @@ def _reason_kind(reason: str) -> str:
                     "no pruning rule": "op without a rule", "ignored": "--ignore",
                     "subgraph": "read inside a subgraph"}[kind]
     return "rule barrier"
+
+
+def _sparsity_table(tensors: list[TensorSparsity]) -> list[str]:
+    width = max([len(t.name) for t in tensors] + [6])
+    lines = [f"  {'tensor':<{width}}  {'shape':<14} {'elements':>9} {'zeros before':>12} -> {'after':<9}"
+             f"{'sparsity':>8}  pattern"]
+    for t in tensors:
+        shape = "x".join(map(str, t.shape))
+        head = f"  {t.name:<{width}}  {shape:<14} {t.elements:>9} "
+        if t.skipped is not None:
+            lines.append(head + f"{'':>12}    {'':<9}{'':>8}  skipped: {t.skipped}")
+        else:
+            lines.append(head + f"{t.zeros_before:>12} -> {t.zeros_after:<9}{t.sparsity:>8.1%}  {t.pattern}")
+    return lines
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

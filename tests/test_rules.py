@@ -1019,7 +1019,32 @@ def test_nary_max_min_sum_mean():
 def test_softmax_over_channels_is_a_barrier():
     model = chain(lambda b, h: b.op("Softmax", [h], axis=1))
     g = group_of(onnxprune.analyse(model), "conv1")
-    assert g.blocked and "no pruning rule" in g.blocked[0]
+    assert g.blocked and "Softmax normalises over the channel axis" in g.blocked[0]
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax_over_another_axis_passes_channels(op):
+    model = chain(lambda b, h: b.op(op, [h], axis=-1))
+    prune_checked(model, 0.5)
+
+
+def test_softmax_opset_11_covers_the_trailing_axes():
+    """Before opset 13, Softmax(axis=1) normalises over axes 1.. flattened: the channel axis too."""
+    model = chain(lambda b, h: b.op("Softmax", [h], axis=1), opset=11)
+    assert group_of(onnxprune.analyse(model), "conv1").blocked
+
+
+def test_split_halves_added_together_are_tied():
+    """a, b = Split(x); a + b: output position p carries channels p and p + C/2, so they go together."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.conv(x, 3, 8, name="conv1")
+    a, c = b.op("Split", [h, b.ints([4, 4])], outputs=2, axis=1)
+    model = b.build(b.conv(b.op("Add", [a, c]), 4, 2, name="conv2"))
+    g = group_of(onnxprune.analyse(model), "conv1")
+    assert g.prunable and len(g.unit_members()) == 4
+    assert all(m[1] - m[0] == 4 for m in g.unit_members())
+    prune_checked(model, 0.5)
 
 
 def test_spatial_attention_broadcast_activation():

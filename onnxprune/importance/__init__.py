@@ -1,8 +1,12 @@
-"""Importance criteria: one scorer per criterion, all with the same signature.
+"""Importance criteria: one scorer per criterion.
 
-``score(group, view, seed) -> np.ndarray`` of one score per channel of the
-group (higher = more important). Scores are per-weight means, so that groups
-of different fan-in compare fairly when ranked together (--global).
+Weight criteria, ``score(group, view, seed) -> np.ndarray`` of one score per
+channel of the group (higher = more important): per-weight means, so that
+groups of different fan-in compare fairly when ranked together (--global).
+
+Data criteria (``taylor``, ``fisher``, ``activation``, ``apoz``) need
+calibration data: ``calibration.py`` measures every group once, and
+``data.py`` turns the measurements into scores.
 """
 
 from __future__ import annotations
@@ -13,33 +17,50 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UsageError
+from . import data as data_criteria
 from .magnitude import bn_scale, l1, l2
 from .random import random_scores
 
 SCORERS: dict[str, Callable] = {"l1": l1, "l2": l2, "bn": bn_scale, "random": random_scores}
+DATA_SCORERS: dict[str, Callable] = {**data_criteria.GRADIENT, **data_criteria.ACTIVATION}
+CRITERIA = [*SCORERS, *DATA_SCORERS]
 
 
 class ImportanceWarning(UserWarning):
     """A criterion could not be applied as asked (e.g. bn without BatchNormalization)."""
 
 
-def score_groups(groups, view, criterion: str, seed: int = 0) -> dict[str, np.ndarray]:
-    if criterion not in SCORERS:
-        raise UsageError(f"unknown importance {criterion!r}; choose from {', '.join(SCORERS)}")
-    scorer = SCORERS[criterion]
+def needs_data(criterion: str) -> bool:
+    return criterion in DATA_SCORERS
+
+
+def check_criterion(criterion: str, has_data: bool) -> None:
+    if criterion not in SCORERS and criterion not in DATA_SCORERS:
+        raise UsageError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if needs_data(criterion) and not has_data:
+        raise UsageError(f"importance {criterion!r} is measured on data: give --data FILE")
+
+
+def score_groups(groups, view, criterion: str, seed: int = 0, stats=None) -> dict[str, np.ndarray]:
+    """Scores per prunable group; ``stats`` (group id -> GroupStats) for the data criteria."""
+    check_criterion(criterion, stats is not None)
     scores, fallbacks = {}, []
     for group in groups:
         if not group.prunable:
             continue
-        values = scorer(group, view, seed)
+        if needs_data(criterion):
+            values = DATA_SCORERS[criterion](stats[group.id])
+        else:
+            values = SCORERS[criterion](group, view, seed)
         if values is None:  # criterion does not apply to this group
             fallbacks.append(group.id)
             values = l2(group, view, seed)
-        scores[group.id] = values
+        scores[group.id] = np.asarray(values, dtype=np.float64)
     if fallbacks:
+        what = {"bn": "have no BatchNormalization (exporters fold it into Conv)",
+                "apoz": "pass no ReLU-like op"}.get(criterion, "cannot be measured this way")
         warnings.warn(
-            f"importance {criterion!r}: {len(fallbacks)} group(s) have no BatchNormalization "
-            f"(exporters fold it into Conv); used l2 for them, e.g. {fallbacks[0]}",
+            f"importance {criterion!r}: {len(fallbacks)} group(s) {what}; used l2 for them, e.g. {fallbacks[0]}",
             ImportanceWarning,
             stacklevel=2,
         )

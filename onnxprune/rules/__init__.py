@@ -52,6 +52,9 @@ class Relation:
     # Each entry: positions on the reached axis that must be pruned together.
     ties: list[np.ndarray] = field(default_factory=list)
     barrier: str | None = None
+    # What the group's units are, when a rule can tell: "heads" where channels are
+    # the head axis of attention (a batch axis of a MatMul between activations).
+    kind: str | None = None
 
 
 def barrier(reason: str) -> Relation:

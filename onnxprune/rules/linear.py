@@ -77,28 +77,29 @@ def matmul(node, view, r: Reached):
     def operand(i, axis, owner, role="weight"):
         return Link("in", i, axis, owner, role if view.is_constant(node.inputs[i]) else "data")
 
-    def batch_links(out_axis, owner, skip=None):
+    def batch_links(out_axis, owner, skip=None) -> Relation:
         links = [Link("out", 0, out_axis, owner)] if skip != "out" else []
         for i, rank in ((0, ra), (1, rb)):
             axis = out_axis - (ro - rank)
             if i != skip and axis >= 0 and view.dim(node.inputs[i], axis) not in (1, None):
                 links.append(operand(i, axis, owner))
-        return links
+        between_activations = not any(view.is_constant(t) for t in node.inputs)
+        return Relation(links, kind="heads" if between_activations else None)
 
     if r.side == "out":
         if r.axis == ro - 1:
             return related(operand(1, rb - 1, r.owner))
         if r.axis == ro - 2:
             return related(operand(0, ra - 2, r.owner))
-        return Relation(batch_links(r.axis, r.owner, skip="out"))
+        return batch_links(r.axis, r.owner, skip="out")
     if r.index == 0:
         if r.axis == ra - 1:
             return related(operand(1, rb - 2, r.owner))
         if r.axis == ra - 2:
             return related(Link("out", 0, ro - 2, r.owner))
-        return Relation(batch_links(r.axis + ro - ra, r.owner, skip=0))
+        return batch_links(r.axis + ro - ra, r.owner, skip=0)
     if r.axis == rb - 2:
         return related(operand(0, ra - 1, r.owner))
     if r.axis == rb - 1:
         return related(Link("out", 0, ro - 1, r.owner))
-    return Relation(batch_links(r.axis + ro - rb, r.owner, skip=1))
+    return batch_links(r.axis + ro - rb, r.owner, skip=1)

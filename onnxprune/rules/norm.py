@@ -83,3 +83,15 @@ def layer_norm(node, view, r: Reached):
     if r.index != 0 or r.axis >= first:
         return barrier("LayerNormalization normalises over the channel axis (hidden size is not pruned)")
     return related(Link("out" if r.side == "in" else "in", 0, r.axis, r.owner))
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(node, view, r: Reached):
+    """Normalises along ``axis`` (opset < 13: over all axes from ``axis`` on); other axes pass through."""
+    rank = view.rank(node.inputs[0])
+    if rank is None:
+        return barrier("input shape unknown")
+    axis = normalise_axis(int(attr(node, "axis", -1 if view.opset >= 13 else 1)), rank)
+    if r.axis == axis or (view.opset < 13 and r.axis > axis):
+        return barrier(f"{node.op} normalises over the channel axis")
+    return related(Link("out" if r.side == "in" else "in", 0, r.axis, r.owner))

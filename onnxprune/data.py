@@ -1,0 +1,271 @@
+"""Calibration and training data: ``--data`` files checked against the model's inputs.
+
+Accepted forms (first axis = samples everywhere):
+
+- ``FILE.npz``: one array per graph input, named after it, plus an optional
+  ``labels`` array. A model with one input also accepts a file holding one
+  other array under any name (``np.savez(f, x)`` gives ``arr_0``).
+- a folder of ``.npz`` files: each one as above, concatenated in name order.
+- a folder of ``.npy`` files: ``<input name>.npy`` (and ``labels.npy``); for a
+  one-input model any other ``.npy`` files are samples (or batches of them)
+  of that input, concatenated in name order.
+- a folder of images (``.png``, ``.jpg``, ...; Pillow needed): resized to the
+  model input's height and width (or ``ImageOptions.size``), scaled to [0, 1],
+  normalised with mean/std, in RGB or BGR order, laid out NCHW or NHWC as the
+  model's input says. Images in sub-folders get labels: the sub-folder's
+  index in sorted order (the torchvision ImageFolder convention).
+
+Every mismatch (missing input, unknown array, wrong rank, a fixed dim that
+differs, integers where floats are expected, sample counts that disagree)
+raises a one-line ``UsageError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import MissingDependency, UsageError
+from .model import graph_inputs
+
+LABELS = "labels"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageOptions:
+    size: tuple[int, int] | None = None  # (height, width); default: the model input's
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    channel_order: str = "rgb"  # or "bgr"
+    layout: str | None = None  # "nchw" | "nhwc"; default: guessed from the model input
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, indices: np.ndarray) -> "Dataset":
+        labels = None if self.labels is None else self.labels[indices]
+        return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source, self.notes)
+
+    def sample(self, count: int | None, seed: int = 0) -> "Dataset":
+        """``count`` samples drawn without replacement (all, in order, when None or enough)."""
+        if count is None or count >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        return self.subset(np.sort(rng.choice(len(self), count, replace=False)))
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """(rest, held out): a seeded random ``fraction`` of the samples held out."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        held = max(1, int(round(len(self) * fraction)))
+        return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
+
+    def batches(self, batch_size: int):
+        """Feeds dicts (and labels or None) of at most ``batch_size`` samples."""
+        for start in range(0, len(self), batch_size):
+            part = slice(start, start + batch_size)
+            labels = None if self.labels is None else self.labels[part]
+            yield {k: v[part] for k, v in self.inputs.items()}, labels
+
+
+def load_data(path: str | Path, model: onnx.ModelProto, images: ImageOptions | None = None) -> Dataset:
+    """Read ``path`` and check it against ``model``'s graph inputs."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--data {path}: no such file or directory")
+    specs = {vi.name: vi for vi in graph_inputs(model)}
+    if path.is_dir():
+        arrays = _read_folder(path, specs, images or ImageOptions())
+    elif path.suffix == ".npz":
+        arrays = _read_npz(path)
+    else:
+        raise UsageError(f"--data {path}: expected a .npz file or a folder (of .npz, .npy or images)")
+    dataset = _match_inputs(arrays, specs, str(path))
+    for name, spec in specs.items():
+        dataset.inputs[name] = _checked(dataset.inputs[name], spec, str(path))
+    _check_counts(dataset, str(path))
+    return dataset
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"--data {path}: not a readable .npz file ({type(exc).__name__})") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"--data {path}: not a readable .npy file ({type(exc).__name__})") from None
+
+
+def _read_folder(path: Path, specs: dict, images: ImageOptions) -> dict[str, np.ndarray]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    by_kind = {
+        "npz": [p for p in files if p.suffix == ".npz"],
+        "npy": [p for p in files if p.suffix == ".npy"],
+        "image": [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES],
+    }
+    kinds = [k for k, v in by_kind.items() if v]
+    if not kinds:
+        raise UsageError(f"--data {path}: no .npz, .npy or image files in the folder")
+    if len(kinds) > 1:
+        raise UsageError(f"--data {path}: the folder mixes {' and '.join(kinds)} files; keep one kind")
+    if kinds[0] == "npz":
+        return _concatenate([_read_npz(p) for p in by_kind["npz"]], path)
+    if kinds[0] == "npy":
+        return _read_npy_folder(by_kind["npy"], specs, path)
+    return _read_images(path, by_kind["image"], specs, images)
+
+
+def _concatenate(parts: list[dict[str, np.ndarray]], path: Path) -> dict[str, np.ndarray]:
+    names = set(parts[0])
+    for part in parts[1:]:
+        if set(part) != names:
+            raise UsageError(f"--data {path}: the .npz files hold different array names")
+    try:
+        return {k: np.concatenate([p[k] for p in parts]) for k in sorted(names)}
+    except ValueError:
+        raise UsageError(f"--data {path}: arrays of one name have different shapes across files") from None
+
+
+def _read_npy_folder(files: list[Path], specs: dict, path: Path) -> dict[str, np.ndarray]:
+    named = {p.stem: _read_npy(p) for p in files if p.stem in specs or p.stem == LABELS}
+    rest = [p for p in files if p.stem not in named]
+    if not rest:
+        return named
+    if len(specs) != 1:
+        raise UsageError(f"--data {path}: {rest[0].name} is not named after a model input "
+                         f"({', '.join(specs)}) or {LABELS}")
+    name, spec = next(iter(specs.items()))
+    rank = len(spec.type.tensor_type.shape.dim)
+    samples = [_read_npy(p) for p in rest]
+    samples = [s[None] if s.ndim == rank - 1 else s for s in samples]  # one sample per file
+    try:
+        named[name] = np.concatenate(samples)
+    except ValueError:
+        raise UsageError(f"--data {path}: the .npy files have different shapes") from None
+    return named
+
+
+def _read_images(path: Path, files: list[Path], specs: dict, options: ImageOptions) -> dict[str, np.ndarray]:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependency("--data with images needs Pillow: pip install pillow") from None
+    if len(specs) != 1:
+        raise UsageError(f"--data {path}: a folder of images needs a model with one input, "
+                         f"this one has {len(specs)}")
+    name, spec = next(iter(specs.items()))
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in spec.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise UsageError(f"--data {path}: images need a rank-4 input, {name} has rank {len(dims)}")
+    layout = options.layout or ("nhwc" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "nchw")
+    height, width = options.size or ((dims[1], dims[2]) if layout == "nhwc" else (dims[2], dims[3]))
+    if not height or not width:
+        raise UsageError(f"--data {path}: {name} has no fixed height/width; give --image-size H,W")
+    channels = dims[3] if layout == "nhwc" else dims[1]
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                arrays.append(np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR)))
+        except OSError as exc:
+            raise UsageError(f"--data {f}: cannot read image ({type(exc).__name__})") from None
+    x = np.stack(arrays).astype(np.float32) / 255.0
+    if x.ndim == 3:
+        x = x[..., None]
+    if options.channel_order == "bgr":
+        x = x[..., ::-1]
+    x = (x - np.asarray(options.mean[: x.shape[-1]], np.float32)) / np.asarray(options.std[: x.shape[-1]], np.float32)
+    if layout == "nchw":
+        x = x.transpose(0, 3, 1, 2)
+    result = {name: np.ascontiguousarray(x, dtype=np.float32)}
+    classes = sorted({f.parent for f in files})
+    if len(classes) > 1 or classes[0] != path:
+        index = {c: i for i, c in enumerate(classes)}
+        result[LABELS] = np.array([index[f.parent] for f in files], np.int64)
+    return result
+
+
+def _match_inputs(arrays: dict[str, np.ndarray], specs: dict, source: str) -> Dataset:
+    labels = arrays.pop(LABELS, None)
+    missing = [n for n in specs if n not in arrays]
+    extra = [n for n in arrays if n not in specs]
+    notes = []
+    if missing and len(specs) == 1 and len(extra) == 1:  # one input, one array: no need to match names
+        notes.append(f"array {extra[0]!r} used as input {missing[0]!r}")
+        arrays = {missing[0]: arrays[extra[0]]}
+        missing, extra = [], []
+    if missing:
+        raise UsageError(f"--data {source}: no array for model input {missing[0]!r} "
+                         f"(the file holds: {', '.join(sorted(arrays)) or 'nothing'})")
+    if extra:
+        raise UsageError(f"--data {source}: array {extra[0]!r} is not a model input "
+                         f"(inputs: {', '.join(specs)}; labels go in {LABELS!r})")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iuf" or labels.ndim < 1:
+            raise UsageError(f"--data {source}: {LABELS} must be a numeric array with one entry per sample")
+    return Dataset(dict(arrays), labels, source, notes)
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                onnx.TensorProto.DOUBLE: np.float64}
+
+
+def _checked(array: np.ndarray, spec: onnx.ValueInfoProto, source: str) -> np.ndarray:
+    """``array`` in the input's dtype (safe casts only), its rank and fixed dims checked."""
+    elem = spec.type.tensor_type.elem_type
+    expected = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    name = spec.name
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"--data {source}: {name} has dtype {array.dtype}, not a numeric type")
+    if elem in _FLOAT_TYPES:
+        if array.dtype.kind not in "fiu":
+            raise UsageError(f"--data {source}: {name} is {array.dtype}, the model expects {expected}")
+    elif array.dtype.kind == "f":
+        raise UsageError(f"--data {source}: {name} holds floats, the model expects {np.dtype(expected)}")
+    dims = spec.type.tensor_type.shape.dim
+    if array.ndim != len(dims):
+        raise UsageError(f"--data {source}: {name} has rank {array.ndim} (first axis = samples), "
+                         f"the model input has rank {len(dims)}")
+    for axis, (d, size) in enumerate(zip(dims, array.shape)):
+        if axis and d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size:
+            raise UsageError(f"--data {source}: {name} dim {axis} is {size}, the model expects {d.dim_value}")
+    if not len(array):
+        raise UsageError(f"--data {source}: {name} holds no samples")
+    return np.ascontiguousarray(array, dtype=expected)
+
+
+def _check_counts(dataset: Dataset, source: str) -> None:
+    counts = {k: len(v) for k, v in dataset.inputs.items()}
+    if dataset.labels is not None:
+        counts[LABELS] = len(dataset.labels)
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise UsageError(f"--data {source}: arrays have different numbers of samples ({listed})")
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model's first input fixes (None when its first dim is dynamic)."""
+    inputs = graph_inputs(model)
+    if not inputs:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None

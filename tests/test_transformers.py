@@ -1,0 +1,156 @@
+"""Transformers exported by torch.onnx (random init, no download): attention heads and MLPs prune.
+
+BERT (4 layers from BertConfig) with both exporters, GPT-2 (GPT2Model, 4
+layers, use_cache=False; transformers 5 needs the dynamo exporter for it).
+Each prune at 0.4 must give a valid model with the same output names and
+shapes, at least 1.4x fewer MACs, and the mask-equivalence reference:
+removing heads and MLP neurons equals zeroing their rows in the consumers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+
+try:
+    from graphs import masked_reference, run, check_valid
+except ImportError:  # tests/ imported as a package
+    from tests.graphs import masked_reference, run, check_valid
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HEADS, HIDDEN, LAYERS, VOCAB, SEQ = 4, 64, 4, 500, 16
+
+
+class LastHidden(torch.nn.Module):
+    def __init__(self, model, cache_kw: bool):
+        super().__init__()
+        self.model, self.cache_kw = model, cache_kw
+
+    def forward(self, *inputs):
+        kwargs = {"use_cache": False} if self.cache_kw else {}
+        return self.model(*inputs, **kwargs).last_hidden_state
+
+
+def bert():
+    config = transformers.BertConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                     intermediate_size=4 * HIDDEN, vocab_size=VOCAB)
+    return LastHidden(transformers.BertModel(config), False), ["input_ids", "attention_mask"]
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, vocab_size=VOCAB, use_cache=False)
+    return LastHidden(transformers.GPT2Model(config), True), ["input_ids"]
+
+
+def export(build, exporter: str, path) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    model, names = build()
+    model.eval()
+    args = tuple(torch.randint(0, VOCAB, (2, SEQ)) if n == "input_ids" else torch.ones(2, SEQ, dtype=torch.long)
+                 for n in names)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        if exporter == "legacy":
+            axes = {n: {0: "batch", 1: "seq"} for n in [*names, "hidden"]}
+            torch.onnx.export(model, args, str(path), input_names=names, output_names=["hidden"],
+                              dynamic_axes=axes, opset_version=17, dynamo=False)
+        else:
+            torch.onnx.export(model, args, str(path), input_names=names, output_names=["hidden"],
+                              dynamo=True, external_data=False)
+    return onnx.load(str(path))
+
+
+def feeds_for(model: onnx.ModelProto, batch=2, seq=SEQ, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name == "input_ids":
+            feeds[vi.name] = rng.integers(0, VOCAB, (batch, seq)).astype(np.int64)
+        else:
+            mask = np.ones((batch, seq), np.int64)
+            mask[0, seq - 3:] = 0  # padding, so the mask path is exercised
+            feeds[vi.name] = mask
+    return feeds
+
+
+CASES = [
+    pytest.param(bert, "legacy", id="bert-legacy"),
+    pytest.param(bert, "dynamo", id="bert-dynamo", marks=pytest.mark.slow),
+    pytest.param(gpt2, "dynamo", id="gpt2-dynamo", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+
+    def get(build, exporter):
+        key = (build.__name__, exporter)
+        if key not in cache:
+            cache[key] = export(build, exporter, tmp_path_factory.mktemp("tf") / f"{key[0]}-{exporter}.onnx")
+        return cache[key]
+
+    return get
+
+
+def pinned(model) -> dict:
+    return {vi.name: (2, SEQ) for vi in model.graph.input}
+
+
+@pytest.mark.parametrize("build, exporter", CASES)
+def test_heads_and_mlp_prune_at_0_4(exported, build, exporter):
+    model = exported(build, exporter)
+    shapes = pinned(model)
+    analysis = onnxprune.analyse(model, shapes)
+    heads = [g for g in analysis.prunable if g.kind == "heads"]
+    assert len(heads) == LAYERS and all(len(g.unit_members()) == HEADS for g in heads)
+    mlp = [g for g in analysis.prunable if g.kind == "channels" and g.size == 4 * HIDDEN]
+    assert len(mlp) == LAYERS
+
+    result = onnxprune.prune(model, 0.4, input_shapes=shapes)
+    check_valid(model, result.model)
+    feeds = feeds_for(model)
+    got, expected = run(result.model, feeds), run(model, feeds)
+    assert [o.shape for o in got] == [o.shape for o in expected]
+    macs_before, macs_after = onnxprune.count_macs(model, shapes), onnxprune.count_macs(result.model, shapes)
+    assert macs_before / macs_after >= 1.4
+    reference = run(masked_reference(model, analysis, result.plan), feeds)
+    np.testing.assert_allclose(got[0], reference[0], rtol=1e-4, atol=1e-4 * np.abs(reference[0]).max())
+    pruned_heads = [g for g in result.report.groups if g.kind == "heads"]
+    assert all(g.units_before == HEADS and g.units_after == 2 for g in pruned_heads)
+
+
+def test_dynamic_axes_stay_dynamic_after_head_pruning(exported):
+    """Head counts baked into Reshape targets are rewritten; batch and sequence stay free."""
+    model = exported(bert, "legacy")
+    result = onnxprune.prune(model, 0.5, input_shapes=pinned(model))
+    dims = [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    for batch, seq in ((1, 5), (3, 31)):
+        feeds = feeds_for(model, batch, seq, seed=1)
+        assert run(result.model, feeds)[0].shape == (batch, seq, HIDDEN)
+
+
+def test_head_ratio_applies_to_heads_only(exported):
+    model = exported(bert, "legacy")
+    result = onnxprune.prune(model, 0.5, head_ratio=0.25, input_shapes=pinned(model))
+    for g in result.report.groups:
+        if g.kind == "heads":
+            assert (g.units_before, g.units_after) == (HEADS, 3)
+        else:
+            assert g.channels_after == g.channels_before // 2
+    check_valid(model, result.model)
+
+
+def test_hidden_size_is_left_alone_with_a_reason(exported):
+    model = exported(bert, "legacy")
+    analysis = onnxprune.analyse(model, pinned(model))
+    hidden = [g for g in analysis.groups if g.size == HIDDEN and g.blocked]
+    assert hidden and all("LayerNormalization" in "; ".join(g.blocked) for g in hidden)
