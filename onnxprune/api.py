@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import UsageError, VerificationFailed
+from .errors import UnsupportedModel, UsageError, VerificationFailed
 from .graph import GraphView
 from .groups import Group, find_groups
 from .calibration import batch_size_for, measure
@@ -60,8 +60,29 @@ class PruneResult:
     report: Report
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
+                 "MatMulNBits", "QAttention"}
+_INT_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Quantized models are refused: their scales and zero points would have to be cut too."""
+    found = next((n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
+    if found is None:
+        small = 16
+        int_weights = {t.name for t in model.graph.initializer
+                       if t.data_type in _INT_WEIGHTS and np.prod(t.dims) > small}
+        cast = next((n for n in model.graph.node if n.op_type == "Cast" and n.input and n.input[0] in int_weights),
+                    None)
+        found = cast and f"int8 weights behind Cast ({cast.input[0]})"
+    if found:
+        raise UnsupportedModel(f"quantized model ({found}): prune the float model, then quantize the result")
+
+
 def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=()) -> Analysis:
     """Channel groups of ``model`` (which is not modified)."""
+    refuse_quantized(model)
     shapes = analyse_shapes(model, input_shapes)
     view = GraphView.from_model(model, shapes)
     return Analysis(model, shapes, view, find_groups(view, tuple(ignore)))

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .model import opset_of
 from .shapes import Shapes
+
+
+UNCACHED_BYTES = 1 << 20  # weights above this are loaded on each use, never kept in the graph
 
 
 @dataclass
@@ -24,6 +28,9 @@ class GraphView:
     shapes: Shapes
     opset: int
     subgraph_refs: frozenset[str]
+    # Cast(weight) nodes folded into constants: name -> the weight's stored dtype
+    # (surgery.export stores the pruned weight in that dtype again, behind a Cast).
+    cast_weights: dict = None
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> "GraphView":
@@ -31,7 +38,9 @@ class GraphView:
         _name_nodes(graph)
         _constants_as_tensors(graph)
         _bypass_constant_identities(graph)
-        return cls(graph, shapes, opset_of(model), frozenset(_subgraph_references(graph)))
+        _fold_small_constant_arithmetic(graph, model.opset_import)
+        cast_weights = _fold_cast_weights(graph)
+        return cls(graph, shapes, opset_of(model), frozenset(_subgraph_references(graph)), cast_weights)
 
     # --- structure -------------------------------------------------------
     @property
@@ -64,8 +73,16 @@ class GraphView:
 
     @staticmethod
     def value(tensor: gs.Tensor) -> np.ndarray | None:
-        """The constant's values, or None for a computed tensor."""
+        """The constant's values, or None for a computed tensor.
+
+        A large weight not loaded yet is read without caching it in the graph
+        (``Constant.values`` would): a cached copy lives as long as the graph,
+        one more copy of the model's weights at peak.
+        """
         if isinstance(tensor, gs.Constant):
+            lazy = tensor._values  # how onnx-graphsurgeon itself tells "not loaded yet"
+            if isinstance(lazy, LazyValues) and lazy.nbytes > UNCACHED_BYTES:
+                return lazy.load()
             return np.asarray(tensor.values)
         return None
 
@@ -150,6 +167,80 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _redirect(out, node.inputs[0])
         node.outputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False)
+
+
+# Arithmetic on small constants that exporters leave in the graph (a Slice bound
+# computed as Reshape(Mod(2, 3))): folded so that rules see plain constants.
+_FOLDABLE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Floor", "Ceil", "Min", "Max", "Cast", "Reshape",
+             "Concat", "Unsqueeze", "Squeeze", "Slice", "Gather", "Range", "Equal", "Where", "Not"}
+_FOLD_LIMIT = 64  # elements: shape-sized values only, never weights
+
+
+def _small(t: gs.Constant) -> bool:
+    """Checked on the shape: reading ``values`` would load a lazily imported weight."""
+    return int(np.prod(t.shape)) <= _FOLD_LIMIT
+
+
+def _fold_small_constant_arithmetic(graph: gs.Graph, opset_import) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    folded = 0
+    for node in list(graph.toposort().nodes):
+        if node.op not in _FOLDABLE or node.domain not in (None, "", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        inputs = [t for t in node.inputs if t is not None and t.name]
+        if not inputs or not all(isinstance(t, gs.Constant) and _small(t) for t in inputs):
+            continue
+        out = node.outputs[0]
+        if any(t is out for t in graph.outputs):
+            continue
+        try:
+            proto = onnx.helper.make_node(node.op, [t.name if t is not None else "" for t in node.inputs],
+                                          [out.name], **node.attrs)
+            single = onnx.helper.make_model(onnx.helper.make_graph(
+                [proto], "fold",
+                [onnx.helper.make_tensor_value_info(t.name, onnx.helper.np_dtype_to_tensor_dtype(t.values.dtype),
+                                                    t.values.shape) for t in inputs],
+                [onnx.helper.make_empty_tensor_value_info(out.name)]), opset_imports=opset_import)
+            value = np.asarray(ReferenceEvaluator(single).run(None, {t.name: np.asarray(t.values) for t in inputs})[0])
+        except Exception:  # an op the evaluator cannot run: leave it
+            continue
+        if value.size > _FOLD_LIMIT:
+            continue
+        _redirect(out, gs.Constant(out.name, value))
+        node.outputs.clear()
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+
+
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _fold_cast_weights(graph: gs.Graph) -> dict:
+    """Cast(float constant) -> a constant of the cast type, so rules see the weight itself.
+
+    Mixed-precision exports store weights in float16 behind a Cast to float32.
+    Returns {constant name: stored dtype}; export casts the pruned weight back.
+    """
+    folds = {}
+    for node in list(graph.nodes):
+        if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant) \
+                or _small(node.inputs[0]):
+            continue
+        stored = np.asarray(node.inputs[0].values)
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs.get("to", 0))) \
+            if node.attrs.get("to") else None
+        out = node.outputs[0]
+        if target is None or stored.dtype.type not in _FLOATS or np.dtype(target).type not in _FLOATS \
+                or any(t is out for t in graph.outputs):
+            continue
+        _redirect(out, gs.Constant(out.name, stored.astype(target)))
+        node.outputs.clear()
+        folds[out.name] = stored.dtype
+    if folds:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folds
 
 
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import zoo  # noqa: E402
 
 RATIO = 0.4
+# Stricter than zoo.MAC_TARGET where the transformer issue asks for more (heads + MLP pruned).
+MAC_TARGETS = {"vit_b_16": 1.4}
 
 CASES = (
     [pytest.param(m, "legacy", False, id=f"{m}-legacy") for m in zoo.LEGACY_MODELS]
@@ -67,7 +69,7 @@ def test_zoo_model_prunes(name, exporter, fresh, cache_dir, tmp_path):
     assert row.max_deviation is not None and row.max_deviation < float("inf")
     assert row.groups_pruned >= 1
     assert row.params_after < row.params_before
-    assert row.macs_ratio is not None and row.macs_ratio >= zoo.MAC_TARGET, (
+    assert row.macs_ratio is not None and row.macs_ratio >= MAC_TARGETS.get(name, zoo.MAC_TARGET), (
         f"{name} ({exporter}): only {row.macs_ratio:.2f}x fewer MACs"
     )
     assert _digest(path) == before  # the input is never modified

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, passthrough, related, rule
+from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, passthrough, related, rule, strided
 from ..graph import attr
 
 
@@ -190,9 +190,13 @@ def _prefix_products(shape) -> list[int]:
     return out
 
 
-def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
+def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int], picked_apart=lambda j: False):
     """Map channel ``axis`` of a tensor of shape ``src`` onto the same data in shape ``dst``.
 
+    An axis split in two, C -> (G, C/G), is tracked on G with each block of C/G
+    tied (heads) unless ``picked_apart(G's axis)``: a fused projection split into
+    (3, E) whose q, k, v are then taken apart along the 3; then it is tracked on
+    E with the positions equal modulo E tied (q_e, k_e, v_e go together).
     Returns (dst axis, owner on it, ties on the source axis) or a barrier reason.
     """
     if None in src or None in dst or 0 in src or 0 in dst:
@@ -213,6 +217,9 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
             shape[t] = dst[j + t]
             if np.array_equal(grid, np.broadcast_to(line.reshape(shape), grid.shape)):
                 return j + t, line, []
+        if k - j == 2 and picked_apart(j):
+            inner = dst[j + 1]
+            return j + 1, owner[:inner].copy(), strided(size, inner)
         block = size // dst[j]  # whole blocks (e.g. heads) become units
         ties = blocks_of(size, block)
         reps = np.array([next((int(o) for o in owner[b] if o >= 0), -1) for b in ties])
@@ -232,47 +239,118 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int]):
     return j, np.tile(np.repeat(owner, inner), outer), []
 
 
+_AXIS_MOVERS = {"Transpose", "Unsqueeze", "Squeeze", "Identity"}
+
+
+def _picked_apart(view, tensor, axis: int, depth: int = 6) -> bool:
+    """Whether ``axis`` of ``tensor`` is, a few axis moves later, indexed by a scalar Gather,
+    or cut by a Split/Slice along it (q, k, v taken out of a fused projection)."""
+    for node, _ in view.consumers(tensor):
+        if node.op == "Gather" and _axis(node, view, tensor) == axis and view.rank(node.inputs[1]) == 0:
+            return True
+        if node.op in ("Split", "Slice") and _split_or_slice_axis(node, view, tensor) == axis:
+            return True
+        if node.op in _AXIS_MOVERS and depth > 0:
+            moved = _moved_axis(node, view, axis)
+            if moved is not None and _picked_apart(view, node.outputs[0], moved, depth - 1):
+                return True
+    return False
+
+
+def _split_or_slice_axis(node, view, tensor) -> int | None:
+    if node.op == "Split":
+        return _axis(node, view, tensor)
+    spec = _slice_spec(node, view)
+    return next(iter(spec)) if spec is not None and len(spec) == 1 else None
+
+
+def _moved_axis(node, view, axis: int) -> int | None:
+    """Where ``axis`` of the input is in the output of a Transpose/Unsqueeze/Squeeze/Identity."""
+    rank_in, rank_out = view.rank(node.inputs[0]), view.rank(node.outputs[0])
+    if rank_in is None or rank_out is None:
+        return None
+    if node.op == "Identity":
+        return axis
+    if node.op == "Transpose":
+        perm = list(attr(node, "perm", None) or reversed(range(rank_in)))
+        return perm.index(axis)
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.inputs) > 1:
+        axes = view.int_values(node.inputs[1])
+    if axes is None:
+        return None
+    if node.op == "Unsqueeze":
+        inserted = sorted(normalise_axis(a, rank_out) for a in axes)
+        position = axis
+        for a in inserted:
+            if a <= position:
+                position += 1
+        return position
+    removed = {normalise_axis(a, rank_in) for a in axes}
+    return None if axis in removed else axis - sum(1 for a in removed if a < axis)
+
+
 def _reshape_target_ok(node, view, out_axis: int) -> str | None:
-    """A Reshape target entry we can rewrite: a constant, or -1 in a computed target."""
+    """A Reshape target entry we can rewrite: a constant, -1, or a constant piece of a Concat."""
     if node.op != "Reshape" or view.is_constant(node.inputs[1]):
         return None
-    entry = _shape_entry(view, node.inputs[1], out_axis)
-    return None if entry == -1 else "Reshape target is computed at run time"
+    if _shape_entry(view, node.inputs[1], out_axis) is not None:
+        return None
+    return "Reshape target is computed at run time"
 
 
-def _shape_entry(view, tensor, index: int):
-    """Entry ``index`` of a 1-D shape tensor built by Concat of pieces, if constant."""
-    value = view.value(tensor)
-    if value is not None:
-        return int(np.atleast_1d(value)[index])
+def _concat_piece(view, tensor, index: int):
+    """(Concat node, input index, position in that input) of entry ``index`` of a Concat-built shape."""
     node = view.producer(tensor)
     if node is None or node.op != "Concat":
         return None
     offset = 0
-    for piece in node.inputs:
+    for i, piece in enumerate(node.inputs):
         n = view.dim(piece, 0) if view.rank(piece) == 1 else 1
         if n is None:
             return None
         if index < offset + n:
-            v = view.value(piece)
-            return None if v is None else int(np.atleast_1d(v)[index - offset])
+            return node, i, index - offset
         offset += n
     return None
 
 
+def _shape_entry(view, tensor, index: int):
+    """Entry ``index`` of a 1-D shape tensor: a constant, or a constant piece of a Concat."""
+    value = view.value(tensor)
+    if value is not None:
+        return int(np.atleast_1d(value)[index])
+    found = _concat_piece(view, tensor, index)
+    if found is None:
+        return None
+    node, i, at = found
+    v = view.value(node.inputs[i])
+    return None if v is None else int(np.atleast_1d(v)[at])
+
+
 def reshape_rewrite(node, view, cut):
-    if node.op != "Reshape" or not view.is_constant(node.inputs[1]):
+    if node.op != "Reshape":
         return
     out = node.outputs[0]
-    target = np.array(view.value(node.inputs[1]), dtype=np.int64, copy=True)
-    changed = False
-    for j in range(len(target)):
+    if view.is_constant(node.inputs[1]):
+        target = np.array(view.value(node.inputs[1]), dtype=np.int64, copy=True)
+        changed = False
+        for j in range(len(target)):
+            new = cut.new_dim(out, j)
+            if new != view.dim(out, j) and target[j] != -1:
+                target[j] = new
+                changed = True
+        if changed:
+            cut.replace_constant(node, 1, target)
+        return
+    for j in range(view.rank(out) or 0):  # a Concat-built target: rewrite its constant pieces
         new = cut.new_dim(out, j)
-        if new != view.dim(out, j) and target[j] != -1:
-            target[j] = new
-            changed = True
-    if changed:
-        cut.replace_constant(node, 1, target)
+        if new == view.dim(out, j) or _shape_entry(view, node.inputs[1], j) in (None, -1):
+            continue
+        concat, i, at = _concat_piece(view, node.inputs[1], j)
+        piece = np.array(np.atleast_1d(view.value(concat.inputs[i])), dtype=np.int64, copy=True)
+        piece[at] = new
+        cut.replace_constant(concat, i, piece.reshape(np.shape(view.value(concat.inputs[i]))))
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze", rewrite=reshape_rewrite)
@@ -284,7 +362,10 @@ def reshape(node, view, r: Reached):
     if src is None or dst is None:
         return barrier("shape unknown")
     dynamic = {a for a in range(len(src)) if view.is_dynamic(src_t, a)}
-    mapped = map_reshape(src, dst, r.axis, r.owner, dynamic)
+    if r.side == "out" and node.op == "Reshape":  # dims the target spells as constants are fixed
+        dynamic = {a for a in dynamic if (_shape_entry(view, node.inputs[1], a) or 0) <= 0}
+    mapped = map_reshape(src, dst, r.axis, r.owner, dynamic,
+                         lambda j: r.side == "in" and _picked_apart(view, node.outputs[0], j))
     if isinstance(mapped, str):
         return barrier(mapped)
     axis, owner, ties = mapped

@@ -1,0 +1,160 @@
+"""Graph forms that real exporters produce: weights as Constant nodes (paddle2onnx), weights
+stored in float16 behind a Cast, NHWC graphs with Transposes around convolutions (tf2onnx),
+Reshape targets built by Concat, external data, and quantized models (refused cleanly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.errors import UnsupportedModel
+
+try:
+    from graphs import GraphBuilder, check_valid, make_feeds, prune_checked, run
+except ImportError:  # tests/ imported as a package
+    from tests.graphs import GraphBuilder, check_valid, make_feeds, prune_checked, run
+
+
+def small_cnn(seed=0) -> onnx.ModelProto:
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="conv1")])
+    h = b.op("Relu", [b.conv(h, 8, 8, name="conv2")])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])])
+    return b.build(b.gemm(h, 8, 4, name="head"))
+
+
+def initializers_as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What paddle2onnx writes: every weight is a Constant node, no initializers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+                 for t in out.graph.initializer]
+    nodes = constants + list(out.graph.node)
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def test_weights_as_constant_nodes_prune_like_initializers():
+    model = initializers_as_constant_nodes(small_cnn())
+    onnx.checker.check_model(model, full_check=True)
+    result, _, _ = prune_checked(model, 0.5)
+    assert result.report.macs_after < result.report.macs_before
+    assert sum(g.channels_after < g.channels_before for g in result.report.groups) == 2
+
+
+def fp16_weights_behind_cast() -> onnx.ModelProto:
+    b = GraphBuilder(seed=2)
+    x = b.input("x", ["N", 3, 8, 8])
+
+    def conv(h, cin, cout, name):
+        w = b.const((b.rng.standard_normal((cout, cin, 3, 3)) / 4).astype(np.float16), f"{name}.W16")
+        w32 = b.op("Cast", [w], name=f"{name}_cast", to=TensorProto.FLOAT)
+        return b.op("Conv", [h, w32], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+    h = b.op("Relu", [conv(x, 3, 8, "conv1")])
+    return b.build(conv(h, 8, 4, "conv2"))
+
+
+def test_float16_weights_behind_cast_are_pruned_and_stay_float16():
+    model = fp16_weights_behind_cast()
+    result = onnxprune.prune(model, 0.5)
+    check_valid(model, result.model)
+    pruned = {t.name: t for t in result.model.graph.initializer}
+    assert all(t.data_type == TensorProto.FLOAT16 for t in pruned.values())
+    assert sorted(tuple(t.dims) for t in pruned.values()) == [(4, 3, 3, 3), (4, 4, 3, 3)]
+    # conv1 loses 4 filters; the reference zeroes conv2's matching inputs
+    removed = np.setdiff1d(np.arange(8), result.plan.keep[next(iter(result.plan.keep))])
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "conv2.W16")).copy()
+    w2[:, removed] = 0
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for t in reference.graph.initializer:
+        if t.name == "conv2.W16":
+            t.CopyFrom(numpy_helper.from_array(w2, "conv2.W16"))
+    feeds = make_feeds(model)
+    np.testing.assert_allclose(run(result.model, feeds)[0], run(reference, feeds)[0], rtol=1e-3, atol=1e-3)
+
+
+def nhwc_model() -> onnx.ModelProto:
+    """tf2onnx's shape of a Keras CNN: NHWC input, Transposes around each Conv, bias added in NHWC."""
+    b = GraphBuilder(seed=4)
+    x = b.input("x", ["N", 8, 8, 3])
+
+    def conv_nhwc(h, cin, cout, name):
+        t = b.op("Transpose", [h], perm=[0, 3, 1, 2])
+        c = b.conv(t, cin, cout, bias=False, name=name)
+        back = b.op("Transpose", [c], perm=[0, 2, 3, 1])
+        return b.op("Relu", [b.op("Add", [back, b.weight((cout,), f"{name}.bias", fan_in=4)])])
+
+    h = conv_nhwc(conv_nhwc(x, 3, 8, "conv1"), 8, 8, "conv2")
+    h = b.op("ReduceMean", [h], axes=[1, 2], keepdims=0)
+    return b.build(b.matmul(h, 8, 4, name="dense"), check=True)
+
+
+def test_nhwc_graph_with_transposes_prunes():
+    result, _, _ = prune_checked(nhwc_model(), 0.5)
+    assert sum(g.channels_after < g.channels_before for g in result.report.groups) == 2
+
+
+def test_reshape_target_built_by_concat_is_rewritten():
+    """Reshape(x, Concat(Shape(x)[0:1], [C, H*W])): the constant piece holding C is recomputed."""
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["N", 3, 4, 4])
+    h = b.conv(x, 3, 8, name="conv1")
+    batch = b.op("Slice", [b.op("Shape", [h]), b.ints([0]), b.ints([1])])
+    target = b.op("Concat", [batch, b.ints([8, 16])], axis=0)
+    flat = b.op("Reshape", [h, target])  # (N, 8, 16)
+    h = b.op("Transpose", [flat], perm=[0, 2, 1])  # (N, 16, 8)
+    model = b.build(b.matmul(h, 8, 4, name="proj"))
+    result, _, _ = prune_checked(model, 0.5)
+    out = run(result.model, {"x": np.ones((3, 3, 4, 4), np.float32)})[0]
+    assert out.shape == (3, 16, 4)  # the batch entry stays computed: other batch sizes run
+
+
+def test_external_data_in_and_out(tmp_path, capsys):
+    """A model saved with external data (as the dynamo exporter writes it) is read and pruned."""
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(small_cnn(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    before = (path.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes())
+    assert main([str(path), "--structured", "0.5", "-o", str(tmp_path / "out.onnx")]) == 0
+    assert (path.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()) == before
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+# --- quantized models --------------------------------------------------------------------------
+
+def qdq_model() -> onnx.ModelProto:
+    b = GraphBuilder(seed=6)
+    x = b.input("x", ["N", 3, 8, 8])
+    w = b.const(b.rng.integers(-100, 100, (8, 3, 3, 3)).astype(np.int8), "w_q")
+    wf = b.op("DequantizeLinear", [w, b.floats(0.01), b.const(np.int8(0))], name="dq")
+    h = b.op("Conv", [x, wf], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    return b.build(h)
+
+
+def int8_cast_mul_model() -> onnx.ModelProto:
+    b = GraphBuilder(seed=7)
+    x = b.input("x", ["N", 16])
+    w = b.const(b.rng.integers(-100, 100, (16, 8)).astype(np.int8), "w_int8")
+    wf = b.op("Mul", [b.op("Cast", [w], to=TensorProto.FLOAT), b.floats(0.02)])
+    return b.build(b.op("MatMul", [x, wf]))
+
+
+@pytest.mark.parametrize("build, what", [(qdq_model, "DequantizeLinear"), (int8_cast_mul_model, "int8 weights")])
+def test_quantized_models_are_refused_with_exit_4(tmp_path, capsys, build, what):
+    path = tmp_path / "q.onnx"
+    onnx.save(build(), path)
+    with pytest.raises(UnsupportedModel, match=what):
+        onnxprune.prune(build(), 0.5)
+    code = main([str(path), "--structured", "0.5", "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and "quantized model" in err[0] and "then quantize" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
