@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import UnsupportedModel, UsageError, VerificationFailed
+from .errors import QualityGateFailed, UnsupportedModel, UsageError, VerificationFailed
 from .graph import GraphView
 from .groups import Group, find_groups
 from .calibration import batch_size_for, measure
 from .compensate import compensate as compensate_biases, output_errors
 from .data import Dataset, ImageOptions, load_data
 from .importance import check_criterion, needs_data, score_groups
+from .recover import FeaturePoint, TrainOptions, evaluate, train as recover_train
 from .model import (
     AtomicModelWriter,
     check_output_path,
@@ -58,6 +59,7 @@ class PruneResult:
     model: onnx.ModelProto  # the pruned model (the input itself when nothing was cut)
     plan: Plan
     report: Report
+    analysis: "Analysis | None" = None  # of the input model (its view holds the cut graph)
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -80,11 +82,12 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
         raise UnsupportedModel(f"quantized model ({found}): prune the float model, then quantize the result")
 
 
-def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=()) -> Analysis:
+def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=(), prune_hidden: bool = False) -> Analysis:
     """Channel groups of ``model`` (which is not modified)."""
     refuse_quantized(model)
     shapes = analyse_shapes(model, input_shapes)
     view = GraphView.from_model(model, shapes)
+    view.prune_hidden = prune_hidden
     return Analysis(model, shapes, view, find_groups(view, tuple(ignore)))
 
 
@@ -118,6 +121,9 @@ def prune(
     batch_size: int | None = None,
     images: ImageOptions | None = None,
     head_ratio: float | None = None,
+    prune_hidden: bool = False,
+    ratios: dict[str, float] | None = None,
+    allocate: str | None = None,
     quiet: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in memory: remove ``ratio`` of each group's channels, or apply ``plan``.
@@ -126,12 +132,17 @@ def prune(
     and the removed channels' mean contributions are folded into the readers'
     biases (``compensate``, on by default when data is given). ``head_ratio``
     applies to groups whose units are attention heads (default: ``ratio``).
+    ``ratios`` maps group ids or source-node globs to their own ratios;
+    ``allocate="sensitivity"`` chooses them from measured output error (see sensitivity.py).
     """
     started = time.perf_counter()
     validate_options(ratio, round_to, min_channels, max_group_ratio)
     if head_ratio is not None:
         validate_options(head_ratio, round_to, min_channels, max_group_ratio)
-    if ratio is None and plan is None:
+    from .sensitivity import check_ratio_options, group_ratios
+
+    check_ratio_options(ratios, allocate, ratio, plan, data, global_ranking)
+    if ratio is None and plan is None and not ratios:
         raise UsageError("give a ratio (--structured) or a plan (--plan-in)")
     if compensate and data is None:
         raise UsageError("--compensate measures mean activations: give --data FILE")
@@ -146,7 +157,7 @@ def prune(
     compensate = calib is not None and compensate is not False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        analysis = analyse(model, input_shapes, ignore)
+        analysis = analyse(model, input_shapes, ignore, prune_hidden)
         stats = None
         data_criterion = plan is None and needs_data(importance)
         if calib is not None and (data_criterion or compensate):
@@ -157,14 +168,26 @@ def prune(
         if plan is None:
             scores = score_groups(analysis.groups, analysis.view, importance, seed,
                                   stats if data_criterion else None)
-            ratios = {g.id: head_ratio for g in analysis.prunable if g.kind == "heads"} if head_ratio is not None else {}
-            plan = make_plan(analysis.groups, scores, ratio, round_to, global_ranking, min_channels, max_group_ratio,
-                             ratios)
+            per_group = {g.id: head_ratio for g in analysis.prunable if g.kind == "heads"} if head_ratio is not None else {}
+            chosen, allocation = group_ratios(ratios, allocate, ratio, model, analysis, scores, stats, calib,
+                                              importance=importance, seed=seed, round_to=round_to,
+                                              min_channels=min_channels, compensate=compensate,
+                                              batch_size=batch_size, input_shapes=input_shapes, ignore=ignore,
+                                              prune_hidden=prune_hidden, quiet=quiet)
+            per_group.update(chosen)
+            plan = make_plan(analysis.groups, scores, ratio or 0.0, round_to, global_ranking, min_channels,
+                             max_group_ratio, per_group)
         else:
             check_plan(plan, analysis.groups)
-            scores = {}
-    report = _report(analysis, plan, scores, ratio, importance if ratio is not None else "plan")
+            scores, allocation = {}, None
+    report = _report(analysis, plan, scores, ratio, importance if ratio is not None or ratios else "plan")
+    report.allocation = allocation and allocation.to_json()
     report.warnings = [str(w.message) for w in caught]
+    hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
+    if hidden:
+        report.warnings.append(
+            f"--prune-hidden cut the hidden size of {len(hidden)} group(s): LayerNorm statistics change, "
+            "so accuracy needs recovery training (--distill or --finetune)")
     if calib is not None:
         report.data = {"source": calib.source, "samples": len(calib), "notes": calib.notes}
     if plan.keep:
@@ -174,17 +197,18 @@ def prune(
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, analysis.shapes.pinned_inputs)
         if folded is not None:
-            report.compensation = _compensation_effect(model, pruned, plan, folded, calib, input_shapes,
-                                                       ignore, batch_size)
+            report.compensation = _compensation_effect(model, pruned, plan, folded, calib, batch_size,
+                                                       input_shapes=input_shapes, ignore=ignore,
+                                                       prune_hidden=prune_hidden)
     else:
         pruned = model
     report.seconds = time.perf_counter() - started
-    return PruneResult(pruned, plan, report)
+    return PruneResult(pruned, plan, report, analysis)
 
 
-def _compensation_effect(model, pruned, plan, folded, calib, input_shapes, ignore, batch_size) -> dict:
+def _compensation_effect(model, pruned, plan, folded, calib, batch_size, **analysis_options) -> dict:
     """How much output error compensation removed, on (up to 256 of) the calibration samples."""
-    plain = prune(model, plan=plan, input_shapes=input_shapes, ignore=ignore).model
+    plain = prune(model, plan=plan, **analysis_options).model
     sample = calib.sample(256, seed=0)
     errors = output_errors(model, {"without": plain, "with": pruned}, sample, batch_size_for(model, batch_size))
     return {**folded.to_json(), "output_error": errors}
@@ -236,6 +260,10 @@ def prune_file(
     unstructured: float | None = None,
     nm: str | tuple[int, int] | None = None,
     min_elements: int = MIN_ELEMENTS,
+    train: TrainOptions | None = None,
+    steps: int = 1,
+    max_accuracy_drop: float | None = None,
+    max_output_error: float | None = None,
     **options,
 ) -> Report:
     """Prune a file and write the verified result atomically (unless ``dry_run``).
@@ -256,13 +284,19 @@ def prune_file(
         if side:
             ensure_writable(side, flag)
     plan = Plan.load(plan_in) if plan_in else None
+    gated = max_accuracy_drop is not None or max_output_error is not None
+    _check_recovery_options(train, steps, gated, ratio, plan, options)
     model = load_model(input_path)
+    if options.get("data") is not None and not isinstance(options["data"], Dataset):
+        options["data"] = load_data(options["data"], model, options.get("images"))
     if sparse and ratio is None and plan is None:
         result = _unpruned(model, options.get("input_shapes"))
     else:
-        result = prune(model, ratio, plan=plan, seed=seed, **options)
+        result = prune_rounds(model, ratio, plan=plan, seed=seed, train=train, steps=steps, **options)
     if sparse:
         result = _sparsified(result, unstructured, nm, min_elements, options)
+    if gated:
+        _quality_gate(result, model, options["data"], train, seed, max_accuracy_drop, max_output_error)
     report = result.report
     report.input = str(input_path)
     if plan_out:
@@ -278,6 +312,86 @@ def prune_file(
     if report_path:
         report.save(report_path)
     return report
+
+
+def _check_recovery_options(train, steps, gated, ratio, plan, options) -> None:
+    if (train is not None or gated) and options.get("data") is None:
+        what = "--distill/--finetune train" if train is not None else "the quality gate measures"
+        raise UsageError(f"{what} on data: give --data FILE")
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if steps > 1 and (ratio is None or plan is not None):
+        raise UsageError("--steps K prunes --structured R in K rounds: give --structured (not --plan-in)")
+    if train is not None:
+        train.check()
+
+
+def prune_rounds(model: onnx.ModelProto, ratio: float | None, *, train: TrainOptions | None = None,
+                 steps: int = 1, **options) -> PruneResult:
+    """Prune (in ``steps`` rounds, re-scoring each time) and recover after each round when ``train`` is given.
+
+    Each round removes 1 - (1 - ratio)^(1/steps) of the channels left, so that
+    the rounds together keep (1 - ratio) of each group; the teacher is always
+    the original model.
+    """
+    per_round = ratio if steps == 1 or ratio is None else 1 - (1 - ratio) ** (1 / steps)
+    if options.get("head_ratio") is not None and steps > 1:
+        options["head_ratio"] = 1 - (1 - options["head_ratio"]) ** (1 / steps)
+    current, rounds, first = model, [], None
+    for step in range(steps):
+        result = prune(current, per_round, **options)
+        first = first or result
+        if train is not None and result.model is not current:
+            features = _feature_points(result) if steps == 1 and train.feature_weight > 0 else ()
+            result.model, training = recover_train(result.model, model, options["data"], train,
+                                                   groups=None, features=features)
+            result.report.training = training.to_json()
+        rounds.append({"round": step + 1, "ratio": per_round, "params_after": result.report.params_after,
+                       "macs_after": result.report.macs_after, "training": result.report.training})
+        current = result.model
+    if steps > 1:
+        result.report.params_before, result.report.macs_before = first.report.params_before, first.report.macs_before
+        result.report.ratio = ratio
+        result.report.rounds = rounds
+    return result
+
+
+def _feature_points(result: PruneResult) -> list[FeaturePoint]:
+    """Where student and teacher features are matched: the read points of every cut group."""
+    from .calibration import read_points
+    from .surgery import _positions
+
+    points, student_tensors = [], {n for node in result.model.graph.node for n in node.input}
+    for group in result.analysis.prunable:
+        if group.id not in result.plan.keep:
+            continue
+        removed = result.plan.removed(group.id)
+        for p in read_points(group, result.analysis.view):
+            if p.name in student_tensors and p.axis > 0:
+                gone = _positions(p.owner, removed)
+                points.append(FeaturePoint(p.name, p.axis, np.setdiff1d(np.arange(len(p.owner)), gone)))
+    return points
+
+
+def _quality_gate(result: PruneResult, model, data: Dataset, train, seed, max_drop, max_error) -> None:
+    """Measured on the validation split (the one training held out); exceeding a limit writes nothing."""
+    fraction = train.val_fraction if train is not None else TrainOptions.val_fraction
+    _, val = data.split(fraction, train.seed if train is not None else seed)
+    measured = evaluate(result.model, model, val, batch_size_for(model, None))
+    result.report.gate = measured
+    if max_drop is not None:
+        if "accuracy_drop_points" not in measured:
+            raise UsageError("--max-accuracy-drop needs integer labels in --data and a (batch, classes) output")
+        if measured["accuracy_drop_points"] > max_drop:
+            raise QualityGateFailed(
+                f"accuracy dropped {measured['accuracy_drop_points']:.2f} points "
+                f"({100 * measured['original_accuracy']:.2f}% -> {100 * measured['accuracy']:.2f}%) "
+                f"on {measured['samples']} validation samples, more than --max-accuracy-drop {max_drop}; "
+                "nothing written")
+    if max_error is not None and measured["output_error"] > max_error:
+        raise QualityGateFailed(
+            f"output error {measured['output_error']:.4g} on {measured['samples']} validation samples "
+            f"exceeds --max-output-error {max_error}; nothing written")
 
 
 def _unpruned(model: onnx.ModelProto, input_shapes) -> PruneResult:

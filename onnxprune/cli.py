@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnxprune",
         description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
         epilog="Also: 'onnxprune info MODEL' describes the prunable groups; 'onnxprune bench A.onnx "
-        "B.onnx' times models side by side with onnxruntime. Exit codes: "
+        "B.onnx' times models side by side with onnxruntime; 'onnxprune sensitivity MODEL --data D' "
+        "measures how much each group matters. Exit codes: "
         + "; ".join(f"{k} {v.split(' (')[0]}" for k, v in EXIT_CODES.items()),
     )
     p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(c for c in CRITERIA if needs_data(c))} need --data)")
     p.add_argument("--head-ratio", type=_ratio, metavar="R",
                    help="fraction of attention heads to remove (default: the --structured ratio)")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the hidden size of transformers (through LayerNorm and embeddings; "
+                        "needs recovery training)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels of all groups together instead of R per group")
     p.add_argument("--round-to", type=_positive, default=1, metavar="N",
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
+    _group_ratio_options(p)
     _data_options(p)
+    _training_options(p)
     _sparsity_options(p)
     _common(p)
     return p
@@ -131,6 +137,56 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=_floats, metavar="S0,S1,S2", help="images: per-channel std after scaling to [0, 1]")
     g.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb", help="images: channel order (default rgb)")
     g.add_argument("--layout", choices=("nchw", "nhwc"), help="images: tensor layout (default: from the input shape)")
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recovery (needs --data; the original model is the teacher)")
+    g.add_argument("--distill", action="store_true", help="knowledge distillation from the original model (no labels)")
+    g.add_argument("--finetune", action="store_true", help="fine-tune on the labels in --data")
+    g.add_argument("--epochs", type=_positive, default=3, metavar="N", help="training epochs (default 3)")
+    g.add_argument("--lr", type=_nonneg_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--distill-loss", choices=("auto", "kl", "mse"), default="auto",
+                   help="auto: KL on temperature-softened (batch, classes) logits, else MSE")
+    g.add_argument("--temperature", type=_nonneg_float, default=4.0, help="distillation temperature (default 4)")
+    g.add_argument("--feature-distill", type=_nonneg_float, default=0.0, metavar="W",
+                   help="also match intermediate features at the kept channels, with weight W")
+    g.add_argument("--loss", choices=("auto", "ce", "mse"), default="auto",
+                   help="fine-tuning loss: auto = cross-entropy for logits with integer labels, else MSE")
+    g.add_argument("--sparsity-reg", type=_nonneg_float, default=0.0, metavar="LAMBDA",
+                   help="group-lasso regularisation of the channel groups during training")
+    g.add_argument("--steps", type=_positive, default=1, metavar="K",
+                   help="prune in K rounds, re-scoring and recovering between rounds")
+    g.add_argument("--val-fraction", type=_ratio, default=0.1, metavar="F",
+                   help="held-out validation fraction of --data (default 0.1)")
+    g.add_argument("--device", default="auto", help="training device: auto (CUDA when available), cpu, cuda[:N]")
+    g.add_argument("--max-accuracy-drop", type=_nonneg_float, metavar="P",
+                   help="fail (exit 6, nothing written) if top-1 accuracy drops more than P points")
+    g.add_argument("--max-output-error", type=_nonneg_float, metavar="E",
+                   help="fail (exit 6, nothing written) if the relative RMS output error exceeds E")
+
+
+def training_options(args):
+    from .recover import TrainOptions
+
+    if not (args.distill or args.finetune):
+        for flag in ("sparsity_reg", "feature_distill"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies during training: add --distill or --finetune")
+        return None
+    return TrainOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size or 64, distill=args.distill,
+                        finetune=args.finetune, distill_loss=args.distill_loss, temperature=args.temperature,
+                        loss=args.loss, feature_weight=args.feature_distill, sparsity_reg=args.sparsity_reg,
+                        val_fraction=args.val_fraction, device=args.device, seed=args.seed, quiet=args.quiet)
 
 
 def image_options(args):
@@ -209,7 +265,7 @@ def _check_flags(args, argv) -> None:
         raise UsageError("--unstructured and --nm are exclusive: choose one sparsity pattern")
     if args.nm is not None and args.global_ranking and args.structured is None:
         raise UsageError("--global ranks channels or --unstructured weights; --nm keeps N of every M in place")
-    if args.plan_in is None and args.structured is None and not sparse:
+    if args.plan_in is None and args.structured is None and not sparse and args.ratios is None:
         raise UsageError("nothing to do: give --structured R, --plan-in FILE, --unstructured R or --nm N:M")
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
@@ -221,6 +277,7 @@ def run_prune(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     _check_flags(args, argv)
+    ratios = _group_ratios(args)
     report = prune_file(
         args.model, args.output, args.structured,
         force=args.force, dry_run=args.dry_run, plan_in=args.plan_in, plan_out=args.plan_out,
@@ -230,13 +287,19 @@ def run_prune(argv: list[str]) -> int:
         ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
         data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
         compensate=args.compensate, images=image_options(args), head_ratio=args.head_ratio,
-        quiet=args.quiet,
+        prune_hidden=args.prune_hidden, quiet=args.quiet, train=training_options(args), steps=args.steps,
+        max_accuracy_drop=args.max_accuracy_drop, max_output_error=args.max_output_error,
         unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
+        ratios=ratios, allocate=args.allocate,
     )
     for w in report.warnings:
         print(f"onnxprune: warning: {w}", file=sys.stderr)
     if not args.quiet:
         print(report.summary(verbose=args.verbose))
+        if args.verbose and report.allocation:
+            from .sensitivity import format_allocation
+
+            print(format_allocation(report.allocation))
         if report.written:
             print(f"wrote   {report.output}")
         elif args.dry_run:
@@ -301,6 +364,92 @@ def run_bench(argv: list[str]) -> int:
     return 0
 
 
+# --- per-group ratios and the sensitivity command ---------------------------------------
+def _group_ratio_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-group ratios")
+    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob to a "
+                   "ratio; other groups get --structured R (or stay whole without it)")
+    g.add_argument("--allocate", choices=("sensitivity",),
+                   help="sensitivity: measure each group's output error on --data and choose per-group ratios "
+                        "that remove --structured R of all prunable channels with the least error")
+
+
+def _group_ratios(args) -> dict | None:
+    if (args.ratios or args.allocate) and args.steps > 1:
+        raise UsageError("--ratios/--allocate choose per-group ratios once; they do not combine with --steps")
+    if not args.ratios:
+        return None
+    from .sensitivity import load_ratios
+
+    return load_ratios(args.ratios)
+
+
+def _ratio_list(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        values.append(_ratio(part.strip()))
+    return values
+
+
+def build_sensitivity_parser() -> argparse.ArgumentParser:
+    from .sensitivity import DEFAULT_RATIOS
+
+    p = _Parser(prog="onnxprune sensitivity",
+                description="Prune each channel group alone at several ratios and measure the output error "
+                            "(and top-1 accuracy, with labels) on calibration data.")
+    p.add_argument("model")
+    p.add_argument("--ratios-to-try", type=_ratio_list, default=list(DEFAULT_RATIOS), metavar="R1,R2,...",
+                   help=f"ratios to cut each group at (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
+    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1)")
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                   help="never keep fewer than N channels in a group (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
+    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
+    _data_options(p)
+    _common(p)
+    return p
+
+
+def run_sensitivity(argv: list[str]) -> int:
+    import json
+    import warnings
+
+    from .data import load_data
+    from .model import ensure_writable, load_model, parse_input_shapes, write_text_file
+    from .sensitivity import measure_sensitivity, plot, require_matplotlib
+
+    args = build_sensitivity_parser().parse_args(argv)
+    if not args.data:
+        raise UsageError("sensitivity measures output error on data: give --data FILE")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            ensure_writable(path, flag)
+    if args.plot:
+        require_matplotlib()  # before minutes of measuring, not after
+    model = load_model(args.model)
+    data = load_data(args.data, model, image_options(args)).sample(args.calib_samples, args.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = measure_sensitivity(
+            model, data, args.ratios_to_try, importance=args.importance, seed=args.seed, round_to=args.round_to,
+            min_channels=args.min_channels, compensate=args.compensate is not False, batch_size=args.batch_size,
+            input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore), quiet=args.quiet)
+    for w in caught:
+        print(f"onnxprune: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, **result.to_json()},
+                                              indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    if not args.quiet:
+        print(result.table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -309,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_info(argv[1:])
         if argv[:1] == ["bench"]:
             return run_bench(argv[1:])
+        if argv[:1] == ["sensitivity"]:
+            return run_sensitivity(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
         if debug:

@@ -31,6 +31,12 @@ class VerificationFailed(OnnxPruneError):
     exit_code = 5
 
 
+class QualityGateFailed(OnnxPruneError):
+    """--max-accuracy-drop / --max-output-error exceeded on the validation split; nothing written."""
+
+    exit_code = 6
+
+
 class PlanMismatch(UsageError):
     """A plan file does not fit the model it is applied to."""
 
@@ -53,5 +59,6 @@ EXIT_CODES = {
     3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
     4: "unsupported model (opset < 11, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",
+    6: "quality gate failed (--max-accuracy-drop / --max-output-error exceeded; nothing written)",
     130: "interrupted (Ctrl-C); nothing written",
 }

@@ -14,12 +14,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .model import opset_of
 from .shapes import Shapes
 
 
 UNCACHED_BYTES = 1 << 20  # weights above this are loaded on each use, never kept in the graph
+
+# onnx-graphsurgeon logs to stdout; its warnings (a dtype it has no numpy type
+# for, such as bfloat16, which it keeps as it was) are noise on our command line.
+G_LOGGER.severity = G_LOGGER.ERROR
 
 
 @dataclass
@@ -31,6 +36,7 @@ class GraphView:
     # Cast(weight) nodes folded into constants: name -> the weight's stored dtype
     # (surgery.export stores the pruned weight in that dtype again, behind a Cast).
     cast_weights: dict = None
+    prune_hidden: bool = False  # rules let the hidden size through LayerNorm (--prune-hidden)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> "GraphView":

@@ -108,6 +108,10 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     data: dict | None = None  # calibration data: source, samples
     compensation: dict | None = None  # readers, skipped, output_error without/with
+    training: dict | None = None  # recover.TrainingReport: epochs, best epoch, throughput
+    rounds: list | None = None  # --steps K: per round ratio, params, MACs, training
+    gate: dict | None = None  # the quality gate's measurement on the validation split
+    allocation: dict | None = None  # --allocate: per-group ratios chosen and why (sensitivity.py)
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
@@ -161,11 +165,31 @@ class Report:
             lines.append(f"compensation  {c['readers']} reader bias(es) adjusted{effect}")
         if self.sparsity is not None:
             lines += self.sparsity.summary_lines(verbose)
+        if self.training:
+            lines.extend(_training_lines(self.training))
+        if self.rounds:
+            lines.append(f"rounds  {len(self.rounds)} (each removes {self.rounds[0]['ratio']:.3f} of what is left)")
+        if self.gate:
+            g = self.gate
+            acc = (f"accuracy {100 * g['original_accuracy']:.2f}% -> {100 * g['accuracy']:.2f}%, "
+                   if "accuracy" in g else "")
+            lines.append(f"gate    {acc}output error {g['output_error']:.4g} on {g['samples']} validation samples")
         if self.output_error:
             worst = max(self.output_error.values())
             lines.append(f"output  max deviation from the original {worst:.3g} (relative to output scale)")
         lines.append(f"time    {self.seconds:.2f} s")
         return "\n".join(lines)
+
+
+def _training_lines(t: dict) -> list[str]:
+    lines = [f"train   {t['mode']} on {t['device']}: {len(t['epochs'])} epoch(s), {t['train_samples']} samples, "
+             f"{t['samples_per_second']:.0f} samples/s; best epoch {t['best_epoch']}"]
+    rows = [("before", t["before"])] + [(f"epoch {e['epoch']}", e) for e in t["epochs"]]
+    for label, e in rows:
+        acc = f"  val accuracy {100 * e['val_accuracy']:.2f}%" if e.get("val_accuracy") is not None else ""
+        err = f"  output error {e['val_output_error']:.4g}" if e.get("val_output_error") == e.get("val_output_error") else ""
+        lines.append(f"  {label:<9} val loss {e['val_loss']:.4g}{acc}{err}")
+    return lines
 
 
 def _ratio(before, after) -> str:

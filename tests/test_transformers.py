@@ -154,3 +154,59 @@ def test_hidden_size_is_left_alone_with_a_reason(exported):
     analysis = onnxprune.analyse(model, pinned(model))
     hidden = [g for g in analysis.groups if g.size == HIDDEN and g.blocked]
     assert hidden and all("LayerNormalization" in "; ".join(g.blocked) for g in hidden)
+
+
+# --- the hidden size (--prune-hidden) ---------------------------------------------------------
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(ids, mask).logits
+
+
+def bert_classifier():
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                     intermediate_size=4 * HIDDEN, vocab_size=VOCAB, num_labels=3)
+    return Logits(transformers.BertForSequenceClassification(config)), ["input_ids", "attention_mask"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_prune_hidden_through_layernorm_and_embeddings(exported, exporter):
+    model = exported(bert_classifier, exporter)
+    shapes = pinned(model)
+    assert not any(g.kind == "hidden" for g in onnxprune.analyse(model, shapes).prunable)
+    result = onnxprune.prune(model, 0.5, prune_hidden=True, input_shapes=shapes)
+    check_valid(model, result.model)
+    hidden = [g for g in result.report.groups if g.kind == "hidden"]
+    assert len(hidden) == 1 and (hidden[0].channels_before, hidden[0].channels_after) == (HIDDEN, HIDDEN // 2)
+    assert any("--prune-hidden" in w and "recovery" in w for w in result.report.warnings)
+    tables = [t for t in result.model.graph.initializer if len(t.dims) == 2 and t.dims[0] == VOCAB]
+    assert tables and all(t.dims[1] == HIDDEN // 2 for t in tables)  # the word embeddings are sliced
+    assert run(result.model, feeds_for(model))[0].shape == (2, 3)
+
+
+def decomposed_layernorm_model(rms: bool = False):
+    """x(N, T, 16) -> MatMul -> LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div (or RMSNorm) -> MatMul."""
+    from graphs import GraphBuilder
+
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", 5, 16])
+    h = b.matmul(x, 16, 16, name="proj_in")
+    centred = h if rms else b.op("Sub", [h, b.op("ReduceMean", [h], axes=[-1], keepdims=1)])
+    var = b.op("ReduceMean", [b.op("Pow", [centred, b.floats(2.0)])], axes=[-1], keepdims=1)
+    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.floats(1e-5)])])])
+    h = b.op("Add", [b.op("Mul", [normed, b.weight((16,), "ln.scale", fan_in=1)]), b.weight((16,), "ln.bias")])
+    return b.build(b.matmul(h, 16, 4, name="proj_out"), check=True)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_decomposed_norms_prune_only_with_prune_hidden(rms):
+    model = decomposed_layernorm_model(rms)
+    group = next(g for g in onnxprune.analyse(model).groups if "proj_in" in g.sources)
+    assert group.blocked and "reduces over the channel axis" in group.blocked[0]
+    result = onnxprune.prune(model, 0.5, prune_hidden=True)
+    check_valid(model, result.model)
+    assert [g.channels_after for g in result.report.groups if g.kind == "hidden"] == [8]

@@ -10,7 +10,7 @@ transformer issue adds --prune-hidden).
 
 from __future__ import annotations
 
-from . import Link, Reached, barrier, blocks_of, normalise_axis, related, rule
+from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, related, rule
 from ..graph import attr
 
 
@@ -80,9 +80,16 @@ def layer_norm(node, view, r: Reached):
     if rank is None:
         return barrier("input shape unknown")
     first = normalise_axis(int(attr(node, "axis", -1)), rank)
+    other = "out" if r.side == "in" else "in"
+    if r.index == 0 and r.axis >= first and view.prune_hidden and first == rank - 1:
+        # --prune-hidden: the statistics change (fewer channels), scale and bias are sliced
+        params = [Link("in", i, 0, r.owner, "norm_scale" if i == 1 else "norm_shift")
+                  for i in (1, 2) if i < len(node.inputs) and node.inputs[i].name]
+        return Relation([Link(other, 0, r.axis, r.owner), *params], kind="hidden")
     if r.index != 0 or r.axis >= first:
-        return barrier("LayerNormalization normalises over the channel axis (hidden size is not pruned)")
-    return related(Link("out" if r.side == "in" else "in", 0, r.axis, r.owner))
+        return barrier("LayerNormalization normalises over the channel axis "
+                       "(the hidden size is pruned only with --prune-hidden)")
+    return related(Link(other, 0, r.axis, r.owner))
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Link, Reached, barrier, normalise_axis, passthrough, related, rule
+from . import Link, Reached, Relation, barrier, normalise_axis, passthrough, related, rule
 from ..graph import attr
 
 POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
@@ -49,6 +49,8 @@ def reduce(node, view, r: Reached):
     keep = int(attr(node, "keepdims", 1))
     if r.side == "in":
         if r.axis in axes:
+            if view.prune_hidden and node.op in ("ReduceMean", "ReduceL2", "ReduceSumSquare") and keep:
+                return Relation(kind="hidden")  # decomposed LayerNorm/RMSNorm statistics (--prune-hidden)
             return barrier(f"{node.op} reduces over the channel axis")
         out_axis = r.axis if keep else r.axis - sum(a < r.axis for a in axes)
         return related(Link("out", 0, out_axis, r.owner))

@@ -1,0 +1,332 @@
+"""Recovery: fine-tuning and knowledge distillation of a pruned ONNX model, in PyTorch.
+
+The pruned graph runs as a ``TorchGraph`` (executor.py): its initializers are
+the parameters, training updates them, and ``write_back`` stores them in the
+same initializers, so the written model has the pruned graph unchanged.
+
+Losses (summed when both are asked for):
+
+- distillation (``distill``): the original model is the teacher, no labels
+  needed. ``kl``: KL(softmax(t / T) || softmax(s / T)) * T^2 on outputs shaped
+  (batch, classes); ``mse`` otherwise (``auto`` picks). Optionally plus the
+  MSE between intermediate features of student and teacher at the channels
+  the student kept (``feature_weight``), normalised by the teacher's scale.
+- fine-tuning (``finetune``): cross-entropy against integer labels for
+  (batch, classes) outputs, else (or with ``loss="mse"``) MSE against labels.
+- sparsity (``sparsity_reg`` = lambda): group lasso over the channel groups
+  given (sum over channels of the L2 norm of all their weights), which drives
+  whole channels towards zero before pruning; L1 over all weights when no
+  groups are given.
+
+A seeded ``val_fraction`` of the data is held out. After every epoch the
+validation loss, the top-1 accuracy (with labels) and the output error
+against the teacher are measured; the best epoch's weights are kept (highest
+accuracy with labels, else lowest validation loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from .calibration import require_torch
+from .data import Dataset
+from .errors import UsageError
+
+LOSSES = ("auto", "kl", "mse")
+FINETUNE_LOSSES = ("auto", "ce", "mse")
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    distill: bool = True
+    finetune: bool = False
+    distill_loss: str = "auto"
+    temperature: float = 4.0
+    loss: str = "auto"
+    feature_weight: float = 0.0
+    sparsity_reg: float = 0.0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    seed: int = 0
+    quiet: bool = True
+
+    def check(self) -> None:
+        if not (self.distill or self.finetune):
+            raise UsageError("training needs --distill or --finetune (or both)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--epochs and --batch-size must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.distill_loss not in LOSSES:
+            raise UsageError(f"--distill-loss must be one of {', '.join(LOSSES)}")
+        if self.loss not in FINETUNE_LOSSES:
+            raise UsageError(f"--loss must be one of {', '.join(FINETUNE_LOSSES)}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.temperature <= 0 or self.sparsity_reg < 0 or self.feature_weight < 0:
+            raise UsageError("--temperature must be positive; --sparsity-reg and feature weight not negative")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float | None
+    val_output_error: float
+
+
+@dataclass
+class TrainingReport:
+    mode: str
+    device: str
+    epochs: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+    train_samples: int = 0
+    val_samples: int = 0
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    before: dict = field(default_factory=dict)  # validation metrics of the pruned model before training
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FeaturePoint:
+    """Teacher tensor ``name`` matched on the student's tensor of the same name at ``kept`` of ``axis``."""
+
+    name: str
+    axis: int
+    kept: np.ndarray
+
+
+def pick_device(torch, requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to PyTorch")
+    return requested
+
+
+def classes_axis_ok(output_shape) -> bool:
+    return len(output_shape) == 2
+
+
+def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, options: TrainOptions,
+          groups=None, features: list[FeaturePoint] = ()) -> tuple[onnx.ModelProto, TrainingReport]:
+    """Train ``student`` (the pruned model) and return it with the best epoch's weights written back."""
+    torch = require_torch()
+    from .executor import TorchGraph
+
+    options.check()
+    if options.finetune and data.labels is None:
+        raise UsageError("--finetune needs labels: add a 'labels' array to the --data file")
+    torch.manual_seed(options.seed)
+    device = pick_device(torch, options.device)
+    train_data, val_data = data.split(options.val_fraction, options.seed)
+    net = TorchGraph(student).to(device)
+    teacher_net = TorchGraph(teacher, trainable=lambda name: False).to(device) if options.distill else None
+    if teacher_net is not None:
+        teacher_net.eval()
+    context = _Context(torch, net, teacher_net, options, features, groups, device)
+    report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
+    report.before = asdict(context.validate(val_data, 0, math.nan))
+    best_state, best_key = copy.deepcopy(net.state_dict()), _rank(report.before)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
+    # cosine decay over all steps: large early steps recover quickly, small late ones settle
+    steps = options.epochs * math.ceil(len(train_data) / options.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    started, seen = time.perf_counter(), 0
+    for epoch in range(1, options.epochs + 1):
+        train_loss, count = context.epoch(train_data, optimizer, epoch, schedule)
+        seen += count
+        log = context.validate(val_data, epoch, train_loss)
+        report.epochs.append(log)
+        if _rank(asdict(log)) > best_key:
+            best_state, best_key, report.best_epoch = copy.deepcopy(net.state_dict()), _rank(asdict(log)), epoch
+    report.seconds = time.perf_counter() - started
+    report.samples_per_second = seen / report.seconds if report.seconds > 0 else 0.0
+    net.load_state_dict(best_state)
+    return net.cpu().write_back(student), report
+
+
+def _mode(options: TrainOptions) -> str:
+    return "+".join(m for m, on in (("distill", options.distill), ("finetune", options.finetune)) if on)
+
+
+def _rank(metrics: dict) -> tuple:
+    """Higher is better: accuracy first (with labels), then the lower validation loss."""
+    accuracy = metrics.get("val_accuracy")
+    loss = metrics.get("val_loss")
+    return (accuracy if accuracy is not None else 0.0, -loss if loss is not None and math.isfinite(loss) else -math.inf)
+
+
+class _Context:
+    def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device):
+        self.torch, self.net, self.teacher, self.options = torch, net, teacher, options
+        self.features, self.groups, self.device = list(features), groups, device
+        self.output = net.output_names[0]
+
+    # --- losses -------------------------------------------------------------------
+    def losses(self, feeds: dict, labels):
+        torch, o = self.torch, self.options
+        names = [self.output] + [f.name for f in self.features]
+        values = self.net.run(feeds, names)
+        logits = values[self.output]
+        total = logits.new_zeros(())
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = self.teacher.run(feeds, names)
+            total = total + self.distill_loss(logits, teacher[self.output])
+            for f in self.features:
+                total = total + o.feature_weight * self.feature_loss(values[f.name], teacher[f.name], f)
+        if o.finetune:
+            total = total + self.finetune_loss(logits, labels)
+        if o.sparsity_reg:
+            total = total + o.sparsity_reg * self.sparsity()
+        return total, logits, teacher[self.output] if teacher is not None else None
+
+    def distill_loss(self, student, teacher):
+        F = self.torch.nn.functional
+        kind = self.options.distill_loss
+        if kind == "kl" or (kind == "auto" and student.dim() == 2):
+            t = self.options.temperature
+            return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                            reduction="batchmean", log_target=True) * t * t
+        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+    def feature_loss(self, student, teacher, point: FeaturePoint):
+        index = self.torch.as_tensor(point.kept, device=teacher.device)
+        kept = teacher.index_select(point.axis, index)
+        return self.torch.nn.functional.mse_loss(student, kept) / kept.pow(2).mean().clamp_min(1e-12)
+
+    def finetune_loss(self, logits, labels):
+        F = self.torch.nn.functional
+        target = self.torch.as_tensor(labels, device=logits.device)
+        if self.options.loss == "ce" or (self.options.loss == "auto" and logits.dim() == 2
+                                         and target.dtype in (self.torch.int64, self.torch.int32)):
+            return F.cross_entropy(logits, target.long())
+        return F.mse_loss(logits, target.to(logits.dtype).reshape(logits.shape))
+
+    def sparsity(self):
+        """Group lasso over the groups' channels (L1 over all weights without groups)."""
+        torch = self.torch
+        if not self.groups:
+            return sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad and p.dim() > 1)
+        total = 0.0
+        for group in self.groups:
+            per_channel = None
+            for slot in group.params.values():
+                if slot.role != "weight":
+                    continue
+                try:
+                    param = self.net.parameter(slot.tensor.name)
+                except KeyError:
+                    continue
+                rows = param.movedim(slot.axis, 0).reshape(param.shape[slot.axis], -1).pow(2).sum(1)
+                owned = torch.as_tensor(np.nonzero(slot.owner >= 0)[0], device=param.device)
+                target = torch.as_tensor(slot.owner[slot.owner >= 0], device=param.device)
+                sums = torch.zeros(group.size, device=param.device, dtype=rows.dtype)
+                sums = sums.index_add(0, target, rows.index_select(0, owned))
+                per_channel = sums if per_channel is None else per_channel + sums
+            if per_channel is not None:
+                total = total + per_channel.clamp_min(1e-12).sqrt().sum()
+        return total
+
+    # --- loops ----------------------------------------------------------------------
+    def to_device(self, feeds: dict) -> dict:
+        return {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
+
+    def epoch(self, data: Dataset, optimizer, epoch: int, schedule) -> tuple[float, int]:
+        order = np.random.default_rng(self.options.seed + epoch).permutation(len(data))
+        shuffled = data.subset(order)
+        steps = math.ceil(len(data) / self.options.batch_size)
+        bar = _bar(steps, f"epoch {epoch}/{self.options.epochs}", self.options.quiet)
+        total, count = 0.0, 0
+        self.net.train()
+        for feeds, labels in shuffled.batches(self.options.batch_size):
+            loss, _, _ = self.losses(self.to_device(feeds), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            n = len(next(iter(feeds.values())))
+            total += float(loss.detach()) * n
+            count += n
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.4g}")
+        if bar is not None:
+            bar.close()
+        return total / max(count, 1), count
+
+    def validate(self, data: Dataset, epoch: int, train_loss: float) -> EpochLog:
+        torch = self.torch
+        self.net.eval()
+        loss_sum, correct, squared, scale, count = 0.0, 0, 0.0, 0.0, 0
+        with torch.no_grad():
+            for feeds, labels in data.batches(self.options.batch_size):
+                loss, logits, teacher = self.losses(self.to_device(feeds), labels)
+                n = len(logits)
+                loss_sum += float(loss) * n
+                count += n
+                if labels is not None and logits.dim() == 2 and np.asarray(labels).dtype.kind in "iu":
+                    correct += int((logits.argmax(1).cpu().numpy() == labels).sum())
+                if teacher is not None:
+                    squared += float((logits - teacher).double().pow(2).sum())
+                    scale += float(teacher.double().pow(2).sum())
+        accuracy = correct / count if data.labels is not None and self.output_is_logits(data) else None
+        error = math.sqrt(squared / scale) if scale > 0 else math.nan
+        return EpochLog(epoch, train_loss, loss_sum / max(count, 1), accuracy, error)
+
+    def output_is_logits(self, data: Dataset) -> bool:
+        return data.labels is not None and data.labels.ndim == 1 and data.labels.dtype.kind in "iu"
+
+
+def _bar(total: int, desc: str, quiet: bool):
+    if quiet or not sys.stdout.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+
+
+# --- the quality gate -----------------------------------------------------------------
+
+def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, batch_size: int) -> dict:
+    """Top-1 accuracy of both (with integer labels) and the relative RMS output error, with onnxruntime."""
+    from .verify import session
+
+    ours, theirs = session(model.SerializeToString()), session(reference.SerializeToString())
+    correct = correct_ref = 0
+    squared = scale = 0.0
+    for feeds, labels in data.batches(batch_size):
+        got, expected = ours.run(None, feeds)[0], theirs.run(None, feeds)[0]
+        squared += float(((got.astype(np.float64) - expected) ** 2).sum())
+        scale += float((expected.astype(np.float64) ** 2).sum())
+        if labels is not None and got.ndim == 2 and labels.dtype.kind in "iu":
+            correct += int((got.argmax(1) == labels).sum())
+            correct_ref += int((expected.argmax(1) == labels).sum())
+    labelled = data.labels is not None and data.labels.ndim == 1 and data.labels.dtype.kind in "iu"
+    result = {"output_error": math.sqrt(squared / scale) if scale > 0 else math.sqrt(squared),
+              "samples": len(data)}
+    if labelled:
+        result.update(accuracy=correct / len(data), original_accuracy=correct_ref / len(data))
+        result["accuracy_drop_points"] = 100.0 * (result["original_accuracy"] - result["accuracy"])
+    return result
