@@ -144,7 +144,10 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     context = _Context(torch, net, teacher_net, options, features, groups, device)
     report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
     report.before = asdict(context.validate(val_data, 0, math.nan))
-    best_state, best_key = copy.deepcopy(net.state_dict()), _rank(report.before)
+    # The untrained weights compete too (training may only make things worse), except under
+    # --sparsity-reg, whose purpose is to change them.
+    best_state = copy.deepcopy(net.state_dict())
+    best_key = (-math.inf,) if options.sparsity_reg else _rank(report.before, options)
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
     # cosine decay over all steps: large early steps recover quickly, small late ones settle
     steps = options.epochs * math.ceil(len(train_data) / options.batch_size)
@@ -155,8 +158,8 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
         seen += count
         log = context.validate(val_data, epoch, train_loss)
         report.epochs.append(log)
-        if _rank(asdict(log)) > best_key:
-            best_state, best_key, report.best_epoch = copy.deepcopy(net.state_dict()), _rank(asdict(log)), epoch
+        if _rank(asdict(log), options) > best_key:
+            best_state, best_key, report.best_epoch = copy.deepcopy(net.state_dict()), _rank(asdict(log), options), epoch
     report.seconds = time.perf_counter() - started
     report.samples_per_second = seen / report.seconds if report.seconds > 0 else 0.0
     net.load_state_dict(best_state)
@@ -167,11 +170,18 @@ def _mode(options: TrainOptions) -> str:
     return "+".join(m for m, on in (("distill", options.distill), ("finetune", options.finetune)) if on)
 
 
-def _rank(metrics: dict) -> tuple:
-    """Higher is better: accuracy first (with labels), then the lower validation loss."""
+def _rank(metrics: dict, options: TrainOptions) -> tuple:
+    """Higher is better: accuracy first (with labels), then the lower validation loss.
+
+    With --sparsity-reg the objective itself (the validation loss, which
+    includes the regulariser) decides: accuracy alone would undo the shrinking.
+    """
     accuracy = metrics.get("val_accuracy")
     loss = metrics.get("val_loss")
-    return (accuracy if accuracy is not None else 0.0, -loss if loss is not None and math.isfinite(loss) else -math.inf)
+    by_loss = -loss if loss is not None and math.isfinite(loss) else -math.inf
+    if options.sparsity_reg:
+        return (by_loss,)
+    return (accuracy if accuracy is not None else 0.0, by_loss)
 
 
 class _Context:
@@ -330,3 +340,16 @@ def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, 
         result.update(accuracy=correct / len(data), original_accuracy=correct_ref / len(data))
         result["accuracy_drop_points"] = 100.0 * (result["original_accuracy"] - result["accuracy"])
     return result
+
+
+# --- the Python API -------------------------------------------------------------------
+
+def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, **options) -> tuple[onnx.ModelProto, TrainingReport]:
+    """Knowledge distillation of ``student`` from ``teacher`` (no labels needed); options as TrainOptions."""
+    finetune = options.pop("finetune", False)
+    return train(student, teacher, data, TrainOptions(distill=True, finetune=finetune, **options))
+
+
+def finetune(model: onnx.ModelProto, data: Dataset, **options) -> tuple[onnx.ModelProto, TrainingReport]:
+    """Fine-tuning of ``model`` on the labels in ``data``; options as TrainOptions."""
+    return train(model, model, data, TrainOptions(distill=False, finetune=True, **options))

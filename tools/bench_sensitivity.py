@@ -44,7 +44,7 @@ def digits(ratio: float) -> None:
     calib, held_out = Dataset({"input": x_train}, y_train, "train"), Dataset({"input": x_test}, y_test, "test")
     print(f"digits_cnn, {ratio:g} without fine-tuning; calibration {len(calib)} train samples, "
           f"measured on {len(held_out)} held-out samples")
-    print(f"{'method':<12} {'compensation':<13} {'channels removed':>16} {'MACs after':>11} {'top-1':>8} "
+    print(f"{'method':<12} {'compensation':<13} {'channels removed':>18} {'MACs after':>11} {'top-1':>8} "
           f"{'output error':>12} {'time s':>7}")
     for compensate in (False, True):
         for allocate in (None, "sensitivity"):
