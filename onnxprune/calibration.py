@@ -255,3 +255,35 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
         for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
             stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
     return stats
+
+
+def weight_scores(model: onnx.ModelProto, data: Dataset, criterion: str, names: list[str] | None = None,
+                  batch_size: int | None = None, quiet: bool = True) -> dict[str, np.ndarray]:
+    """Per-weight scores for unstructured sparsity, keyed by initializer name.
+
+    ``taylor``: |sum over batches of w * dL/dw|; ``fisher``: sum over batches
+    of (w * dL/dw)^2 / 2 (batch-level, not per-sample: per-sample gradients of
+    every weight would cost one backward pass per sample). L as in
+    ``gradient_stats``.
+    """
+    torch = require_torch()
+    from .executor import TorchGraph
+
+    graph = TorchGraph(model)
+    graph.eval()
+    wanted = [n for n in (names or graph.param_names.values()) if n in set(graph.param_names.values())]
+    params = {n: graph.parameter(n) for n in wanted}
+    totals = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    batch = batch_size_for(model, batch_size)
+    labels_fit = _labels_fit(data, model)
+    steps = -(-len(data) // batch)
+    for feeds, labels in progress(data.batches(batch), steps, "gradients", quiet):
+        logits = graph(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})[0]
+        targets = (torch.from_numpy(labels.astype(np.int64)) if labels_fit and labels is not None
+                   else logits.detach().argmax(_loss_axis(logits.dim())))
+        grads = torch.autograd.grad(_cross_entropy(torch, logits, targets), list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            if g is not None:
+                wg = (p.detach() * g).double()
+                totals[name] += wg if criterion == "taylor" else wg.pow(2) / 2
+    return {n: (t.abs() if criterion == "taylor" else t).numpy() for n, t in totals.items()}

@@ -184,6 +184,12 @@ def sparsify(
 
 # --- which tensors ------------------------------------------------------------------------
 
+def weight_names(model: onnx.ModelProto) -> list[str]:
+    """The weights sparsity can act on (for callers computing per-weight scores)."""
+    view = GraphView.from_model(model, Shapes())
+    return [w.name for w in _find_weights(view, _stored_names(model))]
+
+
 def weight_use(node: gs.Node, index: int, shape: tuple[int, ...]) -> _Use | None:
     """How ``node`` reads its constant input ``index`` of ``shape`` as a weight; None if not a weight slot."""
     rank = len(shape)

@@ -295,3 +295,29 @@ def test_cli_data_usage_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_weight_scores_for_unstructured_sparsity():
+    """|w * dL/dw| per weight: weights reading the dead channel (a = 0) get no gradient and score 0."""
+    pytest.importorskip("torch")
+    from onnxprune.calibration import weight_scores
+
+    model = probe_model()
+    scores = weight_scores(model, probe_data(), "taylor", ["c2.W", "head.W"])
+    assert set(scores) == {"c2.W", "head.W"} and scores["c2.W"].shape == (4, C, 1, 1)
+    assert (scores["c2.W"][:, DEAD] == 0).all() and (scores["c2.W"][:, CONSTANT] > 0).all()
+
+
+def test_cli_unstructured_with_taylor_scores(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(probe_model(), path)
+    data = probe_data()
+    np.savez(tmp_path / "d.npz", x=data.inputs["x"], labels=data.labels)
+    code = main([str(path), "--unstructured", "0.5", "--importance", "taylor", "--data", str(tmp_path / "d.npz"),
+                 "--min-elements", "1", "--report", str(tmp_path / "r.json"), "-o", str(tmp_path / "o.onnx")])
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    tensors = json.loads((tmp_path / "r.json").read_text())["sparsity"]["tensors"]
+    used = [t for t in tensors if not t["skipped"]]
+    assert used and all(t["criterion"] == "scores" for t in used)
