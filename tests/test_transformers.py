@@ -252,3 +252,50 @@ def test_kv_cache_heads_are_a_barrier_and_the_mlp_still_prunes(tmp_path):
     pruned = [g for g in result.report.groups if g.channels_after < g.channels_before]
     assert [g.channels_before for g in pruned] == [4 * HIDDEN]  # only the MLP
     assert any("graph input" in b.reason or "graph output" in b.reason for b in result.report.blocked)
+
+
+class GroupedQueryAttention(torch.nn.Module):
+    """Grouped-query attention: 4 query heads share 2 key/value heads (repeat_interleave)."""
+
+    def __init__(self, hidden=HIDDEN, heads=HEADS, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q = torch.nn.Linear(hidden, hidden)
+        self.kv = torch.nn.Linear(hidden, 2 * kv_heads * self.head_dim)
+        self.out = torch.nn.Linear(hidden, hidden)
+        self.up, self.down = torch.nn.Linear(hidden, 4 * hidden), torch.nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (z.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                for z in self.kv(x).split(self.kv_heads * self.head_dim, dim=2))
+        k, v = (z.repeat_interleave(self.heads // self.kv_heads, dim=1) for z in (k, v))
+        att = torch.softmax(q @ k.transpose(2, 3) / self.head_dim ** 0.5, dim=-1) @ v
+        h = x + self.out(att.transpose(1, 2).reshape(b, t, -1))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_grouped_query_attention_is_pruned_safely(tmp_path, exporter):
+    """GQA: the repetition of key/value heads (Tile / Expand) is a barrier, so the attention is left whole
+    with that reason; the MLP still prunes, exactly (mask equivalence)."""
+    torch.manual_seed(0)
+    path = tmp_path / "gqa.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        if exporter == "legacy":
+            torch.onnx.export(GroupedQueryAttention().eval(), (torch.rand(2, 5, HIDDEN),), str(path),
+                              opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+        else:
+            torch.onnx.export(GroupedQueryAttention().eval(), (torch.rand(2, 5, HIDDEN),), str(path), dynamo=True,
+                              external_data=False, input_names=["x"], output_names=["y"])
+    model = onnx.load(str(path))
+    analysis = onnxprune.analyse(model)
+    repeat = [g for g in analysis.groups if any("Tile" in r or "Expand" in r for r in g.blocked)]
+    assert len(repeat) == 2  # queries and keys/values: left whole where the K/V heads are repeated
+    result = onnxprune.prune(model, 0.5)
+    check_valid(model, result.model)
+    x = {"x": np.random.default_rng(0).random((2, 5, HIDDEN), dtype=np.float32)}
+    reference = run(masked_reference(model, analysis, result.plan), x)[0]
+    np.testing.assert_allclose(run(result.model, x)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    assert any(g.channels_before == 4 * HIDDEN and g.channels_after == 2 * HIDDEN for g in result.report.groups)
