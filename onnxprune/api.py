@@ -27,6 +27,7 @@ from .recover import FeaturePoint, TrainOptions, evaluate, train as recover_trai
 from .model import (
     AtomicModelWriter,
     check_output_path,
+    check_side_files,
     ensure_writable,
     default_output_path,
     load_model,
@@ -35,10 +36,11 @@ from .model import (
 from .shapes import Shapes, analyse_shapes
 from .plan import Plan, check_plan, make_plan
 from .report import NO_STRUCTURED, BlockedGroup, GroupReport, Report
-from .sparsity import MIN_ELEMENTS, sparsify
+from .sparsity import MIN_ELEMENTS, sparsify, weight_names
 from .sparsity import check_options as check_sparsity_options
 from .stats import count_macs, count_params
 from .surgery import apply_plan, export
+from .target import Latency, Target, check_combination, find_ratio
 from .verify import index_bounds, run_original, verify_file
 
 
@@ -264,6 +266,8 @@ def prune_file(
     steps: int = 1,
     max_accuracy_drop: float | None = None,
     max_output_error: float | None = None,
+    target: Target | None = None,
+    bench: Latency | None = None,
     **options,
 ) -> Report:
     """Prune a file and write the verified result atomically (unless ``dry_run``).
@@ -271,6 +275,10 @@ def prune_file(
     ``unstructured`` (a ratio) or ``nm`` (``"2:4"``) zero single weights after
     the structured step, or alone when neither ``ratio`` nor ``plan_in`` is given
     (see onnxprune/sparsity.py; ``global_ranking`` and ``ignore`` apply too).
+    ``target`` (onnxprune.target.Target) searches for the ratio that meets a
+    MACs, params or latency budget instead of taking ``ratio``; ``bench``
+    (onnxprune.target.Latency) times the input and the written output side by
+    side afterwards (``report.bench``).
     """
     started = time.perf_counter()
     sparse = unstructured is not None or nm is not None
@@ -280,15 +288,25 @@ def prune_file(
     output = Path(output_path) if output_path else default_output_path(input_path)
     if not dry_run:
         check_output_path(input_path, output, force)
-    for side, flag in ((report_path, "--report"), (plan_out, "--plan-out")):
-        if side:
-            ensure_writable(side, flag)
+    check_side_files(input_path, None if dry_run else output, {"--report": report_path, "--plan-out": plan_out},
+                     {"--plan-in": plan_in})
     plan = Plan.load(plan_in) if plan_in else None
+    if target is not None:  # before any work: a target replaces the ratio
+        check_combination(target, ratio, plan, steps, options.get("allocate"))
+        target.check()
+    if bench is not None:
+        if dry_run:
+            raise UsageError("--bench times the written model: drop --dry-run")
+        bench.check()
     gated = max_accuracy_drop is not None or max_output_error is not None
     _check_recovery_options(train, steps, gated, ratio, plan, options)
     model = load_model(input_path)
     if options.get("data") is not None and not isinstance(options["data"], Dataset):
         options["data"] = load_data(options["data"], model, options.get("images"))
+    searched = None
+    if target is not None:
+        searched = find_ratio(model, target, input_path, seed=seed, **options)
+        ratio = searched.ratio
     if sparse and ratio is None and plan is None:
         result = _unpruned(model, options.get("input_shapes"))
     else:
@@ -299,6 +317,7 @@ def prune_file(
         _quality_gate(result, model, options["data"], train, seed, max_accuracy_drop, max_output_error)
     report = result.report
     report.input = str(input_path)
+    report.target = searched and searched.to_json()
     if plan_out:
         result.plan.save(plan_out)
     if not dry_run:
@@ -306,9 +325,13 @@ def prune_file(
         if result.model is model:  # nothing prunable: an unchanged copy
             _copy_model(input_path, model, output)
         else:
-            _write_verified(result.model, output, input_path, report, verify, seed, options.get("input_shapes"))
+            pruned = result.model
+            result = model = None  # free the input model and its analysis before verification loads it again
+            _write_verified(pruned, output, input_path, report, verify, seed, options.get("input_shapes"))
         report.written = True
     report.seconds = time.perf_counter() - started
+    if bench is not None:  # after the pruning time is taken: the benchmark is not part of it
+        report.bench = bench.time([input_path, output], options.get("input_shapes"))
     if report_path:
         report.save(report_path)
     return report
@@ -403,26 +426,43 @@ def _unpruned(model: onnx.ModelProto, input_shapes) -> PruneResult:
 
 
 def _sparsified(result: PruneResult, unstructured, nm, min_elements: int, options) -> PruneResult:
-    """Sparsity on the (structurally pruned) model; the result is verified with it."""
+    """Sparsity on the (structurally pruned) model; the result is verified with it.
+
+    With --importance taylor/fisher and --data, single weights are ranked by
+    their gradient scores (|w * dL/dw|) instead of their magnitude.
+    """
+    scores = None
+    if options.get("importance") in ("taylor", "fisher"):
+        if options.get("data") is None:
+            raise UsageError(f"importance {options['importance']!r} is measured on data: give --data FILE")
+        from .calibration import weight_scores
+
+        data = options["data"].sample(options.get("calib_samples"), options.get("seed", 0))
+        scores = weight_scores(result.model, data, options["importance"], weight_names(result.model),
+                               batch_size=options.get("batch_size"), quiet=options.get("quiet", True))
     sparse = sparsify(result.model, unstructured, nm, min_elements=min_elements, ignore=options.get("ignore", ()),
-                      global_ranking=unstructured is not None and options.get("global_ranking", False))
+                      global_ranking=unstructured is not None and options.get("global_ranking", False),
+                      scores=scores)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
 
 
 def _write_verified(pruned, output: Path, input_path: Path, report: Report, verify: bool, seed, input_shapes):
     feeds = reference = None
-    if verify:
-        shapes = resolve_input_shapes(pruned, input_shapes)
-        feeds, reference = run_original(input_path, shapes, index_bounds(pruned), seed)
-    with AtomicModelWriter(output) as writer:
-        tmp = writer.write(pruned)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. bfloat16: no onnxruntime run to compare
+        warnings.simplefilter("always")
         if verify:
-            result = verify_file(tmp, feeds, reference)
-            bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
-            if bad:
-                raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
-            report.output_error = result.output_error
+            shapes = resolve_input_shapes(pruned, input_shapes)
+            feeds, reference = run_original(input_path, shapes, index_bounds(pruned), seed)
+        with AtomicModelWriter(output) as writer:
+            tmp = writer.write(pruned)
+            if verify:
+                result = verify_file(tmp, feeds, reference)
+                bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
+                if bad:
+                    raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
+                report.output_error = result.output_error
+    report.warnings.extend(str(w.message) for w in caught)
 
 
 def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:

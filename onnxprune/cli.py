@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     _training_options(p)
     _sparsity_options(p)
+    _target_options(p)
     _common(p)
     return p
 
@@ -265,8 +266,10 @@ def _check_flags(args, argv) -> None:
         raise UsageError("--unstructured and --nm are exclusive: choose one sparsity pattern")
     if args.nm is not None and args.global_ranking and args.structured is None:
         raise UsageError("--global ranks channels or --unstructured weights; --nm keeps N of every M in place")
-    if args.plan_in is None and args.structured is None and not sparse and args.ratios is None:
-        raise UsageError("nothing to do: give --structured R, --plan-in FILE, --unstructured R or --nm N:M")
+    if (args.plan_in is None and args.structured is None and not sparse and args.ratios is None
+            and not _targeted(args)):
+        raise UsageError("nothing to do: give --structured R, --target-macs F, --plan-in FILE, --unstructured R "
+                         "or --nm N:M")
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
 
@@ -276,13 +279,14 @@ def run_prune(argv: list[str]) -> int:
     from .model import parse_input_shapes
 
     args = build_parser().parse_args(argv)
+    target, bench = _target_and_bench(args, argv)
     _check_flags(args, argv)
     ratios = _group_ratios(args)
     report = prune_file(
         args.model, args.output, args.structured,
         force=args.force, dry_run=args.dry_run, plan_in=args.plan_in, plan_out=args.plan_out,
         report_path=args.report, seed=args.seed,
-        importance=args.importance, global_ranking=args.global_ranking, round_to=args.round_to,
+        importance=args.importance, global_ranking=args.global_ranking, round_to=_round_to(args, argv),
         min_channels=args.min_channels, max_group_ratio=args.max_group_ratio,
         ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
         data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
@@ -290,7 +294,7 @@ def run_prune(argv: list[str]) -> int:
         prune_hidden=args.prune_hidden, quiet=args.quiet, train=training_options(args), steps=args.steps,
         max_accuracy_drop=args.max_accuracy_drop, max_output_error=args.max_output_error,
         unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
-        ratios=ratios, allocate=args.allocate,
+        ratios=ratios, allocate=args.allocate, target=target, bench=bench,
     )
     for w in report.warnings:
         print(f"onnxprune: warning: {w}", file=sys.stderr)
@@ -304,19 +308,109 @@ def run_prune(argv: list[str]) -> int:
             print(f"wrote   {report.output}")
         elif args.dry_run:
             print("dry run: nothing written")
+        if report.bench is not None:
+            from .bench import format_table
+
+            print(format_table(report.bench))
     return 0
+
+
+# --- budgets (--target-*), hardware rounding (--provider) and --bench ------------------
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"the fraction kept must be in (0, 1], got {text}")
+    return value
+
+
+def _speedup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budgets and hardware (a --target-* replaces --structured: the ratio is searched for)")
+    g.add_argument("--target-macs", type=_fraction, metavar="F",
+                   help="remove channels until at most the fraction F of the MACs is left (e.g. 0.5)")
+    g.add_argument("--target-params", type=_fraction, metavar="F",
+                   help="remove channels until at most the fraction F of the parameters is left")
+    g.add_argument("--target-speedup", type=_speedup, metavar="S",
+                   help="remove channels until the model runs S times faster on --provider (measured at the first "
+                        "--bench-batch; at most 8 benchmark runs)")
+    g.add_argument("--provider", metavar="NAME",
+                   help="the runtime the model is for (cpu, cuda): the default --round-to comes from its measured "
+                        "table (onnxprune/hardware.py); --target-speedup times on it")
+    g.add_argument("--bench", metavar="PROVIDER",
+                   help="after writing, time the input and the output side by side on PROVIDER (cpu, cuda)")
+    g.add_argument("--bench-batch", type=_batches, metavar="B1,B2,...",
+                   help="batch sizes for --bench (default 1); --target-speedup uses the first")
+    g.add_argument("--bench-iters", type=_positive, metavar="N",
+                   help="timed runs per model and batch (default 100 for --bench, 20 per --target-speedup candidate)")
+    g.add_argument("--threads", type=_positive, metavar="N",
+                   help="intra-op threads for --bench and --target-speedup (default: onnxruntime's)")
+
+
+def _targeted(args) -> bool:
+    return any(v is not None for v in (args.target_macs, args.target_params, args.target_speedup))
+
+
+def _target_and_bench(args, argv):
+    """The --target-* budget and the --bench request; provider availability is checked here, before any work."""
+    from .target import Latency, Target, check_combination
+
+    given = [(metric, value) for metric, value in (("macs", args.target_macs), ("params", args.target_params),
+                                                   ("speedup", args.target_speedup)) if value is not None]
+    if len(given) > 1:
+        raise UsageError("--target-macs, --target-params and --target-speedup are exclusive: choose one budget")
+    timed = bool(args.bench) or args.target_speedup is not None
+    for flag in ("--bench-batch", "--bench-iters", "--threads"):
+        if not timed and any(a.split("=")[0] == flag for a in argv):
+            raise UsageError(f"{flag} applies to --bench and --target-speedup")
+    batches = tuple(args.bench_batch or (1,))
+    target = None
+    if given:
+        metric, value = given[0]
+        latency = None
+        if metric == "speedup" and args.provider:
+            latency = Latency(args.provider, batches[:1], args.threads, warmup=3, iters=args.bench_iters or 20)
+        target = Target(metric, value, latency)
+        check_combination(target, args.structured, args.plan_in, args.steps, args.allocate)
+        target.check()
+    bench = None
+    if args.bench:
+        bench = Latency(args.bench, batches, args.threads, iters=args.bench_iters or 100)
+        if args.dry_run:
+            raise UsageError("--bench times the written model: drop --dry-run")
+        bench.check()
+    return target, bench
+
+
+def _round_to(args, argv) -> int:
+    """An explicit --round-to wins; else the --provider's measured multiple; else 1."""
+    if any(a.split("=")[0] == "--round-to" for a in argv) or not args.provider:
+        return args.round_to
+    from .hardware import round_to_for
+
+    return round_to_for(args.provider)
 
 
 def run_info(argv: list[str]) -> int:
     import json
 
     from .api import analyse
-    from .model import ensure_writable, load_model, parse_input_shapes, write_text_file
+    from .model import check_side_files, load_model, parse_input_shapes, write_text_file
     from .stats import count_macs, count_params, format_count
 
     args = build_info_parser().parse_args(argv)
-    if args.json:
-        ensure_writable(args.json, "--json")
+    check_side_files(args.model, None, {"--json": args.json})
     model = load_model(args.model)
     analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore))
     macs = count_macs(model, shapes=analysis.shapes.static)
@@ -326,7 +420,7 @@ def run_info(argv: list[str]) -> int:
         "params": count_params(model),
         "macs": macs,
         "inputs": {k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
-        "prunable": [{"id": g.id, "sources": g.sources, "channels": g.size,
+        "prunable": [{"id": g.id, "sources": g.sources, "channels": g.size, "kind": g.kind,
                       "units": len(g.unit_members()), "nodes": len(g.nodes)} for g in prunable],
         "blocked": [{"id": g.id, "sources": g.sources, "channels": g.size, "reason": "; ".join(g.blocked)}
                     for g in blocked],
@@ -338,7 +432,8 @@ def run_info(argv: list[str]) -> int:
         print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
         print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
         for g in prunable:
-            tied = f", {len(g.unit_members())} units" if len(g.unit_members()) != g.size else ""
+            unit = "heads" if g.kind == "heads" else "units"
+            tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
             print(f"  {g.size:>5} ch{tied:<12} {', '.join(g.sources)}")
         print(f"{len(blocked)} blocked group(s)")
         for g in blocked:

@@ -112,6 +112,8 @@ class Report:
     rounds: list | None = None  # --steps K: per round ratio, params, MACs, training
     gate: dict | None = None  # the quality gate's measurement on the validation split
     allocation: dict | None = None  # --allocate: per-group ratios chosen and why (sensitivity.py)
+    target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
+    bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
@@ -155,6 +157,10 @@ class Report:
             lines.append(
                 f"  blocked {len(items):>3} group(s): {kind} (e.g. {_label(example.sources, example.id)}: {example.reason})"
             )
+        if self.target:
+            from .target import summary_line
+
+            lines.append(summary_line(self.target))
         if self.data:
             lines.append(f"data    {self.data['samples']} calibration samples from {self.data['source']}")
         if self.compensation:

@@ -5,7 +5,6 @@ and (last resort) shapes measured in one onnxruntime run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,11 +12,7 @@ import onnx
 
 from .errors import UnsupportedModel
 from .errors import first_line
-from .model import EXTERNAL_DATA_THRESHOLD, approx_size, resolve_input_shapes
-
-# Initializers at most this large keep their values in the copy used for
-# shape inference (they may be Reshape targets, Slice bounds, ...).
-SMALL_CONSTANT = 64
+from .model import EXTERNAL_DATA_THRESHOLD, approx_size, light_copy, resolve_input_shapes
 
 
 @dataclass
@@ -33,28 +28,6 @@ class Shapes:
     static: dict[str, tuple] = field(default_factory=dict)
     dynamic: dict[str, set[int]] = field(default_factory=dict)
     pinned_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-
-def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its large weights (stand-ins keep name, dims and type).
-
-    Shape inference needs only dims and small constants; leaving the weights
-    out keeps it fast and lets it work on models over the 2 GB protobuf limit.
-    """
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph, source = light.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    for t in source.initializer:
-        if math.prod(t.dims) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(t)
-        else:
-            graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
-    return light
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple]:

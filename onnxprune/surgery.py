@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .graph import GraphView
 from .shapes import refresh_value_info
@@ -65,19 +66,30 @@ class Cut:
         node.inputs[index] = const
 
     def _constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        key = (base, values.dtype.str, values.shape, hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest())
+        values = np.ascontiguousarray(values)
+        # Plain numeric buffers are hashed in place (no copy of a large weight).
+        digest = hashlib.sha1(values if values.dtype.kind in "biuf" else values.tobytes()).hexdigest()
+        key = (base, values.dtype.str, values.shape, digest)
         if key not in self._copies:
-            self._copies[key] = gs.Constant(f"{base}_{len(self._copies)}", np.ascontiguousarray(values))
+            self._copies[key] = gs.Constant(f"{base}_{len(self._copies)}", values)
         return self._copies[key]
 
     def slice_params(self) -> None:
         for key, axes in self.params.items():
             node = self.param_nodes[key]
             source = node.inputs[key[1]]
-            values = np.asarray(source.values)
-            for axis, positions in sorted(axes.items()):
-                values = np.delete(values, positions, axis=axis)
-            node.inputs[key[1]] = self._constant(f"{source.name}_pruned", values)
+            values = self.view.value(source)  # not cached in ``source``: only the slice is kept
+            node.inputs[key[1]] = self._constant(f"{source.name}_pruned", _without(values, axes))
+
+
+def _without(values: np.ndarray, removed: dict[int, np.ndarray]) -> np.ndarray:
+    """``values`` without the ``removed[axis]`` positions of each axis, in one copy."""
+    keep = [np.setdiff1d(np.arange(n), removed[axis]) if axis in removed else np.arange(n)
+            for axis, n in enumerate(values.shape)]
+    if len(removed) == 1:
+        (axis,) = removed
+        return np.take(values, keep[axis], axis=axis)
+    return values[np.ix_(*keep)]
 
 
 def _positions(owner: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -107,8 +119,10 @@ def export(view: GraphView, original: onnx.ModelProto) -> onnx.ModelProto:
         if isinstance(tensor, gs.Variable) and id(tensor) not in io:
             tensor.shape = None  # stale after the cut: re-inferred below
             tensor.dtype = None
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    _store_cast_weights_as_before(graph, view.cast_weights or {})
+    graph.toposort()
+    model = _export_weights_once(graph)
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     model.ir_version = original.ir_version
@@ -120,6 +134,78 @@ def export(view: GraphView, original: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(original.metadata_props)
     _restore_io(model, original)
     return refresh_value_info(model)
+
+
+_LARGE_BYTES = 1 << 20
+
+
+def _export_weights_once(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx``, with each large weight copied once, straight into the model.
+
+    onnx-graphsurgeon makes every initializer, copies them into a GraphProto
+    and that into the ModelProto: on a large model, two or three copies of the
+    weights at once. Here large constants are exported as empty stand-ins and
+    filled in afterwards, one at a time. The graph keeps its values, but the
+    cut weights now read them from the exported tensors (as gs reads a model
+    it imports): the view and the model do not hold two copies.
+    """
+    aside = {t.name: t for t in graph.tensors().values() if _large_plain_constant(t)}
+    saved = {name: t._values for name, t in aside.items()}  # private, as gs's own exporter reads it
+    try:
+        for t in aside.values():  # a lazy weight's stand-in is replaced whole: any dtype does
+            t.values = np.empty(0, np.uint8 if isinstance(t._values, LazyValues) else t.dtype)
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for name, t in aside.items():
+            t.values = saved[name]
+    for proto in model.graph.initializer:
+        if proto.name in saved:
+            _fill(proto, saved.pop(proto.name))
+            aside[proto.name].values = LazyValues(proto)
+    return model
+
+
+def _large_plain_constant(t: gs.Tensor) -> bool:
+    """A constant worth filling in by hand: large, and exported with its own dtype (no conversion)."""
+    if not isinstance(t, gs.Constant) or isinstance(t._values, SparseValues) or t._values.nbytes <= _LARGE_BYTES:
+        return False
+    if isinstance(t._values, LazyValues):
+        return True
+    return t.export_dtype == t.dtype and t.values.dtype.isnative and t.values.dtype.kind in "fiub"
+
+
+def _fill(proto: onnx.TensorProto, values) -> None:
+    """Give an exported stand-in its values, as onnx-graphsurgeon would have written them."""
+    name = proto.name
+    if isinstance(values, LazyValues):
+        proto.CopyFrom(values.tensor)
+        proto.name = name
+    else:
+        del proto.dims[:]
+        proto.dims.extend(values.shape)
+        proto.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+def _store_cast_weights_as_before(graph: gs.Graph, folds: dict) -> None:
+    """Weights that were Cast(stored weight): stored in their dtype again, behind a Cast."""
+    if not folds:
+        return
+    casts: dict[int, gs.Variable] = {}
+    for node in list(graph.nodes):
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant):
+                continue
+            base = next((n for n in folds if t.name == n or t.name.startswith(f"{n}_pruned_")), None)
+            if base is None:
+                continue
+            if id(t) not in casts:
+                values = np.asarray(t.values)
+                stored = gs.Constant(f"{t.name}_stored", values.astype(folds[base]))
+                out = gs.Variable(f"{t.name}_cast", dtype=values.dtype)
+                to = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+                graph.nodes.append(gs.Node("Cast", f"{t.name}_Cast", {"to": to}, [stored], [out]))
+                casts[id(t)] = out
+            node.inputs[i] = casts[id(t)]
 
 
 def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

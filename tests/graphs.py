@@ -13,8 +13,10 @@ initializer of its node, so shared initializers stay intact for other users.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -129,6 +131,114 @@ class GraphBuilder:
         if check:
             onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def small_cnn(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """conv -> grouped conv -> depthwise conv -> NHWC round trip -> Split / Concat -> MaxPool -> Flatten -> Gemm.
+
+    A few KB, with every attribute the analysis reads (kernel_shape, pads,
+    strides, group, perm, axis) and four prunable groups; loads at any opset
+    from 11 (Split takes its sizes as an attribute before 13).
+    """
+    b = GraphBuilder(opset, seed=seed, name="small_cnn")
+    x = b.input("x", [1, 4, 8, 8])
+    h = b.op("Relu", [b.conv(x, 4, 8, name="conv")])
+    h = b.op("Relu", [b.conv(h, 8, 8, group=2, name="gconv")])
+    h = b.conv(h, 8, 8, group=8, name="dwconv")
+    t = b.op("Transpose", [h], perm=[0, 2, 3, 1])
+    h = b.op("Transpose", [b.op("Relu", [t])], perm=[0, 3, 1, 2])
+    if opset >= 13:
+        p1, p2 = b.op("Split", [h, b.ints([3, 5])], outputs=2, axis=1, name="split")
+    else:
+        p1, p2 = b.op("Split", [h], outputs=2, axis=1, split=[3, 5], name="split")
+    h = b.op("Concat", [b.conv(p1, 3, 4, k=1, name="left"), b.conv(p2, 5, 4, name="right")], axis=1)
+    h = b.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
+    h = b.op("Flatten", [h], axis=1)
+    return b.build(b.gemm(h, 8 * 16, 5, name="fc"))
+
+
+def retyped(model: onnx.ModelProto, dtype) -> onnx.ModelProto:
+    """A copy of ``model`` with every float32 tensor (weights, graph inputs and outputs) stored as ``dtype``.
+
+    ``dtype`` is a numpy dtype, or ``ml_dtypes.bfloat16``; the values are cast.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for t in copy.graph.initializer:
+        if t.data_type == FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+    for vi in (*copy.graph.input, *copy.graph.output):
+        if vi.type.tensor_type.elem_type == FLOAT:
+            vi.type.tensor_type.elem_type = elem
+    return copy
+
+
+def write_mlp(path: str | Path, width: int, layers: int, *, external: bool = False, seed: int = 0,
+              in_features: int = 64, out_features: int = 16) -> int:
+    """Write ``x -> [MatMul(width) + Add + Relu] * layers -> MatMul(out_features)`` to ``path``.
+
+    Returns the bytes of its weights. With ``external``, each weight is
+    generated and appended to one data file beside the model
+    (``<name>.data``, offsets recorded with onnx's external data helpers), so
+    at most one weight is ever in memory: how a model over the 2 GB protobuf
+    limit is built without materialising it.
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    data_file = path.with_name(path.name + ".data")
+    sizes = [in_features] + [width] * layers + [out_features]
+    inits, nodes, total = [], [], 0
+    h = "x"
+    with open(data_file, "wb") if external else contextlib.nullcontext() as data:
+        for i, (k, n) in enumerate(zip(sizes, sizes[1:])):
+            w = _random_matrix(rng, k, n)
+            total += w.nbytes
+            inits.append(_external_tensor(w, f"fc{i}.W", data, data_file.name) if external
+                         else numpy_helper.from_array(w, f"fc{i}.W"))
+            del w
+            nodes.append(helper.make_node("MatMul", [h, f"fc{i}.W"], [f"mm{i}"], name=f"fc{i}"))
+            h = f"mm{i}"
+            if i < layers:
+                inits.append(numpy_helper.from_array(rng.standard_normal(n, dtype=np.float32) * 0.1, f"fc{i}.b"))
+                nodes.append(helper.make_node("Add", [h, f"fc{i}.b"], [f"add{i}"], name=f"bias{i}"))
+                nodes.append(helper.make_node("Relu", [f"add{i}"], [f"relu{i}"], name=f"relu{i}"))
+                h = f"relu{i}"
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", FLOAT, [1, in_features])],
+                              [helper.make_tensor_value_info("y", FLOAT, [1, out_features])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxprune-tests")
+    model.ir_version = 8
+    onnx.save_model(model, str(path))  # the weights are already in the data file: this writes the graph
+    return total
+
+
+def _random_matrix(rng: np.random.Generator, k: int, n: int, block: int = 256) -> np.ndarray:
+    """A (k, n) float32 weight: one random (k, block) block, tiled with a random scale per column.
+
+    Far cheaper than n independent columns on GB-sized models, and every
+    output feature still has its own magnitude (what L1/L2 importance ranks).
+    """
+    base = rng.standard_normal((k, min(block, n)), dtype=np.float32) / np.float32(np.sqrt(k))
+    scales = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    w = np.empty((k, n), np.float32)
+    for start in range(0, n, base.shape[1]):
+        stop = min(start + base.shape[1], n)
+        np.multiply(base[:, : stop - start], scales[start:stop], out=w[:, start:stop])
+    return w
+
+
+def _external_tensor(w: np.ndarray, name: str, data, location: str) -> onnx.TensorProto:
+    """A TensorProto whose values are appended to the open file ``data`` (no copy kept)."""
+    from onnx.external_data_helper import set_external_data
+
+    offset = data.tell()
+    w.tofile(data)
+    tensor = onnx.TensorProto(name=name, data_type=FLOAT, dims=w.shape, raw_data=b"")
+    set_external_data(tensor, location, offset=offset, length=w.nbytes)  # insists on a raw_data field
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return tensor
 
 
 # --- running --------------------------------------------------------------------------

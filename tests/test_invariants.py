@@ -1,13 +1,17 @@
-"""Property tests of DESIGN.md's invariants over randomly generated CNN graphs.
+"""Property tests of DESIGN.md's invariants over randomly generated graphs.
 
-A hypothesis strategy builds small CNNs with onnx.helper (static or dynamic
-batch): a stem conv, then a sequence of blocks (plain / grouped / depthwise
-conv, ConvTranspose, BatchNormalization, InstanceNormalization, Relu /
-Sigmoid / PRelu, per-channel constants, residual Add, Concat, Split, Slice,
-pooling, Pad, Resize, NCHW<->NHWC Transposes, Reshape round trips, channel
-shuffle, squeeze-excite, two convs sharing initializers) and one or two heads
-(conv, GAP + Gemm MLP, Flatten / Reshape + Gemm, MatMul MLP, ReduceMean +
-Gemm). Checked on each:
+Hypothesis strategies build small models with onnx.helper (static or dynamic
+batch). CNNs: a stem conv, then a sequence of blocks (plain / grouped /
+depthwise conv, ConvTranspose, BatchNormalization, InstanceNormalization,
+Relu / Sigmoid / PRelu, per-channel constants, residual Add, Concat, Split,
+Slice, pooling, Pad, Resize, NCHW<->NHWC Transposes, Reshape round trips,
+channel shuffle, squeeze-excite, two convs sharing initializers) and one or
+two heads (conv, GAP + Gemm MLP, Flatten / Reshape + Gemm, MatMul MLP,
+ReduceMean + Gemm). MLPs over (batch, features) or (batch, tokens, features):
+Gemm or MatMul + bias layers, residual Adds, Split and Concat of features,
+feature Reshapes (F -> 2 x F/2 and back), token/feature Transposes,
+LayerNormalization. Checked on each (500 graphs for the main property, 150
+for the others; ONNXPRUNE_HYPOTHESIS_EXAMPLES raises the count):
 
 1. ratio 0 gives the input's outputs (1e-5 relative);
 2. mask equivalence at random ratios (``masked_reference``);
@@ -41,14 +45,17 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.graphs import GraphBuilder, assert_close, check_valid, make_feeds, masked_reference, run
 
+EXAMPLES = int(os.environ.get("ONNXPRUNE_HYPOTHESIS_EXAMPLES", 150))
 SETTINGS = settings(
-    max_examples=int(os.environ.get("ONNXPRUNE_HYPOTHESIS_EXAMPLES", 150)),
+    max_examples=EXAMPLES,
     deadline=None,
     database=None,
     derandomize=not os.environ.get("ONNXPRUNE_HYPOTHESIS_RANDOM"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
+# The main property (validity and mask equivalence) runs on at least 500 graphs.
+VALIDITY_SETTINGS = settings(SETTINGS, max_examples=max(500, EXAMPLES))
 
 BLOCKS = ["conv", "gconv", "dw", "bn", "act", "res", "concat", "split", "pool", "transpose", "se", "shared",
           "slice", "resize", "inorm", "prelu", "pad", "shuffle", "deconv", "scale", "reshape"]
@@ -220,6 +227,95 @@ def cnns(draw):
     return model
 
 
+MLP_BLOCKS = ["linear", "linear", "res", "split", "concat", "reshape", "transpose", "norm", "act", "scale"]
+
+
+class Mlp:
+    """The tensor being built on: name, features (last axis), tokens (a middle axis, or 0 for 2-D)."""
+
+    def __init__(self, b: GraphBuilder, h: str, f: int, tokens: int):
+        self.b, self.h, self.f, self.tokens = b, h, f, tokens
+        self.log: list[str] = []
+
+
+def _linear(draw, m: Mlp, x: str, k: int, n: int) -> str:
+    """Gemm (2-D only) or MatMul + bias Add, maybe followed by an activation."""
+    b = m.b
+    if not m.tokens and draw(st.booleans()):
+        y = b.gemm(x, k, n, trans_b=draw(st.sampled_from([0, 1])), bias=draw(st.booleans()))
+    else:
+        y = b.matmul(x, k, n)
+        if draw(st.booleans()):
+            y = b.op("Add", [y, b.weight((n,), fan_in=4)])
+    kind = draw(st.sampled_from(["none", "Relu", "Tanh", "Sigmoid"]))
+    return y if kind == "none" else b.op(kind, [y])
+
+
+def add_mlp_block(draw, m: Mlp, kind: str) -> None:
+    b = m.b
+    if kind == "linear":
+        n = _width(draw, 2, 12)
+        m.h, m.f = _linear(draw, m, m.h, m.f, n), n
+    elif kind == "res":
+        m.h = b.op("Add", [m.h, _linear(draw, m, m.h, m.f, m.f)])
+    elif kind == "split":  # the features in two parts, each through its own layer
+        if m.f < 2:
+            return
+        a = draw(st.integers(1, m.f - 1))
+        p1, p2 = b.op("Split", [m.h, b.ints([a, m.f - a])], outputs=2, axis=-1)
+        d = _width(draw, 2, 8)
+        q1, q2 = _linear(draw, m, p1, a, d), _linear(draw, m, p2, m.f - a, d)
+        if draw(st.booleans()):
+            m.h, m.f = b.op("Add", [q1, q2]), d
+        else:
+            m.h, m.f = b.op("Concat", [q2, q1], axis=-1), 2 * d
+    elif kind == "concat":
+        c1, c2 = _width(draw, 1, 6), _width(draw, 1, 6)
+        m.h, m.f = b.op("Concat", [_linear(draw, m, m.h, m.f, c1), _linear(draw, m, m.h, m.f, c2)], axis=-1), c1 + c2
+    elif kind == "reshape":  # features split into (2, F/2) and back
+        if m.f % 2:
+            return
+        lead = [0, m.tokens] if m.tokens else [0]
+        r = b.op("Relu", [b.op("Reshape", [m.h, b.ints(lead + [2, m.f // 2])])])
+        m.h = b.op("Reshape", [r, b.ints(lead + [m.f])])
+    elif kind == "transpose":  # tokens <-> features and back
+        if not m.tokens:
+            return
+        t = b.op("Sigmoid", [b.op("Transpose", [m.h], perm=[0, 2, 1])])
+        m.h = b.op("Transpose", [t], perm=[0, 2, 1])
+    elif kind == "norm":  # normalises over the features: a barrier for them
+        m.h = b.op("LayerNormalization", [m.h, b.weight((m.f,), fan_in=1, offset=1.0), b.weight((m.f,), fan_in=4)],
+                   axis=-1)
+    elif kind == "act":
+        m.h = b.op(draw(st.sampled_from(["Relu", "Tanh", "LeakyRelu"])), [m.h])
+    elif kind == "scale":
+        m.h = b.op("Mul", [m.h, b.floats(np.random.default_rng(m.f).random(m.f) + 0.5)])
+    m.log.append(f"mlp:{kind}")
+
+
+@st.composite
+def mlps(draw):
+    """MLPs over (batch, features) or (batch, tokens, features) inputs."""
+    b = GraphBuilder(17, seed=draw(st.integers(0, 2**16)))
+    tokens = draw(st.sampled_from([0, 3]))
+    f = _width(draw, 2, 10)
+    batch = "N" if draw(st.booleans()) else BATCH
+    x = b.input("x", [batch, tokens, f] if tokens else [batch, f])
+    m = Mlp(b, x, f, tokens)
+    add_mlp_block(draw, m, "linear")
+    for kind in draw(st.lists(st.sampled_from(MLP_BLOCKS), min_size=1, max_size=6)):
+        add_mlp_block(draw, m, kind)
+    model = b.build(b.matmul(m.h, m.f, 5) if m.tokens else b.gemm(m.h, m.f, 5))
+    model.doc_string = " ".join(m.log)
+    note(f"graph: {model.doc_string}")
+    return model
+
+
+def graphs():
+    """CNNs and MLPs: the graphs every property runs on."""
+    return st.one_of(cnns(), mlps())
+
+
 def _original_inits_intact(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
     """Invariant 4: an initializer the pruned model reads under an original name is unchanged."""
     before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
@@ -239,7 +335,7 @@ def _empty_tensors(model: onnx.ModelProto) -> bool:
 # --- invariant 1 --------------------------------------------------------------------------------
 
 @SETTINGS
-@given(model=cnns())
+@given(model=graphs())
 def test_ratio_zero_keeps_outputs(model):
     before = model.SerializeToString()
     result = onnxprune.prune(model, 0.0)
@@ -252,9 +348,9 @@ def test_ratio_zero_keeps_outputs(model):
 
 # --- invariants 2, 3, 4 ----------------------------------------------------------------------------
 
-@SETTINGS
+@VALIDITY_SETTINGS
 @given(
-    model=cnns(),
+    model=graphs(),
     ratio=st.sampled_from([0.1, 0.25, 0.4, 0.5, 0.7, 0.9]),
     importance=st.sampled_from(["l1", "l2", "random"]),
     round_to=st.sampled_from([1, 1, 2, 4]),
@@ -289,7 +385,7 @@ def test_mask_equivalence_and_validity(model, ratio, importance, round_to, globa
 
 
 @SETTINGS
-@given(model=cnns(), data=st.data())
+@given(model=graphs(), data=st.data())
 def test_explicit_plan_mask_equivalence(model, data):
     """Any unit-respecting plan (not just the importance's choice) is mask-equivalent."""
     analysis = onnxprune.analyse(model)
@@ -317,7 +413,7 @@ def test_explicit_plan_mask_equivalence(model, data):
 # --- determinism ------------------------------------------------------------------------------------
 
 @settings(SETTINGS, max_examples=30)
-@given(model=cnns(), seed=st.integers(0, 1000), importance=st.sampled_from(["l1", "random"]))
+@given(model=graphs(), seed=st.integers(0, 1000), importance=st.sampled_from(["l1", "random"]))
 def test_same_seed_same_bytes(model, seed, importance):
     first = onnxprune.prune(model, 0.5, importance=importance, seed=seed)
     second = onnxprune.prune(model, 0.5, importance=importance, seed=seed)

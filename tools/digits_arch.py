@@ -102,3 +102,43 @@ def accuracy_onnx(path, x, y, providers=("CPUExecutionProvider",)) -> float:
     sess = ort.InferenceSession(str(path), providers=list(providers))
     logits = sess.run(["logits"], {"input": x})[0]
     return float((logits.argmax(1) == y).mean())
+
+
+def build_folded_model(onnx_path):
+    """``DigitsCNN`` with the weights of the exported ONNX file, BatchNorm folded.
+
+    The export folded every BatchNorm into its Conv, so the trained BN
+    statistics are gone from the file. This rebuilds the native architecture
+    with each BN replaced by ``nn.Identity`` and each Conv given the folded bias,
+    then copies every Conv/Gemm weight and bias from the ONNX initializers
+    (Conv nodes in graph order = the model's Conv2d modules in definition
+    order; shapes are checked). The result computes what the ONNX model
+    computes (eval and train mode alike: nothing is left that differs).
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from torch import nn
+
+    model = build_model()
+    for block in model.modules():
+        if isinstance(block, nn.Sequential) and isinstance(block[1], nn.BatchNorm2d):
+            conv = block[0]
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+            block[1] = nn.Identity()
+    onnx_model = onnx.load(str(onnx_path))
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    convs = [n for n in onnx_model.graph.node if n.op_type == "Conv"]
+    modules = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    gemm = next(n for n in onnx_model.graph.node if n.op_type == "Gemm")
+    if len(convs) != len(modules):
+        raise ValueError(f"{onnx_path}: {len(convs)} Conv nodes, the architecture has {len(modules)} Conv2d")
+    pairs = [(m, n) for m, n in zip(modules, convs)] + [(model.head, gemm)]
+    with torch.no_grad():
+        for module, node in pairs:
+            for param, name in ((module.weight, node.input[1]), (module.bias, node.input[2])):
+                value = torch.from_numpy(weights[name].copy())
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+                param.copy_(value)
+    return model.eval()

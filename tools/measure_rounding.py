@@ -1,0 +1,244 @@
+"""Which channel multiple avoids slow widths on an onnxruntime provider?
+
+    .venv/bin/python tools/measure_rounding.py --provider cpu [--threads N] [--batches 1,32] [--iters N]
+
+Times single-layer models whose channel width w runs over c, c+1, ..., c+32
+around several base widths c (64, 128, 256, 512), for each layer kind:
+
+- Conv 3x3 (pad 1) and Conv 1x1, NCHW, C_in = C_out = w (a pruned group is
+  the output of one conv and the input of the next), at the spatial size a
+  ResNet gives that width at 224x224 input (64: 56x56, 128: 28x28, 256: 14x14,
+  512: 7x7);
+- MatMul (batch x 128 tokens, w) @ (w, w): a transformer's linear layers;
+- Gemm (batch, w) x (w, w)^T: a classifier head;
+
+at each batch size. The widths of one series are timed interleaved
+(onnxprune.bench.time_interleaved, spinning threads off; large layers a few
+widths at a time, to stay within --memory-gb), each width in
+--sessions separate sessions (default 3), and each width keeps the fastest
+run of its fastest session (--statistic min, the default: on a shared
+machine other processes only ever add time, so the minimum is the estimate
+of the kernel's own speed that noise disturbs least; --statistic median on
+a quiet machine). Several sessions, because on the 2-core machine this was
+written on, one session of a model sometimes ran 2-5x slower than another
+session of the same model for its whole life (most often with --threads 1),
+whatever its width.
+
+A width w is *slow* when some wider layer of the same series is faster by
+more than --tolerance (default 10%): t(w) > (1 + tol) * min(t(w') for w' > w).
+For each candidate multiple m (1, 2, 4, ..., 32) the tool counts how many of
+the measured widths that are multiples of m are slow, and picks the smallest
+m for which at most --allow (default 5%) of them are: pruning to multiples of
+m then (almost) never lands on a width that a wider layer beats. The last
+width of each series has nothing wider to compare with and is not counted.
+The result is what onnxprune/hardware.py records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from onnxprune.bench import _providers, resolve_provider, time_interleaved  # noqa: E402
+from onnxprune.verify import require_onnxruntime, session  # noqa: E402
+
+BASES = (64, 128, 256, 512)
+SPATIAL = {64: 56, 128: 28, 256: 14, 512: 7}  # ResNet-50's stage sizes at 224x224
+TOKENS = 128  # tokens per sample for MatMul (BERT's usual sequence length)
+SPAN = 32  # widths c .. c + SPAN
+CANDIDATES = (1, 2, 4, 8, 16, 32)
+KINDS = ("conv3x3", "conv1x1", "matmul", "gemm")
+
+
+@dataclass
+class Series:
+    kind: str
+    base: int
+    batch: int
+    widths: list[int]
+    ms: list[float] = field(default_factory=list)  # per width: the --statistic of its runs
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} c={self.base} batch={self.batch}"
+
+    def slow_widths(self, tolerance: float) -> list[int]:
+        """Widths beaten by more than ``tolerance`` by some wider layer of this series."""
+        times = np.asarray(self.ms)
+        # fastest time among the strictly wider layers, for each position
+        wider_best = np.minimum.accumulate(times[::-1])[::-1]
+        slow = []
+        for i, w in enumerate(self.widths[:-1]):
+            if times[i] > (1 + tolerance) * wider_best[i + 1]:
+                slow.append(w)
+        return slow
+
+
+def layer_model(kind: str, width: int, base: int, batch: int, seed: int = 0) -> onnx.ModelProto:
+    """One layer of ``kind`` at channel width ``width`` (random weights)."""
+    rng = np.random.default_rng(seed)
+    if kind.startswith("conv"):
+        k = 3 if kind == "conv3x3" else 1
+        hw = SPATIAL[base]
+        shape_in, shape_out = [batch, width, hw, hw], [batch, width, hw, hw]
+        weight = rng.standard_normal((width, width, k, k)).astype(np.float32) * 0.05
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[k // 2] * 4)
+        inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+    elif kind == "matmul":
+        shape_in, shape_out = [batch * TOKENS, width], [batch * TOKENS, width]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.05, "w")]
+    elif kind == "gemm":
+        shape_in, shape_out = [batch, width], [batch, width]
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+        inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.05, "w"),
+                 numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    graph = helper.make_graph([node], f"{kind}_{width}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def io_shapes(model: onnx.ModelProto) -> list[list[int]]:
+    return [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in (model.graph.input[0], model.graph.output[0])]
+
+
+def session_bytes(model: onnx.ModelProto) -> int:
+    """A generous estimate of one session's memory: weights, plus input and output several times over
+    (the feed, the output, onnxruntime's layout copies and working buffers)."""
+    weights = sum(math.prod(t.dims) for t in model.graph.initializer) * 4
+    return weights + 16 * sum(math.prod(s) for s in io_shapes(model))
+
+
+def make_runners(model: onnx.ModelProto, provider: str, threads: int | None, sessions: int) -> list:
+    """``sessions`` runners of ``model``, sharing one input array."""
+    from onnxprune.bench import make_runner as bench_runner
+
+    feeds = {"x": np.random.default_rng(0).standard_normal(io_shapes(model)[0]).astype(np.float32)}
+    return [bench_runner(session(model.SerializeToString(), threads, _providers(provider)), feeds, provider)
+            for _ in range(sessions)]
+
+
+STATISTICS = {"min": np.min, "median": np.median}
+
+
+def measure_series(series: Series, provider: str, threads: int | None, warmup: int, iters: int,
+                   statistic: str = "min", sessions: int = 3, memory: float = 2e9) -> None:
+    """Widths interleaved in chunks that fit in ``memory`` bytes (all of them, for small layers)."""
+    models = [layer_model(series.kind, w, series.base, series.batch) for w in series.widths]
+    chunk = max(1, int(memory // (sessions * max(session_bytes(m) for m in models))))
+    series.ms = []
+    for start in range(0, len(models), chunk):
+        runners = [r for m in models[start:start + chunk] for r in make_runners(m, provider, threads, sessions)]
+        times = time_interleaved(runners, warmup, iters)
+        per_session = [float(STATISTICS[statistic](t)) * 1e3 for t in times]
+        series.ms += [min(per_session[i:i + sessions]) for i in range(0, len(per_session), sessions)]
+        del runners  # free the sessions before the next chunk
+
+
+def slow_share(all_series: list[Series], m: int, tolerance: float) -> tuple[int, int]:
+    """(slow, counted) multiples of ``m`` over every series (each series' last width not counted)."""
+    slow = counted = 0
+    for s in all_series:
+        bad = set(s.slow_widths(tolerance))
+        for w in s.widths[:-1]:
+            if w % m == 0:
+                counted += 1
+                slow += w in bad
+    return slow, counted
+
+
+def choose_multiple(all_series: list[Series], tolerance: float, allow: float) -> int:
+    for m in CANDIDATES:
+        slow, counted = slow_share(all_series, m, tolerance)
+        if counted and slow / counted <= allow:
+            return m
+    return CANDIDATES[-1]
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    flags = ""
+    try:
+        text = open("/proc/cpuinfo").read()
+        flags = "avx512f" if " avx512f" in text else "avx2" if " avx2" in text else ""
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores" + (f", {flags}" if flags else "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--provider", default="cpu", help="cpu, cuda or a full onnxruntime provider name (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
+    p.add_argument("--bases", default=",".join(map(str, BASES)), help="base widths c (default 64,128,256,512)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"layer kinds (default {','.join(KINDS)})")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed runs per session (default 15 at batch sizes up to 8, 5 above)")
+    p.add_argument("--sessions", type=int, default=3, help="sessions per width (default 3)")
+    p.add_argument("--memory-gb", type=float, default=2.0,
+                   help="sessions alive at once stay under about this much memory (default 2 GB): large layers "
+                        "are timed a few widths at a time")
+    p.add_argument("--statistic", choices=sorted(STATISTICS), default="min",
+                   help="per width: fastest run (default; robust on a shared machine) or median")
+    p.add_argument("--tolerance", type=float, default=0.10, help="slower than a wider layer by more than this")
+    p.add_argument("--allow", type=float, default=0.05, help="share of slow multiples tolerated (noise)")
+    args = p.parse_args(argv)
+
+    provider = resolve_provider(args.provider)
+    ort = require_onnxruntime()
+    batches = [int(b) for b in args.batches.split(",")]
+    iters_of = {b: args.iters or (15 if b <= 8 else 5) for b in batches}
+    bases = [int(c) for c in args.bases.split(",")]
+    kinds = args.kinds.split(",")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{provider}, threads {args.threads or 'default'}, {args.warmup} warm-up + {'/'.join(str(iters_of[b]) for b in batches)} timed runs (batch "
+          f"{'/'.join(map(str, batches))}) in each of {args.sessions} sessions per width, interleaved, {args.statistic} kept; {machine()}; onnxruntime {ort.__version__}; 1-min load {load:.2f} at start",
+          flush=True)
+    all_series = []
+    for kind in kinds:
+        for batch in batches:
+            for base in bases:
+                s = Series(kind, base, batch, list(range(base, base + SPAN + 1)))
+                measure_series(s, provider, args.threads, args.warmup, iters_of[batch], args.statistic, args.sessions,
+                               args.memory_gb * 1e9)
+                all_series.append(s)
+                slow = s.slow_widths(args.tolerance)
+                fastest = min(s.ms)
+                print(f"{s.label:<28} {s.ms[0]:8.3f} ms at c, fastest {fastest:8.3f} ms; slow widths "
+                      f"(> {args.tolerance:.0%} behind a wider one): {slow or 'none'}", flush=True)
+                print("    ms: " + " ".join(f"{w}:{t:.3g}" for w, t in zip(s.widths, s.ms)), flush=True)
+    print()
+    print(f"{'multiple':>8}  {'slow / counted':>15}  share")
+    for m in CANDIDATES:
+        slow, counted = slow_share(all_series, m, args.tolerance)
+        print(f"{m:>8}  {slow:>6} / {counted:<6}  {slow / counted if counted else float('nan'):6.1%}")
+    chosen = choose_multiple(all_series, args.tolerance, args.allow)
+    print(f"\nchosen multiple: {chosen} (smallest with <= {args.allow:.0%} of its widths slow)")
+    print(f"date {datetime.date.today().isoformat()}; command: {' '.join(['tools/measure_rounding.py', *sys.argv[1:]])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
