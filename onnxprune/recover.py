@@ -20,8 +20,9 @@ Losses (summed when both are asked for):
 
 A seeded ``val_fraction`` of the data is held out. After every epoch the
 validation loss, the top-1 accuracy (with labels) and the output error
-against the teacher are measured; the best epoch's weights are kept (highest
-accuracy with labels, else lowest validation loss).
+against the teacher are measured; the best epoch's weights are kept (with
+--finetune the highest validation accuracy; distillation alone uses no labels
+and keeps the lowest validation loss).
 """
 
 from __future__ import annotations
@@ -171,15 +172,17 @@ def _mode(options: TrainOptions) -> str:
 
 
 def _rank(metrics: dict, options: TrainOptions) -> tuple:
-    """Higher is better: accuracy first (with labels), then the lower validation loss.
+    """Higher is better: with --finetune, accuracy first, then the lower validation loss.
 
-    With --sparsity-reg the objective itself (the validation loss, which
-    includes the regulariser) decides: accuracy alone would undo the shrinking.
+    Distillation alone uses no labels, not even to pick the epoch: the
+    validation loss decides. With --sparsity-reg the objective itself (the
+    validation loss, which includes the regulariser) decides: accuracy alone
+    would undo the shrinking.
     """
     accuracy = metrics.get("val_accuracy")
     loss = metrics.get("val_loss")
     by_loss = -loss if loss is not None and math.isfinite(loss) else -math.inf
-    if options.sparsity_reg:
+    if options.sparsity_reg or not options.finetune:
         return (by_loss,)
     return (accuracy if accuracy is not None else 0.0, by_loss)
 
@@ -262,7 +265,7 @@ class _Context:
         return {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
 
     def epoch(self, data: Dataset, optimizer, epoch: int, schedule) -> tuple[float, int]:
-        order = np.random.default_rng(self.options.seed + epoch).permutation(len(data))
+        order = np.random.default_rng([self.options.seed, epoch]).permutation(len(data))
         shuffled = data.subset(order)
         steps = math.ceil(len(data) / self.options.batch_size)
         bar = _bar(steps, f"epoch {epoch}/{self.options.epochs}", self.options.quiet)

@@ -62,13 +62,18 @@ def test_training_recovers_accuracy_and_keeps_the_graph(digits, pruned, mode):
     assert report.samples_per_second > 0 and report.val_samples == round(0.1 * len(train_data))
 
 
-def test_the_best_epoch_is_kept(digits, pruned):
+@pytest.mark.parametrize("finetune", [False, True])
+def test_the_best_epoch_is_kept(digits, pruned, finetune):
+    """Fine-tuning keeps the most accurate epoch; distillation alone uses no labels: the lowest val loss."""
     teacher, student = pruned
-    trained, report = train(student, teacher, digits[0], TrainOptions(**FAST))
+    trained, report = train(student, teacher, digits[0], TrainOptions(finetune=finetune, **FAST))
     best = report.epochs[report.best_epoch - 1]
-    assert best.val_accuracy == max(e.val_accuracy for e in report.epochs)
-    _, val = digits[0].split(0.1, 0)
-    assert evaluate(trained, teacher, val, 256)["accuracy"] == pytest.approx(best.val_accuracy)
+    if finetune:
+        assert best.val_accuracy == max(e.val_accuracy for e in report.epochs)
+        _, val = digits[0].split(0.1, 0)
+        assert evaluate(trained, teacher, val, 256)["accuracy"] == pytest.approx(best.val_accuracy)
+    else:
+        assert best.val_loss == min(e.val_loss for e in report.epochs)
 
 
 def test_same_seed_same_weights(digits, pruned):

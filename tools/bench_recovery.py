@@ -10,7 +10,8 @@ What is measured
   on the 450 held-out samples, which nothing ever trains, calibrates or
   selects on.
 - onnxprune: ``prune(model, ratio, importance="l1", data=<training split>,
-  calib_samples=256, seed=s)`` (bias compensation on, the default with data),
+  calib_samples=256, seed=s)`` (bias compensation on, the default with data;
+  ``--no-compensate`` turns it off, as TP has none),
   then ``recover.train(pruned, original, data, TrainOptions(...))`` in one of
   three modes: ``finetune`` (labels, cross-entropy), ``distill`` (the Dataset
   has no labels at all, so the best epoch is picked on the validation KL; the
@@ -45,7 +46,14 @@ What is measured
 - Throughput: training samples per second over the training epochs only
   (validation excluded): ``TrainingReport.samples_per_second`` for
   onnxprune's executor (TorchGraph), the same count / time for the native
-  module. Both include the teacher's forward pass when distilling.
+  module. Both include the teacher's forward pass when distilling. Then a
+  dedicated measurement (``measure_throughput``): the same architecture in
+  both (onnxprune's pruned model in a TorchGraph, TP pruned to its widths),
+  one epoch per timed run, the two interleaved, the median of
+  ``--throughput-rounds`` rounds.
+- The training loop was checked against recover.train: the TP-pruned model
+  exported to ONNX and trained by recover.train reaches the same accuracy at
+  the same best epoch as ``train_native`` on the module.
 - ``torch.set_num_threads(--threads)``, 1 by default: the tensors are tiny,
   one thread is as fast and steadier on a shared machine. CPU only.
 """
@@ -368,9 +376,9 @@ def print_table(summary: dict, original: float, original_params: int, modes) -> 
             s = summary[r].get(key)
             cells.append(f"{s['mean']:6.2f} +- {s['std']:4.2f}" if s else "n/a")
         print(f"{label:<{width}}  " + "  ".join(f"{c:>15}" for c in cells))
+    ours, theirs = cols[0][0], cols[-1][0]
     print(f"{'params onnxprune / TP':<{width}}  " + "  ".join(
-        f"{summary[r]['onnxprune/none']['params'] if 'onnxprune/none' in summary[r] else '':>7} / "
-        f"{summary[r][cols[-1][0]]['params']:<5}" for r in ratios))
+        f"{summary[r][ours]['params']:>7} / {summary[r][theirs]['params']:<5}" for r in ratios))
 
 
 def print_throughput(summary: dict, modes) -> None:
@@ -393,9 +401,12 @@ def print_targets(summary: dict, original: float) -> None:
               f"{'MET' if gap <= 1.0 else 'NOT MET'}")
     for r, s in summary.items():
         if "onnxprune/distill" in s and "onnxprune/finetune" in s:
-            d, f = s["onnxprune/distill"]["mean"], s["onnxprune/finetune"]["mean"]
-            print(f"  ratio {r}: distill (no labels) {d:.2f} vs fine-tune (labels) {f:.2f} -> "
-                  f"{'distill >= fine-tune' if d >= f else 'distill < fine-tune'}")
+            d, f = s["onnxprune/distill"], s["onnxprune/finetune"]
+            # standard error of the difference of the two means (independent seeds' runs)
+            se = math.sqrt(d["std"] ** 2 / d["n"] + f["std"] ** 2 / f["n"])
+            print(f"  ratio {r}: distill (no labels) {d['mean']:.2f} vs fine-tune (labels) {f['mean']:.2f}: "
+                  f"{d['mean'] - f['mean']:+.2f} +- {se:.2f} (s.e.) -> "
+                  f"{'distill >= fine-tune' if d['mean'] >= f['mean'] else 'distill < fine-tune'}")
 
 
 def environment(threads: int) -> dict:
@@ -459,7 +470,8 @@ def main(argv=None) -> int:
     env = environment(args.threads)
     print(f"budget: {args.epochs} epochs, Adam lr {args.lr} cosine per step, batch {args.batch_size}, "
           f"val fraction {args.val_fraction}, temperature {args.temperature}; seeds 0..{args.seeds - 1}; "
-          f"TP sizes {args.tp_sizes}; torch threads {args.threads}; load average {env['load_average_1m']:.2f}",
+          f"onnxprune bias compensation {'on' if args.compensate else 'off'}; TP sizes {args.tp_sizes}; "
+          f"torch threads {args.threads}; load average {env['load_average_1m']:.2f}",
           flush=True)
     base = onnx.load(str(MODEL))
     labelled, unlabelled, test = datasets()
