@@ -1,9 +1,9 @@
 """Which channel multiple avoids slow widths on an onnxruntime provider?
 
-    .venv/bin/python tools/measure_rounding.py --provider cpu [--threads N] [--batches 1,32] [--iters N]
+    .venv/bin/python tools/measure_rounding.py --provider cpu [--threads N] [--batches 1,32] [--json out.json]
 
-Times single-layer models whose channel width w runs over c, c+1, ..., c+32
-around several base widths c (64, 128, 256, 512), for each layer kind:
+Times small models whose channel width w runs over c, c+1, ..., c+32 around
+several base widths c (64, 128, 256, 512), for each layer kind:
 
 - Conv 3x3 (pad 1) and Conv 1x1, NCHW, C_in = C_out = w (a pruned group is
   the output of one conv and the input of the next), at the spatial size a
@@ -12,37 +12,45 @@ around several base widths c (64, 128, 256, 512), for each layer kind:
 - MatMul (batch x 128 tokens, w) @ (w, w): a transformer's linear layers;
 - Gemm (batch, w) x (w, w)^T: a classifier head;
 
-at each batch size. The widths of one series are timed interleaved
+at each batch size. Each model chains --depth such layers (default 3), as a
+network does: onnxruntime's CPU provider converts convolutions whose widths
+suit its blocked layout (NCHWc) and reorders the data once on the way in and
+once on the way out, a cost a single-layer model would charge to every
+layer. The widths of one series are timed interleaved
 (onnxprune.bench.time_interleaved, spinning threads off; large layers a few
-widths at a time, to stay within --memory-gb), each width in
---sessions separate sessions (default 3), and each width keeps the fastest
-run of its fastest session (--statistic min, the default: on a shared
-machine other processes only ever add time, so the minimum is the estimate
-of the kernel's own speed that noise disturbs least; --statistic median on
-a quiet machine). Several sessions, because on the 2-core machine this was
-written on, one session of a model sometimes ran 2-5x slower than another
-session of the same model for its whole life (most often with --threads 1),
+widths at a time, to stay within --memory-gb), each width in --sessions
+separate sessions (default 3), and each width keeps the fastest run of its
+fastest session (--statistic min, the default: on a shared machine other
+processes only ever add time, so the minimum is the estimate of the
+kernel's own speed that noise disturbs least; --statistic median on a quiet
+machine). Several sessions, because on the 2-core machine this was written
+on, one session of a model sometimes ran 2-5x slower than another session
+of the same model for its whole life (most often with --threads 1),
 whatever its width.
 
-A width w is *slow* when some wider layer of the same series is faster by
-more than --tolerance (default 10%): t(w) > (1 + tol) * min(t(w') for w' > w).
-For each candidate multiple m (1, 2, 4, ..., 32) the tool counts how many of
-the measured widths that are multiples of m are slow, and picks the smallest
-m for which at most --allow (default 5%) of them are: pruning to multiples of
-m then (almost) never lands on a width that a wider layer beats. The last
-width of each series has nothing wider to compare with and is not counted.
-The result is what onnxprune/hardware.py records.
+The work of every layer kind grows as w^2, so a width's efficiency is
+w^2 / t(w), taken relative to the best of its series (1.0: as fast per
+multiply-accumulate as the series gets). For each candidate multiple m (1,
+2, 4, ..., 32), the mean efficiency of the widths that are multiples of m is
+averaged over all series; the chosen m is the smallest whose average is
+within --margin (default 0.02) of the best candidate's: rounding to it uses
+the hardware (about) as well as any coarser rounding, and leaves the most
+choice of widths. Also printed: how many multiples of m some wider layer of
+the same series beats by more than --tolerance (10%), the rule "never slower
+than a wider width" that timing noise on a shared machine makes too strict
+to decide by. The result is what onnxprune/hardware.py records.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,42 +84,54 @@ class Series:
     def label(self) -> str:
         return f"{self.kind} c={self.base} batch={self.batch}"
 
+    def efficiency(self) -> dict[int, float]:
+        """Width -> w^2 / t(w) (work per time: every kind's work grows as w^2), relative to the series' best."""
+        per_time = {w: w * w / t for w, t in zip(self.widths, self.ms)}
+        best = max(per_time.values())
+        return {w: v / best for w, v in per_time.items()}
+
     def slow_widths(self, tolerance: float) -> list[int]:
         """Widths beaten by more than ``tolerance`` by some wider layer of this series."""
         times = np.asarray(self.ms)
-        # fastest time among the strictly wider layers, for each position
-        wider_best = np.minimum.accumulate(times[::-1])[::-1]
-        slow = []
-        for i, w in enumerate(self.widths[:-1]):
-            if times[i] > (1 + tolerance) * wider_best[i + 1]:
-                slow.append(w)
-        return slow
+        wider_best = np.minimum.accumulate(times[::-1])[::-1]  # fastest from each position on
+        return [w for i, w in enumerate(self.widths[:-1]) if times[i] > (1 + tolerance) * wider_best[i + 1]]
 
 
-def layer_model(kind: str, width: int, base: int, batch: int, seed: int = 0) -> onnx.ModelProto:
-    """One layer of ``kind`` at channel width ``width`` (random weights)."""
+def layer_model(kind: str, width: int, base: int, batch: int, depth: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """``depth`` chained layers of ``kind``, all at channel width ``width`` (random weights)."""
     rng = np.random.default_rng(seed)
+
+    def weight(shape, name):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.05, name)
+
+    def zeros(name):
+        return numpy_helper.from_array(np.zeros(width, np.float32), name)
+
     if kind.startswith("conv"):
-        k = 3 if kind == "conv3x3" else 1
         hw = SPATIAL[base]
-        shape_in, shape_out = [batch, width, hw, hw], [batch, width, hw, hw]
-        weight = rng.standard_normal((width, width, k, k)).astype(np.float32) * 0.05
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[k // 2] * 4)
-        inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+        shape = [batch, width, hw, hw]
     elif kind == "matmul":
-        shape_in, shape_out = [batch * TOKENS, width], [batch * TOKENS, width]
-        node = helper.make_node("MatMul", ["x", "w"], ["y"])
-        inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.05, "w")]
+        shape = [batch * TOKENS, width]
     elif kind == "gemm":
-        shape_in, shape_out = [batch, width], [batch, width]
-        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
-        inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.05, "w"),
-                 numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+        shape = [batch, width]
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
-    graph = helper.make_graph([node], f"{kind}_{width}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)], inits)
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        y = "y" if i == depth - 1 else f"h{i}"
+        if kind.startswith("conv"):
+            k = 3 if kind == "conv3x3" else 1
+            inits += [weight((width, width, k, k), f"w{i}"), zeros(f"b{i}")]
+            nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], pads=[k // 2] * 4))
+        elif kind == "matmul":
+            inits.append(weight((width, width), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+        else:
+            inits += [weight((width, width), f"w{i}"), zeros(f"b{i}")]
+            nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [y], transB=1))
+        x = y
+    graph = helper.make_graph(nodes, f"{kind}_{width}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -139,9 +159,9 @@ STATISTICS = {"min": np.min, "median": np.median}
 
 
 def measure_series(series: Series, provider: str, threads: int | None, warmup: int, iters: int,
-                   statistic: str = "min", sessions: int = 3, memory: float = 2e9) -> None:
+                   statistic: str = "min", sessions: int = 3, memory: float = 2e9, depth: int = 3) -> None:
     """Widths interleaved in chunks that fit in ``memory`` bytes (all of them, for small layers)."""
-    models = [layer_model(series.kind, w, series.base, series.batch) for w in series.widths]
+    models = [layer_model(series.kind, w, series.base, series.batch, depth) for w in series.widths]
     chunk = max(1, int(memory // (sessions * max(session_bytes(m) for m in models))))
     series.ms = []
     for start in range(0, len(models), chunk):
@@ -153,7 +173,7 @@ def measure_series(series: Series, provider: str, threads: int | None, warmup: i
 
 
 def slow_share(all_series: list[Series], m: int, tolerance: float) -> tuple[int, int]:
-    """(slow, counted) multiples of ``m`` over every series (each series' last width not counted)."""
+    """(slow, counted) multiples of ``m`` over every series (each series' widest width not counted)."""
     slow = counted = 0
     for s in all_series:
         bad = set(s.slow_widths(tolerance))
@@ -164,12 +184,21 @@ def slow_share(all_series: list[Series], m: int, tolerance: float) -> tuple[int,
     return slow, counted
 
 
-def choose_multiple(all_series: list[Series], tolerance: float, allow: float) -> int:
-    for m in CANDIDATES:
-        slow, counted = slow_share(all_series, m, tolerance)
-        if counted and slow / counted <= allow:
-            return m
-    return CANDIDATES[-1]
+def mean_efficiency(all_series: list[Series], m: int) -> float:
+    """The mean relative efficiency of the multiples of ``m`` in each series, averaged over the series."""
+    per_series = []
+    for s in all_series:
+        values = [v for w, v in s.efficiency().items() if w % m == 0]
+        if values:
+            per_series.append(float(np.mean(values)))
+    return float(np.mean(per_series))
+
+
+def choose_multiple(all_series: list[Series], margin: float) -> int:
+    """The smallest candidate whose mean efficiency is within ``margin`` of the best candidate's."""
+    means = {m: mean_efficiency(all_series, m) for m in CANDIDATES}
+    best = max(means.values())
+    return next(m for m in CANDIDATES if means[m] >= best - margin)
 
 
 def machine() -> str:
@@ -193,36 +222,42 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,32", help="batch sizes (default 1,32)")
     p.add_argument("--bases", default=",".join(map(str, BASES)), help="base widths c (default 64,128,256,512)")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"layer kinds (default {','.join(KINDS)})")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--depth", type=int, default=3, help="chained layers per model (default 3)")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=None,
-                   help="timed runs per session (default 15 at batch sizes up to 8, 5 above)")
+                   help="timed runs per session (default 15 at batch sizes up to 8, 2 above)")
     p.add_argument("--sessions", type=int, default=3, help="sessions per width (default 3)")
     p.add_argument("--memory-gb", type=float, default=2.0,
                    help="sessions alive at once stay under about this much memory (default 2 GB): large layers "
                         "are timed a few widths at a time")
     p.add_argument("--statistic", choices=sorted(STATISTICS), default="min",
                    help="per width: fastest run (default; robust on a shared machine) or median")
-    p.add_argument("--tolerance", type=float, default=0.10, help="slower than a wider layer by more than this")
-    p.add_argument("--allow", type=float, default=0.05, help="share of slow multiples tolerated (noise)")
+    p.add_argument("--margin", type=float, default=0.02,
+                   help="choose the smallest multiple within this of the best mean efficiency (default 0.02)")
+    p.add_argument("--tolerance", type=float, default=0.10,
+                   help="printed too: the share of widths a wider layer beats by more than this (default 0.10)")
+    p.add_argument("--json", metavar="OUT.json", help="also write every series' timings as JSON")
     args = p.parse_args(argv)
 
     provider = resolve_provider(args.provider)
     ort = require_onnxruntime()
     batches = [int(b) for b in args.batches.split(",")]
-    iters_of = {b: args.iters or (15 if b <= 8 else 5) for b in batches}
+    iters_of = {b: args.iters or (15 if b <= 8 else 2) for b in batches}
     bases = [int(c) for c in args.bases.split(",")]
     kinds = args.kinds.split(",")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{provider}, threads {args.threads or 'default'}, {args.warmup} warm-up + {'/'.join(str(iters_of[b]) for b in batches)} timed runs (batch "
-          f"{'/'.join(map(str, batches))}) in each of {args.sessions} sessions per width, interleaved, {args.statistic} kept; {machine()}; onnxruntime {ort.__version__}; 1-min load {load:.2f} at start",
-          flush=True)
+    runs = "/".join(str(iters_of[b]) for b in batches)
+    print(f"{provider}, threads {args.threads or 'default'}, {args.depth} layers per model, {args.warmup} warm-up + "
+          f"{runs} timed runs (batch {'/'.join(map(str, batches))}) in each of {args.sessions} sessions per width, "
+          f"interleaved, {args.statistic} kept; {machine()}; onnxruntime {ort.__version__}; "
+          f"1-min load {load:.2f} at start", flush=True)
     all_series = []
     for kind in kinds:
         for batch in batches:
             for base in bases:
                 s = Series(kind, base, batch, list(range(base, base + SPAN + 1)))
-                measure_series(s, provider, args.threads, args.warmup, iters_of[batch], args.statistic, args.sessions,
-                               args.memory_gb * 1e9)
+                measure_series(s, provider, args.threads, args.warmup, iters_of[batch], args.statistic,
+                               args.sessions, args.memory_gb * 1e9, args.depth)
                 all_series.append(s)
                 slow = s.slow_widths(args.tolerance)
                 fastest = min(s.ms)
@@ -230,13 +265,18 @@ def main(argv=None) -> int:
                       f"(> {args.tolerance:.0%} behind a wider one): {slow or 'none'}", flush=True)
                 print("    ms: " + " ".join(f"{w}:{t:.3g}" for w, t in zip(s.widths, s.ms)), flush=True)
     print()
-    print(f"{'multiple':>8}  {'slow / counted':>15}  share")
+    print(f"{'multiple':>8}  {'mean efficiency':>15}  beaten by a wider width by > {args.tolerance:.0%}")
     for m in CANDIDATES:
         slow, counted = slow_share(all_series, m, args.tolerance)
-        print(f"{m:>8}  {slow:>6} / {counted:<6}  {slow / counted if counted else float('nan'):6.1%}")
-    chosen = choose_multiple(all_series, args.tolerance, args.allow)
-    print(f"\nchosen multiple: {chosen} (smallest with <= {args.allow:.0%} of its widths slow)")
-    print(f"date {datetime.date.today().isoformat()}; command: {' '.join(['tools/measure_rounding.py', *sys.argv[1:]])}")
+        print(f"{m:>8}  {mean_efficiency(all_series, m):>15.3f}  {slow:>6} / {counted:<6} ({slow / counted:.0%})")
+    chosen = choose_multiple(all_series, args.margin)
+    command = " ".join(["tools/measure_rounding.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"\nchosen multiple: {chosen} (the smallest within {args.margin} of the best mean efficiency)")
+    print(f"date {datetime.date.today().isoformat()}; command: {command}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "provider": provider, "machine": machine(), "onnxruntime": ort.__version__, "command": command,
+            "chosen": chosen, "series": [asdict(s) for s in all_series]}, indent=1) + "\n")
     return 0
 
 
