@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from .calibration import require_torch
+from .calibration import progress, require_torch
 from .data import Dataset
 from .errors import UsageError
 
@@ -268,10 +267,11 @@ class _Context:
         order = np.random.default_rng([self.options.seed, epoch]).permutation(len(data))
         shuffled = data.subset(order)
         steps = math.ceil(len(data) / self.options.batch_size)
-        bar = _bar(steps, f"epoch {epoch}/{self.options.epochs}", self.options.quiet)
+        batches = progress(shuffled.batches(self.options.batch_size), steps,
+                           f"epoch {epoch}/{self.options.epochs}", self.options.quiet)
         total, count = 0.0, 0
         self.net.train()
-        for feeds, labels in shuffled.batches(self.options.batch_size):
+        for feeds, labels in batches:
             loss, _, _ = self.losses(self.to_device(feeds), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,11 +280,8 @@ class _Context:
             n = len(next(iter(feeds.values())))
             total += float(loss.detach()) * n
             count += n
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / count:.4g}")
-        if bar is not None:
-            bar.close()
+            if hasattr(batches, "set_postfix"):  # a tqdm bar (on a terminal)
+                batches.set_postfix(loss=f"{total / count:.4g}")
         return total / max(count, 1), count
 
     def validate(self, data: Dataset, epoch: int, train_loss: float) -> EpochLog:
@@ -308,16 +305,6 @@ class _Context:
 
     def output_is_logits(self, data: Dataset) -> bool:
         return data.labels is not None and data.labels.ndim == 1 and data.labels.dtype.kind in "iu"
-
-
-def _bar(total: int, desc: str, quiet: bool):
-    if quiet or not sys.stdout.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
 
 
 # --- the quality gate -----------------------------------------------------------------

@@ -27,20 +27,25 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(total)
 
 
-def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes: dict | None = None) -> int | None:
-    """Multiply-accumulates for one run at the given (or static, else 1) input shapes.
-
-    None when a counted op has a dim that shape inference could not resolve.
-    """
+def layer_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes: dict | None = None):
+    """(node, dims of its inputs and output, MACs or None when a dim is unknown) per counted node."""
     if shapes is None:
         shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
-    total = 0
     for node in model.graph.node:
         counter = _COUNTERS.get(node.op_type)
         if counter is None:
             continue
         dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]
-        macs = counter(node, dims)
+        yield node, dims, counter(node, dims)
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes: dict | None = None) -> int | None:
+    """Multiply-accumulates for one run at the given (or static, else 1) input shapes.
+
+    None when a counted op has a dim that shape inference could not resolve.
+    """
+    total = 0
+    for _, _, macs in layer_macs(model, input_shapes, shapes):
         if macs is None:
             return None
         total += macs

@@ -68,9 +68,8 @@ for path in (ROOT, ROOT / "tools"):  # run from a checkout without installing
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from onnxprune.model import resolve_input_shapes  # noqa: E402
-from onnxprune.shapes import static_shapes  # noqa: E402
-from onnxprune.stats import _COUNTERS, count_macs  # noqa: E402  (the one MAC formula per op the tools share)
+from bench_transformers import export_bert_model  # noqa: E402  (one BERT export recipe)
+from onnxprune.stats import count_macs, layer_macs  # noqa: E402  (the one MAC formula per op the tools share)
 
 SEED = 0
 IMAGE = (3, 224, 224)
@@ -106,14 +105,8 @@ def roofline(model: onnx.ModelProto, input_shapes: dict | None, peak_flops: floa
     element (4: float32). Bytes = every input (activations, weights, bias)
     and the output, each read or written once.
     """
-    shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
     layers = []
-    for node in model.graph.node:
-        counter = _COUNTERS.get(node.op_type)
-        if counter is None:
-            continue
-        dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]
-        macs = counter(node, dims)
+    for node, dims, macs in layer_macs(model, input_shapes):
         if macs is None:
             raise ValueError(f"{node.name or node.op_type}: shapes unknown; pin the inputs")
         moved = sum(math.prod(d) for d in dims if d is not None) * itemsize
@@ -174,7 +167,7 @@ def bert_arch(layers: int, seq: int) -> Arch:
         return transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
 
     def export(model, path):
-        export_bert_model(model, path, seq)
+        export_bert_model(model, path, seq)  # bench_transformers' recipe
 
     def example():
         import torch
@@ -196,28 +189,6 @@ def bert_arch(layers: int, seq: int) -> Arch:
 
     shapes = {"input_ids": (1, seq), "attention_mask": (1, seq)}
     return Arch("bert", shapes, build, export, tp_options, example)
-
-
-def export_bert_model(model, path: Path, seq: int) -> None:
-    """bench_transformers.export_bert's recipe, for a given (possibly pruned) BertModel."""
-    import torch
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids, mask):
-            return self.inner(ids, mask).last_hidden_state
-
-    ids = torch.randint(0, model.config.vocab_size, (1, seq))
-    mask = torch.ones(1, seq, dtype=torch.long)
-    names = ["input_ids", "attention_mask"]
-    axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(LastHidden(model), (ids, mask), str(path), input_names=names,
-                          output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
 # --- pruning ------------------------------------------------------------------------------------

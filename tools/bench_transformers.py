@@ -43,7 +43,14 @@ def export_bert(path: Path, layers: int, seq: int) -> None:
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
+    export_bert_model(transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval(), path, seq)
+
+
+def export_bert_model(model, path: Path, seq: int) -> None:
+    """The export recipe for a (possibly pruned) BertModel; tools/bench_latency.py uses it too."""
+    import warnings
+
+    import torch
 
     class LastHidden(torch.nn.Module):
         def __init__(self, inner):
@@ -57,7 +64,8 @@ def export_bert(path: Path, layers: int, seq: int) -> None:
     mask = torch.ones(1, seq, dtype=torch.long)
     names = ["input_ids", "attention_mask"]
     axes = {n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]}
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(LastHidden(model), (ids, mask), str(path), input_names=names,
                           output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
