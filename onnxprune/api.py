@@ -28,7 +28,6 @@ from .model import (
     AtomicModelWriter,
     check_output_path,
     check_side_files,
-    ensure_writable,
     default_output_path,
     load_model,
     resolve_input_shapes,

@@ -34,9 +34,8 @@ import onnx
 from .data import Dataset, fixed_batch
 from .errors import MissingDependency, UnsupportedModel, first_line
 from .graph import GraphView
-from .groups import DimSlot, Group
+from .groups import Group
 
-WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 RELU_LIKE = {"Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Mish"}
 DEFAULT_BATCH = 32
 

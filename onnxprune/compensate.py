@@ -53,8 +53,7 @@ def compensate(view: GraphView, groups: list[Group], plan: Plan, stats: dict[str
             positions = _positions(point.owner, removed)
             if not len(positions):
                 continue
-            out_key = (node.outputs[0].name, 1 if node.op != "MatMul" else -1)
-            if node.op == "Conv" and out_key in group.dims:
+            if node.op == "Conv" and (node.outputs[0].name, 1) in group.dims:
                 continue  # depthwise: the channel's output goes too
             delta, why = _bias_delta(node, view, point.axis, positions, means[positions])
             if delta is None:

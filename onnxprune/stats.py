@@ -64,7 +64,7 @@ def _attr(node, name, default):
 
 
 def _conv(node, dims):
-    x, w, out = dims[0], dims[1], dims[-1]
+    w, out = dims[1], dims[-1]
     if not _known(w, out):
         return None
     return math.prod(out) * math.prod(w[1:])  # out elements x (C/g x kernel)
