@@ -18,7 +18,9 @@ import onnx
 
 from .errors import QualityGateFailed, UnsupportedModel, UsageError, VerificationFailed
 from .graph import GraphView
+from . import iochange
 from .groups import Group, find_groups
+from .iochange import find_io_changes
 from .calibration import batch_size_for, measure
 from .compensate import compensate as compensate_biases, output_errors
 from .data import Dataset, ImageOptions, load_data
@@ -83,13 +85,14 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
         raise UnsupportedModel(f"quantized model ({found}): prune the float model, then quantize the result")
 
 
-def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=(), prune_hidden: bool = False) -> Analysis:
+def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=(), prune_hidden: bool = False,
+            allow_io_change: bool = False) -> Analysis:
     """Channel groups of ``model`` (which is not modified)."""
     refuse_quantized(model)
     shapes = analyse_shapes(model, input_shapes)
     view = GraphView.from_model(model, shapes)
     view.prune_hidden = prune_hidden
-    return Analysis(model, shapes, view, find_groups(view, tuple(ignore)))
+    return Analysis(model, shapes, view, find_groups(view, tuple(ignore), allow_io_change))
 
 
 def validate_options(ratio, round_to: int, min_channels: int, max_group_ratio: float) -> None:
@@ -123,6 +126,7 @@ def prune(
     images: ImageOptions | None = None,
     head_ratio: float | None = None,
     prune_hidden: bool = False,
+    allow_io_change: bool = False,
     ratios: dict[str, float] | None = None,
     allocate: str | None = None,
     quiet: bool = True,
@@ -135,6 +139,8 @@ def prune(
     applies to groups whose units are attention heads (default: ``ratio``).
     ``ratios`` maps group ids or source-node globs to their own ratios;
     ``allocate="sensitivity"`` chooses them from measured output error (see sensitivity.py).
+    ``allow_io_change`` lets attention heads that reach graph inputs and outputs
+    (a KV cache) be pruned: those tensors' head axis shrinks (see iochange.py).
     """
     started = time.perf_counter()
     validate_options(ratio, round_to, min_channels, max_group_ratio)
@@ -158,7 +164,7 @@ def prune(
     compensate = calib is not None and compensate is not False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        analysis = analyse(model, input_shapes, ignore, prune_hidden)
+        analysis = analyse(model, input_shapes, ignore, prune_hidden, allow_io_change)
         stats = None
         data_criterion = plan is None and needs_data(importance)
         if calib is not None and (data_criterion or compensate):
@@ -174,7 +180,8 @@ def prune(
                                               importance=importance, seed=seed, round_to=round_to,
                                               min_channels=min_channels, compensate=compensate,
                                               batch_size=batch_size, input_shapes=input_shapes, ignore=ignore,
-                                              prune_hidden=prune_hidden, quiet=quiet)
+                                              prune_hidden=prune_hidden, allow_io_change=allow_io_change,
+                                              quiet=quiet)
             per_group.update(chosen)
             plan = make_plan(analysis.groups, scores, ratio or 0.0, round_to, global_ranking, min_channels,
                              max_group_ratio, per_group)
@@ -193,18 +200,29 @@ def prune(
         report.data = {"source": calib.source, "samples": len(calib), "notes": calib.notes}
     if plan.keep:
         folded = compensate_biases(analysis.view, analysis.groups, plan, stats) if compensate else None
-        apply_plan(analysis.view, analysis.groups, plan)
-        pruned = export(analysis.view, model)
+        cut = apply_plan(analysis.view, analysis.groups, plan)
+        changes = find_io_changes(analysis.view, cut)
+        pruned = export(analysis.view, model, changes)
+        iochange.record(pruned, changes)  # relative to this input (replaces the record of an earlier run)
+        if changes:
+            report.io_changes = iochange.describe(changes, _declared_shapes(model))
         report.params_after = count_params(pruned)
-        report.macs_after = count_macs(pruned, analysis.shapes.pinned_inputs)
+        report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, changes))
         if folded is not None:
             report.compensation = _compensation_effect(model, pruned, plan, folded, calib, batch_size,
                                                        input_shapes=input_shapes, ignore=ignore,
-                                                       prune_hidden=prune_hidden)
+                                                       prune_hidden=prune_hidden, allow_io_change=allow_io_change)
     else:
         pruned = model
     report.seconds = time.perf_counter() - started
     return PruneResult(pruned, plan, report, analysis)
+
+
+def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Graph inputs' and outputs' shapes as declared: sizes, or names of dynamic dims."""
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in (*model.graph.input, *model.graph.output)}
 
 
 def _compensation_effect(model, pruned, plan, folded, calib, batch_size, **analysis_options) -> dict:
@@ -359,13 +377,19 @@ def prune_rounds(model: onnx.ModelProto, ratio: float | None, *, train: TrainOpt
     per_round = ratio if steps == 1 or ratio is None else 1 - (1 - ratio) ** (1 / steps)
     if options.get("head_ratio") is not None and steps > 1:
         options["head_ratio"] = 1 - (1 - options["head_ratio"]) ** (1 / steps)
-    current, rounds, first = model, [], None
+    current, rounds, first, changes = model, [], None, []
+    data = options.get("data")
     for step in range(steps):
+        if data is not None:  # a cache reshaped by an earlier round: data as this round's input takes it
+            options["data"] = iochange.candidate_data(data, changes)
         result = prune(current, per_round, **options)
+        if result.model is not current:  # recorded relative to the input model, for verification and training
+            changes = iochange.compose(changes, iochange.read(result.model))
+            iochange.record(result.model, changes)
         first = first or result
         if train is not None and result.model is not current:
             features = _feature_points(result) if steps == 1 and train.feature_weight > 0 else ()
-            result.model, training = recover_train(result.model, model, options["data"], train,
+            result.model, training = recover_train(result.model, model, data, train,
                                                    groups=None, features=features)
             result.report.training = training.to_json()
         rounds.append({"round": step + 1, "ratio": per_round, "params_after": result.report.params_after,
@@ -436,7 +460,8 @@ def _sparsified(result: PruneResult, unstructured, nm, min_elements: int, option
             raise UsageError(f"importance {options['importance']!r} is measured on data: give --data FILE")
         from .calibration import weight_scores
 
-        data = options["data"].sample(options.get("calib_samples"), options.get("seed", 0))
+        data = iochange.candidate_data(options["data"], iochange.read(result.model))
+        data = data.sample(options.get("calib_samples"), options.get("seed", 0))
         scores = weight_scores(result.model, data, options["importance"], weight_names(result.model),
                                batch_size=options.get("batch_size"), quiet=options.get("quiet", True))
     sparse = sparsify(result.model, unstructured, nm, min_elements=min_elements, ignore=options.get("ignore", ()),
@@ -450,9 +475,14 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
     feeds = reference = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. bfloat16: no onnxruntime run to compare
         warnings.simplefilter("always")
-        if verify:
-            shapes = resolve_input_shapes(pruned, input_shapes)
-            feeds, reference = run_original(input_path, shapes, index_bounds(pruned), seed)
+        changes = iochange.read(pruned)
+        if verify:  # the original's inputs and outputs, as the pruned model takes and gives them
+            shapes = resolve_input_shapes(pruned, iochange.shrink_shapes(input_shapes or {}, changes))
+            feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes),
+                                            index_bounds(pruned), seed)
+            if reference is not None:
+                feeds = iochange.candidate_feeds(feeds, changes)
+                reference = iochange.comparable_outputs(reference, changes)
         with AtomicModelWriter(output) as writer:
             tmp = writer.write(pruned)
             if verify:

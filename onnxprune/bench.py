@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import iochange
 from .errors import UnsupportedModel, UsageError, first_line
 from .model import graph_inputs, load_model, resolve_input_shapes
 from .verify import index_bounds, make_inputs, require_onnxruntime, session
@@ -153,11 +154,10 @@ def bench(
     if unknown:
         raise UsageError(f"--input-shape names unknown input {unknown[0]!r}; inputs are: {', '.join(sorted(names))}")
     # Validate every batch size before spending time on sessions and runs.
-    shapes = {
-        b: [batch_shapes(m, p, b, {k: v for k, v in pinned.items() if k in {i.name for i in graph_inputs(m)}})
-            for m, p in zip(models, paths)]
-        for b in batches
-    }
+    # A model with a reshaped cache (--allow-io-change) takes the pinned shapes' kept positions.
+    pins = [iochange.shrink_shapes({k: v for k, v in pinned.items() if k in {i.name for i in graph_inputs(m)}},
+                                   iochange.read(m)) for m in models]
+    shapes = {b: [batch_shapes(m, p, b, pin) for m, p, pin in zip(models, paths, pins)] for b in batches}
     sessions = [open_session(p, provider, threads) for p in paths]
     result = BenchResult(provider, threads, warmup, iters)
     for b in batches:

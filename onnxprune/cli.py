@@ -48,6 +48,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _analysis_options(p: argparse.ArgumentParser) -> None:
+    """What may be grouped and cut: shared by prune, info and sensitivity."""
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the hidden size of transformers (through LayerNorm and embeddings; "
+                        "needs recovery training)")
+    p.add_argument("--allow-io-change", action="store_true",
+                   help="let attention heads that reach graph inputs/outputs (a decoder's KV cache) be pruned: "
+                        "those tensors' head axis shrinks; the report lists their new shapes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxprune",
@@ -67,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(c for c in CRITERIA if needs_data(c))} need --data)")
     p.add_argument("--head-ratio", type=_ratio, metavar="R",
                    help="fraction of attention heads to remove (default: the --structured ratio)")
-    p.add_argument("--prune-hidden", action="store_true",
-                   help="also prune the hidden size of transformers (through LayerNorm and embeddings; "
-                        "needs recovery training)")
+    _analysis_options(p)
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels of all groups together instead of R per group")
     p.add_argument("--round-to", type=_positive, default=1, metavar="N",
@@ -206,6 +214,7 @@ def image_options(args):
 def build_info_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune info", description="Params, MACs and channel groups of a model.")
     p.add_argument("model")
+    _analysis_options(p)
     p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
     _common(p)
     return p
@@ -291,7 +300,7 @@ def run_prune(argv: list[str]) -> int:
         ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
         data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
         compensate=args.compensate, images=image_options(args), head_ratio=args.head_ratio,
-        prune_hidden=args.prune_hidden, quiet=args.quiet, train=training_options(args), steps=args.steps,
+        prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet, train=training_options(args), steps=args.steps,
         max_accuracy_drop=args.max_accuracy_drop, max_output_error=args.max_output_error,
         unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
         ratios=ratios, allocate=args.allocate, target=target, bench=bench,
@@ -412,7 +421,8 @@ def run_info(argv: list[str]) -> int:
     args = build_info_parser().parse_args(argv)
     check_side_files(args.model, None, {"--json": args.json})
     model = load_model(args.model)
-    analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore))
+    analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore), args.prune_hidden,
+                       args.allow_io_change)
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
@@ -504,6 +514,7 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
     p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
+    _analysis_options(p)
     _data_options(p)
     _common(p)
     return p
@@ -532,7 +543,8 @@ def run_sensitivity(argv: list[str]) -> int:
         result = measure_sensitivity(
             model, data, args.ratios_to_try, importance=args.importance, seed=args.seed, round_to=args.round_to,
             min_channels=args.min_channels, compensate=args.compensate is not False, batch_size=args.batch_size,
-            input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore), quiet=args.quiet)
+            input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore),
+            prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet)
     for w in caught:
         print(f"onnxprune: warning: {w.message}", file=sys.stderr)
     if args.json:

@@ -71,9 +71,11 @@ class Dataset:
         held = max(1, int(round(len(self) * fraction)))
         return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
 
-    def batches(self, batch_size: int):
-        """Feeds dicts (and labels or None) of at most ``batch_size`` samples."""
-        for start in range(0, len(self), batch_size):
+    def batches(self, batch_size: int, whole: bool = False):
+        """Feeds dicts (and labels or None) of at most ``batch_size`` samples (exactly, with ``whole``:
+        a short last batch is left out, for a model whose batch size is fixed)."""
+        end = len(self) - len(self) % batch_size if whole else len(self)
+        for start in range(0, end, batch_size):
             part = slice(start, start + batch_size)
             labels = None if self.labels is None else self.labels[part]
             yield {k: v[part] for k, v in self.inputs.items()}, labels

@@ -10,7 +10,9 @@ expresses Concat offsets, Flatten repeats and Split ranges exactly.
 
 A group is blocked when it reaches a barrier: a graph input or output, an op
 without a rule, an ignored node, a tensor read by a subgraph, or a rule that
-says no. Blocked groups are reported, never pruned.
+says no. Blocked groups are reported, never pruned. The one exception is
+opt-in: with ``allow_io_change``, attention heads may reach graph inputs and
+outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class _UnionFind:
             self.parent[r] = roots[0]
 
 
-def find_groups(view: GraphView, ignore: tuple[str, ...] = ()) -> list[Group]:
+def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: bool = False) -> list[Group]:
     """All channel groups of the graph, in topological order of their sources."""
     claims: dict[tuple[str, int], np.ndarray] = {}  # slot -> owning group index per position
     groups: list[Group] = []
@@ -118,7 +120,7 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = ()) -> list[Group]:
                 continue
             owner = np.full(size, -1)
             owner[free] = np.arange(int(free.sum()))
-            group = _grow(view, node, tensor, axis, owner, len(groups), claims, ignored)
+            group = _grow(view, node, tensor, axis, owner, len(groups), claims, ignored, allow_io_change)
             groups.append(group)
             _claim(group, len(groups) - 1, claims, view)
     return groups
@@ -142,8 +144,9 @@ def _claim(group: Group, index: int, claims, view: GraphView) -> None:
         taken[slot.owner >= 0] = index
 
 
-def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
+def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_change=False) -> Group:
     group = Group(id=tensor.name, size=int((owner >= 0).sum()), sources=[source.name])
+    io_reasons: list[str] = []  # graph inputs/outputs reached: barriers unless heads may change them
     uf = _UnionFind(group.size)
     queue: deque = deque()
     seen_nodes: dict[str, None] = {}
@@ -224,9 +227,9 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
         slot = queue.popleft()
         t, ax, own = slot.tensor, slot.axis, slot.owner.copy()
         if view.is_graph_output(t):
-            block(f"reaches graph output {t.name}")
+            io_reasons.append(f"reaches graph output {t.name}")
         if view.is_graph_input(t):
-            block(f"reaches graph input {t.name}")
+            io_reasons.append(f"reaches graph input {t.name}")
         if t.name in view.subgraph_refs:
             block(f"{t.name} is read inside a subgraph (If/Loop/Scan)")
         producer = view.producer(t)
@@ -234,6 +237,11 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored) -> Group:
             visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)
         for node, i in view.consumers(t):
             visit(node, Reached("in", i, ax, own), t)
+    if io_reasons and not (allow_io_change and group.kind == "heads"):
+        reasons = list(dict.fromkeys(io_reasons))
+        if group.kind == "heads":
+            reasons[0] += " (attention heads: --allow-io-change lets them change its shape)"
+        group.blocked = reasons + group.blocked
     group.nodes = list(seen_nodes)
     group.sources = _sources(view, group)
     group.units = np.array([uf.find(c) for c in range(group.size)])

@@ -30,13 +30,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
 
+from . import iochange
 from .calibration import progress, require_torch
-from .data import Dataset
+from .data import Dataset, fixed_batch
 from .errors import UsageError
 
 LOSSES = ("auto", "kl", "mse")
@@ -132,6 +133,8 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     from .executor import TorchGraph
 
     options.check()
+    if fixed_batch(teacher):  # the graph fixes it (a Reshape target may bake it in): train at that size
+        options = replace(options, batch_size=fixed_batch(teacher))
     if options.finetune and data.labels is None:
         raise UsageError("--finetune needs labels: add a 'labels' array to the --data file")
     torch.manual_seed(options.seed)
@@ -141,7 +144,8 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     teacher_net = TorchGraph(teacher, trainable=lambda name: False).to(device) if options.distill else None
     if teacher_net is not None:
         teacher_net.eval()
-    context = _Context(torch, net, teacher_net, options, features, groups, device)
+    context = _Context(torch, net, teacher_net, options, features, groups, device, iochange.read(student),
+                       whole=fixed_batch(teacher) is not None)
     report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
     report.before = asdict(context.validate(val_data, 0, math.nan))
     # The untrained weights compete too (training may only make things worse), except under
@@ -187,22 +191,30 @@ def _rank(metrics: dict, options: TrainOptions) -> tuple:
 
 
 class _Context:
-    def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device):
+    def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device, changes=(),
+                 whole: bool = False):
         self.torch, self.net, self.teacher, self.options = torch, net, teacher, options
         self.features, self.groups, self.device = list(features), groups, device
         self.output = net.output_names[0]
+        self.whole = whole  # the model fixes its batch size: no short last batch
+        self.changes = list(changes)  # graph inputs/outputs the student has reshaped (--allow-io-change)
+        self.output_kept = [(c.axis, c.kept) for c in self.changes if c.role == "output" and c.name == self.output]
 
     # --- losses -------------------------------------------------------------------
     def losses(self, feeds: dict, labels):
+        """``feeds``: numpy arrays for the teacher (the original model)."""
         torch, o = self.torch, self.options
         names = [self.output] + [f.name for f in self.features]
-        values = self.net.run(feeds, names)
+        values = self.net.run(self.to_device(iochange.candidate_feeds(feeds, self.changes)), names)
         logits = values[self.output]
         total = logits.new_zeros(())
         teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher = self.teacher.run(feeds, names)
+                teacher = self.teacher.run(self.to_device(feeds), names)
+            for axis, kept in self.output_kept:  # compare the positions the student still produces
+                index = torch.as_tensor(kept, device=teacher[self.output].device)
+                teacher[self.output] = teacher[self.output].index_select(axis, index)
             total = total + self.distill_loss(logits, teacher[self.output])
             for f in self.features:
                 total = total + o.feature_weight * self.feature_loss(values[f.name], teacher[f.name], f)
@@ -267,12 +279,12 @@ class _Context:
         order = np.random.default_rng([self.options.seed, epoch]).permutation(len(data))
         shuffled = data.subset(order)
         steps = math.ceil(len(data) / self.options.batch_size)
-        batches = progress(shuffled.batches(self.options.batch_size), steps,
+        batches = progress(shuffled.batches(self.options.batch_size, self.whole), steps,
                            f"epoch {epoch}/{self.options.epochs}", self.options.quiet)
         total, count = 0.0, 0
         self.net.train()
         for feeds, labels in batches:
-            loss, _, _ = self.losses(self.to_device(feeds), labels)
+            loss, _, _ = self.losses(feeds, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -289,8 +301,8 @@ class _Context:
         self.net.eval()
         loss_sum, correct, squared, scale, count = 0.0, 0, 0.0, 0.0, 0
         with torch.no_grad():
-            for feeds, labels in data.batches(self.options.batch_size):
-                loss, logits, teacher = self.losses(self.to_device(feeds), labels)
+            for feeds, labels in data.batches(self.options.batch_size, self.whole):
+                loss, logits, teacher = self.losses(feeds, labels)
                 n = len(logits)
                 loss_sum += float(loss) * n
                 count += n
@@ -314,10 +326,12 @@ def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, 
     from .verify import session
 
     ours, theirs = session(model.SerializeToString()), session(reference.SerializeToString())
+    changes, first = iochange.read(model), theirs.get_outputs()[0].name
     correct = correct_ref = 0
     squared = scale = 0.0
     for feeds, labels in data.batches(batch_size):
-        got, expected = ours.run(None, feeds)[0], theirs.run(None, feeds)[0]
+        got = ours.run(None, iochange.candidate_feeds(feeds, changes))[0]
+        expected = iochange.comparable_outputs({first: theirs.run(None, feeds)[0]}, changes)[first]
         squared += float(((got.astype(np.float64) - expected) ** 2).sum())
         scale += float((expected.astype(np.float64) ** 2).sum())
         if labels is not None and got.ndim == 2 and labels.dtype.kind in "iu":

@@ -114,6 +114,7 @@ class Report:
     allocation: dict | None = None  # --allocate: per-group ratios chosen and why (sensitivity.py)
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
+    io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
@@ -157,6 +158,12 @@ class Report:
             lines.append(
                 f"  blocked {len(items):>3} group(s): {kind} (e.g. {_label(example.sources, example.id)}: {example.reason})"
             )
+        if self.io_changes:
+            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (--allow-io-change):")
+        for c in self.io_changes or []:
+            kept = "; ".join(f"axis {a} keeps {_positions(k)}" for a, k in c["kept"].items())
+            lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
+                         f"  ({kept})")
         if self.target:
             from .target import summary_line
 
@@ -202,6 +209,14 @@ def _ratio(before, after) -> str:
     if not before or not after:
         return "n/a"
     return f"{before / after:.2f}x fewer"
+
+
+def _shape(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _positions(kept: list[int], shown: int = 16) -> str:
+    return ", ".join(map(str, kept[:shown])) + (f", ... ({len(kept)})" if len(kept) > shown else "")
 
 
 def _label(sources: list[str], gid: str) -> str:

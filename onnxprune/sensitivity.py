@@ -47,6 +47,8 @@ from .importance import check_criterion, needs_data, score_groups
 from .model import AtomicModelWriter
 from .plan import make_plan
 from .surgery import apply_plan, export
+from . import iochange
+from .iochange import find_io_changes
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 ALLOCATE_METHODS = ("sensitivity",)
@@ -121,7 +123,6 @@ class _Evaluator:
         self.batches = list(data.batches(batch_size))
         reference = session(model.SerializeToString())
         self.reference = [reference.run(None, feeds) for feeds, _ in self.batches]
-        self.scale = sum(_squared(np.asarray(o, np.float64)) for outs in self.reference for o in outs)
         self.labels = data.labels if self._labels_fit(data) else None
         self.baseline_accuracy = self._accuracy(self.reference)
 
@@ -144,16 +145,20 @@ class _Evaluator:
         from .verify import session
 
         sess = session(model.SerializeToString())
-        outputs = [sess.run(None, feeds) for feeds, _ in self.batches]
-        squared = 0.0
+        changes = iochange.read(model)  # --allow-io-change: compare the positions the cut model still has
+        outputs = [sess.run(None, iochange.candidate_feeds(feeds, changes)) for feeds, _ in self.batches]
+        names = [o.name for o in sess.get_outputs()]
+        squared = scale = 0.0
         for expected, got in zip(self.reference, outputs):
+            expected = list(iochange.comparable_outputs(dict(zip(names, expected)), changes).values())
+            scale += sum(_squared(np.asarray(e, np.float64)) for e in expected)
             for e, g in zip(expected, got):
                 e, g = np.asarray(e, np.float64), np.asarray(g, np.float64)
                 finite = np.isfinite(e)  # where the original itself is not finite there is nothing to compare
                 if not np.isfinite(g[finite]).all():
                     return math.inf, self._accuracy(outputs)
                 squared += _squared(e[finite] - g[finite])
-        error = math.sqrt(squared / self.scale) if self.scale > 0 else math.sqrt(squared)
+        error = math.sqrt(squared / scale) if scale > 0 else math.sqrt(squared)
         return error, self._accuracy(outputs)
 
 
@@ -167,8 +172,10 @@ def _cut(model: onnx.ModelProto, plan, stats, analysis_options: dict) -> onnx.Mo
     fresh = analyse(model, **analysis_options)
     if stats is not None:
         compensate_biases(fresh.view, fresh.groups, plan, stats)
-    apply_plan(fresh.view, fresh.groups, plan)
-    return export(fresh.view, model)
+    changes = find_io_changes(fresh.view, apply_plan(fresh.view, fresh.groups, plan))
+    cut = export(fresh.view, model, changes)
+    iochange.record(cut, changes)
+    return cut
 
 
 def check_ratios(ratios, what: str = "ratios") -> list[float]:
@@ -195,6 +202,7 @@ def measure_sensitivity(
     input_shapes: dict | None = None,
     ignore=(),
     prune_hidden: bool = False,
+    allow_io_change: bool = False,
     analysis=None,
     scores: dict | None = None,
     stats: dict | None = None,
@@ -208,7 +216,8 @@ def measure_sensitivity(
     """
     started = time.perf_counter()
     ratios = check_ratios(ratios)
-    options = {"input_shapes": input_shapes, "ignore": tuple(ignore), "prune_hidden": prune_hidden}
+    options = {"input_shapes": input_shapes, "ignore": tuple(ignore), "prune_hidden": prune_hidden,
+               "allow_io_change": allow_io_change}
     if analysis is None:
         analysis = analyse(model, **options)
     groups = analysis.prunable

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .graph import GraphView
+from .iochange import apply_to_type
 from .shapes import refresh_value_info
 from .plan import Plan
 from .rules import lookup
@@ -111,8 +112,12 @@ def apply_plan(view: GraphView, groups, plan: Plan) -> Cut:
     return cut
 
 
-def export(view: GraphView, original: onnx.ModelProto) -> onnx.ModelProto:
-    """The edited graph as a model with the original's opset, metadata and docs."""
+def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.ModelProto:
+    """The edited graph as a model with the original's opset, metadata and docs.
+
+    Graph inputs and outputs keep their declared types, except for the dims in
+    ``io_changes`` (iochange.IOChange: heads cut under --allow-io-change).
+    """
     graph = view.graph
     io = {id(t) for t in (*graph.inputs, *graph.outputs)}
     for tensor in graph.tensors().values():
@@ -132,7 +137,7 @@ def export(view: GraphView, original: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.name = original.graph.name
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
-    _restore_io(model, original)
+    _restore_io(model, original, io_changes)
     return refresh_value_info(model)
 
 
@@ -208,14 +213,15 @@ def _store_cast_weights_as_before(graph: gs.Graph, folds: dict) -> None:
             node.inputs[i] = casts[id(t)]
 
 
-def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """Graph inputs and outputs exactly as given (names, shapes, dtypes, doc strings)."""
+def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto, io_changes=()) -> None:
+    """Graph inputs and outputs exactly as given (names, shapes, dtypes, doc strings), but for ``io_changes``."""
     for field in ("input", "output"):
         ours = getattr(model.graph, field)
         theirs = {v.name: v for v in getattr(original.graph, field)}
         for i, vi in enumerate(ours):
             if vi.name in theirs:
                 ours[i].CopyFrom(theirs[vi.name])
+                apply_to_type(ours[i], io_changes)
     # Old exporters also list initializers as inputs (overridable defaults): keep
     # those entries for the initializers that the cut left as they were.
     listed = {v.name for v in model.graph.input}

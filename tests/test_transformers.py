@@ -212,46 +212,7 @@ def test_decomposed_norms_prune_only_with_prune_hidden(rms):
     assert [g.channels_after for g in result.report.groups if g.kind == "hidden"] == [8]
 
 
-# --- a decoder with a KV cache ----------------------------------------------------------------
-
-class CachedAttentionBlock(torch.nn.Module):
-    """One GPT-style block whose attention reads past keys/values and returns the new ones
-    (what decoders exported with use_cache=True look like): heads meet the graph IO."""
-
-    def __init__(self, hidden=HIDDEN, heads=HEADS):
-        super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
-        self.qkv, self.out = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
-        self.up, self.down = torch.nn.Linear(hidden, 4 * hidden), torch.nn.Linear(4 * hidden, hidden)
-
-    def forward(self, x, past_k, past_v):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.heads * self.head_dim, dim=2)
-        q, k, v = (z.reshape(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        att = torch.softmax(q @ k.transpose(2, 3) / self.head_dim ** 0.5, dim=-1) @ v
-        h = x + self.out(att.transpose(1, 2).reshape(b, t, -1))
-        return h + self.down(torch.nn.functional.gelu(self.up(h))), k, v
-
-
-def test_kv_cache_heads_are_a_barrier_and_the_mlp_still_prunes(tmp_path):
-    torch.manual_seed(0)
-    block = CachedAttentionBlock().eval()
-    past = torch.zeros(1, HEADS, 3, HIDDEN // HEADS)
-    path = tmp_path / "decoder.onnx"
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        torch.onnx.export(block, (torch.rand(1, 2, HIDDEN), past, past), str(path), opset_version=17, dynamo=False,
-                          input_names=["x", "past_key", "past_value"],
-                          output_names=["y", "present_key", "present_value"])
-    model = onnx.load(str(path))
-    analysis = onnxprune.analyse(model)
-    cache = [g for g in analysis.groups if g.blocked and any("past_key" in r or "present_key" in r for r in g.blocked)]
-    assert cache, [g.blocked for g in analysis.groups]
-    result = onnxprune.prune(model, 0.5)
-    check_valid(model, result.model)
-    pruned = [g for g in result.report.groups if g.channels_after < g.channels_before]
-    assert [g.channels_before for g in pruned] == [4 * HIDDEN]  # only the MLP
-    assert any("graph input" in b.reason or "graph output" in b.reason for b in result.report.blocked)
+# A decoder with a KV cache (heads meet the graph IO): tests/test_iochange.py.
 
 
 class GroupedQueryAttention(torch.nn.Module):
