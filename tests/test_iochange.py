@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +30,7 @@ except ImportError:  # tests/ imported as a package
     from tests.graphs import masked_reference, run
 
 torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 HEADS, HIDDEN, PAST, NEW = 4, 64, 3, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -260,3 +263,41 @@ def test_compose_shrink_and_grow():
     assert iochange.read(model) == first
     iochange.record(model, [])
     assert iochange.read(model) == [] and not model.metadata_props
+
+
+# --- a Hugging Face decoder exported with its cache ------------------------------------------
+
+def export_gpt2_with_cache(path, exporter: str, attention: str) -> onnx.ModelProto:
+    transformers = pytest.importorskip("transformers")
+    from bench_decoder import export_gpt2_with_cache as export  # the benchmark's recipe (tools/)
+
+    config = transformers.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, vocab_size=100, n_positions=64)
+    config._attn_implementation = attention
+    export(path, config, exporter, past=PAST, new=NEW)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("exporter,attention", [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager")])
+def test_gpt2_exported_with_its_cache_prunes_heads_with_the_flag(tmp_path, exporter, attention):
+    """Both exporters, dynamic batch/sequence/past: the head count is recomputed, the cache's head axis
+    shrinks, the rest of every shape stays dynamic, and the result is exact up to the removed heads."""
+    model = export_gpt2_with_cache(tmp_path / "gpt2.onnx", exporter, attention)
+    analysis = onnxprune.analyse(model, allow_io_change=True)
+    result = onnxprune.prune(model, 0.5, allow_io_change=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [(g.units_before, g.units_after) for g in result.report.groups if g.kind == "heads"] == \
+        [(HEADS, HEADS // 2)] * LAYERS
+    changes = iochange.read(result.model)
+    assert sorted({c.name for c in changes}) == sorted(CACHE_INPUTS + CACHE_OUTPUTS)
+    assert all(isinstance(d, str) for d in declared(result.model)["past_key_0"][::2])  # batch, past: dynamic
+
+    rng = np.random.default_rng(0)  # other sizes than at export: batch 2, past 5, 3 new tokens
+    feeds = {"input_ids": rng.integers(0, 100, (2, 3))}
+    feeds |= {n: rng.standard_normal((2, HEADS, 5, HEAD_DIM)).astype(np.float32) for n in CACHE_INPUTS}
+    names = ["hidden"] + CACHE_OUTPUTS
+    got = dict(zip(names, run(result.model, iochange.candidate_feeds(feeds, changes))))
+    want = iochange.comparable_outputs(dict(zip(names, run(masked_reference(model, analysis, result.plan), feeds))),
+                                       changes)
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * np.abs(want[name]).max(),
+                                   err_msg=name)

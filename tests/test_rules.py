@@ -733,6 +733,39 @@ def test_shape_arithmetic_reading_channels_is_a_barrier():
     assert_close(run(model, feeds), run(result.model, feeds), 1e-5)
 
 
+def _own_channel_count_model(of_itself: bool) -> onnx.ModelProto:
+    """x.view(-1, x.size(-1)) (GPT-2's Conv1D, legacy exporter, dynamic axes): the target reads the
+    channel count at run time from the tensor it reshapes — or, when not ``of_itself``, from another one."""
+    b = GraphBuilder()
+    x = b.input("x", ["B", "T", 8])
+    h = b.op("Relu", [b.matmul(x, 8, 12, name="up")])
+    other = b.op("Relu", [b.matmul(x, 8, 12, name="side")])
+    shape = b.op("Shape", [h if of_itself else other])
+    count = b.op("Unsqueeze", [b.op("Squeeze", [b.op("Slice", [shape, b.ints([-1]), b.ints([2 ** 62]), b.ints([0])]),
+                                                b.ints([0])]), b.ints([0])])
+    flat = b.op("Reshape", [h, b.op("Concat", [b.ints([-1]), count], axis=0)], name="flatten")
+    return b.build([b.gemm(flat, 12, 5, name="down"), b.gemm(b.op("Reshape", [other, b.ints([-1, 12])]), 12, 5)])
+
+
+def test_reshape_reading_its_own_channel_count_at_run_time_prunes():
+    model = _own_channel_count_model(of_itself=True)
+    a = onnxprune.analyse(model)
+    assert group_of(a, "up").prunable, group_of(a, "up").blocked
+    result, _, _ = prune_checked(model, 0.5)
+    for batch, seq in ((1, 1), (3, 4)):  # the count is read at run time: batch and sequence stay dynamic
+        feeds = make_feeds(model, dims={"B": batch, "T": seq})
+        assert_close(run(masked_reference(model, a, result.plan), feeds), run(result.model, feeds))
+
+
+def test_reshape_reading_another_tensors_channel_count_is_a_barrier():
+    model = _own_channel_count_model(of_itself=False)
+    a = onnxprune.analyse(model)
+    for source in ("up", "side"):
+        g = group_of(a, source)
+        assert any("channel count" in r or "computed at run time" in r for r in g.blocked), (source, g.blocked)
+    prune_checked(model, 0.5, macs_drop=False)
+
+
 # --- barriers -----------------------------------------------------------------------------------
 
 def test_graph_output_is_a_barrier():

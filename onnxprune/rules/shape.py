@@ -290,13 +290,79 @@ def _moved_axis(node, view, axis: int) -> int | None:
     return None if axis in removed else axis - sum(1 for a in removed if a < axis)
 
 
-def _reshape_target_ok(node, view, out_axis: int) -> str | None:
-    """A Reshape target entry we can rewrite: a constant, -1, or a constant piece of a Concat."""
+def _reshape_target_ok(node, view, out_axis: int, in_axis: int) -> str | None:
+    """A Reshape target entry we can rewrite (a constant, -1, a constant piece of a Concat),
+    or one that stays right by itself: the data's own channel count, read at run time."""
     if node.op != "Reshape" or view.is_constant(node.inputs[1]):
         return None
     if _shape_entry(view, node.inputs[1], out_axis) is not None:
         return None
+    if _reads_own_dim(view, node, out_axis) == in_axis:
+        return None
     return "Reshape target is computed at run time"
+
+
+_ONE_ELEMENT_OPS = {"Squeeze", "Unsqueeze", "Cast", "Identity"}
+
+
+def _reads_own_dim(view, node, out_axis: int) -> int | None:
+    """The axis of a Reshape's data whose size entry ``out_axis`` of the target is, at run time:
+    Shape(data) -> Gather/Slice of one entry -> Squeeze/Unsqueeze/Cast -> a Concat piece
+    (torch's ``x.view(-1, x.size(-1))``). None for any other entry."""
+    found = _concat_piece(view, node.inputs[1], out_axis)
+    if found is None:
+        return None
+    concat, i, _ = found
+    t = concat.inputs[i]
+    while view.producer(t) is not None and view.producer(t).op in _ONE_ELEMENT_OPS:
+        t = view.producer(t).inputs[0]
+    picker = view.producer(t)
+    if picker is None or picker.op not in ("Gather", "Slice") or int(np.prod(view.shape(t) or [0])) != 1:
+        return None
+    source = view.producer(picker.inputs[0])
+    if source is None or source.op != "Shape" or source.inputs[0] is not node.inputs[0]:
+        return None
+    entry = _picked_entry(view, picker)
+    rank = view.rank(node.inputs[0])
+    if entry is None or rank is None:
+        return None
+    start = normalise_axis(int(attr(source, "start", 0)), rank)
+    end = attr(source, "end", None)
+    end = rank if end is None else min(normalise_axis(int(end), rank), rank)
+    return start + normalise_axis(entry, end - start)
+
+
+def _picked_entry(view, picker) -> int | None:
+    """The one entry of a 1-D shape tensor that a Gather (axis 0) or a Slice takes."""
+    if picker.op == "Gather":
+        picked = view.int_values(picker.inputs[1])
+        return picked[0] if picked is not None and len(picked) == 1 and int(attr(picker, "axis", 0)) == 0 else None
+    spec = _slice_spec(picker, view)
+    return spec[0][0] if spec is not None and list(spec) == [0] and spec[0][2] == 1 else None
+
+
+def _feeds_own_reshapes_only(view, shape_node, reader, axis: int) -> bool:
+    """Whether what ``reader`` computes from the Shape's output reaches nothing but the targets of
+    Reshapes of the same tensor, at the entry that carries ``axis`` (stays right after the cut)."""
+    queue, seen = list(reader.outputs), set()
+    while queue:
+        t = queue.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if view.is_graph_output(t):
+            return False
+        for consumer, index in view.consumers(t):
+            if consumer.op == "Reshape" and index == 1:
+                rank = view.rank(consumer.outputs[0]) or 0
+                if consumer.inputs[0] is not shape_node.inputs[0] or \
+                        axis not in [_reads_own_dim(view, consumer, j) for j in range(rank)]:
+                    return False
+            elif consumer.op == "Concat" or (consumer.op in _ONE_ELEMENT_OPS | {"Gather", "Slice"} and index == 0):
+                queue.extend(consumer.outputs)
+            else:
+                return False
+    return True
 
 
 def _concat_piece(view, tensor, index: int):
@@ -369,7 +435,7 @@ def reshape(node, view, r: Reached):
     if isinstance(mapped, str):
         return barrier(mapped)
     axis, owner, ties = mapped
-    problem = _reshape_target_ok(node, view, axis if r.side == "in" else r.axis)
+    problem = _reshape_target_ok(node, view, *((axis, r.axis) if r.side == "in" else (r.axis, axis)))
     if problem:
         return barrier(problem)
     return related(Link("out" if r.side == "in" else "in", 0, axis, owner), ties=ties)
@@ -420,5 +486,7 @@ def shape(node, view, r: Reached):
                 lo, hi, step = slice(*spec[0]).indices(end - start)
                 if entry not in range(lo, hi, step):
                     continue
+        if consumer.op in ("Gather", "Slice") and _feeds_own_reshapes_only(view, node, consumer, r.axis):
+            continue
         return barrier("shape arithmetic reads the channel count")
     return Relation()
