@@ -159,10 +159,13 @@ class Report:
             )
         if self.io_changes:
             lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (--allow-io-change):")
-        for c in self.io_changes or []:
+        changed = (self.io_changes or []) if verbose else (self.io_changes or [])[:8]
+        for c in changed:
             kept = "; ".join(f"axis {a} keeps {_positions(k)}" for a, k in c["kept"].items())
             lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
                          f"  ({kept})")
+        if len(self.io_changes or []) > len(changed):
+            lines.append(f"  ... {len(self.io_changes) - len(changed)} more reshaped (--verbose or --report)")
         if self.target:
             from .target import summary_line
 
