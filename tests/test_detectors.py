@@ -118,9 +118,10 @@ def yolo(request, tmp_path_factory) -> onnx.ModelProto:
 def test_yolo_prunes_and_keeps_its_outputs(yolo):
     result = onnxprune.prune(yolo, 0.4)
     check_valid(yolo, result.model)
-    # chunk() computes its slice bounds from the channel count at run time: those C2f groups are barriers
-    chunked = any(n.op_type == "Shape" and "/model.2/" in n.name for n in yolo.graph.node)
-    assert result.report.macs_before / result.report.macs_after >= (1.5 if chunked else 2.5)
+    # Plain torch.onnx.export also outputs the three feature maps: their last convolutions stay whole.
+    # (The C2f blocks' chunk(), Slice bounds computed from the channel count, prunes in both forms.)
+    plain = len(yolo.graph.output) > 1
+    assert result.report.macs_before / result.report.macs_after >= (2.0 if plain else 2.5)
     x = {"images": np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)}
     assert [a.shape for a in run(result.model, x)] == [a.shape for a in run(yolo, x)]
     detect = [n.output[0] for n in yolo.graph.node if n.op_type == "Conv" and "/model.22/" in n.name

@@ -766,6 +766,42 @@ def test_reshape_reading_another_tensors_channel_count_is_a_barrier():
     prune_checked(model, 0.5, macs_drop=False)
 
 
+def _chunk_model(parts: int = 2, of_itself: bool = True) -> onnx.ModelProto:
+    """torch's ``y = conv(x).chunk(parts, 1)`` as the legacy exporter writes it (YOLOv8's C2f): Slice bounds
+    computed at run time from the channel count, ceil(C / parts) * k; the chunks go on separately."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 12, name="cv1")])
+    side = b.op("Relu", [b.conv(x, 3, 12, name="side")])
+    count = b.op("Gather", [b.op("Shape", [h if of_itself else side]), b.ints([1])], axis=0)
+    step = b.op("Div", [b.op("Add", [count, b.ints([parts - 1])]), b.ints([parts])])
+    bounds = [b.ints([0])] + [b.op("Mul", [step, b.ints([k])]) for k in range(1, parts + 1)]
+    chunks = [b.op("Slice", [h, bounds[k], bounds[k + 1], b.ints([1])], name=f"chunk{k}") for k in range(parts)]
+    last = b.op("Relu", [b.conv(chunks[-1], 12 // parts, 12 // parts, name="inner")])
+    merged = b.op("Concat", [*chunks, b.op("Add", [chunks[-1], last]), side], axis=1)
+    return b.build(b.conv(merged, 12 + 12 // parts + 12, 5, name="cv2"))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_chunk_with_bounds_computed_from_the_channel_count_prunes(parts):
+    model = _chunk_model(parts)
+    a = onnxprune.analyse(model)
+    g = group_of(a, "cv1")
+    assert g.prunable, g.blocked
+    assert len(g.unit_members()) == 12 // parts  # position j of every chunk goes together
+    result, _, _ = prune_checked(model, 0.5)
+    kept = len(result.plan.keep[g.id])
+    assert kept % parts == 0 and kept < 12
+
+
+def test_chunk_bounds_from_another_tensors_width_are_a_barrier():
+    model = _chunk_model(of_itself=False)
+    a = onnxprune.analyse(model)
+    assert any("computed at run time" in r for r in group_of(a, "cv1").blocked), group_of(a, "cv1").blocked
+    assert any("channel count" in r for r in group_of(a, "side").blocked), group_of(a, "side").blocked
+    prune_checked(model, 0.5, macs_drop=False)  # nothing else to prune here: the model comes back whole
+
+
 # --- barriers -----------------------------------------------------------------------------------
 
 def test_graph_output_is_a_barrier():

@@ -122,6 +122,8 @@ def _slice_spec(node, view) -> dict[int, tuple[int, int, int]] | None:
 
 def slice_rewrite(node, view, cut):
     spec = _slice_spec(node, view)
+    if spec is None:  # bounds computed at run time (a chunk): they follow the new width by themselves
+        return
     data = node.inputs[0]
     axes = sorted(spec)
     new = {}
@@ -154,7 +156,13 @@ def slice_(node, view, r: Reached):
         return barrier("channels reach the slice bounds")
     spec = _slice_spec(node, view)
     if spec is None:
-        return barrier("slice bounds are computed at run time")
+        axes = _sliced_axes(node, view)
+        if axes is not None and r.axis not in axes:
+            return passthrough(r)  # bounds computed at run time, but on other axes
+        chunk = _chunk_of(node, view, r.axis)
+        if chunk is None:
+            return barrier("slice bounds are computed at run time")
+        return _chunk_relation(r, *chunk)
     if r.axis not in spec:
         return passthrough(r)
     size = view.dim(node.inputs[0], r.axis)
@@ -165,6 +173,128 @@ def slice_(node, view, r: Reached):
         return barrier("strided slice along the channel axis")
     if r.side == "in":
         return related(Link("out", 0, r.axis, r.owner[start:stop]))
+    whole = np.full(size, -1)
+    whole[start:stop] = r.owner
+    return related(Link("in", 0, r.axis, whole))
+
+
+def _sliced_axes(node, view) -> list[int] | None:
+    """The axes a Slice cuts (constant ``axes``, or all of its starts), also when its bounds are computed."""
+    rank = view.rank(node.inputs[0])
+    if rank is None or view.opset < 10 or "starts" in node.attrs:
+        return None
+    if len(node.inputs) > 3 and _present(node.inputs[3]):
+        axes = view.int_values(node.inputs[3])
+        return None if axes is None else [normalise_axis(a, rank) for a in axes]
+    starts = view.shape(node.inputs[1])
+    return list(range(starts[0])) if starts else None
+
+
+def _chunk_of(node, view, axis: int) -> tuple[int, int, int] | None:
+    """(start, stop, parts) when a Slice's computed bounds on ``axis`` are part ``k`` of ``parts``
+    equal chunks of the width read from its own data's shape (torch's ``x.chunk(n, dim)`` in the
+    legacy exporter): at every width that is a multiple of ``parts``, [k*w/parts, (k+1)*w/parts).
+    Then a cut that keeps as many channels in every chunk leaves the bounds right."""
+    axes = _sliced_axes(node, view)
+    size = view.dim(node.inputs[0], axis)
+    stepped = len(node.inputs) > 4 and _present(node.inputs[4])
+    if axes is None or axis not in axes or not size or \
+            (stepped and view.int_values(node.inputs[4]) != [1] * len(axes)):
+        return None
+    at = axes.index(axis)
+    bounds = lambda width: _bounds_at(view, node, axis, at, width)  # noqa: E731
+    now = bounds(size)
+    if now is None:
+        return None
+    start, stop = (min(max(b, 0), size) for b in now)
+    if stop <= start or size % (stop - start):
+        return None
+    parts, part = size // (stop - start), start // (stop - start)
+    if start % (stop - start) or parts < 2:
+        return None
+    for width in range(1, size // parts + 1):  # every width a cut may leave
+        if bounds(width * parts) != (part * width, (part + 1) * width):
+            return None
+    return start, stop, parts
+
+
+def _bounds_at(view, node, axis: int, at: int, width: int) -> tuple[int, int] | None:
+    """(start, stop) on ``axis`` if the data were ``width`` wide; None unless the bounds depend on
+    nothing but constants and the data's own shape (checked at two other values of its other dims)."""
+    data = node.inputs[0]
+    shape = view.shape(data)
+    if shape is None or None in shape:
+        return None
+    results = set()
+    for shift in (0, 7):
+        dims = np.array([width if a == axis else d + shift for a, d in enumerate(shape)], dtype=np.int64)
+        values = [_evaluate(view, node.inputs[i], data, dims, {}) for i in (1, 2)]
+        if any(v is None or v.ndim != 1 or len(v) <= at for v in values):
+            return None
+        results.add(tuple(int(v[at]) for v in values))
+    if len(results) != 1:
+        return None
+    start, stop = results.pop()
+    return min(max(start, 0), width), min(max(stop, 0), width)
+
+
+_SHAPE_MATH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def _evaluate(view, tensor, data, dims: np.ndarray, memo: dict, depth: int = 24):
+    """The value of a small integer tensor computed from constants and ``Shape(data)`` (as if
+    ``data`` had shape ``dims``); None for anything else."""
+    value = view.value(tensor)
+    if value is not None:
+        return np.asarray(value)
+    if tensor.name in memo:
+        return memo[tensor.name]
+    node = view.producer(tensor)
+    if node is None or depth == 0 or len(node.outputs) != 1:
+        return None
+    args = [] if node.op == "Shape" else [_evaluate(view, t, data, dims, memo, depth - 1) if _present(t) else None
+                                           for t in node.inputs]
+    if any(a is None for a in args[:2 if node.op in _SHAPE_MATH or node.op == "Div" else 1]):
+        return None
+    result = _apply(node, view, args, data, dims)
+    memo[tensor.name] = result
+    return result
+
+
+def _apply(node, view, args, data, dims):
+    op = node.op
+    if op == "Shape":
+        if node.inputs[0] is not data:
+            return None
+        rank = len(dims)
+        start = normalise_axis(int(attr(node, "start", 0)), rank)
+        end = attr(node, "end", None)
+        return dims[start:rank if end is None else normalise_axis(int(end), rank)]
+    if op in _SHAPE_MATH:
+        return _SHAPE_MATH[op](args[0], args[1])
+    if op == "Div":
+        return args[0] // args[1] if args[0].dtype.kind in "iu" else args[0] / args[1]
+    if op in ("Cast", "Identity"):
+        return args[0]
+    if op == "Gather" and int(attr(node, "axis", 0)) == 0 and args[1] is not None:
+        return np.take(args[0], args[1], axis=0)
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = attr(node, "axes", None)
+        axes = axes if axes is not None else (args[1].tolist() if len(args) > 1 and args[1] is not None else None)
+        if op == "Unsqueeze":
+            return None if axes is None else np.expand_dims(args[0], tuple(axes))
+        return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
+    if op == "Concat" and all(a is not None for a in args):
+        return np.concatenate([np.atleast_1d(a) for a in args])
+    return None
+
+
+def _chunk_relation(r: Reached, start: int, stop: int, parts: int) -> Relation:
+    """A chunk of the reached axis: its positions pass on, and equal positions of all chunks are
+    tied (each chunk keeps as many channels)."""
+    size = len(r.owner) if r.side == "in" else (stop - start) * parts
+    if r.side == "in":
+        return related(Link("out", 0, r.axis, r.owner[start:stop]), ties=strided(size, stop - start))
     whole = np.full(size, -1)
     whole[start:stop] = r.owner
     return related(Link("in", 0, r.axis, whole))
@@ -341,9 +471,14 @@ def _picked_entry(view, picker) -> int | None:
     return spec[0][0] if spec is not None and list(spec) == [0] and spec[0][2] == 1 else None
 
 
+_SHAPE_STEPS = _ONE_ELEMENT_OPS | {"Gather", "Slice", "Concat", "Add", "Sub", "Mul", "Div"}
+
+
 def _feeds_own_reshapes_only(view, shape_node, reader, axis: int) -> bool:
-    """Whether what ``reader`` computes from the Shape's output reaches nothing but the targets of
-    Reshapes of the same tensor, at the entry that carries ``axis`` (stays right after the cut)."""
+    """Whether what ``reader`` computes from the Shape's output (the channel count) reaches nothing
+    but shape arithmetic that stays right after the cut: the target of a Reshape of the same tensor
+    at the entry that carries ``axis``, or the bounds of a chunk of it (see _chunk_of)."""
+    data = shape_node.inputs[0]
     queue, seen = list(reader.outputs), set()
     while queue:
         t = queue.pop()
@@ -355,10 +490,13 @@ def _feeds_own_reshapes_only(view, shape_node, reader, axis: int) -> bool:
         for consumer, index in view.consumers(t):
             if consumer.op == "Reshape" and index == 1:
                 rank = view.rank(consumer.outputs[0]) or 0
-                if consumer.inputs[0] is not shape_node.inputs[0] or \
-                        axis not in [_reads_own_dim(view, consumer, j) for j in range(rank)]:
+                if consumer.inputs[0] is not data or axis not in [_reads_own_dim(view, consumer, j)
+                                                                   for j in range(rank)]:
                     return False
-            elif consumer.op == "Concat" or (consumer.op in _ONE_ELEMENT_OPS | {"Gather", "Slice"} and index == 0):
+            elif consumer.op == "Slice" and index in (1, 2):
+                if consumer.inputs[0] is not data or _chunk_of(consumer, view, axis) is None:
+                    return False
+            elif consumer.op in _SHAPE_STEPS and (index == 0 or consumer.op != "Slice"):
                 queue.extend(consumer.outputs)
             else:
                 return False
