@@ -146,6 +146,7 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
         teacher_net.eval()
     context = _Context(torch, net, teacher_net, options, features, groups, device, iochange.read(student),
                        whole=fixed_batch(teacher) is not None)
+    train_data, val_data = context.with_teacher_outputs(train_data), context.with_teacher_outputs(val_data)
     report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
     report.before = asdict(context.validate(val_data, 0, math.nan))
     # The untrained weights compete too (training may only make things worse), except under
@@ -190,6 +191,12 @@ def _rank(metrics: dict, options: TrainOptions) -> tuple:
     return (accuracy if accuracy is not None else 0.0, by_loss)
 
 
+# The teacher's outputs ride along with their samples in the Dataset under this prefix (no input
+# name starts with it); up to this many bytes of them are kept instead of rerunning the teacher.
+TEACHER_KEY = "\0teacher:"
+TEACHER_CACHE_BYTES = 1 << 29
+
+
 class _Context:
     def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device, changes=(),
                  whole: bool = False):
@@ -200,18 +207,47 @@ class _Context:
         self.changes = list(changes)  # graph inputs/outputs the student has reshaped (--allow-io-change)
         self.output_kept = [(c.axis, c.kept) for c in self.changes if c.role == "output" and c.name == self.output]
 
+    # --- the teacher's outputs, computed once -----------------------------------------
+    def teacher_names(self) -> list[str]:
+        return [self.output] + [f.name for f in self.features]
+
+    def with_teacher_outputs(self, data: Dataset) -> Dataset:
+        """``data`` carrying the teacher's outputs per sample (``TEACHER_KEY`` + name), so that
+        the teacher runs once instead of every epoch; ``data`` itself when they would take more
+        than ``TEACHER_CACHE_BYTES`` (large feature maps) or cannot be split per sample."""
+        if self.teacher is None or (self.whole and len(data) % self.options.batch_size):
+            return data
+        torch, names, parts = self.torch, self.teacher_names(), []
+        with torch.no_grad():
+            for feeds, _ in data.batches(self.options.batch_size, self.whole):
+                n = len(next(iter(feeds.values())))
+                values = self.teacher.run(self.to_device(feeds), names)
+                if any(v.dim() == 0 or v.shape[0] != n for v in values.values()):
+                    return data  # an output without a per-sample batch axis
+                if not parts and sum(v.numel() * v.element_size() for v in values.values()) / n * len(data) \
+                        > TEACHER_CACHE_BYTES:
+                    return data
+                parts.append({k: v.cpu().numpy() for k, v in values.items()})
+        cached = {TEACHER_KEY + k: np.concatenate([p[k] for p in parts]) for k in names}
+        return Dataset({**data.inputs, **cached}, data.labels, data.source, data.notes)
+
     # --- losses -------------------------------------------------------------------
     def losses(self, feeds: dict, labels):
-        """``feeds``: numpy arrays for the teacher (the original model)."""
+        """``feeds``: numpy arrays for the teacher (the original model), with its outputs when cached."""
         torch, o = self.torch, self.options
-        names = [self.output] + [f.name for f in self.features]
+        names = self.teacher_names()
+        cached = {k[len(TEACHER_KEY):]: v for k, v in feeds.items() if k.startswith(TEACHER_KEY)}
+        feeds = {k: v for k, v in feeds.items() if not k.startswith(TEACHER_KEY)}
         values = self.net.run(self.to_device(iochange.candidate_feeds(feeds, self.changes)), names)
         logits = values[self.output]
         total = logits.new_zeros(())
         teacher = None
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher.run(self.to_device(feeds), names)
+            if cached:
+                teacher = self.to_device(cached)
+            else:
+                with torch.no_grad():
+                    teacher = self.teacher.run(self.to_device(feeds), names)
             for axis, kept in self.output_kept:  # compare the positions the student still produces
                 index = torch.as_tensor(kept, device=teacher[self.output].device)
                 teacher[self.output] = teacher[self.output].index_select(axis, index)

@@ -84,6 +84,40 @@ def test_same_seed_same_weights(digits, pruned):
     assert a.SerializeToString() == b.SerializeToString()
 
 
+@pytest.mark.parametrize("features", [False, True])
+def test_teacher_runs_once_and_the_result_is_the_same(digits, pruned, monkeypatch, features):
+    """The teacher's outputs (and features) are computed once and carried with their samples:
+    training gives the same weights as rerunning the teacher every batch, with fewer teacher runs."""
+    import onnxprune.recover as recover
+    from onnxprune.executor import TorchGraph
+
+    teacher, student = pruned
+    small = digits[0].sample(300, 1)
+    points = onnxprune.prune_rounds(teacher, 0.5, data=digits[0], calib_samples=256) if features else None
+    options = dict(features=recover_features(points)) if features else {}
+    calls, original_run = [], TorchGraph.run
+
+    def counted_run(self, *args, **kwargs):
+        calls.append(1)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchGraph, "run", counted_run)
+    model = points.model if features else student
+    cached, _ = train(model, teacher, small, TrainOptions(**{**FAST, "epochs": 3}), **options)
+    with_cache = len(calls)
+    monkeypatch.setattr(recover, "TEACHER_CACHE_BYTES", 0)
+    calls.clear()
+    rerun, _ = train(model, teacher, small, TrainOptions(**{**FAST, "epochs": 3}), **options)
+    assert cached.SerializeToString() == rerun.SerializeToString()
+    assert with_cache < len(calls)
+
+
+def recover_features(result):
+    from onnxprune.api import _feature_points
+
+    return _feature_points(result)
+
+
 def test_group_lasso_shrinks_channel_norms(digits):
     """min f(w) + lambda * sum_c ||w_c||: the channels' norms fall (and the trained weights are kept)."""
     teacher = onnx.load(MODEL)
