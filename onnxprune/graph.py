@@ -45,6 +45,7 @@ class GraphView:
         _constants_as_tensors(graph)
         _bypass_constant_identities(graph)
         _fold_small_constant_arithmetic(graph, model.opset_import)
+        _fold_flattened_transposes(graph, shapes)
         cast_weights = _fold_cast_weights(graph)
         return cls(graph, shapes, opset_of(model), frozenset(_subgraph_references(graph)), cast_weights)
 
@@ -247,6 +248,51 @@ def _fold_cast_weights(graph: gs.Graph) -> dict:
     if folds:
         graph.cleanup(remove_unused_graph_inputs=False)
     return folds
+
+
+def _fold_flattened_transposes(graph: gs.Graph, shapes: Shapes) -> None:
+    """Reshape(x, [-1, trailing dims of x]) -> Transpose (axis 0 kept) -> Reshape(back to x's leading
+    dims, computed from Shape(x)) is one Transpose of x's trailing axes: the dynamo exporter's
+    scaled_dot_product_attention writes k.transpose(-2, -1) this way with dynamic shapes. As one
+    Transpose, the heads in x's leading dims stay visible to the rules (and the graph is shorter)."""
+    folded = 0
+    for transpose in list(graph.nodes):
+        found = _flattened_transpose(transpose, shapes)
+        if found is None:
+            continue
+        x, perm, unflatten = found
+        out = unflatten.outputs[0]
+        unflatten.outputs.clear()
+        graph.nodes.append(gs.Node("Transpose", f"{transpose.name}_folded", {"perm": perm}, [x], [out]))
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _flattened_transpose(transpose: gs.Node, shapes: Shapes):
+    """(x, perm on x, the unflattening Reshape) when ``transpose`` sits in that sandwich, else None."""
+    from .shape_math import evaluate
+
+    if transpose.op != "Transpose" or len(transpose.outputs[0].outputs) != 1:
+        return None
+    flatten, unflatten = transpose.inputs[0].inputs[:1], transpose.outputs[0].outputs[0]
+    if not flatten or flatten[0].op != "Reshape" or unflatten.op != "Reshape" \
+            or unflatten.inputs[0] is not transpose.outputs[0] or len(flatten[0].outputs[0].outputs) != 1:
+        return None
+    x = flatten[0].inputs[0]
+    rank = len(shapes.static.get(x.name) or ()) if not isinstance(x, gs.Constant) else 0
+    inner = transpose.attrs.get("perm")
+    if rank < 3 or inner is None or inner[0] != 0 or len(inner) > rank:
+        return None
+    lead = rank - len(inner) + 1  # x's leading axes, flattened into one
+    perm = list(range(lead)) + [lead + p - 1 for p in inner[1:]]
+    for dims in ([2, 3, 5, 7, 11, 13, 17, 19][:rank], [23, 29, 31, 37, 41, 43, 47, 53][:rank]):
+        flat = evaluate(flatten[0].inputs[1], x, dims)
+        back = evaluate(unflatten.inputs[1], x, dims)
+        if flat is None or back is None or list(flat[1:]) != dims[lead:] \
+                or int(flat[0]) not in (-1, int(np.prod(dims[:lead]))) or list(back) != [dims[p] for p in perm]:
+            return None
+    return x, perm, unflatten
 
 
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:

@@ -118,6 +118,45 @@ def test_reshape_target_built_by_concat_is_rewritten():
     assert out.shape == (3, 16, 4)  # the batch entry stays computed: other batch sizes run
 
 
+def attention_with_flattened_key_transpose(from_shape: bool = True) -> onnx.ModelProto:
+    """Attention whose k.transpose(-2, -1) is written as the dynamo exporter's sdpa writes it with
+    dynamic shapes: Reshape(k, [-1, T, d]) -> Transpose(0, 2, 1) -> Reshape(back, from Shape(k))."""
+    b = GraphBuilder()
+    x = b.input("x", [2, 5, 16])
+
+    def heads(name):  # (2, 5, 16) -> (2, 4 heads, 5, 4)
+        return b.op("Transpose", [b.op("Reshape", [b.matmul(x, 16, 16, name=name), b.ints([2, 5, 4, 4])])],
+                    perm=[0, 2, 1, 3])
+
+    q, k, v = heads("q"), heads("k"), heads("v")
+    shape = b.op("Shape", [k])
+    last = b.op("Slice", [shape, b.ints([-1]), b.ints([2 ** 62])])
+    second = b.op("Slice", [shape, b.ints([-2]), b.ints([-1])])
+    lead = b.op("Slice", [shape, b.ints([-2 ** 62]), b.ints([-2])]) if from_shape else b.ints([2, 4])
+    flat = b.op("Reshape", [k, b.op("Concat", [b.ints([-1]), second, last], axis=0)])
+    kt = b.op("Reshape", [b.op("Transpose", [flat], perm=[0, 2, 1]), b.op("Concat", [lead, last, second], axis=0)])
+    att = b.op("MatMul", [b.op("Softmax", [b.op("MatMul", [q, kt])], axis=-1), v])
+    merged = b.op("Reshape", [b.op("Transpose", [att], perm=[0, 2, 1, 3]), b.ints([2, 5, 16])])
+    return b.build(b.matmul(merged, 16, 16, name="out"))
+
+
+def test_flattened_key_transpose_is_one_transpose_and_heads_prune():
+    model = attention_with_flattened_key_transpose()
+    heads = next(g for g in onnxprune.analyse(model).groups if "q" in g.sources)
+    assert heads.prunable and heads.kind == "heads" and len(heads.unit_members()) == 4
+    result, _, _ = prune_checked(model, 0.5)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Shape" not in ops and ops.count("Reshape") == 4  # the sandwich became Transpose(perm 0, 1, 3, 2)
+    assert any(n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 1, 3, 2] for n in result.model.graph.node)
+
+
+def test_flattened_transpose_restored_from_constants_is_left_as_written():
+    model = attention_with_flattened_key_transpose(from_shape=False)
+    result, _, _ = prune_checked(model, 0.5, macs_drop=False)
+    assert sum(n.op_type == "Transpose" for n in result.model.graph.node) == \
+        sum(n.op_type == "Transpose" for n in model.graph.node)
+
+
 def test_external_data_in_and_out(tmp_path, capsys):
     """A model saved with external data (as the dynamo exporter writes it) is read and pruned."""
     path = tmp_path / "ext.onnx"

@@ -277,7 +277,8 @@ def export_gpt2_with_cache(path, exporter: str, attention: str) -> onnx.ModelPro
     return onnx.load(str(path))
 
 
-@pytest.mark.parametrize("exporter,attention", [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager")])
+@pytest.mark.parametrize("exporter,attention", [("legacy", "eager"), ("legacy", "sdpa"), ("dynamo", "eager"),
+                                               ("dynamo", "sdpa")])
 def test_gpt2_exported_with_its_cache_prunes_heads_with_the_flag(tmp_path, exporter, attention):
     """Both exporters, dynamic batch/sequence/past: the head count is recomputed, the cache's head axis
     shrinks, the rest of every shape stays dynamic, and the result is exact up to the removed heads."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, passthrough, related, rule, strided
 from ..graph import attr
+from ..shape_math import evaluate
 
 
 def _present(t) -> bool:
@@ -228,7 +229,8 @@ def _bounds_at(view, node, axis: int, at: int, width: int) -> tuple[int, int] | 
     results = set()
     for shift in (0, 7):
         dims = np.array([width if a == axis else d + shift for a, d in enumerate(shape)], dtype=np.int64)
-        values = [_evaluate(view, node.inputs[i], data, dims, {}) for i in (1, 2)]
+        memo = {}
+        values = [evaluate(node.inputs[i], data, dims, memo) for i in (1, 2)]
         if any(v is None or v.ndim != 1 or len(v) <= at for v in values):
             return None
         results.add(tuple(int(v[at]) for v in values))
@@ -236,57 +238,6 @@ def _bounds_at(view, node, axis: int, at: int, width: int) -> tuple[int, int] | 
         return None
     start, stop = results.pop()
     return min(max(start, 0), width), min(max(stop, 0), width)
-
-
-_SHAPE_MATH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
-
-
-def _evaluate(view, tensor, data, dims: np.ndarray, memo: dict, depth: int = 24):
-    """The value of a small integer tensor computed from constants and ``Shape(data)`` (as if
-    ``data`` had shape ``dims``); None for anything else."""
-    value = view.value(tensor)
-    if value is not None:
-        return np.asarray(value)
-    if tensor.name in memo:
-        return memo[tensor.name]
-    node = view.producer(tensor)
-    if node is None or depth == 0 or len(node.outputs) != 1:
-        return None
-    args = [] if node.op == "Shape" else [_evaluate(view, t, data, dims, memo, depth - 1) if _present(t) else None
-                                           for t in node.inputs]
-    if any(a is None for a in args[:2 if node.op in _SHAPE_MATH or node.op == "Div" else 1]):
-        return None
-    result = _apply(node, view, args, data, dims)
-    memo[tensor.name] = result
-    return result
-
-
-def _apply(node, view, args, data, dims):
-    op = node.op
-    if op == "Shape":
-        if node.inputs[0] is not data:
-            return None
-        rank = len(dims)
-        start = normalise_axis(int(attr(node, "start", 0)), rank)
-        end = attr(node, "end", None)
-        return dims[start:rank if end is None else normalise_axis(int(end), rank)]
-    if op in _SHAPE_MATH:
-        return _SHAPE_MATH[op](args[0], args[1])
-    if op == "Div":
-        return args[0] // args[1] if args[0].dtype.kind in "iu" else args[0] / args[1]
-    if op in ("Cast", "Identity"):
-        return args[0]
-    if op == "Gather" and int(attr(node, "axis", 0)) == 0 and args[1] is not None:
-        return np.take(args[0], args[1], axis=0)
-    if op in ("Unsqueeze", "Squeeze"):
-        axes = attr(node, "axes", None)
-        axes = axes if axes is not None else (args[1].tolist() if len(args) > 1 and args[1] is not None else None)
-        if op == "Unsqueeze":
-            return None if axes is None else np.expand_dims(args[0], tuple(axes))
-        return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
-    if op == "Concat" and all(a is not None for a in args):
-        return np.concatenate([np.atleast_1d(a) for a in args])
-    return None
 
 
 def _chunk_relation(r: Reached, start: int, stop: int, parts: int) -> Relation:
