@@ -1,20 +1,38 @@
-"""onnxprune: structured pruning of ONNX models, framework-agnostic."""
+"""onnxprune: structured pruning of ONNX models, framework-agnostic.
+
+The public names below are imported on first use: ``import onnxprune`` (and
+the command line's start, ``onnxprune --help``) stays fast, and an interrupt
+while the heavy modules load is handled by the command line like any other.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .api import Analysis, PruneResult, analyse, prune, prune_file, prune_rounds  # noqa: E402
-from .data import Dataset, load_data  # noqa: E402
-from .errors import (  # noqa: E402
-    InvalidModel, OnnxPruneError, QualityGateFailed, UnsupportedModel, UsageError, VerificationFailed,
-)
-from .plan import Plan  # noqa: E402
-from .sparsity import SparsityResult, sparsify  # noqa: E402
-from .recover import TrainOptions, distill, evaluate, finetune  # noqa: E402
-from .stats import count_macs, count_params  # noqa: E402
+_PUBLIC = {
+    "api": ["Analysis", "PruneResult", "analyse", "prune", "prune_file", "prune_rounds"],
+    "data": ["Dataset", "load_data"],
+    "errors": ["InvalidModel", "OnnxPruneError", "QualityGateFailed", "UnsupportedModel", "UsageError",
+               "VerificationFailed"],
+    "plan": ["Plan"],
+    "sparsity": ["SparsityResult", "sparsify"],
+    "recover": ["TrainOptions", "distill", "evaluate", "finetune"],
+    "stats": ["count_macs", "count_params"],
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = list(_MODULE_OF)
 
-__all__ = [
-    "Analysis", "PruneResult", "analyse", "prune", "prune_file", "prune_rounds", "Plan",
-    "Dataset", "load_data", "TrainOptions", "distill", "finetune", "evaluate",
-    "count_macs", "count_params", "sparsify", "SparsityResult",
-    "OnnxPruneError", "InvalidModel", "UnsupportedModel", "UsageError", "VerificationFailed", "QualityGateFailed",
-]
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

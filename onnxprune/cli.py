@@ -9,9 +9,7 @@ import traceback
 
 from . import __version__
 from .errors import EXIT_CODES, OnnxPruneError, UsageError
-from .importance import CRITERIA, needs_data
 from .errors import first_line
-from .sparsity import MIN_ELEMENTS, parse_nm
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +57,8 @@ def _analysis_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .importance import CRITERIA, needs_data
+
     p = _Parser(
         prog="onnxprune",
         description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nm(text: str) -> tuple[int, int]:
+    from .sparsity import parse_nm
+
     try:
         return parse_nm(text)
     except UsageError as exc:
@@ -109,6 +111,8 @@ def _nm(text: str) -> tuple[int, int]:
 
 
 def _sparsity_options(p: argparse.ArgumentParser) -> None:
+    from .sparsity import MIN_ELEMENTS
+
     g = p.add_argument_group("sparsity (zero single weights; after --structured, or alone)")
     g.add_argument("--unstructured", type=_ratio, metavar="R",
                    help="zero the fraction R of each weight tensor, lowest |w| first (with --global: of all "
@@ -497,6 +501,7 @@ def _ratio_list(text: str) -> list[float]:
 
 
 def build_sensitivity_parser() -> argparse.ArgumentParser:
+    from .importance import CRITERIA
     from .sensitivity import DEFAULT_RATIOS
 
     p = _Parser(prog="onnxprune sensitivity",

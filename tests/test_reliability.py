@@ -396,6 +396,12 @@ def _bytes_read(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
 
 
+def _loading_numpy(pid: int) -> bool:
+    """Whether the process has started loading its heavy modules (numpy's extension is mapped)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "numpy" in f.read()
+
+
 def _temps(directory: Path) -> list[Path]:
     # AtomicModelWriter writes ".<final name>.XXXXXXXX.tmp" beside the output and
     # renames it into place last: a temp never carries the final name.
@@ -414,6 +420,7 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
 # start), half a second later, when the temp file appears (writing), when the temp
 # file holds the model (verification), and a little later.
 MOMENTS = {
+    "starting": (lambda proc, out, size: _loading_numpy(proc.pid), 0.0),
     "analysing": (lambda proc, out, size: _bytes_read(proc.pid) >= size, 0.0),
     "cutting": (lambda proc, out, size: _bytes_read(proc.pid) >= size, 0.5),
     "writing": (lambda proc, out, size: bool(_temps(out)), 0.0),
