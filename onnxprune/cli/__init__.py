@@ -1,0 +1,51 @@
+"""Command line: argparse front, no logic. Errors -> one line on stderr + exit code.
+
+One module per command (prune, info, bench, sensitivity), the shared option
+groups and value types in options.py. Modules that need numpy, onnx or torch
+are imported inside the commands, so an interrupt while they load is handled
+here like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from ..errors import OnnxPruneError, first_line
+from .bench import run_bench
+from .info import run_info
+from .prune import build_parser, run_prune
+from .sensitivity import run_sensitivity
+
+__all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_sensitivity"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv[:1] == ["info"]:
+            return run_info(argv[1:])
+        if argv[:1] == ["bench"]:
+            return run_bench(argv[1:])
+        if argv[:1] == ["sensitivity"]:
+            return run_sensitivity(argv[1:])
+        return run_prune(argv)
+    except OnnxPruneError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): the work is done, stay quiet
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except Exception as exc:  # a bug: keep it to one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"onnxprune: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)",
+              file=sys.stderr)
+        return 1

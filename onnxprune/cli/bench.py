@@ -1,0 +1,48 @@
+"""``onnxprune bench A.onnx [B.onnx ...]``: onnxruntime latency side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import _Parser, _batches, _count, _positive
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxprune bench",
+        description="onnxruntime latency of models side by side: warm-up, then timed runs interleaved "
+        "round-robin; median, p90, p99 and speedup over the first model.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files; the first is the speedup reference")
+    p.add_argument("--provider", default="cpu",
+                   help="cpu, cuda, or a full onnxruntime provider name (default cpu)")
+    p.add_argument("--batch", type=_batches, default=[1], metavar="B1,B2,...",
+                   help="batch sizes (dim 0 of every input; default 1)")
+    p.add_argument("--threads", type=_positive, metavar="N", help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--warmup", type=_count, default=10, metavar="W", help="untimed runs per model and batch (default 10)")
+    p.add_argument("--iters", type=_positive, default=100, metavar="N",
+                   help="timed runs per model and batch (default 100)")
+    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin a dynamic input's other dims (dim 0 comes from --batch; repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_bench(argv: list[str]) -> int:
+    import json
+
+    from ..bench import bench, format_table
+    from ..model import ensure_writable, parse_input_shapes, write_text_file
+
+    args = build_bench_parser().parse_args(argv)
+    if args.json:
+        ensure_writable(args.json, "--json")
+    result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
+                   warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
+    if args.json:
+        write_text_file(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
+    if not args.quiet:
+        print(format_table(result))
+    return 0

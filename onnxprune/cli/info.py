@@ -1,0 +1,56 @@
+"""``onnxprune info MODEL``: params, MACs and the channel groups."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import _Parser, _analysis_options, _common
+
+
+def build_info_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxprune info", description="Params, MACs and channel groups of a model.")
+    p.add_argument("model")
+    _analysis_options(p)
+    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
+    _common(p)
+    return p
+
+
+def run_info(argv: list[str]) -> int:
+    import json
+
+    from ..api import analyse
+    from ..model import check_side_files, load_model, parse_input_shapes, write_text_file
+    from ..stats import count_macs, count_params, format_count
+
+    args = build_info_parser().parse_args(argv)
+    check_side_files(args.model, None, {"--json": args.json})
+    model = load_model(args.model)
+    analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore), args.prune_hidden,
+                       args.allow_io_change)
+    macs = count_macs(model, shapes=analysis.shapes.static)
+    prunable = analysis.prunable
+    blocked = [g for g in analysis.groups if g.blocked]
+    info = {
+        "params": count_params(model),
+        "macs": macs,
+        "inputs": {k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
+        "prunable": [{"id": g.id, "sources": g.sources, "channels": g.size, "kind": g.kind,
+                      "units": len(g.unit_members()), "nodes": len(g.nodes)} for g in prunable],
+        "blocked": [{"id": g.id, "sources": g.sources, "channels": g.size, "reason": "; ".join(g.blocked)}
+                    for g in blocked],
+    }
+    if args.json:
+        write_text_file(args.json, json.dumps(info, indent=1) + "\n")
+    if not args.quiet:
+        shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
+        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
+        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
+        for g in prunable:
+            unit = "heads" if g.kind == "heads" else "units"
+            tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
+            print(f"  {g.size:>5} ch{tied:<12} {', '.join(g.sources)}")
+        print(f"{len(blocked)} blocked group(s)")
+        for g in blocked:
+            print(f"  {g.size:>5} ch  {', '.join(g.sources)}: {'; '.join(g.blocked)}")
+    return 0

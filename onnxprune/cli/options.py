@@ -1,0 +1,194 @@
+"""The command line's shared pieces: a parser that fails in one line, value types, option groups."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected H,W (positive integers), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _batches(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"the fraction kept must be in (0, 1], got {text}")
+    return value
+
+
+def _speedup(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _nm(text: str) -> tuple[int, int]:
+    from ..sparsity import parse_nm
+
+    try:
+        return parse_nm(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
+                   help="pin a dynamic input's dims for analysis and verification (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="node or weight names (globs) to leave alone; blocks their groups (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _analysis_options(p: argparse.ArgumentParser) -> None:
+    """What may be grouped and cut: shared by prune, info and sensitivity."""
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the hidden size of transformers (through LayerNorm and embeddings; "
+                        "needs recovery training)")
+    p.add_argument("--allow-io-change", action="store_true",
+                   help="let attention heads that reach graph inputs/outputs (a decoder's KV cache) be pruned: "
+                        "those tensors' head axis shrinks; the report lists their new shapes")
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data (for the data criteria and bias compensation)")
+    g.add_argument("--data", metavar="PATH", help="FILE.npz (arrays named after the inputs, optional 'labels'), "
+                   "or a folder of .npz / .npy files or of images")
+    g.add_argument("--calib-samples", type=_positive, metavar="N", help="use N samples drawn with --seed (default all)")
+    g.add_argument("--batch-size", type=_positive, metavar="N", help="samples per run (default 32, or the model's fixed batch)")
+    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold removed channels' mean output into the next layer's bias (default: on with --data)")
+    g.add_argument("--image-size", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    g.add_argument("--mean", type=_floats, metavar="M0,M1,M2", help="images: per-channel mean after scaling to [0, 1]")
+    g.add_argument("--std", type=_floats, metavar="S0,S1,S2", help="images: per-channel std after scaling to [0, 1]")
+    g.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb", help="images: channel order (default rgb)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), help="images: tensor layout (default: from the input shape)")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recovery (needs --data; the original model is the teacher)")
+    g.add_argument("--distill", action="store_true", help="knowledge distillation from the original model (no labels)")
+    g.add_argument("--finetune", action="store_true", help="fine-tune on the labels in --data")
+    g.add_argument("--epochs", type=_positive, default=3, metavar="N", help="training epochs (default 3)")
+    g.add_argument("--lr", type=_nonneg_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--distill-loss", choices=("auto", "kl", "mse"), default="auto",
+                   help="auto: KL on temperature-softened (batch, classes) logits, else MSE")
+    g.add_argument("--temperature", type=_nonneg_float, default=4.0, help="distillation temperature (default 4)")
+    g.add_argument("--feature-distill", type=_nonneg_float, default=0.0, metavar="W",
+                   help="also match intermediate features at the kept channels, with weight W")
+    g.add_argument("--loss", choices=("auto", "ce", "mse"), default="auto",
+                   help="fine-tuning loss: auto = cross-entropy for logits with integer labels, else MSE")
+    g.add_argument("--sparsity-reg", type=_nonneg_float, default=0.0, metavar="LAMBDA",
+                   help="group-lasso regularisation of the channel groups during training")
+    g.add_argument("--steps", type=_positive, default=1, metavar="K",
+                   help="prune in K rounds, re-scoring and recovering between rounds")
+    g.add_argument("--val-fraction", type=_ratio, default=0.1, metavar="F",
+                   help="held-out validation fraction of --data (default 0.1)")
+    g.add_argument("--device", default="auto", help="training device: auto (CUDA when available), cpu, cuda[:N]")
+    g.add_argument("--max-accuracy-drop", type=_nonneg_float, metavar="P",
+                   help="fail (exit 6, nothing written) if top-1 accuracy drops more than P points")
+    g.add_argument("--max-output-error", type=_nonneg_float, metavar="E",
+                   help="fail (exit 6, nothing written) if the relative RMS output error exceeds E")
+
+
+def training_options(args):
+    from ..recover import TrainOptions
+
+    if not (args.distill or args.finetune):
+        for flag in ("sparsity_reg", "feature_distill"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies during training: add --distill or --finetune")
+        return None
+    return TrainOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size or 64, distill=args.distill,
+                        finetune=args.finetune, distill_loss=args.distill_loss, temperature=args.temperature,
+                        loss=args.loss, feature_weight=args.feature_distill, sparsity_reg=args.sparsity_reg,
+                        val_fraction=args.val_fraction, device=args.device, seed=args.seed, quiet=args.quiet)
+
+
+def image_options(args):
+    from ..data import ImageOptions
+
+    options = ImageOptions(channel_order=args.channel_order, layout=args.layout, size=args.image_size)
+    if args.mean:
+        options.mean = args.mean
+    if args.std:
+        if any(s <= 0 for s in args.std):
+            raise UsageError(f"--std values must be positive, got {args.std}")
+        options.std = args.std
+    return options

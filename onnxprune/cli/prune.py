@@ -1,0 +1,216 @@
+"""``onnxprune MODEL ...``: the pruning command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import EXIT_CODES, UsageError
+from .options import (
+    _Parser, _analysis_options, _batches, _common, _count, _data_options, _fraction, _nm, _positive, _ratio,
+    _speedup, _training_options, image_options, training_options,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..importance import CRITERIA, needs_data
+
+    p = _Parser(
+        prog="onnxprune",
+        description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
+        epilog="Also: 'onnxprune info MODEL' describes the prunable groups; 'onnxprune bench A.onnx "
+        "B.onnx' times models side by side with onnxruntime; 'onnxprune sensitivity MODEL --data D' "
+        "measures how much each group matters. Exit codes: "
+        + "; ".join(f"{k} {v.split(' (')[0]}" for k, v in EXIT_CODES.items()),
+    )
+    p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
+    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1; "
+                        f"{', '.join(c for c in CRITERIA if needs_data(c))} need --data)")
+    p.add_argument("--head-ratio", type=_ratio, metavar="R",
+                   help="fraction of attention heads to remove (default: the --structured ratio)")
+    _analysis_options(p)
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels of all groups together instead of R per group")
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                   help="never keep fewer than N channels in a group (default 1)")
+    p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
+                   help="with --global: remove at most R of any one group (default 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")
+    p.add_argument("--report", metavar="FILE.json", help="write a JSON report")
+    p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
+    p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
+    p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
+    _group_ratio_options(p)
+    _data_options(p)
+    _training_options(p)
+    _sparsity_options(p)
+    _target_options(p)
+    _common(p)
+    return p
+
+
+def _sparsity_options(p: argparse.ArgumentParser) -> None:
+    from ..sparsity import MIN_ELEMENTS
+
+    g = p.add_argument_group("sparsity (zero single weights; after --structured, or alone)")
+    g.add_argument("--unstructured", type=_ratio, metavar="R",
+                   help="zero the fraction R of each weight tensor, lowest |w| first (with --global: of all "
+                        "weights ranked together)")
+    g.add_argument("--nm", type=_nm, metavar="N:M",
+                   help="keep the N largest of every M consecutive weights along the reduction axis (e.g. 2:4)")
+    g.add_argument("--min-elements", type=_count, default=MIN_ELEMENTS, metavar="N",
+                   help=f"leave weight tensors with fewer than N elements dense (default {MIN_ELEMENTS})")
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budgets and hardware (a --target-* replaces --structured: the ratio is searched for)")
+    g.add_argument("--target-macs", type=_fraction, metavar="F",
+                   help="remove channels until at most the fraction F of the MACs is left (e.g. 0.5)")
+    g.add_argument("--target-params", type=_fraction, metavar="F",
+                   help="remove channels until at most the fraction F of the parameters is left")
+    g.add_argument("--target-speedup", type=_speedup, metavar="S",
+                   help="remove channels until the model runs S times faster on --provider (measured at the first "
+                        "--bench-batch; at most 8 benchmark runs)")
+    g.add_argument("--provider", metavar="NAME",
+                   help="the runtime the model is for (cpu, cuda): the default --round-to comes from its measured "
+                        "table (onnxprune/hardware.py); --target-speedup times on it")
+    g.add_argument("--bench", metavar="PROVIDER",
+                   help="after writing, time the input and the output side by side on PROVIDER (cpu, cuda)")
+    g.add_argument("--bench-batch", type=_batches, metavar="B1,B2,...",
+                   help="batch sizes for --bench (default 1); --target-speedup uses the first")
+    g.add_argument("--bench-iters", type=_positive, metavar="N",
+                   help="timed runs per model and batch (default 100 for --bench, 20 per --target-speedup candidate)")
+    g.add_argument("--threads", type=_positive, metavar="N",
+                   help="intra-op threads for --bench and --target-speedup (default: onnxruntime's)")
+
+
+def _group_ratio_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-group ratios")
+    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob to a "
+                   "ratio; other groups get --structured R (or stay whole without it)")
+    g.add_argument("--allocate", choices=("sensitivity",),
+                   help="sensitivity: measure each group's output error on --data and choose per-group ratios "
+                        "that remove --structured R of all prunable channels with the least error")
+
+
+def _check_flags(args, argv) -> None:
+    if args.plan_in and args.structured is not None:
+        raise UsageError("--plan-in and --structured are exclusive: a plan already says what to cut")
+    if args.plan_in and any(a.split("=")[0] in ("--importance", "--global", "--round-to") for a in argv):
+        raise UsageError("--plan-in applies a plan exactly; --importance/--global/--round-to do not apply")
+    sparse = args.unstructured is not None or args.nm is not None
+    if args.unstructured is not None and args.nm is not None:
+        raise UsageError("--unstructured and --nm are exclusive: choose one sparsity pattern")
+    if args.nm is not None and args.global_ranking and args.structured is None:
+        raise UsageError("--global ranks channels or --unstructured weights; --nm keeps N of every M in place")
+    if (args.plan_in is None and args.structured is None and not sparse and args.ratios is None
+            and not _targeted(args)):
+        raise UsageError("nothing to do: give --structured R, --target-macs F, --plan-in FILE, --unstructured R "
+                         "or --nm N:M")
+    if args.dry_run and args.output:
+        raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
+
+
+def run_prune(argv: list[str]) -> int:
+    from ..api import prune_file
+    from ..model import parse_input_shapes
+
+    args = build_parser().parse_args(argv)
+    target, bench = _target_and_bench(args, argv)
+    _check_flags(args, argv)
+    ratios = _group_ratios(args)
+    report = prune_file(
+        args.model, args.output, args.structured,
+        force=args.force, dry_run=args.dry_run, plan_in=args.plan_in, plan_out=args.plan_out,
+        report_path=args.report, seed=args.seed,
+        importance=args.importance, global_ranking=args.global_ranking, round_to=_round_to(args, argv),
+        min_channels=args.min_channels, max_group_ratio=args.max_group_ratio,
+        ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
+        data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
+        compensate=args.compensate, images=image_options(args), head_ratio=args.head_ratio,
+        prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet,
+        train=training_options(args), steps=args.steps,
+        max_accuracy_drop=args.max_accuracy_drop, max_output_error=args.max_output_error,
+        unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
+        ratios=ratios, allocate=args.allocate, target=target, bench=bench,
+    )
+    for w in report.warnings:
+        print(f"onnxprune: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(report.summary(verbose=args.verbose))
+        if args.verbose and report.allocation:
+            from ..sensitivity import format_allocation
+
+            print(format_allocation(report.allocation))
+        if report.written:
+            print(f"wrote   {report.output}")
+        elif args.dry_run:
+            print("dry run: nothing written")
+        if report.bench is not None:
+            from ..bench import format_table
+
+            print(format_table(report.bench))
+    return 0
+
+
+def _targeted(args) -> bool:
+    return any(v is not None for v in (args.target_macs, args.target_params, args.target_speedup))
+
+
+def _target_and_bench(args, argv):
+    """The --target-* budget and the --bench request; provider availability is checked here, before any work."""
+    from ..target import Latency, Target, check_combination
+
+    given = [(metric, value) for metric, value in (("macs", args.target_macs), ("params", args.target_params),
+                                                   ("speedup", args.target_speedup)) if value is not None]
+    if len(given) > 1:
+        raise UsageError("--target-macs, --target-params and --target-speedup are exclusive: choose one budget")
+    timed = bool(args.bench) or args.target_speedup is not None
+    for flag in ("--bench-batch", "--bench-iters", "--threads"):
+        if not timed and any(a.split("=")[0] == flag for a in argv):
+            raise UsageError(f"{flag} applies to --bench and --target-speedup")
+    batches = tuple(args.bench_batch or (1,))
+    target = None
+    if given:
+        metric, value = given[0]
+        latency = None
+        if metric == "speedup" and args.provider:
+            latency = Latency(args.provider, batches[:1], args.threads, warmup=3, iters=args.bench_iters or 20)
+        target = Target(metric, value, latency)
+        check_combination(target, args.structured, args.plan_in, args.steps, args.allocate)
+        target.check()
+    bench = None
+    if args.bench:
+        bench = Latency(args.bench, batches, args.threads, iters=args.bench_iters or 100)
+        if args.dry_run:
+            raise UsageError("--bench times the written model: drop --dry-run")
+        bench.check()
+    return target, bench
+
+
+def _round_to(args, argv) -> int:
+    """An explicit --round-to wins; else the --provider's measured multiple; else 1."""
+    if any(a.split("=")[0] == "--round-to" for a in argv) or not args.provider:
+        return args.round_to
+    from ..hardware import round_to_for
+
+    return round_to_for(args.provider)
+
+
+def _group_ratios(args) -> dict | None:
+    if (args.ratios or args.allocate) and args.steps > 1:
+        raise UsageError("--ratios/--allocate choose per-group ratios once; they do not combine with --steps")
+    if not args.ratios:
+        return None
+    from ..sensitivity import load_ratios
+
+    return load_ratios(args.ratios)

@@ -1,0 +1,78 @@
+"""``onnxprune sensitivity MODEL --data D``: each group's output error when cut alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from .options import _Parser, _analysis_options, _common, _data_options, _positive, _ratio, image_options
+
+
+def _ratio_list(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        values.append(_ratio(part.strip()))
+    return values
+
+
+def build_sensitivity_parser() -> argparse.ArgumentParser:
+    from ..importance import CRITERIA
+    from ..sensitivity import DEFAULT_RATIOS
+
+    p = _Parser(prog="onnxprune sensitivity",
+                description="Prune each channel group alone at several ratios and measure the output error "
+                            "(and top-1 accuracy, with labels) on calibration data.")
+    p.add_argument("model")
+    p.add_argument("--ratios-to-try", type=_ratio_list, default=list(DEFAULT_RATIOS), metavar="R1,R2,...",
+                   help=f"ratios to cut each group at (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
+    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1)")
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                   help="never keep fewer than N channels in a group (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
+    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
+    _analysis_options(p)
+    _data_options(p)
+    _common(p)
+    return p
+
+
+def run_sensitivity(argv: list[str]) -> int:
+    import json
+    import warnings
+
+    from ..data import load_data
+    from ..model import ensure_writable, load_model, parse_input_shapes, write_text_file
+    from ..sensitivity import measure_sensitivity, plot, require_matplotlib
+
+    args = build_sensitivity_parser().parse_args(argv)
+    if not args.data:
+        raise UsageError("sensitivity measures output error on data: give --data FILE")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            ensure_writable(path, flag)
+    if args.plot:
+        require_matplotlib()  # before minutes of measuring, not after
+    model = load_model(args.model)
+    data = load_data(args.data, model, image_options(args)).sample(args.calib_samples, args.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = measure_sensitivity(
+            model, data, args.ratios_to_try, importance=args.importance, seed=args.seed, round_to=args.round_to,
+            min_channels=args.min_channels, compensate=args.compensate is not False, batch_size=args.batch_size,
+            input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore),
+            prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet)
+    for w in caught:
+        print(f"onnxprune: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, **result.to_json()},
+                                              indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    if not args.quiet:
+        print(result.table())
+    return 0
