@@ -46,6 +46,7 @@ class GraphView:
         _bypass_constant_identities(graph)
         _fold_small_constant_arithmetic(graph, model.opset_import)
         _fold_flattened_transposes(graph, shapes)
+        _fold_channel_shuffles(graph, shapes)
         cast_weights = _fold_cast_weights(graph)
         return cls(graph, shapes, opset_of(model), frozenset(_subgraph_references(graph)), cast_weights)
 
@@ -293,6 +294,53 @@ def _flattened_transpose(transpose: gs.Node, shapes: Shapes):
                 or int(flat[0]) not in (-1, int(np.prod(dims[:lead]))) or list(back) != [dims[p] for p in perm]:
             return None
     return x, perm, unflatten
+
+
+def _fold_channel_shuffles(graph: gs.Graph, shapes: Shapes) -> None:
+    """Reshape(x, C -> (g, C/g)) -> Transpose swapping the two -> Reshape(back to x's shape), the
+    channel shuffle of ShuffleNet, is Gather(x, a constant permutation) along that axis: a
+    reordering the rules can follow across the groups it interleaves (a Gather rule renumbers it
+    after the cut). The permutation is checked against the three ops' shapes."""
+    folded = 0
+    for transpose in list(graph.nodes):
+        found = _channel_shuffle(transpose, shapes)
+        if found is None:
+            continue
+        x, axis, order, unsplit = found
+        out = unsplit.outputs[0]
+        unsplit.outputs.clear()
+        graph.nodes.append(gs.Node("Gather", f"{transpose.name}_shuffle", {"axis": axis},
+                                   [x, gs.Constant(f"{transpose.name}_shuffle_order", order)], [out]))
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _channel_shuffle(transpose: gs.Node, shapes: Shapes):
+    """(x, axis, permutation, the last Reshape) when ``transpose`` is the middle of a channel shuffle."""
+    if transpose.op != "Transpose" or len(transpose.outputs[0].outputs) != 1 or not transpose.inputs[0].inputs:
+        return None
+    split, unsplit = transpose.inputs[0].inputs[0], transpose.outputs[0].outputs[0]
+    if split.op != "Reshape" or unsplit.op != "Reshape" or len(split.outputs[0].outputs) != 1:
+        return None
+    x = split.inputs[0]
+    before, grid, after = (shapes.static.get(t.name) for t in (x, split.outputs[0], unsplit.outputs[0]))
+    perm = transpose.attrs.get("perm")
+    if not before or not grid or before != after or None in before or None in grid or perm is None \
+            or len(grid) != len(before) + 1:
+        return None
+    axis = next((a for a in range(len(before)) if grid[a] != before[a]), None)
+    swapped = list(range(len(grid)))
+    if axis is None or axis + 1 >= len(grid):
+        return None
+    swapped[axis], swapped[axis + 1] = axis + 1, axis
+    if list(perm) != swapped or grid[axis] * grid[axis + 1] != before[axis] or grid[axis] == 1 \
+            or grid[axis + 1] == 1 or list(grid[:axis]) + [before[axis]] + list(grid[axis + 2:]) != list(before):
+        return None
+    groups, per_group = grid[axis], grid[axis + 1]
+    position = np.arange(before[axis])  # output channel o = i * groups + a reads input a * per_group + i
+    order = (position % groups) * per_group + position // groups
+    return x, axis, order.astype(np.int64), unsplit
 
 
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:

@@ -157,6 +157,39 @@ def test_flattened_transpose_restored_from_constants_is_left_as_written():
         sum(n.op_type == "Transpose" for n in model.graph.node)
 
 
+def channel_shuffle_model(groups: int = 2) -> onnx.ModelProto:
+    """ShuffleNet's channel shuffle: two branches concatenated, Reshape (g, C/g) -> Transpose -> Reshape."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    branches = [b.op("Relu", [b.conv(x, 3, 12 // groups, name=f"branch{k}")]) for k in range(groups)]
+    h = b.op("Concat", branches, axis=1)
+    h = b.op("Reshape", [h, b.ints([1, groups, 12 // groups, 6, 6])])
+    h = b.op("Reshape", [b.op("Transpose", [h], perm=[0, 2, 1, 3, 4]), b.ints([1, 12, 6, 6])])
+    return b.build(b.conv(h, 12, 4, name="after"))
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_channel_shuffle_becomes_a_reordering_and_both_branches_prune(groups):
+    model = channel_shuffle_model(groups)
+    analysis = onnxprune.analyse(model)
+    assert all(next(g for g in analysis.groups if f"branch{k}" in g.sources).prunable for k in range(groups))
+    result, _, _ = prune_checked(model, 0.5)
+    gathers = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 1 and not any(n.op_type == "Transpose" for n in result.model.graph.node)
+    order = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == gathers[0].input[1]))
+    assert sorted(order.tolist()) == list(range(len(order))) and len(order) < 12  # renumbered, still a permutation
+
+
+def test_gather_of_repeated_channels_is_a_barrier():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.op("Relu", [b.conv(x, 3, 4, name="conv")])
+    h = b.op("Gather", [h, b.ints([0, 1, 1, 3])], axis=1)
+    model = b.build(b.conv(h, 4, 2, name="after"))
+    group = next(g for g in onnxprune.analyse(model).groups if "conv" in g.sources)
+    assert any("gathers along the channel axis" in r for r in group.blocked), group.blocked
+
+
 def test_external_data_in_and_out(tmp_path, capsys):
     """A model saved with external data (as the dynamo exporter writes it) is read and pruned."""
     path = tmp_path / "ext.onnx"

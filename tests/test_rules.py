@@ -924,10 +924,18 @@ def test_gather_on_spatial_axis():
     assert group_of(a, "conv1").prunable
 
 
-def test_gather_on_channel_axis_is_a_barrier():
-    model = chain(lambda b, h: (b.op("Gather", [h, b.ints([0, 2, 5])], axis=1), 3))
+def test_gather_selecting_channels_follows_them():
+    """Distinct constant indices along the channel axis select (and reorder) channels: the selected
+    ones keep their consumers' weights, the indices are renumbered after the cut."""
+    model = chain(lambda b, h: (b.op("Gather", [h, b.ints([5, 0, 2])], axis=1), 3))
+    assert group_of(onnxprune.analyse(model), "conv1").prunable
+    prune_checked(model, 0.5)
+
+
+def test_gather_of_one_channel_is_a_barrier():
+    model = chain(lambda b, h: (b.op("Unsqueeze", [b.op("Gather", [h, b.ints(2)], axis=1), b.ints([1])]), 1))
     g = group_of(onnxprune.analyse(model), "conv1")
-    assert any("gathers along the channel axis" in r for r in g.blocked)
+    assert any("gathers along the channel axis" in r for r in g.blocked), g.blocked
 
 
 def test_dynamic_flatten_shape_slice_form():

@@ -532,16 +532,50 @@ def reshape(node, view, r: Reached):
 
 # --- Gather (indexing along another axis) ------------------------------------------
 
-@rule("Gather")
+def _reordering(node, view) -> np.ndarray | None:
+    """A Gather's indices when they are constant, 1-D and distinct: a reordering (or a
+    selection) of positions along its axis, such as a channel shuffle (see graph.py)."""
+    indices = view.value(node.inputs[1])
+    size = view.dim(node.inputs[0], _axis(node, view, node.inputs[0]))
+    if indices is None or np.ndim(indices) != 1 or not size:
+        return None
+    indices = np.where(indices < 0, indices + size, indices).astype(np.int64)
+    return indices if len(np.unique(indices)) == len(indices) else None
+
+
+def gather_rewrite(node, view, cut):
+    """A reordering keeps the order of the channels that remain, renumbered."""
+    data = node.inputs[0]
+    g = _axis(node, view, data)
+    removed = cut.removed(data, g)
+    indices = _reordering(node, view) if len(removed) else None
+    if indices is None:
+        return
+    kept = np.setdiff1d(np.arange(view.dim(data, g)), removed)
+    renumbered = np.full(view.dim(data, g), -1)
+    renumbered[kept] = np.arange(len(kept))
+    cut.replace_constant(node, 1, renumbered[indices][renumbered[indices] >= 0].astype(np.int64))
+
+
+@rule("Gather", rewrite=gather_rewrite)
 def gather(node, view, r: Reached):
     data, indices = node.inputs[:2]
     rank, idx_rank = view.rank(data), view.rank(indices)
     if rank is None or idx_rank is None:
         return barrier("shape unknown")
     g = _axis(node, view, data)
-    if r.side == "in":
-        if r.index != 0 or r.axis == g:
+    if r.side == "in" and r.index != 0:
+        return barrier("channels reach the gathered indices")
+    if r.axis == g and (r.side == "in" or idx_rank == 1):  # along the gathered axis itself
+        order = _reordering(node, view)
+        if order is None:
             return barrier("gathers along the channel axis")
+        if r.side == "in":
+            return related(Link("out", 0, g, r.owner[order]))
+        whole = np.full(view.dim(data, g), -1)
+        whole[order] = r.owner
+        return related(Link("in", 0, g, whole))
+    if r.side == "in":
         return related(Link("out", 0, r.axis if r.axis < g else r.axis + idx_rank - 1, r.owner))
     if r.axis < g:
         return related(Link("in", 0, r.axis, r.owner))
