@@ -8,7 +8,7 @@ constant (the torch exporter does this for some biases) are bypassed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -37,6 +37,7 @@ class GraphView:
     # (surgery.export stores the pruned weight in that dtype again, behind a Cast).
     cast_weights: dict = None
     prune_hidden: bool = False  # rules let the hidden size through LayerNorm (--prune-hidden)
+    memo: dict = field(default_factory=dict)  # rules' costly findings about a node, computed once
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> "GraphView":

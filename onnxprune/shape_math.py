@@ -11,6 +11,8 @@ expression of constants and ``Shape(x)``; None for anything else.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -23,7 +25,7 @@ def evaluate(tensor: gs.Tensor, data: gs.Tensor, dims, memo: dict | None = None,
     constants and ``Shape(data)`` only."""
     memo = {} if memo is None else memo
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values) if np.prod(tensor.shape) <= 64 else None
+        return np.asarray(tensor.values) if math.prod(tensor.shape) <= 64 else None
     if tensor.name in memo:
         return memo[tensor.name]
     node = tensor.inputs[0] if tensor.inputs else None

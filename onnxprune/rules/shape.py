@@ -196,6 +196,13 @@ def _chunk_of(node, view, axis: int) -> tuple[int, int, int] | None:
     equal chunks of the width read from its own data's shape (torch's ``x.chunk(n, dim)`` in the
     legacy exporter): at every width that is a multiple of ``parts``, [k*w/parts, (k+1)*w/parts).
     Then a cut that keeps as many channels in every chunk leaves the bounds right."""
+    key = ("chunk", node.name, axis)
+    if key not in view.memo:
+        view.memo[key] = _find_chunk(node, view, axis)
+    return view.memo[key]
+
+
+def _find_chunk(node, view, axis: int) -> tuple[int, int, int] | None:
     axes = _sliced_axes(node, view)
     size = view.dim(node.inputs[0], axis)
     stepped = len(node.inputs) > 4 and _present(node.inputs[4])
