@@ -268,3 +268,48 @@ def test_grouped_query_attention_is_pruned_safely(tmp_path, exporter):
     reference = run(masked_reference(model, analysis, result.plan), x)[0]
     np.testing.assert_allclose(run(result.model, x)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     assert any(g.channels_before == 4 * HIDDEN and g.channels_after == 2 * HIDDEN for g in result.report.groups)
+
+
+class TimmStyleAttention(torch.nn.Module):
+    """timm's ViT attention: one qkv projection reshaped to (B, N, 3, heads, head_dim), permuted to
+    (3, B, heads, N, head_dim) and unbound into q, k, v."""
+
+    def __init__(self, hidden=HIDDEN, heads=HEADS):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.qkv, self.proj = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+        self.up, self.down = torch.nn.Linear(hidden, 4 * hidden), torch.nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1) @ v
+        h = x + self.proj(att.transpose(1, 2).reshape(b, n, c))
+        return h + self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_qkv_reshaped_to_three_by_heads_prunes_whole_heads(tmp_path, exporter):
+    torch.manual_seed(0)
+    path = tmp_path / "timm.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        if exporter == "legacy":
+            torch.onnx.export(TimmStyleAttention().eval(), (torch.rand(2, 5, HIDDEN),), str(path), opset_version=17,
+                              dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch", 1: "tokens"}, "y": {0: "batch", 1: "tokens"}})
+        else:
+            torch.onnx.export(TimmStyleAttention().eval(), (torch.rand(2, 5, HIDDEN),), str(path), dynamo=True,
+                              external_data=False, input_names=["x"], output_names=["y"])
+    model = onnx.load(str(path))
+    analysis = onnxprune.analyse(model, {"x": (2, 5, HIDDEN)})
+    heads = [g for g in analysis.prunable if g.kind == "heads"]
+    assert len(heads) == 1 and len(heads[0].unit_members()) == HEADS  # each unit: the head's q, k and v
+    assert all(len(m) == 3 * HIDDEN // HEADS for m in heads[0].unit_members())
+    result = onnxprune.prune(model, 0.5, input_shapes={"x": (2, 5, HIDDEN)})
+    check_valid(model, result.model)
+    assert [(g.units_before, g.units_after) for g in result.report.groups if g.kind == "heads"] == [(HEADS, 2)]
+    for shape in ((2, 5, HIDDEN), (3, 7, HIDDEN)) if exporter == "legacy" else ((2, 5, HIDDEN),):
+        x = {"x": np.random.default_rng(0).random(shape, dtype=np.float32)}
+        reference = run(masked_reference(model, analysis, result.plan), x)[0]
+        np.testing.assert_allclose(run(result.model, x)[0], reference, rtol=1e-4,
+                                   atol=1e-4 * np.abs(reference).max())

@@ -308,6 +308,13 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int], picke
         if k - j == 2 and picked_apart(j):
             inner = dst[j + 1]
             return j + 1, owner[:inner].copy(), strided(size, inner)
+        if k - j == 3 and picked_apart(j):  # (3, heads, head_dim): q, k, v taken apart, each split in heads
+            part, heads = size // dst[j], dst[j + 1]
+            block = part // heads
+            ties = [np.concatenate([np.arange(p * part + h * block, p * part + (h + 1) * block)
+                                    for p in range(dst[j])]) for h in range(heads)]
+            reps = np.array([next((int(o) for o in owner[t] if o >= 0), -1) for t in ties])
+            return j + 1, reps, ties
         block = size // dst[j]  # whole blocks (e.g. heads) become units
         ties = blocks_of(size, block)
         reps = np.array([next((int(o) for o in owner[b] if o >= 0), -1) for b in ties])
@@ -385,9 +392,20 @@ def _reshape_target_ok(node, view, out_axis: int, in_axis: int) -> str | None:
         return None
     if _shape_entry(view, node.inputs[1], out_axis) is not None:
         return None
-    if _reads_own_dim(view, node, out_axis) == in_axis:
+    if _reads_own_dim(view, node, out_axis) == in_axis or _static_piece(view, node, out_axis):
         return None
     return "Reshape target is computed at run time"
+
+
+def _static_piece(view, node, out_axis: int) -> bool:
+    """Whether entry ``out_axis`` of a Concat-built Reshape target is a one-element piece computed at
+    run time for a dim that is static in the model (``reshape(b, n, c)`` with ``c = x.size(2)`` of
+    another tensor): its value never changes, so the cut may write the new width there as a constant."""
+    found = _concat_piece(view, node.inputs[1], out_axis)
+    if found is None or view.is_dynamic(node.outputs[0], out_axis) or view.dim(node.outputs[0], out_axis) is None:
+        return False
+    concat, i, _ = found
+    return view.shape(concat.inputs[i]) in ((1,), ())
 
 
 _ONE_ELEMENT_OPS = {"Squeeze", "Unsqueeze", "Cast", "Identity"}
@@ -507,7 +525,14 @@ def reshape_rewrite(node, view, cut):
         return
     for j in range(view.rank(out) or 0):  # a Concat-built target: rewrite its constant pieces
         new = cut.new_dim(out, j)
-        if new == view.dim(out, j) or _shape_entry(view, node.inputs[1], j) in (None, -1):
+        if new == view.dim(out, j):
+            continue
+        entry = _shape_entry(view, node.inputs[1], j)
+        if entry is None and _reads_own_dim(view, node, j) is None and _static_piece(view, node, j):
+            concat, i, _ = _concat_piece(view, node.inputs[1], j)
+            cut.replace_constant(concat, i, np.array([new], dtype=np.int64))  # a static dim: now a constant
+            continue
+        if entry in (None, -1):
             continue
         concat, i, at = _concat_piece(view, node.inputs[1], j)
         piece = np.array(np.atleast_1d(view.value(concat.inputs[i])), dtype=np.int64, copy=True)
