@@ -190,7 +190,7 @@ def prune(
             scores, allocation = {}, None
     report = _report(analysis, plan, scores, ratio, importance if ratio is not None or ratios else "plan")
     report.allocation = allocation and allocation.to_json()
-    report.warnings = [str(w.message) for w in caught]
+    report.warnings = list(dict.fromkeys(str(w.message) for w in caught))  # once each
     hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
     if hidden:
         report.warnings.append(
@@ -209,9 +209,13 @@ def prune(
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, changes))
         if folded is not None:
-            report.compensation = _compensation_effect(model, pruned, plan, folded, calib, batch_size,
-                                                       input_shapes=input_shapes, ignore=ignore,
-                                                       prune_hidden=prune_hidden, allow_io_change=allow_io_change)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report.compensation = _compensation_effect(model, pruned, plan, folded, calib, batch_size,
+                                                           input_shapes=input_shapes, ignore=ignore,
+                                                           prune_hidden=prune_hidden,
+                                                           allow_io_change=allow_io_change)
+            report.warnings += [m for m in dict.fromkeys(str(w.message) for w in caught) if m not in report.warnings]
     else:
         pruned = model
     report.seconds = time.perf_counter() - started
@@ -491,7 +495,7 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
                 if bad:
                     raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
                 report.output_error = result.output_error
-    report.warnings.extend(str(w.message) for w in caught)
+    report.warnings.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in report.warnings)
 
 
 def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:

@@ -26,13 +26,14 @@ Two measurements:
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from .data import Dataset, fixed_batch
-from .errors import MissingDependency, UnsupportedModel, first_line
+from .errors import MissingDependency, UnsupportedModel, UsageError, first_line
 from .graph import GraphView
 from .groups import Group
 
@@ -91,6 +92,21 @@ def batch_size_for(model: onnx.ModelProto, requested: int | None) -> int:
     return fixed or requested or DEFAULT_BATCH
 
 
+def model_batches(data: Dataset, model: onnx.ModelProto, requested: int | None = None):
+    """(batches of ``data`` as ``model`` takes them, their count). A model whose batch size is
+    fixed gets whole batches of that size only: the remainder is left out, with a warning."""
+    fixed = fixed_batch(model)
+    size = batch_size_for(model, requested)
+    if fixed and len(data) < fixed:
+        raise UsageError(f"the model's batch size is fixed at {fixed}: give at least {fixed} samples "
+                         f"(the data has {len(data)})")
+    if fixed and len(data) % fixed:
+        warnings.warn(f"the model's batch size is fixed at {fixed}: {len(data) % fixed} of {len(data)} samples "
+                      "are left out of each pass (a whole batch is needed)")
+    steps = len(data) // fixed if fixed else -(-len(data) // size)
+    return data.batches(size, whole=bool(fixed)), steps
+
+
 def progress(iterable, total: int, desc: str, quiet: bool):
     """A tqdm bar with ETA on a terminal; the bare iterable in pipelines or with --quiet."""
     if quiet or not sys.stdout.isatty():
@@ -146,10 +162,9 @@ def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphVie
     zero_sums = {g.id: np.zeros(g.size) for g in groups}
     zero_counts = {g.id: np.zeros(g.size) for g in groups}
     mean_sums: dict[tuple[str, str], np.ndarray] = {}
-    batch = batch_size_for(model, batch_size)
     seen = 0
-    steps = -(-len(data) // batch)
-    for feeds, _ in progress(data.batches(batch), steps, "activations", quiet):
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, _ in progress(batches, steps, "activations", quiet):
         values = dict(zip(names, sess.run(names, feeds)))
         seen += len(next(iter(feeds.values())))
         for g in groups:
@@ -208,11 +223,10 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
     output = graph.output_names[0]
     signed = {g.id: np.zeros(g.size) for g in groups}
     squared = {g.id: np.zeros(g.size) for g in groups}
-    batch = batch_size_for(model, batch_size)
     total = 0
     labels_fit = _labels_fit(data, model)
-    steps = -(-len(data) // batch)
-    for feeds, labels in progress(data.batches(batch), steps, "gradients", quiet):
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, labels in progress(batches, steps, "gradients", quiet):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
         values = graph.run(tensors, names + [output])
         logits = values[output]
@@ -273,10 +287,9 @@ def weight_scores(model: onnx.ModelProto, data: Dataset, criterion: str, names: 
     wanted = [n for n in (names or graph.param_names.values()) if n in set(graph.param_names.values())]
     params = {n: graph.parameter(n) for n in wanted}
     totals = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    batch = batch_size_for(model, batch_size)
     labels_fit = _labels_fit(data, model)
-    steps = -(-len(data) // batch)
-    for feeds, labels in progress(data.batches(batch), steps, "gradients", quiet):
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, labels in progress(batches, steps, "gradients", quiet):
         logits = graph(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})[0]
         targets = (torch.from_numpy(labels.astype(np.int64)) if labels_fit and labels is not None
                    else logits.detach().argmax(_loss_axis(logits.dim())))

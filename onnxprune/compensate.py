@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import iochange
-from .calibration import GroupStats, read_points
+from .calibration import GroupStats, model_batches, read_points
 from .graph import GraphView, attr
 from .groups import Group, ParamSlot
 from .plan import Plan
@@ -159,7 +159,7 @@ def output_errors(original, candidates: dict, data, batch_size: int) -> dict[str
     reference = session(original.SerializeToString())
     output_names = [o.name for o in reference.get_outputs()]
     squared, scale = dict.fromkeys(candidates, 0.0), dict.fromkeys(candidates, 0.0)
-    for feeds, _ in data.batches(batch_size):
+    for feeds, _ in model_batches(data, original, batch_size)[0]:
         expected = dict(zip(output_names, (np.asarray(e, np.float64) for e in reference.run(None, feeds))))
         for name, sess in sessions.items():
             got = sess.run(None, iochange.candidate_feeds(feeds, changes[name]))

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from . import iochange
-from .calibration import progress, require_torch
+from .calibration import model_batches, progress, require_torch
 from .data import Dataset, fixed_batch
 from .errors import UsageError
 
@@ -133,19 +133,24 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     from .executor import TorchGraph
 
     options.check()
-    if fixed_batch(teacher):  # the graph fixes it (a Reshape target may bake it in): train at that size
-        options = replace(options, batch_size=fixed_batch(teacher))
+    fixed = fixed_batch(teacher)
+    if fixed:  # the graph fixes it (a Reshape target may bake it in): train at that size
+        options = replace(options, batch_size=fixed)
     if options.finetune and data.labels is None:
         raise UsageError("--finetune needs labels: add a 'labels' array to the --data file")
     torch.manual_seed(options.seed)
     device = pick_device(torch, options.device)
     train_data, val_data = data.split(options.val_fraction, options.seed)
+    if fixed and min(len(train_data), len(val_data)) < fixed:
+        raise UsageError(f"the model's batch size is fixed at {fixed}: training needs at least {fixed} samples in "
+                         f"the training and in the validation split (have {len(train_data)} and {len(val_data)}; "
+                         "see --val-fraction)")
     net = TorchGraph(student).to(device)
     teacher_net = TorchGraph(teacher, trainable=lambda name: False).to(device) if options.distill else None
     if teacher_net is not None:
         teacher_net.eval()
     context = _Context(torch, net, teacher_net, options, features, groups, device, iochange.read(student),
-                       whole=fixed_batch(teacher) is not None)
+                       whole=fixed is not None)
     train_data, val_data = context.with_teacher_outputs(train_data), context.with_teacher_outputs(val_data)
     report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
     report.before = asdict(context.validate(val_data, 0, math.nan))
@@ -363,9 +368,10 @@ def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, 
 
     ours, theirs = session(model.SerializeToString()), session(reference.SerializeToString())
     changes, first = iochange.read(model), theirs.get_outputs()[0].name
-    correct = correct_ref = 0
+    correct = correct_ref = count = 0
     squared = scale = 0.0
-    for feeds, labels in data.batches(batch_size):
+    for feeds, labels in model_batches(data, reference, batch_size)[0]:
+        count += len(next(iter(feeds.values())))
         got = ours.run(None, iochange.candidate_feeds(feeds, changes))[0]
         expected = iochange.comparable_outputs({first: theirs.run(None, feeds)[0]}, changes)[first]
         squared += float(((got.astype(np.float64) - expected) ** 2).sum())
@@ -375,9 +381,9 @@ def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, 
             correct_ref += int((expected.argmax(1) == labels).sum())
     labelled = data.labels is not None and data.labels.ndim == 1 and data.labels.dtype.kind in "iu"
     result = {"output_error": math.sqrt(squared / scale) if scale > 0 else math.sqrt(squared),
-              "samples": len(data)}
+              "samples": count}
     if labelled:
-        result.update(accuracy=correct / len(data), original_accuracy=correct_ref / len(data))
+        result.update(accuracy=correct / max(count, 1), original_accuracy=correct_ref / max(count, 1))
         result["accuracy_drop_points"] = 100.0 * (result["original_accuracy"] - result["accuracy"])
     return result
 

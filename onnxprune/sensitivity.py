@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from .api import analyse
-from .calibration import batch_size_for, measure
+from .calibration import batch_size_for, measure, model_batches
 from .compensate import compensate as compensate_biases
 from .data import Dataset
 from .errors import MissingDependency, UsageError
@@ -120,10 +120,11 @@ class _Evaluator:
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch_size: int):
         from .verify import session
 
-        self.batches = list(data.batches(batch_size))
+        self.batches = list(model_batches(data, model, batch_size)[0])
         reference = session(model.SerializeToString())
         self.reference = [reference.run(None, feeds) for feeds, _ in self.batches]
-        self.labels = data.labels if self._labels_fit(data) else None
+        # the labels of the samples in the batches (a fixed batch size may leave the last few out)
+        self.labels = np.concatenate([labels for _, labels in self.batches]) if self._labels_fit(data) else None
         self.baseline_accuracy = self._accuracy(self.reference)
 
     def _labels_fit(self, data: Dataset) -> bool:

@@ -321,3 +321,43 @@ def test_cli_unstructured_with_taylor_scores(tmp_path, capsys):
     tensors = json.loads((tmp_path / "r.json").read_text())["sparsity"]["tensors"]
     used = [t for t in tensors if not t["skipped"]]
     assert used and all(t["criterion"] == "scores" for t in used)
+
+
+# --- a model whose batch size is fixed (> 1) -----------------------------------------------------
+
+@pytest.fixture
+def fixed_batch_model(tmp_path):
+    b = GraphBuilder()
+    x = b.input("x", [4, 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c1")])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv(h, 8, 8, name="c2")])])])
+    path = tmp_path / "fixed4.onnx"
+    onnx.save(b.build(b.gemm(h, 8, 3, name="fc")), str(path))
+    rng = np.random.default_rng(0)
+    for n in (3, 10):
+        np.savez(tmp_path / f"data{n}.npz", x=rng.standard_normal((n, 3, 8, 8)).astype(np.float32),
+                 labels=np.arange(n) % 3)
+    return path
+
+
+@pytest.mark.parametrize("extra", [["--importance", "taylor"], ["--importance", "activation"],
+                                   ["--allocate", "sensitivity"],
+                                   ["--distill", "--epochs", "1", "--val-fraction", "0.4", "--max-output-error", "9"]])
+def test_fixed_batch_runs_whole_batches_and_says_what_it_left_out(fixed_batch_model, capsys, extra):
+    out = fixed_batch_model.parent / "out.onnx"
+    code = main([str(fixed_batch_model), "--structured", "0.5", "--data", str(fixed_batch_model.parent / "data10.npz"),
+                 "-o", str(out), "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("batch size is fixed at 4: 2 of 10 samples are left out") == 1, err
+
+
+@pytest.mark.parametrize("data, extra, message", [
+    ("data3.npz", [], "give at least 4 samples (the data has 3)"),
+    ("data10.npz", ["--distill"], "training needs at least 4 samples in the training and in the validation split"),
+])
+def test_fixed_batch_with_too_few_samples_is_a_usage_error(fixed_batch_model, capsys, data, extra, message):
+    code = main([str(fixed_batch_model), "--structured", "0.5", "--data", str(fixed_batch_model.parent / data),
+                 "--dry-run", "-q", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") <= 2, err

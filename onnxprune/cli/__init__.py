@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 from ..errors import OnnxPruneError, first_line
 from .bench import run_bench
@@ -21,9 +22,15 @@ from .sensitivity import run_sensitivity
 __all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_sensitivity"]
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"onnxprune: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # warnings not collected into a report: one line each, like the errors
+        warnings.showwarning = _one_line_warning
     try:
         if argv[:1] == ["info"]:
             return run_info(argv[1:])

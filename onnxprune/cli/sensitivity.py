@@ -66,8 +66,8 @@ def run_sensitivity(argv: list[str]) -> int:
             min_channels=args.min_channels, compensate=args.compensate is not False, batch_size=args.batch_size,
             input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore),
             prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet)
-    for w in caught:
-        print(f"onnxprune: warning: {w.message}", file=sys.stderr)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # once each
+        print(f"onnxprune: warning: {message}", file=sys.stderr)
     if args.json:
         write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, **result.to_json()},
                                               indent=1) + "\n")
