@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 
 def taylor(stats):
     return stats.taylor
