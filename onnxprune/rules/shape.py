@@ -405,7 +405,8 @@ def _static_piece(view, node, out_axis: int) -> bool:
     if found is None or view.is_dynamic(node.outputs[0], out_axis) or view.dim(node.outputs[0], out_axis) is None:
         return False
     concat, i, _ = found
-    return view.shape(concat.inputs[i]) in ((1,), ())
+    only_here = len(view.consumers(concat.outputs[0])) == 1  # a shared target is rewritten for all its readers
+    return only_here and view.shape(concat.inputs[i]) in ((1,), ())
 
 
 _ONE_ELEMENT_OPS = {"Squeeze", "Unsqueeze", "Cast", "Identity"}
