@@ -190,7 +190,7 @@ def prune(
             scores, allocation = {}, None
     report = _report(analysis, plan, scores, ratio, importance if ratio is not None or ratios else "plan")
     report.allocation = allocation and allocation.to_json()
-    report.warnings = list(dict.fromkeys(str(w.message) for w in caught))  # once each
+    report.add_warnings(caught)
     hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
     if hidden:
         report.warnings.append(
@@ -215,7 +215,7 @@ def prune(
                                                            input_shapes=input_shapes, ignore=ignore,
                                                            prune_hidden=prune_hidden,
                                                            allow_io_change=allow_io_change)
-            report.warnings += [m for m in dict.fromkeys(str(w.message) for w in caught) if m not in report.warnings]
+            report.add_warnings(caught)
     else:
         pruned = model
     report.seconds = time.perf_counter() - started
@@ -495,7 +495,7 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
                 if bad:
                     raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
                 report.output_error = result.output_error
-    report.warnings.extend(m for m in dict.fromkeys(str(w.message) for w in caught) if m not in report.warnings)
+    report.add_warnings(caught)
 
 
 def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:

@@ -1,9 +1,13 @@
 """A thin view over an onnx-graphsurgeon graph: producers, consumers, constants, shapes.
 
 ``GraphView.from_model`` imports the model into onnx-graphsurgeon and
-normalises how weights are spelled, so that rules see one form:
-Constant nodes become constant tensors and Identity nodes that merely route a
-constant (the torch exporter does this for some biases) are bypassed.
+normalises how exporters spell things, so that rules see one form:
+Constant nodes become constant tensors, Identity nodes that merely route a
+constant (the torch exporter does this for some biases) are bypassed, small
+constant arithmetic is folded, Cast(weight) becomes the weight, and two
+multi-op spellings of one op become that op: a transpose done as
+flatten -> Transpose -> unflatten (one Transpose) and a channel shuffle
+(one Gather). These rewrites reach the pruned model, which computes the same.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .model import opset_of
+from .shape_math import evaluate
 from .shapes import Shapes
 
 
@@ -273,8 +278,6 @@ def _fold_flattened_transposes(graph: gs.Graph, shapes: Shapes) -> None:
 
 def _flattened_transpose(transpose: gs.Node, shapes: Shapes):
     """(x, perm on x, the unflattening Reshape) when ``transpose`` sits in that sandwich, else None."""
-    from .shape_math import evaluate
-
     if transpose.op != "Transpose" or len(transpose.outputs[0].outputs) != 1:
         return None
     flatten, unflatten = transpose.inputs[0].inputs[:1], transpose.outputs[0].outputs[0]

@@ -124,6 +124,12 @@ class Report:
             return None
         return self.macs_before / self.macs_after
 
+    def add_warnings(self, caught) -> None:
+        """Caught warnings (``warnings.catch_warnings(record=True)``), each message once."""
+        for message in (str(w.message) for w in caught):
+            if message not in self.warnings:
+                self.warnings.append(message)
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["macs_ratio"] = self.macs_ratio

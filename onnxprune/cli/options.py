@@ -12,44 +12,28 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+def _number(convert, valid, requirement: str):
+    """An argparse type: ``convert`` the text, then check it (``valid`` is False for NaN too)."""
+    kind = "an integer" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_ratio = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+_positive = _number(int, lambda v: v >= 1, "must be at least 1")
+_count = _number(int, lambda v: v >= 0, "must be at least 0")
+_nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
+_fraction = _number(float, lambda v: 0 < v <= 1, "the fraction kept must be in (0, 1]")
+_speedup = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -78,26 +62,6 @@ def _batches(text: str) -> list[int]:
     return values
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"the fraction kept must be in (0, 1], got {text}")
-    return value
-
-
-def _speedup(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _nm(text: str) -> tuple[int, int]:
     from ..sparsity import parse_nm
 
@@ -114,6 +78,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="node or weight names (globs) to leave alone; blocks their groups (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _importance_option(p: argparse.ArgumentParser, data_note: bool = True) -> None:
+    from ..importance import CRITERIA, needs_data
+
+    note = f"; {', '.join(c for c in CRITERIA if needs_data(c))} need --data" if data_note else ""
+    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1{note})")
+
+
+def _width_options(p: argparse.ArgumentParser) -> None:
+    """How kept widths are rounded and bounded: shared by prune and sensitivity."""
+    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                   help="never keep fewer than N channels in a group (default 1)")
 
 
 def _analysis_options(p: argparse.ArgumentParser) -> None:

@@ -8,14 +8,12 @@ import sys
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
 from .options import (
-    _Parser, _analysis_options, _batches, _common, _count, _data_options, _fraction, _nm, _positive, _ratio,
-    _speedup, _training_options, image_options, training_options,
+    _Parser, _analysis_options, _batches, _common, _count, _data_options, _fraction, _importance_option, _nm,
+    _positive, _ratio, _speedup, _training_options, _width_options, image_options, training_options,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..importance import CRITERIA, needs_data
-
     p = _Parser(
         prog="onnxprune",
         description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
@@ -29,18 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
     p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
-    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
-                   help=f"channel importance: {', '.join(CRITERIA)} (default l1; "
-                        f"{', '.join(c for c in CRITERIA if needs_data(c))} need --data)")
+    _importance_option(p)
     p.add_argument("--head-ratio", type=_ratio, metavar="R",
                    help="fraction of attention heads to remove (default: the --structured ratio)")
     _analysis_options(p)
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels of all groups together instead of R per group")
-    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
-                   help="kept channels per group are a multiple of N (default 1)")
-    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
-                   help="never keep fewer than N channels in a group (default 1)")
+    _width_options(p)
     p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
                    help="with --global: remove at most R of any one group (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from .options import _Parser, _analysis_options, _common, _data_options, _positive, _ratio, image_options
+from .options import (
+    _Parser, _analysis_options, _common, _data_options, _importance_option, _ratio, _width_options, image_options,
+)
 
 
 def _ratio_list(text: str) -> list[float]:
@@ -17,7 +19,6 @@ def _ratio_list(text: str) -> list[float]:
 
 
 def build_sensitivity_parser() -> argparse.ArgumentParser:
-    from ..importance import CRITERIA
     from ..sensitivity import DEFAULT_RATIOS
 
     p = _Parser(prog="onnxprune sensitivity",
@@ -26,12 +27,8 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--ratios-to-try", type=_ratio_list, default=list(DEFAULT_RATIOS), metavar="R1,R2,...",
                    help=f"ratios to cut each group at (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
-    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
-                   help=f"channel importance: {', '.join(CRITERIA)} (default l1)")
-    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
-                   help="kept channels per group are a multiple of N (default 1)")
-    p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
-                   help="never keep fewer than N channels in a group (default 1)")
+    _importance_option(p, data_note=False)
+    _width_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
     p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")

@@ -451,7 +451,7 @@ def _picked_entry(view, picker) -> int | None:
 _SHAPE_STEPS = _ONE_ELEMENT_OPS | {"Gather", "Slice", "Concat", "Add", "Sub", "Mul", "Div"}
 
 
-def _feeds_own_reshapes_only(view, shape_node, reader, axis: int) -> bool:
+def _width_read_stays_right(view, shape_node, reader, axis: int) -> bool:
     """Whether what ``reader`` computes from the Shape's output (the channel count) reaches nothing
     but shape arithmetic that stays right after the cut: the target of a Reshape of the same tensor
     at the entry that carries ``axis``, or the bounds of a chunk of it (see _chunk_of)."""
@@ -642,7 +642,7 @@ def shape(node, view, r: Reached):
                 lo, hi, step = slice(*spec[0]).indices(end - start)
                 if entry not in range(lo, hi, step):
                     continue
-        if consumer.op in ("Gather", "Slice") and _feeds_own_reshapes_only(view, node, consumer, r.axis):
+        if consumer.op in ("Gather", "Slice") and _width_read_stays_right(view, node, consumer, r.axis):
             continue
         return barrier("shape arithmetic reads the channel count")
     return Relation()
