@@ -8,8 +8,11 @@ here like any other.
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -26,12 +29,29 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"onnxprune: warning: {message}", file=sys.stderr)
 
 
+def _load_pipeline() -> None:
+    """Import numpy, onnx and the pipeline with Ctrl-C held back until they are loaded: an
+    interrupt raised inside a C extension's initialisation can crash the interpreter."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        importlib.import_module("onnxprune.api")
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        importlib.import_module("onnxprune.api")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:  # warnings not collected into a report: one line each, like the errors
         warnings.showwarning = _one_line_warning
     try:
+        _load_pipeline()
         if argv[:1] == ["info"]:
             return run_info(argv[1:])
         if argv[:1] == ["bench"]:

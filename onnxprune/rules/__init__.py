@@ -116,4 +116,4 @@ def normalise_axis(axis: int, rank: int) -> int:
 
 
 # Register every family (import for side effects: each module fills RULES).
-from . import conv, elementwise, linear, norm, pool, shape  # noqa: E402,F401
+from . import conv, elementwise, linear, norm, pool, reshape, shape  # noqa: E402,F401
