@@ -13,13 +13,17 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "api": ["Analysis", "PruneResult", "analyse", "prune", "prune_file", "prune_rounds"],
+    "options": ["AnalysisOptions", "DataOptions", "GateOptions", "Latency", "OutputOptions", "PruneOptions",
+                "SparsityOptions", "Target", "TrainOptions", "WidthOptions"],
     "data": ["Dataset", "load_data"],
     "errors": ["InvalidModel", "OnnxPruneError", "QualityGateFailed", "UnsupportedModel", "UsageError",
                "VerificationFailed"],
-    "plan": ["Plan"],
-    "sparsity": ["SparsityResult", "sparsify"],
-    "recover": ["TrainOptions", "distill", "evaluate", "finetune"],
-    "stats": ["count_macs", "count_params"],
+    "planning.plan": ["Plan"],
+    "cut.sparsity": ["SparsityResult", "sparsify"],
+    "recovery.train": ["distill", "finetune"],
+    "metrics": ["evaluate"],
+    "analysis.stats": ["count_macs", "count_params"],
+    "executor.module": ["TorchGraph"],
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 __all__ = list(_MODULE_OF)

@@ -22,6 +22,7 @@ raises a one-line ``UsageError``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import MissingDependency, UsageError
-from .model import graph_inputs
+from .model.inputs import fixed_batch, graph_inputs
 
 LABELS = "labels"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -85,14 +86,14 @@ def load_data(path: str | Path, model: onnx.ModelProto, images: ImageOptions | N
     """Read ``path`` and check it against ``model``'s graph inputs."""
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"--data {path}: no such file or directory")
+        raise UsageError(f"`data` {path}: no such file or directory")
     specs = {vi.name: vi for vi in graph_inputs(model)}
     if path.is_dir():
         arrays = _read_folder(path, specs, images or ImageOptions())
     elif path.suffix == ".npz":
         arrays = _read_npz(path)
     else:
-        raise UsageError(f"--data {path}: expected a .npz file or a folder (of .npz, .npy or images)")
+        raise UsageError(f"`data` {path}: expected a .npz file or a folder (of .npz, .npy or images)")
     dataset = _match_inputs(arrays, specs, str(path))
     for name, spec in specs.items():
         dataset.inputs[name] = _checked(dataset.inputs[name], spec, str(path))
@@ -105,14 +106,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise UsageError(f"--data {path}: not a readable .npz file ({type(exc).__name__})") from None
+        raise UsageError(f"`data` {path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise UsageError(f"--data {path}: not a readable .npy file ({type(exc).__name__})") from None
+        raise UsageError(f"`data` {path}: not a readable .npy file ({type(exc).__name__})") from None
 
 
 def _read_folder(path: Path, specs: dict, images: ImageOptions) -> dict[str, np.ndarray]:
@@ -124,9 +125,9 @@ def _read_folder(path: Path, specs: dict, images: ImageOptions) -> dict[str, np.
     }
     kinds = [k for k, v in by_kind.items() if v]
     if not kinds:
-        raise UsageError(f"--data {path}: no .npz, .npy or image files in the folder")
+        raise UsageError(f"`data` {path}: no .npz, .npy or image files in the folder")
     if len(kinds) > 1:
-        raise UsageError(f"--data {path}: the folder mixes {' and '.join(kinds)} files; keep one kind")
+        raise UsageError(f"`data` {path}: the folder mixes {' and '.join(kinds)} files; keep one kind")
     if kinds[0] == "npz":
         return _concatenate([_read_npz(p) for p in by_kind["npz"]], path)
     if kinds[0] == "npy":
@@ -138,11 +139,11 @@ def _concatenate(parts: list[dict[str, np.ndarray]], path: Path) -> dict[str, np
     names = set(parts[0])
     for part in parts[1:]:
         if set(part) != names:
-            raise UsageError(f"--data {path}: the .npz files hold different array names")
+            raise UsageError(f"`data` {path}: the .npz files hold different array names")
     try:
         return {k: np.concatenate([p[k] for p in parts]) for k in sorted(names)}
     except ValueError:
-        raise UsageError(f"--data {path}: arrays of one name have different shapes across files") from None
+        raise UsageError(f"`data` {path}: arrays of one name have different shapes across files") from None
 
 
 def _read_npy_folder(files: list[Path], specs: dict, path: Path) -> dict[str, np.ndarray]:
@@ -151,7 +152,7 @@ def _read_npy_folder(files: list[Path], specs: dict, path: Path) -> dict[str, np
     if not rest:
         return named
     if len(specs) != 1:
-        raise UsageError(f"--data {path}: {rest[0].name} is not named after a model input "
+        raise UsageError(f"`data` {path}: {rest[0].name} is not named after a model input "
                          f"({', '.join(specs)}) or {LABELS}")
     name, spec = next(iter(specs.items()))
     rank = len(spec.type.tensor_type.shape.dim)
@@ -160,7 +161,7 @@ def _read_npy_folder(files: list[Path], specs: dict, path: Path) -> dict[str, np
     try:
         named[name] = np.concatenate(samples)
     except ValueError:
-        raise UsageError(f"--data {path}: the .npy files have different shapes") from None
+        raise UsageError(f"`data` {path}: the .npy files have different shapes") from None
     return named
 
 
@@ -168,18 +169,18 @@ def _read_images(path: Path, files: list[Path], specs: dict, options: ImageOptio
     try:
         from PIL import Image
     except ImportError:
-        raise MissingDependency("--data with images needs Pillow: pip install pillow") from None
+        raise MissingDependency("`data` with images needs Pillow: pip install pillow") from None
     if len(specs) != 1:
-        raise UsageError(f"--data {path}: a folder of images needs a model with one input, "
+        raise UsageError(f"`data` {path}: a folder of images needs a model with one input, "
                          f"this one has {len(specs)}")
     name, spec = next(iter(specs.items()))
     dims = [d.dim_value if d.HasField("dim_value") else None for d in spec.type.tensor_type.shape.dim]
     if len(dims) != 4:
-        raise UsageError(f"--data {path}: images need a rank-4 input, {name} has rank {len(dims)}")
+        raise UsageError(f"`data` {path}: images need a rank-4 input, {name} has rank {len(dims)}")
     layout = options.layout or ("nhwc" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "nchw")
     height, width = options.size or ((dims[1], dims[2]) if layout == "nhwc" else (dims[2], dims[3]))
     if not height or not width:
-        raise UsageError(f"--data {path}: {name} has no fixed height/width; give --image-size H,W")
+        raise UsageError(f"`data` {path}: {name} has no fixed height/width; give `size` H,W")
     channels = dims[3] if layout == "nhwc" else dims[1]
     mode = "L" if channels == 1 else "RGB"
     arrays = []
@@ -188,7 +189,7 @@ def _read_images(path: Path, files: list[Path], specs: dict, options: ImageOptio
             with Image.open(f) as img:
                 arrays.append(np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR)))
         except OSError as exc:
-            raise UsageError(f"--data {f}: cannot read image ({type(exc).__name__})") from None
+            raise UsageError(f"`data` {f}: cannot read image ({type(exc).__name__})") from None
     x = np.stack(arrays).astype(np.float32) / 255.0
     if x.ndim == 3:
         x = x[..., None]
@@ -215,15 +216,15 @@ def _match_inputs(arrays: dict[str, np.ndarray], specs: dict, source: str) -> Da
         arrays = {missing[0]: arrays[extra[0]]}
         missing, extra = [], []
     if missing:
-        raise UsageError(f"--data {source}: no array for model input {missing[0]!r} "
+        raise UsageError(f"`data` {source}: no array for model input {missing[0]!r} "
                          f"(the file holds: {', '.join(sorted(arrays)) or 'nothing'})")
     if extra:
-        raise UsageError(f"--data {source}: array {extra[0]!r} is not a model input "
+        raise UsageError(f"`data` {source}: array {extra[0]!r} is not a model input "
                          f"(inputs: {', '.join(specs)}; labels go in {LABELS!r})")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iuf" or labels.ndim < 1:
-            raise UsageError(f"--data {source}: {LABELS} must be a numeric array with one entry per sample")
+            raise UsageError(f"`data` {source}: {LABELS} must be a numeric array with one entry per sample")
     return Dataset(dict(arrays), labels, source, notes)
 
 
@@ -237,21 +238,21 @@ def _checked(array: np.ndarray, spec: onnx.ValueInfoProto, source: str) -> np.nd
     expected = onnx.helper.tensor_dtype_to_np_dtype(elem)
     name = spec.name
     if array.dtype.kind not in "biuf":
-        raise UsageError(f"--data {source}: {name} has dtype {array.dtype}, not a numeric type")
+        raise UsageError(f"`data` {source}: {name} has dtype {array.dtype}, not a numeric type")
     if elem in _FLOAT_TYPES:
         if array.dtype.kind not in "fiu":
-            raise UsageError(f"--data {source}: {name} is {array.dtype}, the model expects {expected}")
+            raise UsageError(f"`data` {source}: {name} is {array.dtype}, the model expects {expected}")
     elif array.dtype.kind == "f":
-        raise UsageError(f"--data {source}: {name} holds floats, the model expects {np.dtype(expected)}")
+        raise UsageError(f"`data` {source}: {name} holds floats, the model expects {np.dtype(expected)}")
     dims = spec.type.tensor_type.shape.dim
     if array.ndim != len(dims):
-        raise UsageError(f"--data {source}: {name} has rank {array.ndim} (first axis = samples), "
+        raise UsageError(f"`data` {source}: {name} has rank {array.ndim} (first axis = samples), "
                          f"the model input has rank {len(dims)}")
     for axis, (d, size) in enumerate(zip(dims, array.shape)):
         if axis and d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size:
-            raise UsageError(f"--data {source}: {name} dim {axis} is {size}, the model expects {d.dim_value}")
+            raise UsageError(f"`data` {source}: {name} dim {axis} is {size}, the model expects {d.dim_value}")
     if not len(array):
-        raise UsageError(f"--data {source}: {name} holds no samples")
+        raise UsageError(f"`data` {source}: {name} holds no samples")
     return np.ascontiguousarray(array, dtype=expected)
 
 
@@ -261,13 +262,29 @@ def _check_counts(dataset: Dataset, source: str) -> None:
         counts[LABELS] = len(dataset.labels)
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise UsageError(f"--data {source}: arrays have different numbers of samples ({listed})")
+        raise UsageError(f"`data` {source}: arrays have different numbers of samples ({listed})")
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a model's first input fixes (None when its first dim is dynamic)."""
-    inputs = graph_inputs(model)
-    if not inputs:
-        return None
-    dims = inputs[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+DEFAULT_BATCH = 32
+
+
+
+def batch_size_for(model: onnx.ModelProto, requested: int | None) -> int:
+    fixed = fixed_batch(model)
+    return fixed or requested or DEFAULT_BATCH
+
+
+
+def model_batches(data: Dataset, model: onnx.ModelProto, requested: int | None = None):
+    """(batches of ``data`` as ``model`` takes them, their count). A model whose batch size is
+    fixed gets whole batches of that size only: the remainder is left out, with a warning."""
+    fixed = fixed_batch(model)
+    size = batch_size_for(model, requested)
+    if fixed and len(data) < fixed:
+        raise UsageError(f"the model's batch size is fixed at {fixed}: give at least {fixed} samples "
+                         f"(the data has {len(data)})")
+    if fixed and len(data) % fixed:
+        warnings.warn(f"the model's batch size is fixed at {fixed}: {len(data) % fixed} of {len(data)} samples "
+                      "are left out of each pass (a whole batch is needed)")
+    steps = len(data) // fixed if fixed else -(-len(data) // size)
+    return data.batches(size, whole=bool(fixed)), steps

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import cli
-from onnxprune.bench import BenchResult, Timing, batch_shapes, format_table, time_interleaved
+from onnxprune.runtime.bench import BenchResult, Timing, batch_shapes, format_table, time_interleaved
 
 
 def conv_gemm(width: int, batch: int | str = "N", seed: int = 0, hw=(8, 8)) -> onnx.ModelProto:

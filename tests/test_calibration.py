@@ -11,11 +11,11 @@ import pytest
 
 import onnxprune
 from onnxprune.api import analyse, prune
-from onnxprune.calibration import activation_stats, read_points
 from onnxprune.cli import main
 from onnxprune.data import Dataset, load_data
 from onnxprune.errors import UsageError
-from onnxprune.plan import Plan
+from onnxprune.planning.plan import Plan
+from onnxprune.scoring.calibration import activation_stats, read_points
 
 try:
     from graphs import GraphBuilder, run
@@ -145,7 +145,7 @@ def test_apoz_of_an_always_zero_channel_is_one():
     all_stats = activation_stats(model, analysis.prunable, analysis.view, data)
     stats = all_stats[c1_group(analysis).id]
     assert stats.zeros[DEAD] == 1.0 and stats.zeros[CONSTANT] == 0.0
-    scores = onnxprune.importance.score_groups(analysis.groups, analysis.view, "apoz", stats=all_stats)
+    scores = onnxprune.scoring.criteria.score_groups(analysis.groups, analysis.view, "apoz", stats=all_stats)
     assert scores[c1_group(analysis).id][DEAD] == 0.0
 
 
@@ -161,7 +161,7 @@ def test_activation_is_mean_abs_relative_to_the_group():
 
 
 def run_intermediate(model, name, x):
-    from onnxprune.calibration import capture_model
+    from onnxprune.scoring.calibration import capture_model
 
     return run(capture_model(model, [name]), {"x": x})[-1]
 
@@ -185,7 +185,7 @@ def test_channel_with_zero_gradient_scores_zero(criterion):
     reader.CopyFrom(onnx.numpy_helper.from_array(w, "c2.W"))
     analysis = analyse(model)
     group = c1_group(analysis)
-    from onnxprune.calibration import gradient_stats
+    from onnxprune.scoring.calibration import gradient_stats
 
     stats = gradient_stats(model, [group], analysis.view, probe_data())[group.id]
     scores = getattr(stats, criterion)
@@ -196,8 +196,9 @@ def test_channel_with_zero_gradient_scores_zero(criterion):
 def test_taylor_matches_weight_times_gradient_of_the_reader():
     """sum a * dL/da at the read point equals sum w * dL/dw over the reader's weights."""
     torch = pytest.importorskip("torch")
-    from onnxprune.calibration import gradient_stats
-    from onnxprune.executor import TorchGraph
+    from onnxprune.executor.module import TorchGraph
+
+    from onnxprune.scoring.calibration import gradient_stats
 
     model, data = probe_model(), probe_data(16)
     analysis = analyse(model)
@@ -300,7 +301,7 @@ def test_cli_data_usage_errors(tmp_path, capsys, args, message):
 def test_weight_scores_for_unstructured_sparsity():
     """|w * dL/dw| per weight: weights reading the dead channel (a = 0) get no gradient and score 0."""
     pytest.importorskip("torch")
-    from onnxprune.calibration import weight_scores
+    from onnxprune.scoring.calibration import weight_scores
 
     model = probe_model()
     scores = weight_scores(model, probe_data(), "taylor", ["c2.W", "head.W"])

@@ -671,13 +671,13 @@ def test_info_old_opset_exit_4(tmp_path, capsys):
 
 
 def test_verification_failure_exit_5_leaves_nothing(model, capsys, tmp_path, monkeypatch):
-    import onnxprune.api as api
+    import onnxprune.pipeline.run as run
 
     def failing(path, feeds, reference):
         assert Path(path).exists()  # it verifies the written temp file
         raise onnxprune.VerificationFailed("simulated: pruned model rejected")
 
-    monkeypatch.setattr(api, "verify_file", failing)
+    monkeypatch.setattr(run, "verify_file", failing)
     before = digest(model)
     code, _, err = run_main(capsys, model, "--structured", "0.4", "--report", tmp_path / "r.json")
     assert code == 5
@@ -687,12 +687,12 @@ def test_verification_failure_exit_5_leaves_nothing(model, capsys, tmp_path, mon
 
 
 def _raise_in_surgery(monkeypatch, message):
-    import onnxprune.api as api
+    import onnxprune.pipeline.steps as steps
 
     def boom(*args, **kwargs):
         raise RuntimeError(message)
 
-    monkeypatch.setattr(api, "apply_plan", boom)
+    monkeypatch.setattr(steps, "apply_plan", boom)
 
 
 def test_internal_error_is_one_line(model, capsys, tmp_path, monkeypatch):

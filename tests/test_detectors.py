@@ -19,7 +19,7 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune.calibration import capture_model
+from onnxprune.scoring.calibration import capture_model
 
 try:
     from graphs import check_valid, run

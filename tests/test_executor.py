@@ -1,4 +1,4 @@
-"""onnxprune.executor.TorchGraph against onnxruntime: single ops, zoo models, transformers,
+"""onnxprune.executor.module.TorchGraph against onnxruntime: single ops, zoo models, transformers,
 gradients, write-back.
 
 Tolerance: max |diff| / max |reference| <= 1e-4 for models (the brief's figure), tighter for
@@ -21,8 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 from graphs import GraphBuilder, rel_err, session  # noqa: E402
+from onnxprune.executor.module import TorchGraph, tensor_from_proto  # noqa: E402
+
 from onnxprune.errors import UnsupportedModel, UsageError  # noqa: E402
-from onnxprune.executor import TorchGraph, tensor_from_proto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))

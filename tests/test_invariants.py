@@ -31,19 +31,33 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import onnx
-from hypothesis import HealthCheck, assume, event, given, note, settings
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import onnxprune
-from onnxprune.plan import emptied_slots
+from onnxprune.planning.plan import emptied_slots
 
 try:
-    from graphs import GraphBuilder, assert_close, check_valid, make_feeds, masked_reference, run
+    from graphs import (
+        GraphBuilder,
+        assert_close,
+        check_valid,
+        make_feeds,
+        masked_reference,
+        run,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.graphs import GraphBuilder, assert_close, check_valid, make_feeds, masked_reference, run
+    from tests.graphs import (
+        GraphBuilder,
+        assert_close,
+        check_valid,
+        make_feeds,
+        masked_reference,
+        run,
+    )
 
 EXAMPLES = int(os.environ.get("ONNXPRUNE_HYPOTHESIS_EXAMPLES", 150))
 SETTINGS = settings(

@@ -20,9 +20,9 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune import iochange
 from onnxprune.cli import main
-from onnxprune.sensitivity import measure_sensitivity
+from onnxprune.cut import iochange
+from onnxprune.pipeline.sensitivity import measure_sensitivity
 
 try:
     from graphs import masked_reference, run
@@ -115,7 +115,7 @@ def test_without_the_flag_cache_heads_are_a_barrier_that_names_it(decoder):
     analysis = onnxprune.analyse(model)
     heads = head_groups(analysis)
     assert len(heads) == LAYERS and all(g.blocked for g in heads)
-    assert all("--allow-io-change" in g.blocked[0] for g in heads)
+    assert all("`allow_io_change`" in g.blocked[0] for g in heads)
     result = onnxprune.prune(model, 0.5)
     assert declared(result.model) == declared(model)
     assert [g.channels_before for g in result.report.groups if g.channels_after < g.channels_before] == \
@@ -240,7 +240,7 @@ def test_bench_feeds_each_model_its_own_cache_shape(decoder, tmp_path):
     _, path = decoder
     out = tmp_path / "pruned.onnx"
     assert main([str(path), "--structured", "0.5", "--allow-io-change", "-o", str(out), "-q"]) == 0
-    from onnxprune.bench import bench
+    from onnxprune.runtime.bench import bench
 
     result = bench([str(path), str(out)], [1], warmup=1, iters=3,
                                    input_shapes={n: (1, HEADS, PAST, HEAD_DIM) for n in CACHE_INPUTS})
@@ -269,7 +269,9 @@ def test_compose_shrink_and_grow():
 
 def export_gpt2_with_cache(path, exporter: str, attention: str) -> onnx.ModelProto:
     transformers = pytest.importorskip("transformers")
-    from bench_decoder import export_gpt2_with_cache as export  # the benchmark's recipe (tools/)
+    from bench_decoder import (
+        export_gpt2_with_cache as export,  # the benchmark's recipe (tools/)
+    )
 
     config = transformers.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, vocab_size=100, n_positions=64)
     config._attn_implementation = attention

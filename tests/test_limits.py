@@ -30,9 +30,9 @@ import pytest
 from onnx import TensorProto
 
 import onnxprune
-import onnxprune.model
+import onnxprune.model.proto
 from onnxprune import cli
-from onnxprune.verify import session
+from onnxprune.runtime.session import session
 
 try:
     from graphs import retyped, small_cnn, write_mlp
@@ -101,7 +101,7 @@ def test_opsets_load_prune_and_verify(tmp_path, opset):
     assert report.macs_after < report.macs_before and np.isfinite(report.output_error["fc_out"])
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
-    assert onnxprune.model.opset_of(pruned) == opset
+    assert onnxprune.model.proto.opset_of(pruned) == opset
 
 
 # ---------------------------------------------------------------- external data
@@ -110,7 +110,7 @@ def test_large_output_is_written_with_external_data(tmp_path, monkeypatch):
     """Over EXTERNAL_DATA_THRESHOLD (lowered to a few KB here) the weights go to a data file beside the model."""
     path, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
     onnx.save(small_cnn(), str(path))
-    monkeypatch.setattr(onnxprune.model, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(onnxprune.model.proto, "EXTERNAL_DATA_THRESHOLD", 1024)
     report = onnxprune.prune_file(path, out, 0.4)
     assert np.isfinite(report.output_error["fc_out"])
     (data,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.onnx.") and p.suffix == ".data"]

@@ -17,7 +17,9 @@ import pytest
 import onnxprune
 from onnxprune.cli import main
 from onnxprune.data import Dataset
-from onnxprune.recover import TrainOptions, evaluate, train
+from onnxprune.options import TrainOptions
+from onnxprune.metrics import evaluate
+from onnxprune.recovery.train import train
 
 pytest.importorskip("torch")
 
@@ -88,8 +90,9 @@ def test_same_seed_same_weights(digits, pruned):
 def test_teacher_runs_once_and_the_result_is_the_same(digits, pruned, monkeypatch, features):
     """The teacher's outputs (and features) are computed once and carried with their samples:
     training gives the same weights as rerunning the teacher every batch, with fewer teacher runs."""
-    import onnxprune.recover as recover
-    from onnxprune.executor import TorchGraph
+    from onnxprune.executor.module import TorchGraph
+
+    import onnxprune.recovery.train as recover
 
     teacher, student = pruned
     small = digits[0].sample(300, 1)
@@ -113,9 +116,9 @@ def test_teacher_runs_once_and_the_result_is_the_same(digits, pruned, monkeypatc
 
 
 def recover_features(result):
-    from onnxprune.api import _feature_points
+    from onnxprune.pipeline.rounds import feature_points
 
-    return _feature_points(result)
+    return feature_points(result)
 
 
 def test_group_lasso_shrinks_channel_norms(digits):

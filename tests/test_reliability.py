@@ -243,7 +243,7 @@ def test_bad_input(tmp_path, capsys, build, code):
 
 def test_check_side_files_refuses_every_clash(tmp_path):
     """What api.prune_file and cli.run_info call: one clash per flag, then a clean set."""
-    from onnxprune.model import check_side_files
+    from onnxprune.model.save import check_side_files
 
     model = save(small_cnn(), tmp_path / "model.onnx")
     out, plan = tmp_path / "out.onnx", tmp_path / "plan.json"
@@ -356,7 +356,7 @@ def test_fuzzed_attributes_end_in_a_typed_outcome(tmp_path, capsys, case):
 
 def test_fuzzing_reaches_every_outcome_class(tmp_path, valid_bytes):
     """The bit flips are not all rejected at parsing: some load, some fail the later checks."""
-    from onnxprune.model import load_model
+    from onnxprune.model.load import load_model
 
     outcomes = set()
     for case in range(0, 60, 3):  # the bit-flip cases of test_fuzzed_bytes_end_in_a_typed_outcome

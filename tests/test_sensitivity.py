@@ -12,18 +12,14 @@ import pytest
 
 from onnxprune.api import analyse, prune
 from onnxprune.cli import main
-from onnxprune.compensate import output_errors
+from onnxprune.metrics import Reference
 from onnxprune.data import Dataset
 from onnxprune.errors import UsageError
-from onnxprune.plan import Plan
-from onnxprune.sensitivity import (
-    GroupSensitivity,
-    Sensitivity,
-    allocation_grid,
-    choose_allocation,
-    measure_sensitivity,
-    resolve_ratios,
-)
+from onnxprune.planning.plan import Plan
+from onnxprune.report.sensitivity import GroupSensitivity, Sensitivity
+from onnxprune.planning.allocation import allocation_grid, choose_allocation
+from onnxprune.pipeline.sensitivity import measure_sensitivity
+from onnxprune.planning.ratios import resolve_ratios
 
 try:
     from graphs import GraphBuilder, run
@@ -170,7 +166,9 @@ def test_allocate_sensitivity_beats_uniform_on_a_lopsided_model():
     assert removed >= 0.3 * total
     assert removed >= total - sum(len(k) for k in uniform.plan.keep.values())
     assert C - kept[A1] > C - kept[B1]  # the quiet group gives the most
-    errors = output_errors(model, {"uniform": uniform.model, "allocated": allocated.model}, data, 32)
+    reference = Reference(model, data, 32)
+    errors = {name: reference.measure(m).output_error for name, m in
+              (("uniform", uniform.model), ("allocated", allocated.model))}
     assert errors["allocated"] < 0.7 * errors["uniform"]
     report = allocated.report.to_json()["allocation"]
     assert report["removed_fraction"] == removed / total and report["target"] == 0.3

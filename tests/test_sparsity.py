@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import cli
-from onnxprune.sparsity import zipped_size
+from onnxprune.cut.sparsity import zipped_size
 
 try:
     from graphs import GraphBuilder, make_feeds, run, value
@@ -246,7 +246,7 @@ def test_small_tensors_are_skipped_with_the_reason():
 def test_ignore_by_node_or_weight_name(pattern):
     model = cnn()
     result = onnxprune.sparsify(model, ratio=0.5, ignore=(pattern,))
-    assert by_name(result.report)["conv2.W"].skipped == "ignored (--ignore)"
+    assert by_name(result.report)["conv2.W"].skipped == "ignored (`ignore`)"
     assert np.array_equal(value(result.model, "conv2.W"), value(model, "conv2.W"))
     assert by_name(result.report)["conv1.W"].skipped is None
 
@@ -345,7 +345,7 @@ def test_zipped_size_matches_deflating_the_file_bytes():
     ({"ratio": 0.5, "nm": "2:4"}, "exclusive"),
     ({}, "give a sparsity ratio"),
     ({"nm": "2:4", "global_ranking": True}, "global ranking does not apply"),
-    ({"ratio": 0.5, "min_elements": -1}, "min-elements"),
+    ({"ratio": 0.5, "min_elements": -1}, "min_elements"),
 ])
 def test_bad_options_are_usage_errors(kwargs, message):
     with pytest.raises(onnxprune.UsageError, match=message):
@@ -464,7 +464,7 @@ def test_prune_file_api(model_path, tmp_path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_lowest_matches_a_stable_sort(seed):
-    from onnxprune.sparsity import lowest
+    from onnxprune.cut.sparsity import lowest
 
     rng = np.random.default_rng(seed)
     flat = rng.integers(0, 6, size=200).astype(np.float32)  # many ties

@@ -17,12 +17,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+import onnxprune.pipeline.run
 from onnxprune import cli
-from onnxprune.bench import bench
 from onnxprune.errors import UsageError
-from onnxprune.hardware import ROUNDING, round_to_for
-from onnxprune.plan import nearest_multiple
-from onnxprune.target import Latency, Target, find_ratio
+from onnxprune.planning.plan import nearest_multiple
+from onnxprune.runtime.bench import bench
+from onnxprune.runtime.hardware import ROUNDING, round_to_for
+from onnxprune.options import Latency, PruneOptions, Target, validate
+from onnxprune.pipeline.target import find_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -111,7 +113,8 @@ def test_target_params_in_python_respects_global_ranking(model_path, tmp_path):
 def test_find_ratio_in_memory_leaves_the_model_alone():
     model = conv_stack()
     before = model.SerializeToString()
-    result = find_ratio(model, Target("macs", 0.3), round_to=4)
+    result = find_ratio(model, Target("macs", 0.3), options=validate(PruneOptions.from_keywords(round_to=4),
+                                                                    whole_run=False))
     assert model.SerializeToString() == before
     assert result.achieved <= 0.3
     assert len(result.evaluations) <= 12  # log2(0.99 * 1024) bisection steps + the check at the top
@@ -179,8 +182,8 @@ def test_unavailable_bench_provider_fails_before_any_work(model_path, tmp_path, 
     def must_not_run(*args, **kwargs):
         raise AssertionError("pruned although the provider is unavailable")
 
-    monkeypatch.setattr(onnxprune.api, "prune_rounds", must_not_run)
-    monkeypatch.setattr(onnxprune.api, "load_model", must_not_run)
+    monkeypatch.setattr(onnxprune.pipeline.run, "prune_rounds", must_not_run)
+    monkeypatch.setattr(onnxprune.pipeline.run, "load_model", must_not_run)
     out = tmp_path / "o.onnx"
     code, stdout, err = run_main(capsys, model_path, "--structured", "0.3", "-o", out, "--bench", provider)
     assert code == 2 and "not available" in err and len(err.strip().splitlines()) == 1

@@ -19,9 +19,9 @@ import pytest
 import onnxprune
 
 try:
-    from graphs import masked_reference, run, check_valid
+    from graphs import check_valid, masked_reference, run
 except ImportError:  # tests/ imported as a package
-    from tests.graphs import masked_reference, run, check_valid
+    from tests.graphs import check_valid, masked_reference, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -190,7 +190,7 @@ def test_prune_hidden_through_layernorm_and_embeddings(exported, exporter):
     check_valid(model, result.model)
     hidden = [g for g in result.report.groups if g.kind == "hidden"]
     assert len(hidden) == 1 and (hidden[0].channels_before, hidden[0].channels_after) == (HIDDEN, HIDDEN // 2)
-    assert any("--prune-hidden" in w and "recovery" in w for w in result.report.warnings)
+    assert any("`prune_hidden`" in w and "recovery" in w for w in result.report.warnings)
     tables = [t for t in result.model.graph.initializer if len(t.dims) == 2 and t.dims[0] == VOCAB]
     assert tables and all(t.dims[1] == HIDDEN // 2 for t in tables)  # the word embeddings are sliced
     assert run(result.model, feeds_for(model))[0].shape == (2, 3)

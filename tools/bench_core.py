@@ -24,7 +24,7 @@ The tools, all removing 40% of the channels by L1 magnitude, classifier kept:
   sparsity=0.4, importance_norm="l1")`` on the same ONNX export.
 
 Every resulting ONNX model is measured by the same functions:
-``onnxprune.stats.count_macs`` / ``count_params`` (MACs of Conv/Gemm/MatMul
+``onnxprune.analysis.stats.count_macs`` / ``count_params`` (MACs of Conv/Gemm/MatMul
 at 1x3x224x224), and validity = ``onnx.checker.check_model(full_check=True)``
 plus an onnxruntime (CPU EP) run whose output shape equals the base model's.
 """
@@ -49,7 +49,7 @@ import onnx
 
 from onnxprune import __version__ as onnxprune_version
 from onnxprune import prune
-from onnxprune.stats import count_macs, count_params
+from onnxprune.analysis.stats import count_macs, count_params
 
 INPUT = "input"
 SHAPE = (1, 3, 224, 224)
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     print(f"  python {env['python']}, onnxprune {env['onnxprune']}, onnx {env['onnx']}, onnxruntime "
           f"{env['onnxruntime']}, torch {env['torch']} ({env['torch_threads']} threads), "
           f"torchvision {env['torchvision']}")
-    print("  MACs/params: onnxprune.stats.count_macs/count_params on each resulting ONNX model "
+    print("  MACs/params: onnxprune.analysis.stats.count_macs/count_params on each resulting ONNX model "
           f"(Conv/Gemm/MatMul multiply-accumulates at {'x'.join(map(str, SHAPE))}; float initializers)")
     print("  valid: onnx.checker.check_model(full_check=True) and an onnxruntime CPU run with the base output shape")
     print(f"  pruning s: median wall-clock (time.perf_counter) of {args.repeat} runs; in-process tools get one"

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
-from onnxprune import iochange  # noqa: E402
-from onnxprune.bench import bench, format_table  # noqa: E402
-from onnxprune.stats import count_macs, count_params, format_count  # noqa: E402
+from onnxprune.analysis.stats import count_macs, count_params, format_count  # noqa: E402
+from onnxprune.cut import iochange  # noqa: E402
+from onnxprune.runtime.bench import bench, format_table  # noqa: E402
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:

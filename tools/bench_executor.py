@@ -34,11 +34,10 @@ for path in (ROOT, ROOT / "tools"):
 
 def digits_models():
     """(executor, native, native with BatchNorm folded into conv biases), all in train mode."""
+    import digits_arch
     import onnx
     import torch
-
-    import digits_arch
-    from onnxprune.executor import TorchGraph
+    from onnxprune.executor.module import TorchGraph
 
     torch.manual_seed(0)
     executor = TorchGraph(onnx.load(str(ROOT / "models" / "digits_cnn.onnx")))
@@ -69,10 +68,8 @@ def train_step_fn(model, x, y):
 
 def resnet18_models():
     import onnx
-    import torch
-
     import zoo
-    from onnxprune.executor import TorchGraph
+    from onnxprune.executor.module import TorchGraph
 
     executor = TorchGraph(onnx.load(str(zoo.export("resnet18", "legacy")))).eval()
     native = zoo.build_model("resnet18").eval()

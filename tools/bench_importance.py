@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import onnx  # noqa: E402
-
 from digits_arch import load_split  # noqa: E402
+
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from onnxprune.runtime.session import session  # noqa: E402
 
 CRITERIA = ["l1", "l2", "random", "activation", "apoz", "taylor", "fisher"]
 

@@ -5,7 +5,7 @@
 
 For each architecture, one base model and, for every ratio and channel
 rounding, one model pruned by onnxprune and one by Torch-Pruning; then all
-models of that architecture are timed in ONE ``onnxprune.bench.bench`` call
+models of that architecture are timed in ONE ``onnxprune.runtime.bench.bench`` call
 (interleaved round-robin, one session each, spinning threads off) on the
 onnxruntime CPU provider, and on the CUDA provider too where
 ``onnxruntime.get_available_providers()`` lists it. Printed per model:
@@ -38,7 +38,7 @@ A pruner that fails is reported as failed, with its error; no row is made up.
 
 With CUDA, a roofline estimate per model is printed too: for every
 Conv/Gemm/MatMul, max(FLOPs / --peak-tflops, bytes / --bandwidth-tbs), FLOPs
-= 2 x MACs (onnxprune.stats), bytes = every input, weight and output tensor
+= 2 x MACs (onnxprune.analysis.stats), bytes = every input, weight and output tensor
 read or written once; summed over the layers. It ignores elementwise ops,
 launch overhead and caches: the time the arithmetic layers cannot go below.
 """
@@ -69,7 +69,8 @@ for path in (ROOT, ROOT / "tools"):  # run from a checkout without installing
         sys.path.insert(0, str(path))
 
 from bench_transformers import export_bert_model  # noqa: E402  (one BERT export recipe)
-from onnxprune.stats import count_macs, layer_macs  # noqa: E402  (the one MAC formula per op the tools share)
+
+from onnxprune.analysis.stats import count_macs, layer_macs  # noqa: E402  (the one MAC formula per op the tools share)
 
 SEED = 0
 IMAGE = (3, 224, 224)
@@ -258,7 +259,7 @@ def prune_torch_pruning(torch_model, out: Path, arch: Arch, ratio: float, round_
 
 
 def measure_counts(rows: list[Row], arch: Arch) -> None:
-    from onnxprune.stats import count_params
+    from onnxprune.analysis.stats import count_params
 
     for row in rows:
         if row.path:
@@ -270,7 +271,7 @@ def measure_counts(rows: list[Row], arch: Arch) -> None:
 
 def time_rows(rows: list[Row], arch: Arch, provider: str, batches: list[int], args) -> None:
     """All working models of one architecture in one interleaved bench() call; the first row is the base."""
-    from onnxprune.bench import bench
+    from onnxprune.runtime.bench import bench
 
     timed = [r for r in rows if r.path]
     pinned = {name: shape for name, shape in arch.input_shapes.items()}

@@ -80,7 +80,9 @@ from digits_arch import build_folded_model, load_split  # noqa: E402
 from onnxprune import count_params  # noqa: E402
 from onnxprune.api import prune  # noqa: E402
 from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.recover import TrainOptions, evaluate, train  # noqa: E402
+from onnxprune.options import TrainOptions  # noqa: E402
+from onnxprune.metrics import evaluate  # noqa: E402
+from onnxprune.recovery.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits_cnn.onnx"
@@ -287,7 +289,7 @@ def measure_throughput(base, ratios, args, labelled: Dataset) -> dict:
     ``--throughput-rounds`` rounds after one untimed warm-up; the median.
     """
     import torch
-    from onnxprune.executor import TorchGraph
+    from onnxprune.executor.module import TorchGraph
 
     out = {}
     teachers = {"executor": TorchGraph(base, trainable=lambda name: False).eval(),

@@ -32,8 +32,8 @@ for path in (ROOT, ROOT / "tools"):
 
 from onnxprune.api import analyse, prune  # noqa: E402
 from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.recover import evaluate  # noqa: E402
-from onnxprune.sensitivity import measure_sensitivity  # noqa: E402
+from onnxprune.metrics import evaluate  # noqa: E402
+from onnxprune.pipeline.sensitivity import measure_sensitivity  # noqa: E402
 
 
 def digits(ratio: float) -> None:
@@ -65,10 +65,11 @@ def digits(ratio: float) -> None:
 
 
 def resnet18(samples: int = 64, ratios=(0.2, 0.4, 0.6, 0.8)) -> None:
-    from onnxprune.plan import make_plan
-    from onnxprune.importance import score_groups
-    from onnxprune.surgery import apply_plan, export
-    from onnxprune.verify import session
+    from onnxprune.cut.surgery import apply_plan
+    from onnxprune.cut.export import export
+    from onnxprune.planning.plan import make_plan
+    from onnxprune.runtime.session import session
+    from onnxprune.scoring.criteria import score_groups
 
     path = ROOT / ".cache" / "zoo" / "resnet18-legacy-v2.onnx"
     if not path.exists():

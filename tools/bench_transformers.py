@@ -14,7 +14,7 @@ interpreter start, load, analyse, prune, onnxruntime verification, write),
 40% of the heads of every layer and 40% of every MLP's neurons; the hidden
 size is kept (see README). Then both models are timed with ``onnxprune bench``'s
 function on the onnxruntime CPU provider, interleaved, at each batch size and
-the given sequence length. MACs and params come from onnxprune.stats.
+the given sequence length. MACs and params come from onnxprune.analysis.stats.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
-from onnxprune.bench import bench, format_table  # noqa: E402
-from onnxprune.stats import count_macs, count_params, format_count  # noqa: E402
+from onnxprune.analysis.stats import count_macs, count_params, format_count  # noqa: E402
+from onnxprune.runtime.bench import bench, format_table  # noqa: E402
 
 
 def export_bert(path: Path, layers: int, seq: int) -> None:

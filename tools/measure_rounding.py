@@ -17,7 +17,7 @@ network does: onnxruntime's CPU provider converts convolutions whose widths
 suit its blocked layout (NCHWc) and reorders the data once on the way in and
 once on the way out, a cost a single-layer model would charge to every
 layer. The widths of one series are timed interleaved
-(onnxprune.bench.time_interleaved, spinning threads off; large layers a few
+(onnxprune.runtime.bench.time_interleaved, spinning threads off; large layers a few
 widths at a time, to stay within --memory-gb), each width in --sessions
 separate sessions (default 3), and each width keeps the fastest run of its
 fastest session (--statistic min, the default: on a shared machine other
@@ -61,8 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from onnxprune.bench import _providers, resolve_provider, time_interleaved  # noqa: E402
-from onnxprune.verify import require_onnxruntime, session  # noqa: E402
+from onnxprune.runtime.bench import _providers, resolve_provider, time_interleaved  # noqa: E402
+from onnxprune.runtime.session import require_onnxruntime, session  # noqa: E402
 
 BASES = (64, 128, 256, 512)
 SPATIAL = {64: 56, 128: 28, 256: 14, 512: 7}  # ResNet-50's stage sizes at 224x224
@@ -148,7 +148,7 @@ def session_bytes(model: onnx.ModelProto) -> int:
 
 def make_runners(model: onnx.ModelProto, provider: str, threads: int | None, sessions: int) -> list:
     """``sessions`` runners of ``model``, sharing one input array."""
-    from onnxprune.bench import make_runner as bench_runner
+    from onnxprune.runtime.bench import make_runner as bench_runner
 
     feeds = {"x": np.random.default_rng(0).standard_normal(io_shapes(model)[0]).astype(np.float32)}
     return [bench_runner(session(model.SerializeToString(), threads, _providers(provider)), feeds, provider)

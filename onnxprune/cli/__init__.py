@@ -17,16 +17,21 @@ import traceback
 import warnings
 
 from ..errors import OnnxPruneError, first_line
-from .bench import run_bench
-from .info import run_info
+from . import bench, info, prune, sensitivity
+from .options import render
 from .prune import build_parser, run_prune
-from .sensitivity import run_sensitivity
+
+run_bench, run_info, run_sensitivity = bench.run_bench, info.run_info, sensitivity.run_sensitivity
+# the first argument -> the command's module (each has run_COMMAND and FLAGS); anything else: prune
+COMMANDS = {"info": info, "bench": bench, "sensitivity": sensitivity}
 
 __all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_sensitivity"]
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"onnxprune: warning: {message}", file=sys.stderr)
+def _one_line_warnings(flags: dict[str, str]):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"onnxprune: warning: {render(str(message), flags)}", file=sys.stderr)
+    return show
 
 
 def _load_pipeline() -> None:
@@ -48,21 +53,19 @@ def _load_pipeline() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    command = COMMANDS.get(argv[0]) if argv else None
+    flags = (command or prune).FLAGS
     if not debug:  # warnings not collected into a report: one line each, like the errors
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = _one_line_warnings(flags)
     try:
         _load_pipeline()
-        if argv[:1] == ["info"]:
-            return run_info(argv[1:])
-        if argv[:1] == ["bench"]:
-            return run_bench(argv[1:])
-        if argv[:1] == ["sensitivity"]:
-            return run_sensitivity(argv[1:])
+        if command is not None:
+            return getattr(command, f"run_{argv[0]}")(argv[1:])
         return run_prune(argv)
     except OnnxPruneError as exc:
         if debug:
             traceback.print_exc()
-        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        print(f"onnxprune: error: {render(str(exc), flags)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxprune: interrupted; nothing written", file=sys.stderr)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .options import _Parser, _batches, _count, _positive
+from .options import _batches, _count, _Parser, _positive
+
+FLAGS = {"input_shapes": "--input-shape", "provider": "--provider", "batches": "--batch", "threads": "--threads",
+         "warmup": "--warmup", "iters": "--iters", "json": "--json"}
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -33,12 +36,13 @@ def build_bench_parser() -> argparse.ArgumentParser:
 def run_bench(argv: list[str]) -> int:
     import json
 
-    from ..bench import bench, format_table
-    from ..model import ensure_writable, parse_input_shapes, write_text_file
+    from ..model.inputs import parse_input_shapes
+    from ..model.save import ensure_writable, write_text_file
+    from ..runtime.bench import bench, format_table
 
     args = build_bench_parser().parse_args(argv)
     if args.json:
-        ensure_writable(args.json, "--json")
+        ensure_writable(args.json, "`json`")
     result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
                    warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
     if args.json:

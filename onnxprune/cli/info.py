@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .options import _Parser, _analysis_options, _common
+from .options import (
+    COMMON_FLAGS,
+    _analysis_options,
+    _common,
+    _Parser,
+    analysis_options,
+    render,
+)
+
+FLAGS = {**COMMON_FLAGS, "json": "--json"}
 
 
 def build_info_parser() -> argparse.ArgumentParser:
@@ -19,15 +28,15 @@ def build_info_parser() -> argparse.ArgumentParser:
 def run_info(argv: list[str]) -> int:
     import json
 
-    from ..api import analyse
-    from ..model import check_side_files, load_model, parse_input_shapes, write_text_file
-    from ..stats import count_macs, count_params, format_count
+    from ..analysis.analyse import analyse
+    from ..analysis.stats import count_macs, count_params, format_count
+    from ..model.load import load_model
+    from ..model.save import check_side_files, write_text_file
 
     args = build_info_parser().parse_args(argv)
-    check_side_files(args.model, None, {"--json": args.json})
+    check_side_files(args.model, None, {"`json`": args.json})
     model = load_model(args.model)
-    analysis = analyse(model, parse_input_shapes(args.input_shape), tuple(args.ignore), args.prune_hidden,
-                       args.allow_io_change)
+    analysis = analyse(model, analysis_options(args))
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
@@ -52,5 +61,5 @@ def run_info(argv: list[str]) -> int:
             print(f"  {g.size:>5} ch{tied:<12} {', '.join(g.sources)}")
         print(f"{len(blocked)} blocked group(s)")
         for g in blocked:
-            print(f"  {g.size:>5} ch  {', '.join(g.sources)}: {'; '.join(g.blocked)}")
+            print(render(f"  {g.size:>5} ch  {', '.join(g.sources)}: {'; '.join(g.blocked)}", FLAGS))
     return 0

@@ -1,10 +1,27 @@
-"""The command line's shared pieces: a parser that fails in one line, value types, option groups."""
+"""The command line's shared pieces: a parser that fails in one line, value types, option groups,
+and the flag each option of options.py is given by (for messages: the library names options
+in backticks, `round_to`; the command line shows --round-to)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..errors import UsageError
+
+# option (as options.py and the library's messages name it) -> flag, shared by the commands that have it
+COMMON_FLAGS = {
+    "input_shapes": "--input-shape", "ignore": "--ignore", "prune_hidden": "--prune-hidden",
+    "allow_io_change": "--allow-io-change", "importance": "--importance", "round_to": "--round-to",
+    "min_channels": "--min-channels", "seed": "--seed", "data": "--data", "calib_samples": "--calib-samples",
+    "batch_size": "--batch-size", "compensate": "--compensate", "size": "--image-size", "mean": "--mean",
+    "std": "--std", "channel_order": "--channel-order", "layout": "--layout", "quiet": "--quiet",
+}
+
+
+def render(text: str, flags: dict[str, str]) -> str:
+    """``text`` with each `option` the command has a flag for shown as that flag."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +80,7 @@ def _batches(text: str) -> list[int]:
 
 
 def _nm(text: str) -> tuple[int, int]:
-    from ..sparsity import parse_nm
+    from ..options import parse_nm
 
     try:
         return parse_nm(text)
@@ -81,16 +98,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _importance_option(p: argparse.ArgumentParser, data_note: bool = True) -> None:
-    from ..importance import CRITERIA, needs_data
+    from ..scoring.criteria import CRITERIA, needs_data
 
     note = f"; {', '.join(c for c in CRITERIA if needs_data(c))} need --data" if data_note else ""
-    p.add_argument("--importance", default="l1", choices=CRITERIA, metavar="NAME",
+    p.add_argument("--importance", choices=CRITERIA, metavar="NAME",
                    help=f"channel importance: {', '.join(CRITERIA)} (default l1{note})")
 
 
 def _width_options(p: argparse.ArgumentParser) -> None:
     """How kept widths are rounded and bounded: shared by prune and sensitivity."""
-    p.add_argument("--round-to", type=_positive, default=1, metavar="N",
+    p.add_argument("--round-to", type=_positive, metavar="N",
                    help="kept channels per group are a multiple of N (default 1)")
     p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
                    help="never keep fewer than N channels in a group (default 1)")
@@ -148,7 +165,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
 
 
 def training_options(args):
-    from ..recover import TrainOptions
+    from ..options import TrainOptions
 
     if not (args.distill or args.finetune):
         for flag in ("sparsity_reg", "feature_distill"):
@@ -168,7 +185,19 @@ def image_options(args):
     if args.mean:
         options.mean = args.mean
     if args.std:
-        if any(s <= 0 for s in args.std):
-            raise UsageError(f"--std values must be positive, got {args.std}")
         options.std = args.std
     return options
+
+
+def analysis_options(args):
+    from ..model.inputs import parse_input_shapes
+    from ..options import AnalysisOptions
+
+    return AnalysisOptions(parse_input_shapes(args.input_shape), tuple(args.ignore), args.prune_hidden,
+                           args.allow_io_change)
+
+
+def data_options(args):
+    from ..options import DataOptions
+
+    return DataOptions(args.data, args.calib_samples, args.batch_size, args.compensate, image_options(args))

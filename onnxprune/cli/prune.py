@@ -8,8 +8,25 @@ import sys
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
 from .options import (
-    _Parser, _analysis_options, _batches, _common, _count, _data_options, _fraction, _importance_option, _nm,
-    _positive, _ratio, _speedup, _training_options, _width_options, image_options, training_options,
+    COMMON_FLAGS,
+    _analysis_options,
+    _batches,
+    _common,
+    _count,
+    _data_options,
+    _fraction,
+    _importance_option,
+    _nm,
+    _Parser,
+    _positive,
+    _ratio,
+    _speedup,
+    _training_options,
+    _width_options,
+    analysis_options,
+    data_options,
+    render,
+    training_options,
 )
 
 
@@ -52,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sparsity_options(p: argparse.ArgumentParser) -> None:
-    from ..sparsity import MIN_ELEMENTS
+    from ..options import MIN_ELEMENTS
 
     g = p.add_argument_group("sparsity (zero single weights; after --structured, or alone)")
     g.add_argument("--unstructured", type=_ratio, metavar="R",
@@ -95,53 +112,40 @@ def _group_ratio_options(p: argparse.ArgumentParser) -> None:
                         "that remove --structured R of all prunable channels with the least error")
 
 
-def _check_flags(args, argv) -> None:
-    if args.plan_in and args.structured is not None:
-        raise UsageError("--plan-in and --structured are exclusive: a plan already says what to cut")
-    if args.plan_in and any(a.split("=")[0] in ("--importance", "--global", "--round-to") for a in argv):
-        raise UsageError("--plan-in applies a plan exactly; --importance/--global/--round-to do not apply")
-    sparse = args.unstructured is not None or args.nm is not None
-    if args.unstructured is not None and args.nm is not None:
-        raise UsageError("--unstructured and --nm are exclusive: choose one sparsity pattern")
-    if args.nm is not None and args.global_ranking and args.structured is None:
-        raise UsageError("--global ranks channels or --unstructured weights; --nm keeps N of every M in place")
-    if (args.plan_in is None and args.structured is None and not sparse and args.ratios is None
-            and not _targeted(args)):
-        raise UsageError("nothing to do: give --structured R, --target-macs F, --plan-in FILE, --unstructured R "
-                         "or --nm N:M")
-    if args.dry_run and args.output:
-        raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
+# option -> flag, for this command's messages (cli/options.render)
+FLAGS = {
+    **COMMON_FLAGS,
+    "ratio": "--structured", "output": "--output", "force": "--force", "head_ratio": "--head-ratio",
+    "global_ranking": "--global", "max_group_ratio": "--max-group-ratio", "report_path": "--report",
+    "dry_run": "--dry-run", "plan_out": "--plan-out", "plan": "--plan-in", "ratios": "--ratios",
+    "allocate": "--allocate", "distill": "--distill", "finetune": "--finetune", "epochs": "--epochs",
+    "lr": "--lr", "distill_loss": "--distill-loss", "temperature": "--temperature",
+    "feature_weight": "--feature-distill", "loss": "--loss", "sparsity_reg": "--sparsity-reg", "steps": "--steps",
+    "val_fraction": "--val-fraction", "device": "--device", "max_accuracy_drop": "--max-accuracy-drop",
+    "max_output_error": "--max-output-error", "unstructured": "--unstructured", "nm": "--nm",
+    "min_elements": "--min-elements", "target_macs": "--target-macs", "target_params": "--target-params",
+    "target_speedup": "--target-speedup", "provider": "--provider", "bench": "--bench",
+    "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
+}
+
+
+def _given(argv, *flags: str) -> bool:
+    return any(a.split("=")[0] in flags for a in argv)
 
 
 def run_prune(argv: list[str]) -> int:
     from ..api import prune_file
-    from ..model import parse_input_shapes
 
     args = build_parser().parse_args(argv)
-    target, bench = _target_and_bench(args, argv)
-    _check_flags(args, argv)
-    ratios = _group_ratios(args)
-    report = prune_file(
-        args.model, args.output, args.structured,
-        force=args.force, dry_run=args.dry_run, plan_in=args.plan_in, plan_out=args.plan_out,
-        report_path=args.report, seed=args.seed,
-        importance=args.importance, global_ranking=args.global_ranking, round_to=_round_to(args, argv),
-        min_channels=args.min_channels, max_group_ratio=args.max_group_ratio,
-        ignore=tuple(args.ignore), input_shapes=parse_input_shapes(args.input_shape),
-        data=args.data, calib_samples=args.calib_samples, batch_size=args.batch_size,
-        compensate=args.compensate, images=image_options(args), head_ratio=args.head_ratio,
-        prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet,
-        train=training_options(args), steps=args.steps,
-        max_accuracy_drop=args.max_accuracy_drop, max_output_error=args.max_output_error,
-        unstructured=args.unstructured, nm=args.nm, min_elements=args.min_elements,
-        ratios=ratios, allocate=args.allocate, target=target, bench=bench,
-    )
+    if args.dry_run and args.output:
+        raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
+    report = prune_file(args.model, args.output, options=prune_options(args, argv))
     for w in report.warnings:
-        print(f"onnxprune: warning: {w}", file=sys.stderr)
+        print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
     if not args.quiet:
-        print(report.summary(verbose=args.verbose))
+        print(render(report.summary(verbose=args.verbose), FLAGS))
         if args.verbose and report.allocation:
-            from ..sensitivity import format_allocation
+            from ..report.text import format_allocation
 
             print(format_allocation(report.allocation))
         if report.written:
@@ -149,19 +153,48 @@ def run_prune(argv: list[str]) -> int:
         elif args.dry_run:
             print("dry run: nothing written")
         if report.bench is not None:
-            from ..bench import format_table
+            from ..runtime.bench import format_table
 
             print(format_table(report.bench))
     return 0
 
 
-def _targeted(args) -> bool:
-    return any(v is not None for v in (args.target_macs, args.target_params, args.target_speedup))
+def prune_options(args, argv):
+    """The flags as options.PruneOptions: a mapping, no checks but those of flags that only
+    apply together with another flag (the library validates the rest)."""
+    from ..options import (
+        GateOptions,
+        OutputOptions,
+        PruneOptions,
+        SparsityOptions,
+        WidthOptions,
+    )
+
+    sparse = args.unstructured is not None or args.nm is not None
+    gated = args.max_accuracy_drop is not None or args.max_output_error is not None
+    target, bench = _target_and_bench(args, argv)
+    return PruneOptions(
+        analysis=analysis_options(args),
+        widths=WidthOptions(ratio=args.structured, head_ratio=args.head_ratio, ratios=_ratios_file(args),
+                            allocate=args.allocate, plan=args.plan_in, importance=args.importance,
+                            global_ranking=args.global_ranking, round_to=args.round_to, provider=args.provider,
+                            min_channels=args.min_channels, max_group_ratio=args.max_group_ratio),
+        data=data_options(args),
+        training=training_options(args),
+        steps=args.steps,
+        sparsity=SparsityOptions(args.unstructured, args.nm, args.min_elements) if sparse else None,
+        gate=GateOptions(args.max_accuracy_drop, args.max_output_error) if gated else None,
+        target=target,
+        bench=bench,
+        output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report),
+        seed=args.seed,
+        quiet=args.quiet,
+    )
 
 
 def _target_and_bench(args, argv):
-    """The --target-* budget and the --bench request; provider availability is checked here, before any work."""
-    from ..target import Latency, Target, check_combination
+    """The --target-* budget and the --bench request."""
+    from ..options import Latency, Target
 
     given = [(metric, value) for metric, value in (("macs", args.target_macs), ("params", args.target_params),
                                                    ("speedup", args.target_speedup)) if value is not None]
@@ -169,7 +202,7 @@ def _target_and_bench(args, argv):
         raise UsageError("--target-macs, --target-params and --target-speedup are exclusive: choose one budget")
     timed = bool(args.bench) or args.target_speedup is not None
     for flag in ("--bench-batch", "--bench-iters", "--threads"):
-        if not timed and any(a.split("=")[0] == flag for a in argv):
+        if not timed and _given(argv, flag):
             raise UsageError(f"{flag} applies to --bench and --target-speedup")
     batches = tuple(args.bench_batch or (1,))
     target = None
@@ -179,31 +212,13 @@ def _target_and_bench(args, argv):
         if metric == "speedup" and args.provider:
             latency = Latency(args.provider, batches[:1], args.threads, warmup=3, iters=args.bench_iters or 20)
         target = Target(metric, value, latency)
-        check_combination(target, args.structured, args.plan_in, args.steps, args.allocate)
-        target.check()
-    bench = None
-    if args.bench:
-        bench = Latency(args.bench, batches, args.threads, iters=args.bench_iters or 100)
-        if args.dry_run:
-            raise UsageError("--bench times the written model: drop --dry-run")
-        bench.check()
+    bench = Latency(args.bench, batches, args.threads, iters=args.bench_iters or 100) if args.bench else None
     return target, bench
 
 
-def _round_to(args, argv) -> int:
-    """An explicit --round-to wins; else the --provider's measured multiple; else 1."""
-    if any(a.split("=")[0] == "--round-to" for a in argv) or not args.provider:
-        return args.round_to
-    from ..hardware import round_to_for
-
-    return round_to_for(args.provider)
-
-
-def _group_ratios(args) -> dict | None:
-    if (args.ratios or args.allocate) and args.steps > 1:
-        raise UsageError("--ratios/--allocate choose per-group ratios once; they do not combine with --steps")
+def _ratios_file(args) -> dict | None:
     if not args.ratios:
         return None
-    from ..sensitivity import load_ratios
+    from ..planning.ratios import load_ratios
 
     return load_ratios(args.ratios)

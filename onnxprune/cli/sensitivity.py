@@ -7,8 +7,20 @@ import sys
 
 from ..errors import UsageError
 from .options import (
-    _Parser, _analysis_options, _common, _data_options, _importance_option, _ratio, _width_options, image_options,
+    COMMON_FLAGS,
+    _analysis_options,
+    _common,
+    _data_options,
+    _importance_option,
+    _Parser,
+    _ratio,
+    _width_options,
+    analysis_options,
+    data_options,
+    render,
 )
+
+FLAGS = {**COMMON_FLAGS, "ratios": "--ratios-to-try", "json": "--json", "plot": "--plot"}
 
 
 def _ratio_list(text: str) -> list[float]:
@@ -19,7 +31,7 @@ def _ratio_list(text: str) -> list[float]:
 
 
 def build_sensitivity_parser() -> argparse.ArgumentParser:
-    from ..sensitivity import DEFAULT_RATIOS
+    from ..pipeline.sensitivity import DEFAULT_RATIOS
 
     p = _Parser(prog="onnxprune sensitivity",
                 description="Prune each channel group alone at several ratios and measure the output error "
@@ -42,29 +54,31 @@ def run_sensitivity(argv: list[str]) -> int:
     import json
     import warnings
 
-    from ..data import load_data
-    from ..model import ensure_writable, load_model, parse_input_shapes, write_text_file
-    from ..sensitivity import measure_sensitivity, plot, require_matplotlib
+    from ..model.load import load_model
+    from ..model.save import ensure_writable, write_text_file
+    from ..options import PruneOptions, WidthOptions
+    from ..pipeline import steps
+    from ..pipeline.sensitivity import measure_sensitivity
+    from ..report.sensitivity import plot, require_matplotlib
 
     args = build_sensitivity_parser().parse_args(argv)
     if not args.data:
         raise UsageError("sensitivity measures output error on data: give --data FILE")
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, flag in ((args.json, "`json`"), (args.plot, "`plot`")):
         if path:
             ensure_writable(path, flag)
     if args.plot:
         require_matplotlib()  # before minutes of measuring, not after
+    options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
+                           widths=WidthOptions(importance=args.importance, round_to=args.round_to,
+                                               min_channels=args.min_channels))
     model = load_model(args.model)
-    data = load_data(args.data, model, image_options(args)).sample(args.calib_samples, args.seed)
+    data = steps.data_of(model, options.data).sample(args.calib_samples, args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = measure_sensitivity(
-            model, data, args.ratios_to_try, importance=args.importance, seed=args.seed, round_to=args.round_to,
-            min_channels=args.min_channels, compensate=args.compensate is not False, batch_size=args.batch_size,
-            input_shapes=parse_input_shapes(args.input_shape), ignore=tuple(args.ignore),
-            prune_hidden=args.prune_hidden, allow_io_change=args.allow_io_change, quiet=args.quiet)
+        result = measure_sensitivity(model, data, args.ratios_to_try, options=options)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
-        print(f"onnxprune: warning: {message}", file=sys.stderr)
+        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
     if args.json:
         write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, **result.to_json()},
                                               indent=1) + "\n")

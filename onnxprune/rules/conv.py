@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Link, Reached, barrier, related, rule, strided
-from ..graph import attr
+from ..graph.view import attr
+from .registry import Link, Reached, barrier, related, rule, strided
 
 
 def _geometry(node, view):
@@ -61,7 +61,7 @@ def _unusable(geo, r: Reached):
     if geo is None:
         return barrier("weights are computed at run time")
     if geo[1] is None:
-        return barrier("input channel count unknown (pin dims with --input-shape)")
+        return barrier("input channel count unknown (pin dims with `input_shapes`)")
     if r.axis != 1 or r.index != 0:
         return barrier(f"channels reach axis {r.axis} of input/output {r.index}")
     return None

@@ -10,7 +10,7 @@ Inputs with extent 1 on the axis broadcast and are left alone.
 
 from __future__ import annotations
 
-from . import Link, Reached, Relation, barrier, rule
+from .registry import Link, Reached, Relation, barrier, rule
 
 UNARY = (
     "Relu LeakyRelu PRelu Sigmoid Tanh HardSigmoid HardSwish Clip Gelu Erf Softplus Softsign "

@@ -8,8 +8,8 @@ the k-th term of the sum, so the other's k-th row can go too).
 
 from __future__ import annotations
 
-from . import Link, Reached, Relation, barrier, related, rule
-from ..graph import attr
+from ..graph.view import attr
+from .registry import Link, Reached, Relation, barrier, related, rule
 
 
 def _present(t) -> bool:

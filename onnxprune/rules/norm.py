@@ -10,8 +10,17 @@ transformer issue adds --prune-hidden).
 
 from __future__ import annotations
 
-from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, related, rule
-from ..graph import attr
+from ..graph.view import attr
+from .registry import (
+    Link,
+    Reached,
+    Relation,
+    barrier,
+    blocks_of,
+    normalise_axis,
+    related,
+    rule,
+)
 
 
 def _extra_outputs_used(node) -> bool:
@@ -88,7 +97,7 @@ def layer_norm(node, view, r: Reached):
         return Relation([Link(other, 0, r.axis, r.owner), *params], kind="hidden")
     if r.index != 0 or r.axis >= first:
         return barrier("LayerNormalization normalises over the channel axis "
-                       "(the hidden size is pruned only with --prune-hidden)")
+                       "(the hidden size is pruned only with `prune_hidden`)")
     return related(Link(other, 0, r.axis, r.owner))
 
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Link, Reached, Relation, barrier, normalise_axis, passthrough, related, rule
-from ..graph import attr
+from ..graph.view import attr
+from .registry import (
+    Link,
+    Reached,
+    Relation,
+    barrier,
+    normalise_axis,
+    passthrough,
+    related,
+    rule,
+)
 
 POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
 REDUCES = (

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Link, Reached, Relation, barrier, blocks_of, normalise_axis, related, rule, strided
-from ..graph import attr
+from ..graph.view import attr
+from .registry import (
+    Link,
+    Reached,
+    Relation,
+    barrier,
+    blocks_of,
+    normalise_axis,
+    related,
+    rule,
+    strided,
+)
 from .shape import _axis, _chunk_of, _slice_spec
-
 
 # --- Reshape, Flatten, Squeeze, Unsqueeze: one index mapping ------------------------
 

@@ -12,9 +12,19 @@ import math
 
 import numpy as np
 
-from . import Link, Reached, Relation, barrier, normalise_axis, passthrough, related, rule, strided
-from ..graph import attr
-from ..shape_math import evaluate
+from ..graph.shape_math import evaluate
+from ..graph.view import attr
+from .registry import (
+    Link,
+    Reached,
+    Relation,
+    barrier,
+    normalise_axis,
+    passthrough,
+    related,
+    rule,
+    strided,
+)
 
 
 def _present(t) -> bool:

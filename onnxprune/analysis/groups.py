@@ -1,0 +1,268 @@
+"""Channel groups: propagate channel facts along the graph with the rule table.
+
+A group starts at a channel space that a node creates (a Conv's filters, a
+Gemm's output features) and grows along every edge the rules relate, forward
+and backward, until it is closed: every (tensor, axis) slot that carries its
+channels, every constant slice that goes with them, and the ties between
+channels that must be pruned together. ``owner`` arrays map a slot's
+positions to the group's channel indices (-1: not this group's), which
+expresses Concat offsets, Flatten repeats and Split ranges exactly.
+
+A group is blocked when it reaches a barrier: a graph input or output, an op
+without a rule, an ignored node, a tensor read by a subgraph, or a rule that
+says no. Blocked groups are reported, never pruned. The one exception is
+opt-in: with ``allow_io_change``, attention heads may reach graph inputs and
+outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph.view import GraphView
+from ..rules.registry import Reached, lookup
+
+MAX_REASONS = 3
+
+
+@dataclass
+class DimSlot:
+    """Channels on ``axis`` of a computed tensor."""
+
+    tensor: gs.Tensor
+    axis: int
+    owner: np.ndarray
+
+
+@dataclass
+class ParamSlot:
+    """A constant input of ``node`` sliced along ``axis`` with the channels."""
+
+    node: gs.Node
+    input: int
+    axis: int
+    owner: np.ndarray
+    role: str
+
+    @property
+    def tensor(self) -> gs.Constant:
+        return self.node.inputs[self.input]
+
+
+@dataclass
+class Group:
+    id: str
+    size: int
+    sources: list[str]
+    dims: dict[tuple[str, int], DimSlot] = field(default_factory=dict)
+    params: dict[tuple[int, int, int], ParamSlot] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
+    kind: str = "channels"  # or "heads": units are attention heads (see --head-ratio)
+    _members: list | None = field(default=None, repr=False)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and self.size > 1 and len(self.unit_members()) > 1
+
+    def unit_members(self) -> list[np.ndarray]:
+        """Channels of each unit, units ordered by their first channel."""
+        if self._members is None:
+            _, first, inverse = np.unique(self.units, return_index=True, return_inverse=True)
+            by_unit = np.argsort(inverse, kind="stable")
+            bounds = np.cumsum(np.bincount(inverse))[:-1]
+            members = np.split(by_unit, bounds)
+            self._members = [members[u] for u in np.argsort(first)]
+        return self._members
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, xs) -> None:
+        roots = [self.find(int(x)) for x in xs]
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+
+
+def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: bool = False) -> list[Group]:
+    """All channel groups of the graph, in topological order of their sources."""
+    claims: dict[tuple[str, int], np.ndarray] = {}  # slot -> owning group index per position
+    groups: list[Group] = []
+    ignored = _ignored_nodes(view, ignore)
+    for node in view.nodes:
+        rule = lookup(node)
+        if rule is None or rule.source is None:
+            continue
+        for out_index, axis in rule.source(node, view):
+            tensor = node.outputs[out_index]
+            size = view.dim(tensor, axis)
+            if size is None:
+                groups.append(Group(f"{tensor.name}", 0, [node.name], nodes=[node.name],
+                                    blocked=[f"{node.op} {node.name}: output width unknown"]))
+                continue
+            taken = claims.get((tensor.name, axis))
+            free = np.ones(size, bool) if taken is None else taken < 0
+            if not free.any():
+                continue
+            owner = np.full(size, -1)
+            owner[free] = np.arange(int(free.sum()))
+            group = _grow(view, node, tensor, axis, owner, len(groups), claims, ignored, allow_io_change)
+            groups.append(group)
+            _claim(group, len(groups) - 1, claims, view)
+    return groups
+
+
+def _ignored_nodes(view: GraphView, patterns: tuple[str, ...]) -> set[str]:
+    """Nodes matched by name or by the name of one of their constant inputs."""
+    if not patterns:
+        return set()
+    hits = set()
+    for node in view.nodes:
+        names = [node.name] + [t.name for t in node.inputs if view.is_constant(t)]
+        if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns):
+            hits.add(node.name)
+    return hits
+
+
+def _claim(group: Group, index: int, claims, view: GraphView) -> None:
+    for key, slot in group.dims.items():
+        taken = claims.setdefault(key, np.full(len(slot.owner), -1))
+        taken[slot.owner >= 0] = index
+
+
+def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_change=False) -> Group:
+    group = Group(id=tensor.name, size=int((owner >= 0).sum()), sources=[source.name])
+    io_reasons: list[str] = []  # graph inputs/outputs reached: barriers unless heads may change them
+    uf = _UnionFind(group.size)
+    queue: deque = deque()
+    seen_nodes: dict[str, None] = {}
+
+    def block(reason: str) -> None:
+        if reason not in group.blocked:
+            group.blocked.append(reason)
+
+    def add_dim(t: gs.Tensor, ax: int, own: np.ndarray) -> None:
+        key = (t.name, ax)
+        slot = group.dims.get(key)
+        if slot is None:
+            taken = claims.get(key)
+            if taken is not None and ((taken >= 0) & (own >= 0)).any():
+                block(f"{t.name}: channels overlap another group")
+            group.dims[key] = DimSlot(t, ax, own.copy())
+            queue.append(group.dims[key])
+            return
+        tie_where_they_differ(slot.owner, own)
+        new = (own >= 0) & (slot.owner < 0)
+        if new.any():
+            slot.owner[new] = own[new]
+            queue.append(slot)
+
+    def add_param(node, i, ax, own, role) -> None:
+        key = (id(node), i, ax)
+        slot = group.params.get(key)
+        if slot is None:
+            group.params[key] = ParamSlot(node, i, ax, own.copy(), role)
+            return
+        tie_where_they_differ(slot.owner, own)
+        slot.owner = np.where(slot.owner >= 0, slot.owner, own)
+
+    def tie_where_they_differ(have: np.ndarray, new: np.ndarray) -> None:
+        """A position reached as channel a by one path and b by another goes only when both go:
+        a and b become one unit (e.g. the halves of a Split added together, a head's
+        channels met again through its head index)."""
+        both = (have >= 0) & (new >= 0)
+        for a, b in zip(have[both], new[both]):
+            if a != b:
+                uf.union((a, b))
+
+    def visit(node, reached: Reached, at: gs.Tensor) -> None:
+        seen_nodes.setdefault(node.name)
+        if node.name in ignored:
+            block(f"{node.op} {node.name}: ignored (`ignore`)")
+            return
+        rule = lookup(node)
+        if rule is None:
+            domain = f"{node.domain}::" if node.domain else ""
+            block(f"{domain}{node.op} {node.name}: no pruning rule for this op")
+            return
+        relation = rule.relate(node, view, reached)
+        if relation.barrier:
+            block(f"{node.op} {node.name}: {relation.barrier}")
+            return
+        if relation.kind:
+            group.kind = relation.kind
+        for positions in relation.ties:
+            chans = reached.owner[positions]
+            if (chans < 0).any() and (chans >= 0).any():
+                block(f"{node.op} {node.name}: ties channels of this group with others")
+                return
+            if (chans >= 0).any():
+                uf.union(chans)
+        for link in relation.links:
+            tensors = node.inputs if link.side == "in" else node.outputs
+            t = tensors[link.index] if link.index < len(tensors) else None
+            if t is None or t.name == "" or not (link.owner >= 0).any():
+                continue
+            if view.is_constant(t):
+                add_param(node, link.index, link.axis, link.owner, link.role)
+            else:
+                add_dim(t, link.axis, link.owner)
+
+    add_dim(tensor, axis, owner)
+    while queue:
+        slot = queue.popleft()
+        t, ax, own = slot.tensor, slot.axis, slot.owner.copy()
+        if view.is_graph_output(t):
+            io_reasons.append(f"reaches graph output {t.name}")
+        if view.is_graph_input(t):
+            io_reasons.append(f"reaches graph input {t.name}")
+        if t.name in view.subgraph_refs:
+            block(f"{t.name} is read inside a subgraph (If/Loop/Scan)")
+        producer = view.producer(t)
+        if producer is not None:
+            visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)
+        for node, i in view.consumers(t):
+            visit(node, Reached("in", i, ax, own), t)
+    if io_reasons and not (allow_io_change and group.kind == "heads"):
+        reasons = list(dict.fromkeys(io_reasons))
+        if group.kind == "heads":
+            reasons[0] += " (attention heads: `allow_io_change` lets them change its shape)"
+        group.blocked = reasons + group.blocked
+    group.nodes = list(seen_nodes)
+    group.sources = _sources(view, group)
+    group.units = np.array([uf.find(c) for c in range(group.size)])
+    group.blocked = group.blocked[:MAX_REASONS] + (
+        [f"... and {len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
+    )
+    return group
+
+
+def _sources(view: GraphView, group: Group) -> list[str]:
+    """Nodes whose own output channels are (part of) this group."""
+    found = []
+    for slot in group.dims.values():
+        node = view.producer(slot.tensor)
+        rule = lookup(node) if node is not None else None
+        if rule is not None and rule.source is not None:
+            index = _index_of(node.outputs, slot.tensor)
+            if (index, slot.axis) in rule.source(node, view) and node.name not in found:
+                found.append(node.name)
+    return found
+
+
+def _index_of(tensors, t) -> int:
+    return next(i for i, x in enumerate(tensors) if x is t)

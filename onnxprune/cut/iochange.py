@@ -1,0 +1,152 @@
+"""Graph inputs and outputs whose shape the cut changed (``--allow-io-change``).
+
+Pruning keeps the graph's inputs and outputs as they were, with one opt-in
+exception: attention heads that reach them, as in a decoder exported with a
+KV cache (past_key/past_value in, present_key/present_value out). There the
+head axis of the cache tensors shrinks with the heads.
+
+The change is recorded in the pruned model itself (metadata entry
+``onnxprune.io_changes``: per tensor and axis, the original size and the
+positions kept), so that anything comparing it with the original model
+(verification, output errors, distillation, benchmarks) can give it the kept
+positions of the original's inputs and compare the kept positions of the
+original's outputs, and so that a user can slice an existing cache the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+METADATA_KEY = "onnxprune.io_changes"
+
+
+@dataclass
+class IOChange:
+    name: str
+    role: str  # "input" or "output"
+    axis: int
+    size_before: int
+    kept: list[int]  # positions of the original's axis that remain, in order
+
+    @property
+    def size_after(self) -> int:
+        return len(self.kept)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def find_io_changes(view, cut) -> list[IOChange]:
+    """The graph inputs and outputs with positions removed, per axis."""
+    changes = []
+    for role, tensors in (("input", view.graph.inputs), ("output", view.graph.outputs)):
+        for t in tensors:
+            for axis in range(view.rank(t) or 0):
+                removed = cut.removed(t, axis)
+                if len(removed):
+                    size = int(view.dim(t, axis))
+                    kept = np.setdiff1d(np.arange(size), removed).tolist()
+                    changes.append(IOChange(t.name, role, axis, size, kept))
+    return changes
+
+
+def compose(earlier: list[IOChange], later: list[IOChange]) -> list[IOChange]:
+    """The changes of two cuts in a row, relative to the first model."""
+    result = {(c.name, c.axis): c for c in earlier}
+    for c in later:
+        first = result.get((c.name, c.axis))
+        if first is None:
+            result[(c.name, c.axis)] = c
+        else:
+            result[(c.name, c.axis)] = IOChange(c.name, c.role, c.axis, first.size_before,
+                                                [first.kept[k] for k in c.kept])
+    return list(result.values())
+
+
+def read(model: onnx.ModelProto) -> list[IOChange]:
+    """The changes recorded in ``model`` (none for a model onnxprune did not reshape)."""
+    entry = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    return [IOChange(**c) for c in json.loads(entry)] if entry else []
+
+
+def record(model: onnx.ModelProto, changes: list[IOChange]) -> None:
+    """Store ``changes`` in the model's metadata (replacing an earlier record)."""
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if changes:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps([c.to_json() for c in changes])
+
+
+def apply_to_type(value_info: onnx.ValueInfoProto, changes: list[IOChange]) -> None:
+    """Set the changed dims in a graph input's or output's declared shape."""
+    dims = value_info.type.tensor_type.shape.dim
+    for c in changes:
+        if c.name == value_info.name and c.axis < len(dims):
+            dims[c.axis].Clear()
+            dims[c.axis].dim_value = c.size_after
+
+
+def _take(arrays: dict, changes: list[IOChange], role: str) -> dict:
+    result = dict(arrays)
+    for c in changes:
+        if c.role == role and c.name in result:
+            result[c.name] = np.take(result[c.name], c.kept, axis=c.axis)
+    return result
+
+
+def candidate_feeds(feeds: dict, changes: list[IOChange]) -> dict:
+    """The original's inputs as the changed model takes them: the kept positions."""
+    return _take(feeds, changes, "input") if changes else feeds
+
+
+def candidate_data(data, changes: list[IOChange]):
+    """A Dataset (data.py) of the original's inputs as the changed model takes them."""
+    if not changes:
+        return data
+    from ..data import Dataset
+
+    return Dataset(candidate_feeds(data.inputs, changes), data.labels, data.source, data.notes)
+
+
+def comparable_outputs(outputs: dict, changes: list[IOChange]) -> dict:
+    """The original's outputs at the positions the changed model still produces."""
+    return _take(outputs, changes, "output") if changes else outputs
+
+
+def _resize(shapes: dict, changes: list[IOChange], before: str, after: str) -> dict:
+    result = dict(shapes)
+    for c in changes:
+        dims = list(result.get(c.name, ()))
+        if c.role == "input" and c.axis < len(dims) and dims[c.axis] == getattr(c, before):
+            dims[c.axis] = getattr(c, after)
+            result[c.name] = tuple(dims)
+    return result
+
+
+def shrink_shapes(shapes: dict, changes: list[IOChange]) -> dict:
+    """Input shapes for the original -> the same for the changed model (shapes already shrunk stay)."""
+    return _resize(shapes, changes, "size_before", "size_after")
+
+
+def grow_shapes(shapes: dict, changes: list[IOChange]) -> dict:
+    """Input shapes for the changed model -> the same for the original."""
+    return _resize(shapes, changes, "size_after", "size_before")
+
+
+def describe(changes: list[IOChange], shapes_before: dict[str, list]) -> list[dict]:
+    """One entry per changed tensor for the report: its shape before and after, and what was kept."""
+    entries = {}
+    for c in changes:
+        before = list(shapes_before.get(c.name, []))
+        entry = entries.setdefault(c.name, {"name": c.name, "role": c.role, "shape_before": before,
+                                            "shape_after": list(before), "kept": {}})
+        if c.axis < len(entry["shape_after"]):
+            entry["shape_after"][c.axis] = c.size_after
+        entry["kept"][str(c.axis)] = c.kept
+    return list(entries.values())

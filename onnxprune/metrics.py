@@ -1,0 +1,141 @@
+"""How close a pruned model is to the original: output error, top-1 accuracy, teacher agreement.
+
+One definition of each, used by sensitivity, compensation, the quality gate
+and recovery's validation:
+
+- **output error**: relative RMS, ||y - y'|| / ||y|| over all compared
+  outputs and samples. Positions where the original itself is not finite are
+  left out (there is nothing to compare); a non-finite value where the
+  original is finite makes the error infinite. RMS rather than the worst
+  element: compensation shifts means, so a model is judged on the error over
+  all samples, not on its single worst value.
+- **accuracy**: top-1 against the data's labels, when they are integer class
+  indices (one per sample) and the first output is (batch, classes) logits.
+- **agreement**: the fraction of samples where the candidate's top-1 class is
+  the original's (needs no labels).
+
+``Reference`` runs the original once on the data and measures any number of
+candidates against those outputs with onnxruntime. A candidate whose graph
+inputs/outputs were reshaped (--allow-io-change) is fed the kept positions of
+the original's inputs and compared at the kept positions of its outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .cut import iochange
+from .data import Dataset, model_batches
+
+
+def class_labels(labels) -> bool:
+    """Labels are used as classes when they are integer indices, one per sample."""
+    return labels is not None and np.ndim(labels) == 1 and np.asarray(labels).dtype.kind in "iu"
+
+
+def logits(output, samples: int) -> bool:
+    """``output`` is (batch, classes) scores for ``samples`` samples."""
+    shape = np.shape(output)
+    return len(shape) == 2 and shape[0] == samples and shape[1] > 1
+
+
+class ErrorSum:
+    """The relative RMS error, accumulated over batches (float64 sums)."""
+
+    def __init__(self):
+        self.squared = 0.0
+        self.scale = 0.0
+        self.broken = False  # a non-finite value where the reference is finite
+
+    def add(self, expected, got) -> None:
+        expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
+        finite = np.isfinite(expected)
+        reference = expected[finite]
+        self.scale += float(np.dot(reference, reference))
+        if self.broken:
+            return
+        candidate = got[finite]
+        if not np.isfinite(candidate).all():
+            self.broken = True
+            return
+        diff = reference - candidate
+        self.squared += float(np.dot(diff, diff))
+
+    @property
+    def value(self) -> float:
+        if self.broken:
+            return math.inf
+        return math.sqrt(self.squared / self.scale) if self.scale > 0 else math.sqrt(self.squared)
+
+
+@dataclass
+class Measured:
+    output_error: float
+    samples: int
+    accuracy: float | None = None  # top-1 with class labels
+    agreement: float | None = None  # top-1 equal to the original's
+
+
+class Reference:
+    """The original's outputs on ``data``, computed once; candidates are measured against them.
+
+    ``outputs``: the names compared (default: all of the original's outputs).
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, batch_size: int | None = None,
+                 outputs: list[str] | None = None):
+        from .runtime.session import session
+
+        self.batches = list(model_batches(data, model, batch_size)[0])
+        sess = session(model.SerializeToString())
+        self.names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+        self.expected = [dict(zip(self.names, sess.run(self.names, feeds))) for feeds, _ in self.batches]
+        self.samples = sum(len(next(iter(feeds.values()))) for feeds, _ in self.batches)
+        first = [e[self.names[0]] for e in self.expected]
+        sizes = [len(next(iter(feeds.values()))) for feeds, _ in self.batches]
+        self.classes = all(logits(f, n) for f, n in zip(first, sizes))
+        self.labels = None
+        if self.classes and class_labels(data.labels):  # the labels of the samples in the batches
+            self.labels = np.concatenate([labels for _, labels in self.batches])
+        self.top1 = np.concatenate([np.argmax(f, axis=1) for f in first]) if self.classes else None
+        self.accuracy = float(np.mean(self.top1 == self.labels)) if self.labels is not None else None
+
+    def measure(self, candidate: onnx.ModelProto) -> Measured:
+        """Output error, accuracy and agreement of ``candidate`` on the reference's batches."""
+        from .runtime.session import session
+
+        sess = session(candidate.SerializeToString())
+        changes = iochange.read(candidate)
+        error, predicted = ErrorSum(), []
+        for (feeds, _), expected in zip(self.batches, self.expected):
+            got = dict(zip(self.names, sess.run(self.names, iochange.candidate_feeds(feeds, changes))))
+            kept = iochange.comparable_outputs(expected, changes)
+            for name in self.names:
+                error.add(kept[name], got[name])
+            if self.classes:
+                predicted.append(np.argmax(got[self.names[0]], axis=1))
+        result = Measured(error.value, self.samples)
+        if predicted:
+            predicted = np.concatenate(predicted)
+            result.agreement = float(np.mean(predicted == self.top1))
+            if self.labels is not None:
+                result.accuracy = float(np.mean(predicted == self.labels))
+        return result
+
+
+def evaluate(model: onnx.ModelProto, reference: onnx.ModelProto, data: Dataset, batch_size: int | None = None) -> dict:
+    """``model`` against ``reference`` on ``data``, with onnxruntime, on the first output:
+    output error, agreement, and top-1 accuracy of both (with class labels)."""
+    original = Reference(reference, data, batch_size, outputs=[reference.graph.output[0].name])
+    measured = original.measure(model)
+    result = {"output_error": measured.output_error, "samples": measured.samples}
+    if measured.agreement is not None:
+        result["agreement"] = measured.agreement
+    if original.accuracy is not None:
+        result.update(accuracy=measured.accuracy, original_accuracy=original.accuracy)
+        result["accuracy_drop_points"] = 100.0 * (original.accuracy - measured.accuracy)
+    return result

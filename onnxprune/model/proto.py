@@ -1,0 +1,65 @@
+"""What onnxprune reads off a ModelProto without looking at its weights: the opset, a
+weight-free copy for shape inference, the size of its weights."""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from ..errors import InvalidModel
+
+# Above this, the protobuf serialiser cannot hold the model in one message.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+
+# Initializers at most this large keep their values in the weight-free copy
+# used for shape inference (they may be Reshape targets, Slice bounds, ...).
+SMALL_CONSTANT = 64
+
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise InvalidModel("model declares no default-domain opset")
+
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights (stand-ins keep name, dims and type).
+
+    Shape inference needs only dims and small constants; leaving the weights
+    out keeps it fast and lets it work on models over the 2 GB protobuf limit.
+    """
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    for t in source.initializer:
+        if math.prod(t.dims) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+        else:
+            graph.initializer.append(onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims))
+    return light
+
+
+
+def approx_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers, from their dims (ByteSize() walks every byte)."""
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
+        total += math.prod(t.dims) * itemsize
+    return total
+
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return approx_size(model) > EXTERNAL_DATA_THRESHOLD

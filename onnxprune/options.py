@@ -1,0 +1,436 @@
+"""The options of a pruning run: a few plain dataclasses, validated in one place.
+
+    options = PruneOptions(widths=WidthOptions(ratio=0.4, round_to=8),
+                           data=DataOptions(data="calib.npz"))
+    options = PruneOptions.from_keywords(ratio=0.4, round_to=8, data="calib.npz")   # the same
+
+They are built once, by the command line from its flags (cli/flags.py) or by
+an API caller, and ``validate`` checks them, alone and together, before any
+work; the steps below take them as given. Errors name an option as the
+Python API spells it, in backticks (`round_to`); the command line shows its
+flag instead (--round-to).
+
+A field left at None means "not given": ``validate`` returns a copy with the
+defaults filled in (importance l1; round_to 1, or the multiple of
+``provider``), so that it can tell an explicit choice from a default (a plan
+applied exactly rejects an explicit importance).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import UsageError
+
+DEFAULT_IMPORTANCE = "l1"
+ALLOCATE_METHODS = ("sensitivity",)
+DISTILL_LOSSES = ("auto", "kl", "mse")
+FINETUNE_LOSSES = ("auto", "ce", "mse")
+TARGET_METRICS = ("macs", "params", "speedup")
+MIN_ELEMENTS = 1024  # sparsity: tensors with fewer weights stay dense (see cut/sparsity.py)
+
+
+# --- the option groups ----------------------------------------------------------------------
+
+@dataclass
+class AnalysisOptions:
+    """What may be grouped and cut."""
+
+    input_shapes: dict[str, tuple[int, ...]] | None = None  # pinned dims of dynamic inputs
+    ignore: tuple[str, ...] = ()  # node or weight name globs left alone
+    prune_hidden: bool = False  # the hidden size of transformers too (through LayerNorm)
+    allow_io_change: bool = False  # attention heads may reshape graph inputs/outputs (a KV cache)
+
+
+@dataclass
+class WidthOptions:
+    """How many channels each group keeps, and which."""
+
+    ratio: float | None = None  # fraction of each group's channels to remove
+    head_ratio: float | None = None  # for groups of attention heads (default: ratio)
+    ratios: dict[str, float] | None = None  # group id or source glob -> its own ratio
+    allocate: str | None = None  # "sensitivity": per-group ratios from measured output error
+    plan: object | None = None  # a Plan (or a plan file) applied exactly, instead of a ratio
+    importance: str | None = None  # criterion (default l1)
+    global_ranking: bool = False  # rank the channels of all groups together
+    round_to: int | None = None  # kept channels a multiple of this (default 1, or the provider's)
+    provider: str | None = None  # round widths for this onnxruntime provider when round_to is not given
+    min_channels: int = 1
+    max_group_ratio: float = 0.9  # global ranking: at most this much of one group
+
+
+@dataclass
+class DataOptions:
+    """Calibration and training data: for the data criteria, compensation, allocation, training, the gate."""
+
+    data: object | None = None  # a Dataset, or a --data path (.npz, folder of .npz/.npy/images)
+    calib_samples: int | None = None  # samples drawn with the seed (default all)
+    batch_size: int | None = None  # samples per run (default 32, or the model's fixed batch)
+    compensate: bool | None = None  # fold removed channels' means into biases (default: on with data)
+    images: object | None = None  # data.ImageOptions for a folder of images
+
+
+@dataclass
+class TrainOptions:
+    """Recovery in PyTorch (recovery/train.py): distillation from the original and/or fine-tuning."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    distill: bool = True
+    finetune: bool = False
+    distill_loss: str = "auto"
+    temperature: float = 4.0
+    loss: str = "auto"
+    feature_weight: float = 0.0
+    sparsity_reg: float = 0.0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    seed: int = 0
+    quiet: bool = True
+
+    def check(self) -> None:
+        if not (self.distill or self.finetune):
+            raise UsageError("training needs `distill` or `finetune` (or both)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("`epochs` and `batch_size` must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"`lr` must be a positive number, got {self.lr}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise UsageError(f"`distill_loss` must be one of {', '.join(DISTILL_LOSSES)}")
+        if self.loss not in FINETUNE_LOSSES:
+            raise UsageError(f"`loss` must be one of {', '.join(FINETUNE_LOSSES)}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"`val_fraction` must be in (0, 1), got {self.val_fraction}")
+        if self.temperature <= 0 or self.sparsity_reg < 0 or self.feature_weight < 0:
+            raise UsageError("`temperature` must be positive; `sparsity_reg` and `feature_weight` not negative")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"`device` must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class SparsityOptions:
+    """Zero single weights after the structured step (or alone): a ratio, or N:M."""
+
+    unstructured: float | None = None
+    nm: object | None = None  # "2:4" or (2, 4)
+    min_elements: int = MIN_ELEMENTS
+
+    def check(self) -> tuple[int, int] | None:
+        """Raise for bad values; the parsed N:M."""
+        ratio, nm = self.unstructured, self.nm
+        if ratio is not None and nm is not None:
+            raise UsageError("`unstructured` and `nm` are exclusive: choose one sparsity pattern")
+        if ratio is None and nm is None:
+            raise UsageError("give a sparsity ratio (`unstructured`) or a pattern (`nm` N:M)")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or math.isnan(ratio) or not 0 <= ratio < 1):
+            raise UsageError(f"`unstructured` must be in [0, 1), got {ratio}")
+        if isinstance(self.min_elements, bool) or not isinstance(self.min_elements, int) or self.min_elements < 0:
+            raise UsageError(f"`min_elements` must be a non-negative integer, got {self.min_elements}")
+        return None if nm is None else parse_nm(nm)
+
+
+@dataclass
+class GateOptions:
+    """Fail (nothing written) when the result is worse than this on the validation split."""
+
+    max_accuracy_drop: float | None = None  # top-1 points
+    max_output_error: float | None = None  # relative RMS
+
+
+@dataclass
+class Latency:
+    """How to time base vs pruned with onnxruntime (runtime/bench.py), for --bench and --target-speedup."""
+
+    provider: str = "cpu"
+    batches: tuple[int, ...] = (1,)
+    threads: int | None = None
+    warmup: int = 10
+    iters: int = 100
+
+    def check(self) -> str:
+        """The full provider name; a one-line UsageError when it is not available here."""
+        from .runtime.bench import resolve_provider
+
+        if not self.batches or min(self.batches) < 1:
+            raise UsageError(f"`batches` must be at least 1, got {list(self.batches)}")
+        if self.iters < 1 or self.warmup < 0:
+            raise UsageError(f"`iters` must be at least 1 and `warmup` at least 0, got {self.iters}, {self.warmup}")
+        return resolve_provider(self.provider)
+
+    def time(self, paths: list, input_shapes: dict | None = None, batches=None):
+        """``runtime.bench.bench`` of ``paths`` (the first is the speedup reference)."""
+        from .runtime.bench import bench
+
+        return bench([str(p) for p in paths], list(batches or self.batches), provider=self.provider,
+                     threads=self.threads, warmup=self.warmup, iters=self.iters, input_shapes=input_shapes)
+
+
+@dataclass
+class Target:
+    """A budget: ``value`` is the fraction of MACs/params kept, or the latency speedup to reach."""
+
+    metric: str
+    value: float
+    latency: Latency | None = None  # speedup only: how to time (its first batch size is used)
+    max_evaluations: int = 8  # speedup only: benchmark runs at most
+
+    @property
+    def option(self) -> str:
+        return f"`target_{self.metric}`" if self.metric in TARGET_METRICS else "`target`"
+
+    def check(self) -> None:
+        if self.metric not in TARGET_METRICS:
+            raise UsageError(f"unknown target metric {self.metric!r}; choose from {', '.join(TARGET_METRICS)}")
+        value = self.value
+        if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+            raise UsageError(f"{self.option} must be a number, got {value!r}")
+        if self.metric != "speedup" and not 0 < value <= 1:
+            raise UsageError(f"{self.option} is the fraction kept, in (0, 1], got {value}")
+        if self.metric == "speedup":
+            if value <= 0:
+                raise UsageError(f"{self.option} must be positive, got {value}")
+            if self.latency is None:
+                raise UsageError(f"{self.option} measures latency: name the runtime with `provider` cpu|cuda")
+            if self.max_evaluations < 2:
+                raise UsageError(f"the speedup search needs at least 2 evaluations, got {self.max_evaluations}")
+            self.latency.check()
+
+
+@dataclass
+class OutputOptions:
+    """What a file run writes besides the model."""
+
+    force: bool = False  # overwrite an existing output (or the input)
+    dry_run: bool = False  # plan and report only
+    plan_out: str | Path | None = None
+    report_path: str | Path | None = None
+    verify: bool = True  # run the written model against the original before it takes its name
+
+
+@dataclass
+class PruneOptions:
+    """Everything one run of ``onnxprune MODEL ...`` (or ``prune_file``) is told."""
+
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    widths: WidthOptions = field(default_factory=WidthOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    training: TrainOptions | None = None
+    steps: int = 1  # prune in this many rounds, re-scoring (and recovering) between them
+    sparsity: SparsityOptions | None = None
+    gate: GateOptions | None = None
+    target: Target | None = None
+    bench: Latency | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)
+    seed: int = 0
+    quiet: bool = True
+
+    @classmethod
+    def from_keywords(cls, **keywords) -> "PruneOptions":
+        """The documented keywords of ``prune()`` and ``prune_file()``, each put in its group."""
+        return cls().with_keywords(**keywords)
+
+    def with_keywords(self, **keywords) -> "PruneOptions":
+        """A copy with the keywords (see KEYWORDS) set in their groups."""
+        groups: dict[str, dict] = {}
+        top = {}
+        for name, value in keywords.items():
+            home = KEYWORDS.get(name)
+            if home is None:
+                raise TypeError(f"unexpected keyword argument {name!r}")
+            group, attribute = home
+            if group is None:
+                top[attribute] = value
+            else:
+                groups.setdefault(group, {})[attribute] = value
+        changed = {group: replace(getattr(self, group) or GROUPS[group](), **values)
+                   for group, values in groups.items()}
+        return replace(self, **changed, **top)
+
+
+GROUPS = {"analysis": AnalysisOptions, "widths": WidthOptions, "data": DataOptions,
+          "sparsity": SparsityOptions, "gate": GateOptions, "output": OutputOptions}
+# keyword -> (group, field); group None: a field of PruneOptions itself.
+KEYWORDS: dict[str, tuple[str | None, str]] = {
+    **{f.name: (group, f.name) for group, kind in GROUPS.items() for f in fields(kind)},
+    "plan_in": ("widths", "plan"),
+    "train": (None, "training"),
+    **{name: (None, name) for name in ("training", "steps", "target", "bench", "seed", "quiet")},
+}
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def check_ratio(value, option: str = "`ratio`") -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or math.isnan(value) or not 0 <= value < 1):
+        raise UsageError(f"{option} must be in [0, 1), got {value}")
+
+
+def parse_nm(text) -> tuple[int, int]:
+    """``"2:4"`` (or ``(2, 4)``) -> (2, 4); 0 < N < M, else UsageError."""
+    parts = [str(p) for p in text] if isinstance(text, (tuple, list)) and len(text) == 2 else str(text).split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"`nm` sparsity must look like 2:4, got {text!r}") from None
+    if not 0 < n < m:
+        raise UsageError(f"`nm` sparsity needs 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+def check_ratio_mapping(mapping, what: str = "`ratios`") -> dict[str, float]:
+    """A mapping of group id or source glob -> ratio in [0, 1), as floats."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(f"{what}: expected a non-empty mapping from group id or node-name glob to a ratio")
+    checked = {}
+    for key, ratio in mapping.items():
+        if not isinstance(key, str):
+            raise UsageError(f"{what}: key {key!r} is not a group id or a glob")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise UsageError(f"{what}: ratio for {key!r} must be a number in [0, 1), got {ratio!r}")
+        checked[key] = float(ratio)
+    return checked
+
+
+def check_grid(ratios, what: str = "`ratios`") -> list[float]:
+    """A list of ratios to try, each in [0, 1): sorted, without repeats."""
+    values = list(ratios)
+    if not values:
+        raise UsageError(f"{what}: give at least one ratio")
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:  # also rejects NaN
+            raise UsageError(f"{what}: every ratio must be in [0, 1), got {r}")
+    return sorted(set(float(r) for r in values))
+
+
+def validate_analysis(options: AnalysisOptions) -> AnalysisOptions:
+    return replace(options, ignore=tuple(options.ignore or ()))
+
+
+def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = True) -> WidthOptions:
+    """Check ``widths``; a copy with importance and round_to resolved."""
+    from .runtime.hardware import round_to_for
+    from .scoring.criteria import check_criterion
+
+    check_ratio(widths.ratio)
+    check_ratio(widths.head_ratio, "`head_ratio`")
+    round_to = widths.round_to
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"`round_to` must be a positive integer, got {round_to}")
+    if widths.min_channels < 1:
+        raise UsageError(f"`min_channels` must be at least 1, got {widths.min_channels}")
+    if not 0 < widths.max_group_ratio < 1:
+        raise UsageError(f"`max_group_ratio` must be in (0, 1), got {widths.max_group_ratio}")
+    planned = widths.plan is not None
+    if planned:
+        if widths.ratio is not None:
+            raise UsageError("`plan` and `ratio` are exclusive: a plan already says what to cut")
+        if widths.importance is not None or widths.global_ranking or widths.round_to is not None:
+            raise UsageError("`plan` applies a plan exactly; `importance`/`global_ranking`/`round_to` do not apply")
+        if widths.ratios or widths.allocate:
+            raise UsageError("`plan` applies a plan exactly; `ratios`/`allocate` do not apply")
+    _check_group_ratios(widths, has_data)
+    if needs_amount and widths.ratio is None and not planned and not widths.ratios:
+        raise UsageError("give a ratio (`ratio`) or a plan (`plan`)")
+    importance = widths.importance or DEFAULT_IMPORTANCE
+    check_criterion(DEFAULT_IMPORTANCE if planned else importance, has_data)
+    if round_to is None:
+        round_to = round_to_for(widths.provider) if widths.provider else 1
+    return replace(widths, importance=importance, round_to=round_to)
+
+
+def _check_group_ratios(widths: WidthOptions, has_data: bool) -> None:
+    if widths.ratios is not None:
+        check_ratio_mapping(widths.ratios)
+    if widths.allocate is None:
+        return
+    if widths.allocate not in ALLOCATE_METHODS:
+        raise UsageError(f"unknown `allocate` {widths.allocate!r}; choose from {', '.join(ALLOCATE_METHODS)}")
+    if widths.ratios:
+        raise UsageError("`ratios` and `allocate` are exclusive: the allocation chooses every group's ratio")
+    if widths.ratio is None:
+        raise UsageError("`allocate` sensitivity needs `ratio` R: the fraction of channels to remove overall")
+    if not has_data:
+        raise UsageError("`allocate` sensitivity measures output error on data: give `data` FILE")
+    if widths.global_ranking:
+        raise UsageError("`allocate` and `global_ranking` are exclusive: both decide how much each group loses")
+
+
+def validate_data(data: DataOptions) -> DataOptions:
+    if data.compensate and data.data is None:
+        raise UsageError("`compensate` measures mean activations: give `data` FILE")
+    if data.calib_samples is not None and data.calib_samples < 1:
+        raise UsageError(f"`calib_samples` must be at least 1, got {data.calib_samples}")
+    if data.batch_size is not None and data.batch_size < 1:
+        raise UsageError(f"`batch_size` must be at least 1, got {data.batch_size}")
+    images = data.images
+    if images is not None and any(s <= 0 for s in getattr(images, "std", ())):
+        raise UsageError(f"`std` values must be positive, got {tuple(images.std)}")
+    return data
+
+
+def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
+    """Check every option, alone and against the others; a copy with the defaults resolved.
+
+    Raises UsageError (one line, naming the options) before any work is done.
+    ``whole_run``: the options of a file run (prune_file, the command line),
+    where sparsity or a budget may stand in for the ratio; else of one prune.
+    """
+    has_data = options.data.data is not None
+    sparsity = options.sparsity
+    if sparsity is not None:
+        sparsity.check()
+    sparse = sparsity is not None
+    widths = options.widths
+    if options.target is not None:
+        _check_target(options)
+    elif whole_run and widths.ratio is None and widths.plan is None and not widths.ratios and not sparse:
+        raise UsageError("nothing to do: give `ratio` R, `target_macs` F, `plan` FILE, `unstructured` R or `nm` N:M")
+    if sparse and sparsity.nm is not None and widths.global_ranking and widths.ratio is None:
+        raise UsageError("`global_ranking` ranks channels or `unstructured` weights; `nm` keeps N of every M in place")
+    structured = options.target is not None or widths.ratio is not None or widths.plan is not None \
+        or bool(widths.ratios)
+    widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None)
+    data = validate_data(options.data)
+    _check_rounds(options, has_data)
+    if options.bench is not None:
+        if options.output.dry_run:
+            raise UsageError("`bench` times the written model: drop `dry_run`")
+        options.bench.check()
+    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data)
+
+
+def _check_target(options: PruneOptions) -> None:
+    """A target replaces the ratio; the options that fix the ratio otherwise cannot go with it."""
+    target, widths = options.target, options.widths
+    flag = target.option
+    if widths.ratio is not None:
+        raise UsageError(f"{flag} and `ratio` are exclusive: the target chooses the ratio")
+    if widths.plan is not None:
+        raise UsageError(f"{flag} and `plan` are exclusive: a plan already says what to cut")
+    if options.steps > 1:
+        raise UsageError(f"{flag} chooses one ratio; it does not combine with `steps`")
+    if widths.allocate is not None:
+        raise UsageError(f"{flag} and `allocate` are exclusive: `allocate` needs `ratio` R")
+    target.check()
+
+
+def _check_rounds(options: PruneOptions, has_data: bool) -> None:
+    training, gate = options.training, options.gate
+    gated = gate is not None and (gate.max_accuracy_drop is not None or gate.max_output_error is not None)
+    if (training is not None or gated) and not has_data:
+        what = "`distill`/`finetune` train" if training is not None else "the quality gate measures"
+        raise UsageError(f"{what} on data: give `data` FILE")
+    if options.steps < 1:
+        raise UsageError(f"`steps` must be at least 1, got {options.steps}")
+    widths = options.widths
+    if options.steps > 1 and (widths.ratio is None or widths.plan is not None):
+        raise UsageError("`steps` K prunes `ratio` R in K rounds: give `ratio` (not `plan`)")
+    if options.steps > 1 and (widths.ratios or widths.allocate):
+        raise UsageError("`ratios`/`allocate` choose per-group ratios once; they do not combine with `steps`")
+    if training is not None:
+        training.check()

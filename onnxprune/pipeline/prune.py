@@ -1,0 +1,151 @@
+"""One prune in memory: analyse -> [measure] -> score -> plan -> cut -> report.
+
+``prune_model`` takes validated options (options.validate) with their data
+loaded; nothing is written and the input model is not modified. With data,
+the data criteria can be used and the removed channels' mean contributions
+are folded into the readers' biases (compensation, on by default with data).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..analysis.analyse import Analysis
+from ..analysis.stats import count_macs, count_params
+from ..cut import iochange
+from ..data import Dataset
+from ..metrics import Reference
+from ..options import PruneOptions
+from ..planning.plan import Plan, check_plan
+from ..planning.ratios import resolve_ratios
+from ..report.records import NO_STRUCTURED, BlockedGroup, GroupReport, Report
+from . import steps
+from .sensitivity import Prepared, allocate_ratios
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto  # the pruned model (the input itself when nothing was cut)
+    plan: Plan
+    report: Report
+    analysis: Analysis | None = None  # of the input model (its view holds the cut graph)
+
+
+def prune_model(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
+    """Remove what ``options.widths`` asks for (a ratio, per-group ratios, or a plan)."""
+    started = time.perf_counter()
+    widths, data = options.widths, options.data
+    calib = data.data.sample(data.calib_samples, options.seed) if isinstance(data.data, Dataset) else None
+    compensate = calib is not None and data.compensate is not False
+    planned = isinstance(widths.plan, Plan)
+    criterion = widths.importance if not planned else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        analysis = steps.analyse(model, options.analysis)
+        stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet)
+        if planned:
+            plan, scores, allocation = widths.plan, {}, None
+            check_plan(plan, analysis.groups)
+        else:
+            scores = steps.score(analysis, criterion, options.seed, stats)
+            per_group, allocation = _group_ratios(model, analysis, scores, stats, calib, options)
+            plan = steps.choose(analysis, scores, widths, per_group)
+    report = _report(analysis, plan, scores, widths.ratio, criterion or "plan")
+    report.allocation = allocation and allocation.to_json()
+    report.add_warnings(caught)
+    hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
+    if hidden:
+        report.warnings.append(
+            f"`prune_hidden` cut the hidden size of {len(hidden)} group(s): LayerNorm statistics change, "
+            "so accuracy needs recovery training (`distill` or `finetune`)")
+    if calib is not None:
+        report.data = {"source": calib.source, "samples": len(calib), "notes": calib.notes}
+    pruned = model
+    if plan.keep:
+        cut = steps.cut(model, analysis, plan, stats if compensate else None)
+        pruned = cut.model
+        if cut.changes:
+            report.io_changes = iochange.describe(cut.changes, _declared_shapes(model))
+        report.params_after = count_params(pruned)
+        report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, cut.changes))
+        if cut.compensation is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report.compensation = _compensation_effect(model, pruned, plan, cut.compensation, calib, options)
+            report.add_warnings(caught)
+    report.seconds = time.perf_counter() - started
+    return PruneResult(pruned, plan, report, analysis)
+
+
+def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions) -> tuple[dict[str, float], object]:
+    """Group id -> ratio for the groups that do not take the uniform ratio; and the allocation, if any."""
+    widths = options.widths
+    chosen = {g.id: widths.head_ratio for g in analysis.prunable if g.kind == "heads"} \
+        if widths.head_ratio is not None else {}
+    allocation = None
+    if widths.allocate is not None:
+        allocation = allocate_ratios(model, calib, widths.ratio, options, Prepared(analysis, scores, stats))
+        chosen.update(allocation.ratios)
+    elif widths.ratios:
+        chosen.update(resolve_ratios(analysis.groups, widths.ratios))
+    return chosen, allocation
+
+
+def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Graph inputs' and outputs' shapes as declared: sizes, or names of dynamic dims."""
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in (*model.graph.input, *model.graph.output)}
+
+
+def _compensation_effect(model, pruned, plan, folded, calib: Dataset, options: PruneOptions) -> dict:
+    """How much output error compensation removed, on (up to 256 of) the calibration samples."""
+    plain = steps.cut(model, steps.analyse(model, options.analysis), plan).model
+    reference = Reference(model, calib.sample(256, seed=0), options.data.batch_size)
+    errors = {name: reference.measure(m).output_error for name, m in (("without", plain), ("with", pruned))}
+    return {**folded.to_json(), "output_error": errors}
+
+
+def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:
+    model = analysis.model
+    groups, blocked = [], []
+    for g in analysis.groups:
+        if g.blocked:
+            blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked)))
+            continue
+        if not g.prunable:
+            continue
+        kept = plan.keep.get(g.id, list(range(g.size)))
+        info = {}
+        if g.id in scores:
+            removed = np.setdiff1d(np.arange(g.size), kept)
+            info = {"criterion": importance, "kept_mean": float(scores[g.id][kept].mean())}
+            if removed.size:
+                info["removed_mean"] = float(scores[g.id][removed].mean())
+        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind)
+        if g.kind == "heads":
+            kept_set = set(kept)
+            report.units_before = len(g.unit_members())
+            report.units_after = sum(1 for m in g.unit_members() if int(m[0]) in kept_set)
+        groups.append(report)
+    params = count_params(model)
+    macs = count_macs(model, shapes=analysis.shapes.static)
+    return Report(
+        input="", output=None, ratio=ratio, importance=importance,
+        params_before=params, params_after=params, macs_before=macs, macs_after=macs,
+        groups=groups, blocked=blocked,
+    )
+
+
+def unpruned(model: onnx.ModelProto, input_shapes) -> PruneResult:
+    """Sparsity alone: no channel is planned; the report keeps the model's counts."""
+    params, macs = count_params(model), count_macs(model, input_shapes)
+    report = Report(input="", output=None, ratio=None, importance=NO_STRUCTURED, params_before=params,
+                    params_after=params, macs_before=macs, macs_after=macs, groups=[], blocked=[])
+    return PruneResult(model, Plan(), report)
+

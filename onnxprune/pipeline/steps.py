@@ -1,0 +1,89 @@
+"""The steps of the flow as plain functions on plain objects.
+
+    analysis = analyse(model, options.analysis)              # channel groups
+    stats = measure(model, analysis, calib, criterion, ...)  # activations/gradients, when data is used
+    scores = score(analysis, criterion, seed, stats)         # importance per channel
+    plan = choose(analysis, scores, widths, ratios)          # kept channels per group
+    cut = cut(model, analysis, plan, stats)                  # the pruned model
+
+The pipelines (prune.py: one prune; sensitivity.py: each group cut alone;
+target.py: the ratio that meets a budget) are compositions of these; each
+step delegates to the package that holds its knowledge. A cut edits the
+analysis's graph view in place, so each cut takes an analysis of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from ..analysis.analyse import Analysis
+from ..analysis.analyse import analyse as analyse_model
+from ..cut import iochange
+from ..cut.compensate import Compensation, compensate
+from ..cut.export import export
+from ..cut.surgery import apply_plan
+from ..data import Dataset, load_data
+from ..options import AnalysisOptions, DataOptions, WidthOptions
+from ..planning.plan import Plan, make_plan
+from ..scoring.calibration import GroupStats
+from ..scoring.calibration import measure as measure_stats
+from ..scoring.criteria import (
+    needs_activations,
+    needs_data,
+    needs_gradients,
+    score_groups,
+)
+
+
+@dataclass
+class Cut:
+    """A pruned model, the graph inputs/outputs it reshaped, and what compensation did."""
+
+    model: onnx.ModelProto
+    changes: list[iochange.IOChange]
+    compensation: Compensation | None = None
+
+
+def analyse(model: onnx.ModelProto, options: AnalysisOptions) -> Analysis:
+    return analyse_model(model, options)
+
+
+def data_of(model: onnx.ModelProto, options: DataOptions) -> Dataset | None:
+    """The data the options name, loaded and checked against ``model`` (once per run)."""
+    if options.data is None or isinstance(options.data, Dataset):
+        return options.data
+    return load_data(options.data, model, options.images)
+
+
+def measure(model: onnx.ModelProto, analysis: Analysis, calib: Dataset | None, criterion: str | None,
+            compensate: bool, batch_size: int | None, quiet: bool = True) -> dict[str, GroupStats] | None:
+    """What the data criterion ``criterion`` (None: a weight criterion) and compensation need."""
+    data_criterion = criterion is not None and needs_data(criterion)
+    if calib is None or not (data_criterion or compensate):
+        return None
+    return measure_stats(model, analysis.prunable, analysis.view, calib,
+                         gradients=data_criterion and needs_gradients(criterion),
+                         activations=compensate or (data_criterion and needs_activations(criterion)),
+                         batch_size=batch_size, quiet=quiet)
+
+
+def score(analysis: Analysis, criterion: str, seed: int, stats: dict | None) -> dict:
+    """Scores per prunable group; ``stats`` feed the data criteria (ignored by the others)."""
+    return score_groups(analysis.groups, analysis.view, criterion, seed, stats if needs_data(criterion) else None)
+
+
+def choose(analysis: Analysis, scores: dict, widths: WidthOptions, ratios: dict[str, float] | None = None) -> Plan:
+    """The channels each group keeps: ``widths.ratio`` everywhere but for ``ratios`` (group id -> ratio)."""
+    return make_plan(analysis.groups, scores, widths.ratio or 0.0, widths.round_to, widths.global_ranking,
+                     widths.min_channels, widths.max_group_ratio, ratios)
+
+
+def cut(model: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict | None = None) -> Cut:
+    """``plan`` applied to ``analysis``'s graph (compensated with ``stats`` when given), exported."""
+    done = compensate(analysis.view, analysis.groups, plan, stats) if stats is not None else None
+    changes = iochange.find_io_changes(analysis.view, apply_plan(analysis.view, analysis.groups, plan))
+    pruned = export(analysis.view, model, changes)
+    iochange.record(pruned, changes)  # relative to this input (replaces the record of an earlier run)
+    return Cut(pruned, changes, done)

@@ -1,0 +1,177 @@
+"""Budget-targeted pruning: the uniform ratio that meets a MACs, params or latency budget.
+
+    --target-macs 0.5        keep at most half of the MACs
+    --target-params 0.3      keep at most 30% of the parameters
+    --target-speedup 1.5     run at least 1.5x faster on --provider (measured)
+
+The search is a bisection on the ratio of one prune (prune.py) with every other
+option as given (round-to, global ranking, importance, ...). It keeps one
+invariant: at ``low`` the model misses the budget, at ``high`` it meets it.
+The unpruned model (ratio 0) misses any budget below 1, and the search first
+checks that ``high`` = MAX_RATIO meets it (else the budget cannot be met:
+blocked groups, `min_channels` and `round_to` put a floor under the model).
+The answer is ``high``: within budget, while ``low``, at most ``resolution``
+smaller, is not; MACs and params fall step-wise with the ratio (whole
+channels, multiples of --round-to), so no ratio in between does better.
+
+Latency is not monotone to the last percent (timings are noisy), so the
+speedup search measures at most ``max_evaluations`` candidates; candidates
+with the same channel widths as one already timed are not timed again.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import onnx
+
+from ..errors import UsageError
+from ..model.save import AtomicModelWriter
+from ..options import PruneOptions, Target
+from .prune import prune_model
+
+MAX_RATIO = 0.99  # a prune takes ratios in [0, 1)
+MAX_SPEEDUP_RATIO = 0.9  # beyond this, the latency search would time nearly empty models
+RESOLUTION = 1 / 1024  # MACs/params: about 11 prunes for the whole search
+SPEEDUP_RESOLUTION = 0.01
+
+
+@dataclass
+class Evaluation:
+    ratio: float
+    achieved: float  # fraction of MACs/params kept, or measured speedup
+    cached: bool = False  # speedup: a candidate with the same channel widths was timed before
+
+
+@dataclass
+class TargetResult:
+    metric: str
+    value: float
+    ratio: float  # the ratio chosen
+    achieved: float  # at that ratio: fraction kept, or measured speedup
+    resolution: float  # the ratio ``resolution`` below ``ratio`` misses the budget
+    evaluations: list[Evaluation] = field(default_factory=list)
+    provider: str | None = None  # speedup only
+    batch: int | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | None = None,
+               options: PruneOptions | None = None) -> TargetResult:
+    """The smallest uniform ratio whose pruned model meets ``target``, with ``options`` (validated,
+    their data loaded) as for any prune; their own target and ratio are not used.
+
+    ``base_path`` (the model's file) is what a speedup target times against;
+    without it the model is written to a temporary folder first.
+    """
+    target.check()
+    started = time.perf_counter()
+    options = options or PruneOptions()
+    # bias compensation changes no width, MAC or latency
+    options = replace(options, target=None, data=replace(options.data, compensate=False))
+    with tempfile.TemporaryDirectory(prefix="onnxprune-target-") as tmp:
+        if target.metric == "speedup":
+            probe = _SpeedupProbe(model, target, Path(tmp), base_path, options)
+            result = _bisect(target, probe, MAX_SPEEDUP_RATIO, SPEEDUP_RESOLUTION, target.max_evaluations)
+            result.provider, result.batch = probe.provider, probe.batch
+        else:
+            result = _bisect(target, _CountProbe(model, target, options), MAX_RATIO, RESOLUTION, None)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _at(options: PruneOptions, ratio: float) -> PruneOptions:
+    return replace(options, widths=replace(options.widths, ratio=ratio))
+
+
+def _meets(target: Target, achieved: float) -> bool:
+    return achieved >= target.value if target.metric == "speedup" else achieved <= target.value
+
+
+def _bisect(target: Target, probe, high: float, resolution: float, budget: int | None) -> TargetResult:
+    result = TargetResult(target.metric, target.value, 0.0, 1.0, resolution)
+    if _meets(target, 1.0):  # the unpruned model already meets it
+        return result
+    at_high = probe(high)
+    result.evaluations.append(at_high)
+    if not _meets(target, at_high.achieved):
+        raise UsageError(_unreachable(target, at_high))
+    low, best = 0.0, at_high
+    while high - low > resolution and (budget is None or probe.runs < budget):
+        mid = (low + high) / 2
+        at_mid = probe(mid)
+        result.evaluations.append(at_mid)
+        if _meets(target, at_mid.achieved):
+            high, best = mid, at_mid
+        else:
+            low = mid
+    result.ratio, result.achieved = best.ratio, best.achieved
+    result.resolution = high - low
+    return result
+
+
+def _unreachable(target: Target, at: Evaluation) -> str:
+    if target.metric == "speedup":
+        return (f"{target.option} {target.value:g} cannot be met: ratio {at.ratio:g} measured {at.achieved:.2f}x; "
+                "ask for less, or pin the dims and batch that matter (`input_shapes`, `batches`)")
+    what = "MACs" if target.metric == "macs" else "params"
+    return (f"{target.option} {target.value:g} cannot be met: at ratio {at.ratio:g} the model still keeps "
+            f"{at.achieved:.3f} of its {what} (blocked groups, `min_channels`, `round_to`, `ignore`)")
+
+
+class _CountProbe:
+    """MACs or params kept at a ratio: one in-memory prune."""
+
+    def __init__(self, model, target: Target, options: PruneOptions):
+        self.model, self.target, self.options = model, target, options
+        self.runs = 0  # evaluations that did the work (cached ones excluded)
+
+    def __call__(self, ratio: float) -> Evaluation:
+        report = prune_model(self.model, _at(self.options, ratio)).report
+        before, after = ((report.macs_before, report.macs_after) if self.target.metric == "macs"
+                         else (report.params_before, report.params_after))
+        if not before or after is None:
+            raise UsageError(f"{self.target.option}: the model's {self.target.metric.upper()} cannot be counted "
+                             "(unresolved dims: pin them with `input_shapes`)")
+        self.runs += 1
+        return Evaluation(ratio, after / before)
+
+
+class _SpeedupProbe:
+    """Measured speedup at a ratio: prune in memory, write, time base vs candidate interleaved."""
+
+    def __init__(self, model, target: Target, folder: Path, base_path, options: PruneOptions):
+        self.model, self.folder, self.options = model, folder, options
+        self.latency = target.latency
+        self.provider = self.latency.check()
+        self.batch = self.latency.batches[0]
+        if base_path is None:
+            base_path = folder / "base.onnx"
+            _write(model, base_path)
+        self.base_path = Path(base_path)
+        self.runs = 0  # evaluations that did the work (cached ones excluded)
+        self.seen: dict[tuple, float] = {}  # channel widths -> speedup measured
+
+    def __call__(self, ratio: float) -> Evaluation:
+        result = prune_model(self.model, _at(self.options, ratio))
+        widths = tuple(sorted((gid, len(keep)) for gid, keep in result.plan.keep.items()))
+        if widths in self.seen:
+            return Evaluation(ratio, self.seen[widths], cached=True)
+        path = self.folder / f"candidate{self.runs}.onnx"
+        _write(result.model, path)
+        timing = self.latency.time([self.base_path, path], self.options.analysis.input_shapes, [self.batch])
+        path.unlink()
+        self.runs += 1
+        self.seen[widths] = timing.timings[1].speedup
+        return Evaluation(ratio, self.seen[widths])
+
+
+def _write(model: onnx.ModelProto, path: Path) -> None:
+    with AtomicModelWriter(path) as writer:
+        writer.write(model)

@@ -1,0 +1,96 @@
+"""Per-group ratios allocated from measured sensitivity (``--allocate sensitivity``).
+
+Starting from every group whole, repeatedly raise the ratio of the group
+whose next step adds the least measured squared error per channel removed
+(looking ahead over the whole grid, so a flat stretch after a costly step is
+seen), until the removed fraction of all prunable channels (channels, not
+MACs) reaches the target. Squared errors of separate groups are treated as
+additive, as they are for uncorrelated perturbations of the output: an
+approximation, but it ranks groups by how much they matter, and it spreads
+the cut where a plain sum of errors would pile it onto a few groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..report.sensitivity import Sensitivity
+
+_GRID_STEP = 0.1
+
+
+
+@dataclass
+class Allocation:
+    target: float  # fraction of all prunable channels to remove
+    ratios: dict[str, float]  # group id -> chosen ratio (0: left whole)
+    removed: int
+    channels: int
+    sensitivity: Sensitivity
+    chosen_error: dict[str, float] = field(default_factory=dict)  # group id -> measured error at its ratio
+
+    def to_json(self) -> dict:
+        by_id = {g.id: g for g in self.sensitivity.groups}
+        return {
+            "method": "sensitivity",
+            "unit": "channels",
+            "target": self.target,
+            "removed_fraction": self.removed / self.channels if self.channels else 0.0,
+            "grid": self.sensitivity.ratios,
+            "samples": self.sensitivity.samples,
+            "seconds": self.sensitivity.seconds,
+            "groups": [{"id": gid, "sources": by_id[gid].sources, "channels": by_id[gid].channels,
+                        "ratio": r, "error": self.chosen_error[gid]} for gid, r in self.ratios.items()],
+        }
+
+
+
+def allocation_grid(target: float) -> list[float]:
+    """Steps of 0.1 up to twice the target (at most 0.9), and the target itself."""
+    top = min(0.9, 2 * target) + 1e-9
+    steps = [round(_GRID_STEP * k, 10) for k in range(1, 10) if _GRID_STEP * k <= top]
+    return sorted(set(steps) | {float(target)})
+
+
+
+def choose_allocation(sensitivity: Sensitivity, target: float) -> Allocation:
+    """Per-group ratios removing at least ``target`` of all prunable channels, cheapest squared error first."""
+    groups = sensitivity.groups
+    total = sum(g.channels for g in groups)
+    goal = target * total
+    # A curve per group: (channels removed, squared error, ratio), starting whole. Squared: the
+    # output perturbations of separate groups are roughly uncorrelated, so their energies add.
+    curves = [[(0, 0.0, 0.0)] + [(n, e * e, r) for n, e, r in zip(g.removed, g.error, sensitivity.ratios)]
+              for g in groups]
+    at = [0] * len(groups)
+    removed = 0
+    while removed < goal - 1e-9:
+        step = _cheapest_step(curves, at)
+        if step is None:
+            most = sum(max(n for n, _, _ in c) for c in curves)
+            raise UsageError(f"`allocate`: the measured ratios (up to {max(sensitivity.ratios):g}) remove at most "
+                             f"{most} of {total} prunable channels, short of {target:g}")
+        index, to = step
+        removed += curves[index][to][0] - curves[index][at[index]][0]
+        at[index] = to
+    ratios = {g.id: curves[i][at[i]][2] for i, g in enumerate(groups)}
+    errors = {g.id: math.sqrt(curves[i][at[i]][1]) for i, g in enumerate(groups)}
+    return Allocation(target, ratios, removed, total, sensitivity, errors)
+
+
+
+def _cheapest_step(curves, at) -> tuple[int, int] | None:
+    """(group index, grid index) of the move that adds the least (squared) error per channel removed."""
+    best, best_cost = None, math.inf
+    for i, curve in enumerate(curves):
+        here_removed, here_error, _ = curve[at[i]]
+        for j in range(at[i] + 1, len(curve)):
+            extra = curve[j][0] - here_removed
+            if extra <= 0:
+                continue
+            cost = (curve[j][1] - here_error) / extra
+            if best is None or cost < best_cost:
+                best, best_cost = (i, j), cost
+    return best

@@ -1,0 +1,73 @@
+"""Per-group ratios from a file (``--ratios FILE``), resolved against the model's groups.
+
+The file is JSON (or, with PyYAML, YAML): a mapping from a group id, or a
+glob over a group's source node names, to a ratio; later entries override
+earlier ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from ..errors import MissingDependency, UsageError
+from ..options import check_ratio_mapping
+
+
+def load_ratios(path) -> dict[str, float]:
+    """A ``--ratios`` file: JSON, or YAML (.yaml/.yml) when PyYAML is installed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"`ratios` {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        mapping = _parse_yaml(text, path)
+    else:
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"`ratios` {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    return check_ratio_mapping(mapping, f"`ratios` {path}")
+
+
+
+def _parse_yaml(text: str, path: Path):
+    try:
+        import yaml
+    except ImportError:
+        raise MissingDependency(f"`ratios` {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                "or write the file as JSON") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"`ratios` {path}: not valid YAML ({type(exc).__name__})") from None
+
+
+
+def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") -> dict[str, float]:
+    """Group id -> ratio: each key is a group id or a glob over group source names; later keys win."""
+    mapping = check_ratio_mapping(mapping, what)
+    prunable = [g for g in groups if g.prunable]
+    resolved = {}
+    for key, ratio in mapping.items():
+        matched = [g for g in prunable if g.id == key] or [g for g in prunable if _glob_matches(g, key)]
+        if not matched:
+            raise UsageError(_no_match(groups, key, what))
+        resolved.update({g.id: ratio for g in matched})
+    return resolved
+
+
+
+def _glob_matches(group, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(s, pattern) for s in group.sources)
+
+
+
+def _no_match(groups, key: str, what: str) -> str:
+    unprunable = next((g for g in groups if not g.prunable and (g.id == key or _glob_matches(g, key))), None)
+    if unprunable is not None:
+        why = "; ".join(unprunable.blocked) or "too narrow to prune"
+        return f"{what}: {key!r} names a group that cannot be pruned ({why})"
+    return f"{what}: {key!r} matches no group id or source node name (ids: onnxprune info --json, or onnxprune.analyse)"

@@ -1,0 +1,29 @@
+"""Summary lines for the parts of a report that other steps fill in: an allocation, a budget search."""
+
+from __future__ import annotations
+
+from .sensitivity import _label
+
+
+def format_allocation(allocation: dict) -> str:
+    """The ``allocation`` entry of a report as summary lines."""
+    lines = [f"allocation  by sensitivity: {allocation['removed_fraction']:.1%} of prunable channels removed "
+             f"(target {allocation['target']:g}), measured on {allocation['samples']} samples "
+             f"in {allocation['seconds']:.1f} s"]
+    for g in allocation["groups"]:
+        error = "" if g["error"] is None else f"  error alone {g['error']:.4f}"
+        lines.append(f"  ratio {g['ratio']:<5g} {g['channels']:>5} ch  {_label(g['sources'], g['id'])}{error}")
+    return "\n".join(lines)
+
+
+def summary_line(target: dict) -> str:
+    """One line for the printed summary, from ``TargetResult.to_json()``."""
+    n = len(target["evaluations"])
+    if target["metric"] == "speedup":
+        timed = sum(1 for e in target["evaluations"] if not e["cached"])
+        return (f"target  speedup >= {target['value']:g}x on {target['provider']} batch {target['batch']}: "
+                f"ratio {target['ratio']:.4f} chosen, {target['achieved']:.2f}x measured "
+                f"({timed} benchmark run(s), {target['seconds']:.1f} s)")
+    what = "MACs" if target["metric"] == "macs" else "params"
+    return (f"target  {what} <= {target['value']:g} of the original: ratio {target['ratio']:.4f} chosen, "
+            f"{target['achieved']:.4f} kept ({n} prune(s), {target['seconds']:.1f} s)")

@@ -1,0 +1,114 @@
+"""The rule table's vocabulary: what a rule is told (``Reached``), what it answers
+(``Relation`` of ``Link``s, ties or a barrier), the ``@rule`` decorator that fills
+``RULES``, and ``lookup``. The families (conv.py, linear.py, ...) import this
+module; ``rules/__init__`` imports the families, so importing ``onnxprune.rules``
+fills the table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Reached:
+    """Channels arrive at input (side="in") or output (side="out") ``index`` on ``axis``."""
+
+    side: str
+    index: int
+    axis: int
+    owner: np.ndarray
+
+
+
+@dataclass
+class Link:
+    side: str
+    index: int
+    axis: int
+    owner: np.ndarray
+    # For constants: what the slice is (weight, bias, bn_scale, ...): importance uses it.
+    role: str = "data"
+
+
+
+@dataclass
+class Relation:
+    links: list[Link] = field(default_factory=list)
+    # Each entry: positions on the reached axis that must be pruned together.
+    ties: list[np.ndarray] = field(default_factory=list)
+    barrier: str | None = None
+    # What the group's units are, when a rule can tell: "heads" where channels are
+    # the head axis of attention (a batch axis of a MatMul between activations).
+    kind: str | None = None
+
+
+
+def barrier(reason: str) -> Relation:
+    return Relation(barrier=reason)
+
+
+
+def related(*links: Link, ties=()) -> Relation:
+    return Relation(list(links), list(ties))
+
+
+
+@dataclass
+class Rule:
+    relate: Callable
+    source: Callable | None = None
+    rewrite: Callable | None = None
+
+
+
+RULES: dict[str, Rule] = {}
+
+
+
+def rule(*ops: str, source=None, rewrite=None):
+    """Register ``relate`` for default-domain ``ops``."""
+
+    def register(relate):
+        for op in ops:
+            RULES[op] = Rule(relate, source, rewrite)
+        return relate
+
+    return register
+
+
+
+def lookup(node) -> Rule | None:
+    if node.domain not in (None, "", "ai.onnx"):
+        return None
+    return RULES.get(node.op)
+
+
+
+def other_side(r: Reached, index: int = 0) -> str:
+    return "out" if r.side == "in" else "in"
+
+
+
+def passthrough(r: Reached, axis: int | None = None) -> Relation:
+    """Input 0 <-> output 0 on the same axis (or ``axis``), identity mapping."""
+    return related(Link(other_side(r), 0, r.axis if axis is None else axis, r.owner))
+
+
+
+def blocks_of(size: int, block: int) -> list[np.ndarray]:
+    """Contiguous runs of ``block`` positions: [0..block), [block..2*block), ..."""
+    return [np.arange(s, s + block) for s in range(0, size, block)]
+
+
+
+def strided(size: int, period: int) -> list[np.ndarray]:
+    """Positions equal modulo ``period``: {j, j+period, j+2*period, ...} for each j."""
+    return [np.arange(j, size, period) for j in range(period)]
+
+
+
+def normalise_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis

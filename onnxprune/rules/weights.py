@@ -1,0 +1,177 @@
+"""The table of weight slots: which inputs of an op hold learned tensors, and their axes.
+
+One entry per op with weights, read by everything that must know where a
+weight is and what it sums over: sparsity (the reduction axis N:M runs
+along), compensation (the weight rows a removed input channel meets, and the
+bias they fold into), the MAC counter, the model check of Conv groups, and
+the PyTorch executor (Constant-node weights become parameters).
+
+``Operand.role`` says what an input is:
+
+- ``data``: an activation the op sums over (a Conv's input);
+- ``weight``: a weight the op sums products with (a Conv's filters);
+- ``operand``: either side of Gemm/MatMul, a weight where it is a constant;
+- ``bias``: added to the output features; ``table``: rows looked up (Gather);
+- ``norm``: per-channel parameters of a normalisation (or PRelu's slope);
+- ``coefficient``: a constant of Add/Mul, a weight when it has more than one element.
+
+``reduces(attrs, rank)`` is the axis an operand is summed over (its input
+channels), ``features(attrs, rank)`` the axis of the output features it
+carries (for a bias: the axis of the op's output it is added along), None
+where it has none. ``attrs`` are the node's attributes as a
+dict. With ``grouped``, the op's ``group`` attribute splits axis 0 of the
+weight into groups, and axis 1 counts positions within a group: Conv
+(M, C/g, k...), ConvTranspose (C, M/g, k...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+Axis = Callable[[dict, int], "int | None"]
+
+
+def axis(n: int) -> Axis:
+    """The fixed axis ``n`` (negative: from the end)."""
+    return lambda attrs, rank: n % rank if rank else None
+
+
+@dataclass(frozen=True)
+class Operand:
+    role: str
+    reduces: Axis | None = None
+    features: Axis | None = None
+    gain: str | None = None  # the attribute scaling what this input contributes (Gemm: alpha, beta)
+
+
+@dataclass(frozen=True)
+class OpWeights:
+    operands: dict[int, Operand] = field(default_factory=dict)
+    grouped: bool = False
+    macs: Callable[[dict, list], "int | None"] | None = None  # (attrs, dims of inputs + output) -> MACs
+
+
+def _known(*shapes) -> bool:
+    return all(s is not None and None not in s for s in shapes)
+
+
+def _conv_macs(attrs, dims):
+    w, out = dims[1], dims[-1]
+    return math.prod(out) * math.prod(w[1:]) if _known(w, out) else None  # out elements x (C/g x kernel)
+
+
+def _conv_transpose_macs(attrs, dims):
+    x, w = dims[0], dims[1]
+    return math.prod(x) * math.prod(w[1:]) if _known(x, w) else None  # in elements x (M/g x kernel)
+
+
+def _gemm_macs(attrs, dims):
+    a, out = dims[0], dims[-1]
+    if not _known(a, out):
+        return None
+    return math.prod(out) * (a[0] if attrs.get("transA", 0) else a[1])
+
+
+def _matmul_macs(attrs, dims):
+    a, out = dims[0], dims[-1]
+    return math.prod(out) * a[-1] if _known(a, out) and a else None
+
+
+def _gemm_a(attrs, rank):  # A is (M, K), or (K, M) with transA
+    return 0 if attrs.get("transA", 0) else 1
+
+
+def _gemm_b(attrs, rank):  # B is (K, N), or (N, K) with transB
+    return 1 if attrs.get("transB", 0) else 0
+
+
+def _matmul_left(attrs, rank):  # (..., M, K) @ ...: K is the last axis
+    return rank - 1 if rank else None
+
+
+def _matmul_right(attrs, rank):  # ... @ (..., K, N): K is the one before last (a vector: its only axis)
+    return 0 if rank == 1 else rank - 2
+
+
+def _matmul_rows(attrs, rank):
+    return None if rank < 2 else rank - 2
+
+
+def _matmul_columns(attrs, rank):
+    return None if rank < 2 else rank - 1
+
+
+_NORM = Operand("norm", None, axis(0))
+_COEFFICIENT = Operand("coefficient")
+
+WEIGHTS: dict[str, OpWeights] = {
+    "Conv": OpWeights({0: Operand("data", axis(1)), 1: Operand("weight", axis(1), axis(0)),
+                       2: Operand("bias", None, axis(1))}, grouped=True, macs=_conv_macs),
+    "ConvTranspose": OpWeights({0: Operand("data", axis(1)), 1: Operand("weight", axis(0), axis(1)),
+                                2: Operand("bias", None, axis(1))}, grouped=True, macs=_conv_transpose_macs),
+    "Gemm": OpWeights({0: Operand("operand", _gemm_a, lambda a, r: 1 - _gemm_a(a, r), "alpha"),
+                       1: Operand("operand", _gemm_b, lambda a, r: 1 - _gemm_b(a, r), "alpha"),
+                       2: Operand("bias", None, axis(-1), "beta")}, macs=_gemm_macs),
+    "MatMul": OpWeights({0: Operand("operand", _matmul_left, _matmul_rows),
+                         1: Operand("operand", _matmul_right, _matmul_columns)}, macs=_matmul_macs),
+    "Gather": OpWeights({0: Operand("table")}),
+    "BatchNormalization": OpWeights({i: _NORM for i in (1, 2, 3, 4)}),
+    "LayerNormalization": OpWeights({1: _NORM, 2: _NORM}),
+    "InstanceNormalization": OpWeights({1: _NORM, 2: _NORM}),
+    "GroupNormalization": OpWeights({1: _NORM, 2: _NORM}),
+    "PRelu": OpWeights({1: _NORM}),
+    "Add": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
+    "Mul": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
+}
+MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
+LEARNED = ("weight", "operand", "bias", "norm", "coefficient")  # roles a trainer may update
+
+
+def operand(op: str, index: int) -> Operand | None:
+    """What input ``index`` of a default-domain ``op`` is, when the table knows it."""
+    entry = WEIGHTS.get(op)
+    return entry.operands.get(index) if entry is not None else None
+
+
+def learned_inputs(op: str) -> tuple[int, ...]:
+    entry = WEIGHTS.get(op)
+    return tuple(i for i, o in entry.operands.items() if o.role in LEARNED) if entry is not None else ()
+
+
+def reduction(op: str, attrs: dict, index: int, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(axis, positions per group along it) that a weight in input ``index`` is summed over;
+    None where the input is not a multiplied weight of this rank."""
+    entry, slot = WEIGHTS.get(op), operand(op, index)
+    if slot is None or slot.role not in MULTIPLIED or not shape:
+        return None
+    if entry.grouped and len(shape) < 3:
+        return None
+    reduced = slot.reduces(attrs, len(shape))
+    if reduced is None or not 0 <= reduced < len(shape):
+        return None
+    groups = max(int(attrs.get("group", 1)), 1) if entry.grouped else 1
+    return reduced, shape[reduced] // groups if reduced == 0 else shape[reduced]
+
+
+def group_problem(op: str, group: int, channels: int | None, w: list[int]) -> str | None:
+    """Why ``group`` does not fit a grouped op's weight ``w`` and input ``channels``; None when it does."""
+    if group < 1:
+        return f"group {group} is not positive"
+    weight = WEIGHTS[op].operands[1]
+    if w[0] % group:
+        what = "filters" if weight.features({}, len(w)) == 0 else "channels"
+        return f"group {group} does not divide the weight's {w[0]} {what}"
+    reduced = weight.reduces({}, len(w))
+    expected = w[reduced] * (group if reduced == 1 else 1)  # axis 1 counts one group's positions
+    if channels and channels != expected:
+        return f"input has {channels} channels, the weights with group {group} expect {expected}"
+    return None
+
+
+def proto_attrs(node: onnx.NodeProto) -> dict:
+    """A NodeProto's attributes as the dict the table's functions take."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -1,0 +1,195 @@
+"""onnxruntime latency of several models side by side.
+
+One session per model, spinning threads off, generated inputs per batch size,
+warm-up runs, then timed runs interleaved round-robin (one run of each model
+per round, starting model rotated) so that drift of the machine (clock,
+caches, other load) affects every model alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..cut import iochange
+from ..errors import UnsupportedModel, UsageError, first_line
+from ..model.inputs import graph_inputs, resolve_input_shapes
+from ..model.load import load_model
+from .session import require_onnxruntime, session
+from .verify import index_bounds, make_inputs
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class Timing:
+    """Latency of one model at one batch size, in milliseconds."""
+
+    model: str
+    batch: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    speedup: float  # median of the first model / median of this one
+    runs: int
+
+
+@dataclass
+class BenchResult:
+    provider: str
+    threads: int | None  # None: onnxruntime's default
+    warmup: int
+    iters: int
+    timings: list[Timing] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_provider(name: str) -> str:
+    """'cpu', 'cuda' or a full provider name -> an available provider name."""
+    full = PROVIDER_ALIASES.get(name.lower(), name)
+    available = require_onnxruntime().get_available_providers()
+    if full not in available:
+        raise UsageError(f"`provider` {name}: not available in this onnxruntime; available: {', '.join(available)}")
+    return full
+
+
+def batch_shapes(
+    model: onnx.ModelProto, label: str, batch: int, pinned: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Every input's shape with dim 0 set to ``batch`` (pinned dims kept otherwise)."""
+    wanted = {}
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims:
+            continue  # a scalar input has no batch dim
+        first = dims[0]
+        if first.HasField("dim_value") and first.dim_value > 0 and first.dim_value != batch:
+            raise UsageError(
+                f"`batches` {batch}: {label} input {vi.name!r} has a fixed batch dim {first.dim_value}"
+            )
+        base = pinned.get(vi.name) or tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims
+        )
+        wanted[vi.name] = (batch,) + tuple(base[1:])
+    return resolve_input_shapes(model, wanted)
+
+
+def _providers(provider: str) -> list[str]:
+    # CPU stays as fallback for nodes the accelerator provider does not implement
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+def open_session(path: str, provider: str, threads: int | None):
+    try:
+        return session(Path(path), threads, _providers(provider))
+    except Exception as exc:
+        raise UnsupportedModel(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
+
+
+def make_runner(sess, feeds: dict, provider: str):
+    """A no-argument callable doing one complete run (outputs ready when it returns)."""
+    if provider != "CUDAExecutionProvider":
+        return lambda: sess.run(None, feeds)
+    # On CUDA, copies host <-> device would dominate small models: inputs live on
+    # the device once, outputs stay there.
+    ort = require_onnxruntime()
+    binding = sess.io_binding()
+    device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0) for name, value in feeds.items()}
+    for name, value in device_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def run():
+        sess.run_with_iobinding(binding)  # synchronises the stream before returning
+        return device_inputs  # keeps the device inputs alive with the runner
+
+    return run
+
+
+def time_interleaved(runners: list, warmup: int, iters: int) -> list[list[float]]:
+    """Seconds per run for each runner: warm-up, then ``iters`` round-robin rounds."""
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    times: list[list[float]] = [[] for _ in runners]
+    n = len(runners)
+    for r in range(iters):
+        for k in range(n):
+            i = (r + k) % n  # rotate who goes first: no model always follows the same one
+            start = time.perf_counter()
+            runners[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(label: str, batch: int, seconds: list[float], reference_median_ms: float | None) -> Timing:
+    ms = np.asarray(seconds) * 1e3
+    median, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    ref = median if reference_median_ms is None else reference_median_ms
+    return Timing(label, batch, median, p90, p99, ref / median if median > 0 else math.inf, len(ms))
+
+
+def bench(
+    paths: list[str],
+    batches: list[int],
+    provider: str = "cpu",
+    threads: int | None = None,
+    warmup: int = 10,
+    iters: int = 100,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> BenchResult:
+    """Time ``paths`` side by side at each batch size; the first model is the speedup reference."""
+    provider = resolve_provider(provider)
+    pinned = dict(input_shapes or {})
+    models = [load_model(p) for p in paths]
+    names = {vi.name for m in models for vi in graph_inputs(m)}
+    unknown = sorted(set(pinned) - names)
+    if unknown:
+        raise UsageError(f"`input_shapes` names unknown input {unknown[0]!r}; inputs are: {', '.join(sorted(names))}")
+    # Validate every batch size before spending time on sessions and runs.
+    # A model with a reshaped cache (--allow-io-change) takes the pinned shapes' kept positions.
+    pins = [iochange.shrink_shapes({k: v for k, v in pinned.items() if k in {i.name for i in graph_inputs(m)}},
+                                   iochange.read(m)) for m in models]
+    shapes = {b: [batch_shapes(m, p, b, pin) for m, p, pin in zip(models, paths, pins)] for b in batches}
+    sessions = [open_session(p, provider, threads) for p in paths]
+    result = BenchResult(provider, threads, warmup, iters)
+    for b in batches:
+        runners = []
+        for path, model, sess, shape in zip(paths, models, sessions, shapes[b]):
+            feeds = make_inputs(sess, shape, index_bounds(model), seed)
+            try:
+                sess.run(None, feeds)  # fail here with a clear message, not inside the timing loop
+            except Exception as exc:
+                raise UnsupportedModel(f"onnxruntime cannot run {path} at batch {b}: {first_line(exc)}") from exc
+            runners.append(make_runner(sess, feeds, provider))
+        times = time_interleaved(runners, warmup, iters)
+        first = summarise(paths[0], b, times[0], None)
+        result.timings.append(first)
+        for path, seconds in zip(paths[1:], times[1:]):
+            result.timings.append(summarise(path, b, seconds, first.median_ms))
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    threads = result.threads if result.threads else "default"
+    lines = [
+        f"{result.provider}, threads {threads}, {result.warmup} warm-up + {result.iters} timed runs "
+        "per model and batch, interleaved",
+    ]
+    width = max([len("model")] + [len(t.model) for t in result.timings])
+    lines.append(f"{'model':<{width}}  {'batch':>5}  {'median ms':>10}  {'p90 ms':>10}  {'p99 ms':>10}  {'speedup':>7}")
+    for t in result.timings:
+        lines.append(
+            f"{t.model:<{width}}  {t.batch:>5}  {t.median_ms:>10.3f}  {t.p90_ms:>10.3f}  {t.p99_ms:>10.3f}"
+            f"  {t.speedup:>6.2f}x"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Verification of a written model: onnx.checker (full check), an onnxruntime
+session, and one run on generated inputs, compared with the original model.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import UnsupportedModel, VerificationFailed, first_line
+from .session import require_onnxruntime, session
+
+_INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """For integer inputs used as Gather indices into a constant table: the table size."""
+    sizes = {t.name: list(t.dims) for t in model.graph.initializer}
+    bounds = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            bounds[node.input[1]] = sizes[node.input[0]][axis]
+    return bounds
+
+
+def make_inputs(sess, shapes: dict[str, tuple[int, ...]], bounds: dict[str, int] | None = None, seed: int = 0):
+    """Random inputs: normal floats, integers within index range (default 0..1), bools."""
+    rng = np.random.default_rng(seed)
+    bounds = bounds or {}
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = shapes.get(inp.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
+        if inp.type in _INT_DTYPES:
+            dtype = np.dtype(inp.type[len("tensor("):-1])
+            feeds[inp.name] = rng.integers(0, bounds.get(inp.name, 2), size=shape).astype(dtype)
+        elif inp.type == "tensor(bool)":
+            feeds[inp.name] = rng.random(shape) > 0.5
+        else:
+            dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(inp.type, np.float32)
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def relative_error(reference: np.ndarray, other: np.ndarray) -> float:
+    """max |a - b| relative to the reference's scale (max |a|), where the reference is finite.
+
+    Where the reference itself is NaN or infinite (a Log of a negative random
+    input, weights holding NaN) there is no deviation to measure; a non-finite
+    value where the reference is finite is an infinite error.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    finite = np.isfinite(reference)
+    reference, other = reference[finite], other[finite]
+    if not np.isfinite(other).all():
+        return math.inf
+    if not reference.size:
+        return 0.0
+    with np.errstate(over="ignore"):
+        scale = float(np.max(np.abs(reference)))
+        err = float(np.max(np.abs(reference - other)))
+    return err / scale if scale > 0 else err
+
+
+@dataclass
+class Verification:
+    output_error: dict[str, float]  # per output, relative to the original's scale
+
+
+def check_model_file(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
+
+
+def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
+    """Inputs and outputs of the input model (the reference for the pruned one).
+
+    ``(None, None)``, with a warning, for a model of a type onnxruntime's CPU
+    provider has no kernels for (bfloat16, float8): such a model is checked
+    with onnx.checker only (``verify_file`` with no reference).
+    """
+    require_onnxruntime()
+    # The analysis graph (onnx-graphsurgeon's, full of reference cycles) is
+    # garbage by now, but only a full collection frees it and the weights it
+    # holds: before onnxruntime loads the original's weights once more.
+    gc.collect()
+    try:
+        sess = session(Path(model_path), prepack=False)
+    except Exception as exc:
+        unrunnable = cpu_unrunnable_types(model_path)
+        if unrunnable:
+            warnings.warn(
+                f"onnxruntime's CPU provider cannot run {'/'.join(unrunnable)} models: "
+                "the pruned model was checked with onnx.checker only, not run"
+            )
+            return None, None
+        raise UnsupportedModel(f"onnxruntime cannot load the input model: {first_line(exc)}") from exc
+    feeds = make_inputs(sess, shapes, bounds, seed)
+    try:
+        outputs = sess.run(None, feeds)
+    except Exception as exc:
+        raise UnsupportedModel(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
+    names = [o.name for o in sess.get_outputs()]
+    return feeds, dict(zip(names, outputs))
+
+
+# Element types onnxruntime's CPU provider has (next to) no kernels for.
+_NO_CPU_KERNELS = {
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+
+
+def cpu_unrunnable_types(model_path: Path) -> list[str]:
+    """Names of the element types in the model (inputs, outputs, weights) in ``_NO_CPU_KERNELS``."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    types = {vi.type.tensor_type.elem_type for vi in (*graph.input, *graph.output, *graph.value_info)}
+    types |= {t.data_type for t in graph.initializer}
+    return sorted(onnx.helper.tensor_dtype_to_string(t).removeprefix("TensorProto.").lower()
+                  for t in types & _NO_CPU_KERNELS)
+
+
+def verify_file(path: Path, feeds: dict | None, reference: dict | None) -> Verification:
+    """Full check, session, run; output names and shapes must match the reference.
+
+    With no reference (``run_original`` could not run the input), the full check only.
+    """
+    check_model_file(path)
+    if reference is None:
+        return Verification({})
+    try:
+        sess = session(Path(path), prepack=False)
+        outputs = sess.run(None, feeds)
+    except Exception as exc:
+        raise VerificationFailed(f"onnxruntime rejects the pruned model: {first_line(exc)}") from exc
+    names = [o.name for o in sess.get_outputs()]
+    if names != list(reference):
+        raise VerificationFailed(f"output names changed: {names} != {list(reference)}")
+    errors = {}
+    for name, value in zip(names, outputs):
+        if np.shape(value) != np.shape(reference[name]):
+            raise VerificationFailed(
+                f"output {name}: shape {np.shape(value)} != original {np.shape(reference[name])}"
+            )
+        errors[name] = relative_error(reference[name], value)
+    return Verification(errors)

@@ -1,0 +1,264 @@
+"""Channel statistics measured on calibration data, per channel group.
+
+Each group is measured where its channels are *read*: the inputs of the
+nodes that hold weights for them (the next Conv/Gemm/MatMul, or a depthwise
+Conv the channels pass through). Removing a channel means those readers stop
+seeing it, so that is where its effect shows. A group without such a reader
+(channels that only meet other activations) is measured where it is created.
+
+Two measurements:
+
+- ``activation_stats``: onnxruntime runs a copy of the model whose outputs
+  include the read tensors; per channel, streamed over batches, it keeps
+  mean |a|, mean a (what compensation folds into biases) and the fraction of
+  exact zeros (APoZ).
+- ``gradient_stats``: the PyTorch executor runs the model, the loss is
+  cross-entropy against the labels or, without labels, against the original
+  model's own argmax predictions (a distance to the model's own outputs has
+  zero gradient at the start, so it would say nothing). For each sample n
+  and channel c, s[n, c] = sum over positions of a * dL_n/da, which equals
+  sum of w * dL_n/dw over the reader weights of the channel (for a linear
+  reader). Taylor keeps |mean_n s|, Fisher keeps mean_n s^2 / 2 (OBD).
+  Both are estimates of the loss change when the channel is removed, so they
+  compare across groups as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..analysis.groups import Group
+from ..data import Dataset, model_batches
+from ..errors import MissingDependency, UnsupportedModel, first_line
+from ..graph.view import GraphView
+from ..metrics import class_labels
+from ..progress import progress
+
+RELU_LIKE = {"Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Mish"}
+
+
+@dataclass
+class ReadPoint:
+    """Channels of one group on ``axis`` of tensor ``name``, mapped by ``owner``."""
+
+    name: str
+    axis: int
+    owner: np.ndarray
+    reader: str  # the node that reads it (for compensation and messages)
+
+
+@dataclass
+class GroupStats:
+    size: int
+    abs_mean: np.ndarray | None = None
+    mean: dict[str, np.ndarray] = field(default_factory=dict)  # read tensor -> mean per position on axis
+    zeros: np.ndarray | None = None  # fraction of exact zeros per channel (APoZ)
+    relu_seen: bool = False
+    taylor: np.ndarray | None = None
+    fisher: np.ndarray | None = None
+
+
+def read_points(group: Group, view: GraphView) -> list[ReadPoint]:
+    """Where the group's channels are read by a node with weights (else where they are made)."""
+    points, seen = [], set()
+    weight_nodes = {id(s.node): s.node for s in group.params.values() if s.role == "weight"}
+    for node in weight_nodes.values():
+        for t in node.inputs:
+            if view.is_constant(t):
+                continue
+            for (name, axis), slot in group.dims.items():
+                if name == t.name and (name, axis) not in seen:
+                    seen.add((name, axis))
+                    points.append(ReadPoint(name, axis, slot.owner, node.name))
+    if points:
+        return points
+    made = [s for s in group.dims.values() if view.producer(s.tensor) is not None
+            and view.producer(s.tensor).name in group.sources]
+    return [ReadPoint(s.tensor.name, s.axis, s.owner, "") for s in made[:1]]
+
+
+def relu_points(group: Group, view: GraphView) -> list[ReadPoint]:
+    """Group tensors produced by a ReLU-like op (where APoZ is meaningful)."""
+    return [ReadPoint(s.tensor.name, s.axis, s.owner, "") for s in group.dims.values()
+            if view.producer(s.tensor) is not None and view.producer(s.tensor).op in RELU_LIKE]
+
+
+# --- activations, with onnxruntime ------------------------------------------
+def _per_channel(values: np.ndarray, point: ReadPoint, size: int) -> np.ndarray:
+    """Sum over samples and every other axis, gathered into the group's channels."""
+    per_pos = np.moveaxis(values, point.axis, 0).reshape(values.shape[point.axis], -1).sum(axis=1, dtype=np.float64)
+    owned = point.owner >= 0
+    return np.bincount(point.owner[owned], per_pos[owned], minlength=size)
+
+
+def _positions_per_channel(shape, point: ReadPoint, size: int) -> np.ndarray:
+    owned = point.owner >= 0
+    per_pos = np.prod(shape) / shape[point.axis]
+    return np.bincount(point.owner[owned], minlength=size) * per_pos
+
+
+def capture_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs also include the tensors ``names``."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in present:
+            extended.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return extended
+
+
+def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
+                     batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
+    """Mean |a|, mean a per read position, and APoZ per channel, for every prunable group."""
+    from ..runtime.session import session
+
+    points = {g.id: read_points(g, view) for g in groups}
+    relus = {g.id: relu_points(g, view) for g in groups}
+    names = sorted({p.name for ps in points.values() for p in ps} | {p.name for ps in relus.values() for p in ps})
+    try:
+        sess = session(capture_model(model, names).SerializeToString())
+    except Exception as exc:
+        raise UnsupportedModel(f"onnxruntime cannot run the model to measure activations: {first_line(exc)}") from None
+    stats = {g.id: GroupStats(g.size, relu_seen=bool(relus[g.id])) for g in groups}
+    sums = {g.id: np.zeros(g.size) for g in groups}
+    counts = {g.id: np.zeros(g.size) for g in groups}
+    zero_sums = {g.id: np.zeros(g.size) for g in groups}
+    zero_counts = {g.id: np.zeros(g.size) for g in groups}
+    mean_sums: dict[tuple[str, str], np.ndarray] = {}
+    seen = 0
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, _ in progress(batches, steps, "activations", quiet):
+        values = dict(zip(names, sess.run(names, feeds)))
+        seen += len(next(iter(feeds.values())))
+        for g in groups:
+            for p in points[g.id]:
+                a = values[p.name]
+                sums[g.id] += _per_channel(np.abs(a), p, g.size)
+                counts[g.id] += _positions_per_channel(a.shape, p, g.size)
+                per_pos = np.moveaxis(a, p.axis, 0).reshape(a.shape[p.axis], -1).sum(axis=1, dtype=np.float64)
+                key = (g.id, p.name)
+                per_pos /= np.prod(a.shape) / a.shape[p.axis]
+                mean_sums[key] = mean_sums.get(key, 0) + per_pos * len(a)
+            for p in relus[g.id] or points[g.id]:
+                a = values[p.name]
+                zero_sums[g.id] += _per_channel((a == 0).astype(np.float32), p, g.size)
+                zero_counts[g.id] += _positions_per_channel(a.shape, p, g.size)
+    for g in groups:
+        s = stats[g.id]
+        s.abs_mean = sums[g.id] / np.maximum(counts[g.id], 1)
+        s.zeros = zero_sums[g.id] / np.maximum(zero_counts[g.id], 1)
+        s.mean = {name: v / max(seen, 1) for (gid, name), v in mean_sums.items() if gid == g.id}
+    return stats
+
+
+# --- gradients, with the PyTorch executor -------------------------------------
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependency("this importance needs PyTorch: pip install 'onnxprune[torch]'") from None
+    return torch
+
+
+def _loss_axis(rank: int) -> int:
+    """Class axis: 1 for (N, C) and (N, C, H, W) outputs, the last for (N, T, V)-style sequences."""
+    return 1 if rank in (2, 4) else rank - 1
+
+
+def _cross_entropy(torch, logits, targets):
+    axis = _loss_axis(logits.dim())
+    logits = logits.float()
+    if axis != 1:
+        logits = logits.movedim(axis, 1)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
+                   batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
+    """Taylor and Fisher scores per channel from activation x gradient at the read points."""
+    torch = require_torch()
+    from ..executor.module import TorchGraph
+
+    graph = TorchGraph(model)
+    graph.eval()
+    points = {g.id: read_points(g, view) for g in groups}
+    names = sorted({p.name for ps in points.values() for p in ps})
+    output = graph.output_names[0]
+    signed = {g.id: np.zeros(g.size) for g in groups}
+    squared = {g.id: np.zeros(g.size) for g in groups}
+    total = 0
+    labels_fit = class_labels(data.labels)
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, labels in progress(batches, steps, "gradients", quiet):
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        values = graph.run(tensors, names + [output])
+        logits = values[output]
+        targets = (torch.from_numpy(labels.astype(np.int64)) if labels_fit and labels is not None
+                   else logits.detach().argmax(_loss_axis(logits.dim())))
+        loss = _cross_entropy(torch, logits, targets)
+        acts = [values[n] for n in names]
+        grads = dict(zip(names, torch.autograd.grad(loss, acts, allow_unused=True)))
+        total += len(targets)
+        for g in groups:
+            per_sample = np.zeros((len(targets), g.size))
+            for p in points[g.id]:
+                grad = grads[p.name]
+                if grad is None:
+                    continue
+                prod = (values[p.name].detach() * grad).double().movedim(p.axis, 1)
+                per_pos = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1).numpy()
+                owned = p.owner >= 0
+                np.add.at(per_sample.T, p.owner[owned], per_pos[:, owned].T)
+            signed[g.id] += per_sample.sum(0)
+            squared[g.id] += (per_sample ** 2).sum(0)
+    return {g.id: GroupStats(g.size, taylor=np.abs(signed[g.id]) / max(total, 1),
+                             fisher=squared[g.id] / (2 * max(total, 1))) for g in groups}
+
+
+def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset, *,
+            gradients: bool, activations: bool, batch_size: int | None = None,
+            quiet: bool = True) -> dict[str, GroupStats]:
+    """The statistics the chosen criterion and compensation need, merged per group."""
+    stats = {g.id: GroupStats(g.size) for g in groups}
+    if activations:
+        stats = activation_stats(model, groups, view, data, batch_size, quiet)
+    if gradients:
+        for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
+            stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
+    return stats
+
+
+def weight_scores(model: onnx.ModelProto, data: Dataset, criterion: str, names: list[str] | None = None,
+                  batch_size: int | None = None, quiet: bool = True) -> dict[str, np.ndarray]:
+    """Per-weight scores for unstructured sparsity, keyed by initializer name.
+
+    ``taylor``: |sum over batches of w * dL/dw|; ``fisher``: sum over batches
+    of (w * dL/dw)^2 / 2 (batch-level, not per-sample: per-sample gradients of
+    every weight would cost one backward pass per sample). L as in
+    ``gradient_stats``.
+    """
+    torch = require_torch()
+    from ..executor.module import TorchGraph
+
+    graph = TorchGraph(model)
+    graph.eval()
+    wanted = [n for n in (names or graph.param_names.values()) if n in set(graph.param_names.values())]
+    params = {n: graph.parameter(n) for n in wanted}
+    totals = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    labels_fit = class_labels(data.labels)
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, labels in progress(batches, steps, "gradients", quiet):
+        logits = graph(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})[0]
+        targets = (torch.from_numpy(labels.astype(np.int64)) if labels_fit and labels is not None
+                   else logits.detach().argmax(_loss_axis(logits.dim())))
+        grads = torch.autograd.grad(_cross_entropy(torch, logits, targets), list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            if g is not None:
+                wg = (p.detach() * g).double()
+                totals[name] += wg if criterion == "taylor" else wg.pow(2) / 2
+    return {n: (t.abs() if criterion == "taylor" else t).numpy() for n, t in totals.items()}
