@@ -1,8 +1,9 @@
 # onnxprune: fresh-machine entry points.
 #
-#   make demo        venv + `.[cpu]`, prune models/digits_cnn.onnx at 0.4 into build/
+#   make demo        venv + `.[cpu,torch]`, the README's quick start: info, prune + recover, bench (into build/)
 #   make test        venv + `.[test]` (torch==2.14.1, torchvision==0.29.1 pinned there), whole suite
 #   make test-fast   the same without the tests marked slow
+#   make lint        venv + `.[test]`, ruff (lint and import order, configured in pyproject.toml)
 #   make bench       venv + `.[test,bench]`, tools/bench_core.py (ResNet-50 vs Torch-Pruning / onnxsim)
 #   make clean       build outputs and caches (keeps .venv); `make distclean` also removes .venv
 #
@@ -24,7 +25,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BUILD := build
 
-.PHONY: demo test test-fast bench clean distclean venv
+.PHONY: demo test test-fast lint bench clean distclean venv
 
 # $(call install_extras,EXTRAS): (re)create the venv when missing or broken, then
 # install the package editable with EXTRAS, then touch the stamp ($@).
@@ -53,8 +54,8 @@ define run_pytest
 	exit $$rc
 endef
 
-$(VENV)/.stamp-cpu: pyproject.toml
-	$(call install_extras,cpu)
+$(VENV)/.stamp-demo: pyproject.toml
+	$(call install_extras,cpu$(comma)torch)
 
 $(VENV)/.stamp-test: pyproject.toml
 	$(call install_extras,test)
@@ -66,9 +67,13 @@ comma := ,
 
 venv: $(VENV)/.stamp-test
 
-demo: $(VENV)/.stamp-cpu
-	@mkdir -p $(BUILD)
-	$(VENV)/bin/onnxprune models/digits_cnn.onnx --structured 0.4 -o $(BUILD)/digits_cnn.pruned.onnx --force
+# The README's quick start, command for command (tests/test_docs.py checks they are the same).
+DEMO_OUT := $(BUILD)/digits.pruned.onnx
+demo: $(VENV)/.stamp-demo
+	@mkdir -p $(BUILD) && rm -f $(DEMO_OUT)
+	$(VENV)/bin/onnxprune info models/digits_cnn.onnx
+	$(VENV)/bin/onnxprune models/digits_cnn.onnx --structured 0.4 --provider cpu --data models/digits_train.npz --distill --finetune --epochs 20 --max-accuracy-drop 2 -o $(DEMO_OUT)
+	$(VENV)/bin/onnxprune bench models/digits_cnn.onnx $(DEMO_OUT) --batch 1,256
 
 test: $(VENV)/.stamp-test
 	$(call run_pytest,)
@@ -76,8 +81,11 @@ test: $(VENV)/.stamp-test
 test-fast: $(VENV)/.stamp-test
 	$(call run_pytest,-m "not slow")
 
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check onnxprune tests tools
+
 bench: $(VENV)/.stamp-bench
-	$(PY) tools/bench_core.py $(BENCH_ARGS)
+	$(PY) -m tools.bench_core $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) dist .pytest_cache .hypothesis

@@ -55,18 +55,18 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def subset(self, indices: np.ndarray) -> "Dataset":
+    def subset(self, indices: np.ndarray) -> Dataset:
         labels = None if self.labels is None else self.labels[indices]
         return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source, self.notes)
 
-    def sample(self, count: int | None, seed: int = 0) -> "Dataset":
+    def sample(self, count: int | None, seed: int = 0) -> Dataset:
         """``count`` samples drawn without replacement (all, in order, when None or enough)."""
         if count is None or count >= len(self):
             return self
         rng = np.random.default_rng(seed)
         return self.subset(np.sort(rng.choice(len(self), count, replace=False)))
 
-    def split(self, fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+    def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """(rest, held out): a seeded random ``fraction`` of the samples held out."""
         order = np.random.default_rng(seed).permutation(len(self))
         held = max(1, int(round(len(self) * fraction)))
@@ -285,6 +285,6 @@ def model_batches(data: Dataset, model: onnx.ModelProto, requested: int | None =
                          f"(the data has {len(data)})")
     if fixed and len(data) % fixed:
         warnings.warn(f"the model's batch size is fixed at {fixed}: {len(data) % fixed} of {len(data)} samples "
-                      "are left out of each pass (a whole batch is needed)")
+                      "are left out of each pass (a whole batch is needed)", stacklevel=2)
     steps = len(data) // fixed if fixed else -(-len(data) // size)
     return data.batches(size, whole=bool(fixed)), steps

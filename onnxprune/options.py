@@ -180,7 +180,7 @@ class Target:
 
     @property
     def option(self) -> str:
-        return f"`target_{self.metric}`" if self.metric in TARGET_METRICS else "`target`"
+        return f"`target_{self.metric}`" if self.metric in TARGET_METRICS else "target"
 
     def check(self) -> None:
         if self.metric not in TARGET_METRICS:
@@ -229,11 +229,11 @@ class PruneOptions:
     quiet: bool = True
 
     @classmethod
-    def from_keywords(cls, **keywords) -> "PruneOptions":
+    def from_keywords(cls, **keywords) -> PruneOptions:
         """The documented keywords of ``prune()`` and ``prune_file()``, each put in its group."""
         return cls().with_keywords(**keywords)
 
-    def with_keywords(self, **keywords) -> "PruneOptions":
+    def with_keywords(self, **keywords) -> PruneOptions:
         """A copy with the keywords (see KEYWORDS) set in their groups."""
         groups: dict[str, dict] = {}
         top = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,8 @@ def test_folder_of_images_with_class_folders(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({"y": np.zeros((2, 3, 6, 6), np.float32), "z": np.zeros((2, 3, 6, 6), np.float32)}, "no array for model input 'x'"),
+    ({"y": np.zeros((2, 3, 6, 6), np.float32), "z": np.zeros((2, 3, 6, 6), np.float32)},
+     "no array for model input 'x'"),
     ({"x": np.zeros((2, 3, 6), np.float32)}, "rank 3"),
     ({"x": np.zeros((2, 4, 6, 6), np.float32)}, "dim 1 is 4, the model expects 3"),
     ({"x": np.zeros((2, 3, 6, 6), np.float32), "labels": np.zeros(3)}, "different numbers of samples"),
@@ -197,7 +197,6 @@ def test_taylor_matches_weight_times_gradient_of_the_reader():
     """sum a * dL/da at the read point equals sum w * dL/dw over the reader's weights."""
     torch = pytest.importorskip("torch")
     from onnxprune.executor.module import TorchGraph
-
     from onnxprune.scoring.calibration import gradient_stats
 
     model, data = probe_model(), probe_data(16)
@@ -249,8 +248,7 @@ def probe_data_for(model, n=32):
 
 
 def test_compensation_lowers_output_error_on_the_digits_model():
-    sys.path.insert(0, str(ROOT / "tools"))
-    from digits_arch import load_split
+    from tools.digits_arch import load_split
 
     x_train, _, y_train, _ = load_split()
     data = Dataset({"input": x_train}, y_train)

@@ -108,7 +108,8 @@ def torch_model(tmp_path_factory) -> Path:
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.BatchNorm2d(24), torch.nn.ReLU())
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.BatchNorm2d(24),
+                                            torch.nn.ReLU())
             self.block = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 3, padding=1), torch.nn.BatchNorm2d(40),
                                              torch.nn.ReLU(), torch.nn.Conv2d(40, 24, 3, padding=1))
             self.head = torch.nn.Linear(24, 5)
@@ -182,7 +183,8 @@ def io_signature(path: Path):
     m = onnx.load(str(path))
 
     def sig(vis):
-        return [(v.name, v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
                 for v in vis]
 
     inits = {t.name for t in m.graph.initializer}
@@ -324,14 +326,16 @@ def test_global_ranking(tmp_path, capsys):
                             "--report", tmp_path / "g.json")
     assert code == 0, err
     assert_valid_pruned(path, tmp_path / "g.onnx")
-    groups = {g["channels_before"]: g["channels_after"] for g in json.loads((tmp_path / "g.json").read_text())["groups"]}
+    report = json.loads((tmp_path / "g.json").read_text())
+    groups = {g["channels_before"]: g["channels_after"] for g in report["groups"]}
     removed = sum(b - a for b, a in groups.items())
     assert math.floor(0.4 * 48) <= removed <= math.ceil(0.4 * 48) + 1
     assert groups[32] < 32 * 0.6 - 1  # more than its local share
     assert groups[16] > 16 * 0.6  # less than its local share
     assert groups[32] >= math.ceil(32 * 0.1)  # --max-group-ratio 0.9 floor
 
-    code, _, err = run_main(capsys, path, "--structured", "0.4", "-o", tmp_path / "l.onnx", "--report", tmp_path / "l.json")
+    code, _, err = run_main(capsys, path, "--structured", "0.4", "-o", tmp_path / "l.onnx",
+                            "--report", tmp_path / "l.json")
     assert code == 0, err
     local = {g["channels_before"]: g["channels_after"] for g in json.loads((tmp_path / "l.json").read_text())["groups"]}
     assert local == {16: 10, 32: 19} != groups
@@ -547,7 +551,8 @@ def test_plan_in_with_structured_exit_2(model, capsys, tmp_path):
 @pytest.mark.parametrize("content", [
     pytest.param("not json", id="not-json"),
     pytest.param('{"schema_version": 99, "groups": []}', id="wrong-schema"),
-    pytest.param('{"schema_version": 1, "groups": [{"id": "no-such-group", "channels": 4, "keep": [0]}]}', id="unknown-group"),
+    pytest.param('{"schema_version": 1, "groups": [{"id": "no-such-group", "channels": 4, "keep": [0]}]}',
+                 id="unknown-group"),
 ])
 def test_bad_plan_exit_2(model, capsys, tmp_path, content):
     plan = tmp_path / "plan.json"

@@ -10,14 +10,13 @@ import numpy as np
 import onnx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "digits_cnn.onnx"
-sys.path.insert(0, str(ROOT / "tools"))
+from onnxprune import count_macs, count_params
 
 pytest.importorskip("sklearn")
-from digits_arch import accuracy_onnx, load_split  # noqa: E402
+from tools.digits_arch import accuracy_onnx, load_split  # noqa: E402  (needs scikit-learn)
 
-from onnxprune import count_macs, count_params  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "digits_cnn.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +26,11 @@ def split():
 
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("onnxprune")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune"]
 
 
 def test_bundled_model_is_a_valid_small_onnx_file():
-    assert MODEL.exists(), "regenerate with: .venv/bin/python tools/make_digits_model.py"
+    assert MODEL.exists(), "regenerate with: .venv/bin/python -m tools.make_digits_model"
     assert MODEL.stat().st_size < 1_000_000
     model = onnx.load(str(MODEL))
     onnx.checker.check_model(model, full_check=True)

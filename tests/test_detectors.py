@@ -68,7 +68,6 @@ ULTRALYTICS = ["ultralytics", "ultralytics-thop", "opencv-python-headless", "py-
                "polars"]
 EXPORT_YOLO = r"""
 import contextlib, io, sys
-sys.path.insert(0, sys.argv[1])
 import torch
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.nn.modules.block import C2f
@@ -108,7 +107,8 @@ def yolo(request, tmp_path_factory) -> onnx.ModelProto:
                         f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         (target / ".ready").touch()
     path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(path.parent)}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(path.parent),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-c", EXPORT_YOLO, str(target), str(path), request.param],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from graphs import GraphBuilder, rel_err, session
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.errors import UnsupportedModel, UsageError
+from tools import zoo
+
 torch = pytest.importorskip("torch")
-
-from graphs import GraphBuilder, rel_err, session  # noqa: E402
-from onnxprune.executor.module import TorchGraph, tensor_from_proto  # noqa: E402
-
-from onnxprune.errors import UnsupportedModel, UsageError  # noqa: E402
+from onnxprune.executor.module import TorchGraph, tensor_from_proto  # noqa: E402  (needs torch)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import zoo  # noqa: E402
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,7 +28,6 @@ except ImportError:  # tests/ imported as a package
     from tests.graphs import masked_reference, run
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 HEADS, HIDDEN, PAST, NEW = 4, 64, 3, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -269,7 +266,7 @@ def test_compose_shrink_and_grow():
 
 def export_gpt2_with_cache(path, exporter: str, attention: str) -> onnx.ModelProto:
     transformers = pytest.importorskip("transformers")
-    from bench_decoder import (
+    from tools.bench_decoder import (
         export_gpt2_with_cache as export,  # the benchmark's recipe (tools/)
     )
 

@@ -163,7 +163,7 @@ def test_model_over_2gb_prunes_within_memory_limit(mlp_over_2gb, tmp_path):
     out = tmp_path / "big.pruned.onnx"
     started = time.perf_counter()
     script = Path(sys.executable).with_name("onnxprune")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune"]
     code, err, peak = run_measured(command + [str(model), "--structured", "0.3", "-o", str(out), "-q"])
     seconds = time.perf_counter() - started
     assert code == 0, err

@@ -7,7 +7,6 @@ ratio where pruning alone loses most of the accuracy, and short trainings.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,15 @@ import pytest
 import onnxprune
 from onnxprune.cli import main
 from onnxprune.data import Dataset
-from onnxprune.options import TrainOptions
 from onnxprune.metrics import evaluate
+from onnxprune.options import TrainOptions
 from onnxprune.recovery.train import train
 
 pytest.importorskip("torch")
 
+from tools.digits_arch import load_split
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from digits_arch import load_split  # noqa: E402
 
 MODEL = ROOT / "models" / "digits_cnn.onnx"
 FAST = dict(epochs=4, lr=1e-2, batch_size=64, quiet=True)
@@ -90,9 +89,8 @@ def test_same_seed_same_weights(digits, pruned):
 def test_teacher_runs_once_and_the_result_is_the_same(digits, pruned, monkeypatch, features):
     """The teacher's outputs (and features) are computed once and carried with their samples:
     training gives the same weights as rerunning the teacher every batch, with fewer teacher runs."""
-    from onnxprune.executor.module import TorchGraph
-
     import onnxprune.recovery.train as recover
+    from onnxprune.executor.module import TorchGraph
 
     teacher, student = pruned
     small = digits[0].sample(300, 1)

@@ -378,7 +378,7 @@ def test_fuzzing_reaches_every_outcome_class(tmp_path, valid_bytes):
 
 def _cli_command(*args) -> list[str]:
     script = Path(sys.executable).with_name("onnxprune")
-    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune.cli"]
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "onnxprune"]
     return prefix + [str(a) for a in args]
 
 

@@ -214,7 +214,8 @@ def test_gemm(trans_b1, trans_b2, bias_shape):
     elif bias_shape == "1N":
         np.testing.assert_array_equal(input_value(result.model, "g1", 2), value(model, "g1.C")[:, keep])
     g2 = node(result.model, "g2")
-    assert attr_of(g2, "alpha") == pytest.approx(1.5) and attr_of(node(result.model, "g1"), "beta") == pytest.approx(1.3)
+    assert attr_of(g2, "alpha") == pytest.approx(1.5)
+    assert attr_of(node(result.model, "g1"), "beta") == pytest.approx(1.3)
 
 
 def test_gemm_trans_a_consumer():

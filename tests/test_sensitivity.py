@@ -12,14 +12,14 @@ import pytest
 
 from onnxprune.api import analyse, prune
 from onnxprune.cli import main
-from onnxprune.metrics import Reference
 from onnxprune.data import Dataset
 from onnxprune.errors import UsageError
-from onnxprune.planning.plan import Plan
-from onnxprune.report.sensitivity import GroupSensitivity, Sensitivity
-from onnxprune.planning.allocation import allocation_grid, choose_allocation
+from onnxprune.metrics import Reference
 from onnxprune.pipeline.sensitivity import measure_sensitivity
+from onnxprune.planning.allocation import allocation_grid, choose_allocation
+from onnxprune.planning.plan import Plan
 from onnxprune.planning.ratios import resolve_ratios
+from onnxprune.report.sensitivity import GroupSensitivity, Sensitivity
 
 try:
     from graphs import GraphBuilder, run
@@ -128,7 +128,8 @@ def test_bad_ratios_to_try():
 
 def synthetic(errors: dict[str, list[float]], channels: int = 10) -> Sensitivity:
     ratios = [0.2, 0.4, 0.6]
-    groups = [GroupSensitivity(gid, [gid], channels, [int(r * channels) for r in ratios], e) for gid, e in errors.items()]
+    groups = [GroupSensitivity(gid, [gid], channels, [int(r * channels) for r in ratios], e)
+              for gid, e in errors.items()]
     return Sensitivity(ratios, "l1", 8, False, None, groups)
 
 

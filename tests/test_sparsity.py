@@ -401,7 +401,8 @@ def test_cli_unstructured_alone(model_path, capsys, tmp_path):
 
 
 def test_cli_nm_alone_verbose_table(model_path, capsys, tmp_path):
-    code, out, err = run_main(capsys, model_path, "--nm", "2:4", "-o", tmp_path / "nm.onnx", "-v", "--min-elements", "2000")
+    code, out, err = run_main(capsys, model_path, "--nm", "2:4", "-o", tmp_path / "nm.onnx", "-v",
+                              "--min-elements", "2000")
     assert code == 0, err
     lines = out.splitlines()
     row = next(line for line in lines if line.lstrip().startswith("conv2.W"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,13 @@ import onnxprune
 import onnxprune.pipeline.run
 from onnxprune import cli
 from onnxprune.errors import UsageError
+from onnxprune.options import Latency, PruneOptions, Target, validate
+from onnxprune.pipeline.target import find_ratio
 from onnxprune.planning.plan import nearest_multiple
 from onnxprune.runtime.bench import bench
 from onnxprune.runtime.hardware import ROUNDING, round_to_for
-from onnxprune.options import Latency, PruneOptions, Target, validate
-from onnxprune.pipeline.target import find_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def conv_stack(widths=(48, 40, 24), channels_in=3, hw=8, seed=0) -> onnx.ModelProto:
@@ -217,7 +215,7 @@ def test_explicit_round_to_wins_over_the_provider(model_path, tmp_path, capsys):
 
 
 def test_every_table_entry_says_where_it_comes_from():
-    for name, entry in ROUNDING.items():
+    for entry in ROUNDING.values():
         assert entry["round_to"] >= 1 and entry["source"]
         assert isinstance(entry["measured"], bool)
     with pytest.raises(UsageError, match="no rounding table"):
@@ -227,7 +225,7 @@ def test_every_table_entry_says_where_it_comes_from():
 # ---------------------------------------------------------------- roofline (tools/bench_latency.py)
 
 def test_roofline_of_a_tiny_model_matches_the_hand_count():
-    from bench_latency import roofline, roofline_seconds
+    from tools.bench_latency import roofline, roofline_seconds
 
     model = conv_stack(widths=(4,), channels_in=3, hw=8)
     layers = roofline(model, {"input": (2, 3, 8, 8)}, peak_flops=1e6, bandwidth=1e4)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import zoo  # noqa: E402
+from tools import zoo
 
 RATIO = 0.4
 # Stricter than zoo.MAC_TARGET where the transformer issue asks for more (heads + MLP pruned).

@@ -1,6 +1,6 @@
 """Core benchmark: ResNet-50 at a 0.4 pruning ratio, onnxprune vs Torch-Pruning vs onnxsim.
 
-    .venv/bin/python tools/bench_core.py [--ratio 0.4] [--json out.json] [--keep DIR]
+    .venv/bin/python -m tools.bench_core [--ratio 0.4] [--json out.json] [--keep DIR]
 
 (``make bench`` installs the ``test`` and ``bench`` extras first.) CPU only.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -144,7 +145,7 @@ def _timed_median(fn, repeat: int, warmup: int):
 # --- the tools ------------------------------------------------------------------------
 
 def run_onnxprune_cli(base_path: Path, out_path: Path, ratio: float, repeat: int) -> dict:
-    cmd = [sys.executable, "-m", "onnxprune.cli", str(base_path), "--structured", str(ratio),
+    cmd = [sys.executable, "-m", "onnxprune", str(base_path), "--structured", str(ratio),
            "-o", str(out_path), "--force"]
     proc, seconds, times = _timed_median(lambda: subprocess.run(cmd, capture_output=True, text=True), repeat, 0)
     row = {"tool": "onnxprune (CLI, subprocess)", "seconds": seconds, "times": times, "rc": proc.returncode,
@@ -189,7 +190,7 @@ def run_torch_pruning(torch_model, ratio: float, out_path: Path, repeat: int) ->
         times = []
         for i in range(repeat + 1):  # the first run warms torch up and is not counted
             fresh = copy.deepcopy(torch_model)
-            model, seconds = _timed(lambda: go(fresh))
+            model, seconds = _timed(functools.partial(go, fresh))
             if i:
                 times.append(seconds)
         row["seconds"], row["times"] = float(np.median(times)), times
@@ -208,7 +209,8 @@ def run_onnxsim(base: onnx.ModelProto, ratio: float, repeat: int) -> dict:
         name = f"onnxsim {version('onnxsim')}"
     except ImportError as exc:
         return {"tool": "onnxsim", "error": f"not installed ({exc}); pip install onnxsim==0.8.1"}
-    row = {"tool": name, "what": "apply_structured_pruning(sparsity, importance_norm='l1') (it copies its input itself)"}
+    row = {"tool": name,
+           "what": "apply_structured_pruning(sparsity, importance_norm='l1') (it copies its input itself)"}
     try:
         model, row["seconds"], row["times"] = _timed_median(
             lambda: osp.apply_structured_pruning(base, sparsity=ratio, importance_norm="l1"), repeat, 1)
@@ -283,14 +285,15 @@ def main(argv=None) -> int:
     base_digest = hashlib.sha256(base.SerializeToString()).hexdigest()
     rows = []
     for label, run in (
-        ("onnxprune CLI", lambda: run_onnxprune_cli(base_path, workdir / "onnxprune.onnx", args.ratio, args.repeat)),
-        ("onnxprune API", lambda: run_onnxprune_api(base, args.ratio, args.repeat)),
-        ("Torch-Pruning", lambda: run_torch_pruning(torch_model, args.ratio, workdir / "torch_pruning.onnx", args.repeat)),
-        ("onnxsim", lambda: run_onnxsim(base, args.ratio, args.repeat)),
+        ("onnxprune CLI", lambda m: run_onnxprune_cli(base_path, workdir / "onnxprune.onnx", args.ratio, args.repeat)),
+        ("onnxprune API", lambda m: run_onnxprune_api(m, args.ratio, args.repeat)),
+        ("Torch-Pruning", lambda m: run_torch_pruning(torch_model, args.ratio, workdir / "torch_pruning.onnx",
+                                                      args.repeat)),
+        ("onnxsim", lambda m: run_onnxsim(m, args.ratio, args.repeat)),
     ):
         print(f"running {label} ...", flush=True)
         try:
-            row = run()
+            row = run(base)
         except Exception:  # keep going: one tool's crash is a result, not the end of the run
             row = {"tool": label, "error": traceback.format_exc().strip().splitlines()[-1]}
         model = row.pop("model", None)

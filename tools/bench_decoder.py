@@ -1,6 +1,6 @@
 """Decoder benchmark: GPT-2 exported with its KV cache, heads + MLP pruned with --allow-io-change.
 
-    .venv/bin/python tools/bench_decoder.py [--ratio 0.4] [--layers 12] [--past 128] [--new 1,32] [--json out.json]
+    .venv/bin/python -m tools.bench_decoder [--ratio 0.4] [--layers 12] [--past 128] [--new 1,32] [--json out.json]
 
 The model: ``transformers.GPT2Model(GPT2Config(n_layer=L))`` (GPT-2 small when
 L = 12: hidden 768, 12 heads, MLP 3072), random init with torch seed 0, no
@@ -30,14 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
+
+from onnxprune.analysis.stats import count_macs, count_params, format_count
+from onnxprune.cut import iochange
+from onnxprune.runtime.bench import bench, format_table
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import onnx  # noqa: E402
-
-from onnxprune.analysis.stats import count_macs, count_params, format_count  # noqa: E402
-from onnxprune.cut import iochange  # noqa: E402
-from onnxprune.runtime.bench import bench, format_table  # noqa: E402
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
@@ -62,7 +61,8 @@ def export_gpt2_with_cache(path: Path, config, exporter: str = "legacy", past: i
             pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
             out = self.model(input_ids=input_ids, use_cache=True,
                              past_key_values=transformers.DynamicCache(ddp_cache_data=pairs, config=self.model.config))
-            return (out.last_hidden_state, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
+            cache = (t for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+            return (out.last_hidden_state, *cache)
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Throughput of onnxprune's PyTorch executor against the same network written in PyTorch.
 
-    python tools/bench_executor.py                      # digits training (batch 64, 256) + resnet18 inference
-    python tools/bench_executor.py --rounds 30 --threads 2
+    python -m tools.bench_executor                      # digits training (batch 64, 256) + resnet18 inference
+    python -m tools.bench_executor --rounds 30 --threads 2
 
 Training: ``models/digits_cnn.onnx`` run by ``TorchGraph`` against
 ``tools/digits_arch.build_model()`` (the architecture it was exported from),
@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "tools"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 
 def digits_models():
     """(executor, native, native with BatchNorm folded into conv biases), all in train mode."""
-    import digits_arch
     import onnx
     import torch
+
     from onnxprune.executor.module import TorchGraph
+    from tools import digits_arch
 
     torch.manual_seed(0)
     executor = TorchGraph(onnx.load(str(ROOT / "models" / "digits_cnn.onnx")))
@@ -68,8 +66,9 @@ def train_step_fn(model, x, y):
 
 def resnet18_models():
     import onnx
-    import zoo
+
     from onnxprune.executor.module import TorchGraph
+    from tools import zoo
 
     executor = TorchGraph(onnx.load(str(zoo.export("resnet18", "legacy")))).eval()
     native = zoo.build_model("resnet18").eval()

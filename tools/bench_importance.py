@@ -1,7 +1,7 @@
 """Importance criteria and bias compensation on the bundled digits model, without fine-tuning.
 
-    python tools/bench_importance.py                       # ratio 0.5, 5 calibration seeds
-    python tools/bench_importance.py --ratios 0.2,0.5 --calib-samples 256 --json out.json
+    python -m tools.bench_importance                       # ratio 0.5, 5 calibration seeds
+    python -m tools.bench_importance --ratios 0.2,0.5 --calib-samples 256 --json out.json
 
 For each ratio, criterion and calibration seed, ``models/digits_cnn.onnx`` is
 pruned with ``onnxprune.prune`` using ``--calib-samples`` training samples
@@ -20,17 +20,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+
+from onnxprune.api import prune
+from onnxprune.data import Dataset
+from onnxprune.runtime.session import session
+from tools.digits_arch import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-import onnx  # noqa: E402
-from digits_arch import load_split  # noqa: E402
-
-from onnxprune.api import prune  # noqa: E402
-from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.runtime.session import session  # noqa: E402
 
 CRITERIA = ["l1", "l2", "random", "activation", "apoz", "taylor", "fisher"]
 

@@ -1,6 +1,6 @@
 """Latency side by side: onnxprune vs Torch-Pruning at equal settings, speedup per MAC saved.
 
-    .venv/bin/python tools/bench_latency.py [--models resnet50,mobilenet_v2,bert] [--ratios 0.3,0.5]
+    .venv/bin/python -m tools.bench_latency [--models resnet50,mobilenet_v2,bert] [--ratios 0.3,0.5]
         [--round-to 1,8,32] [--batch 1,8] [--iters 30] [--bert-layers 4] [--json out.json]
 
 For each architecture, one base model and, for every ratio and channel
@@ -63,14 +63,10 @@ from pathlib import Path
 
 import onnx
 
+from onnxprune.analysis.stats import count_macs, layer_macs  # the one MAC formula per op the tools share
+from tools.bench_transformers import export_bert_model  # one BERT export recipe
+
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "tools"):  # run from a checkout without installing
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from bench_transformers import export_bert_model  # noqa: E402  (one BERT export recipe)
-
-from onnxprune.analysis.stats import count_macs, layer_macs  # noqa: E402  (the one MAC formula per op the tools share)
 
 SEED = 0
 IMAGE = (3, 224, 224)
@@ -145,7 +141,7 @@ def export_image_model(model, path: Path) -> None:
 
 
 def image_arch(name: str) -> Arch:
-    import zoo
+    from tools import zoo
 
     def classifier(model):
         return model.fc if name.startswith("resnet") else model.classifier[-1]

@@ -1,6 +1,6 @@
 """Recovery benchmark: pruning ratio versus held-out accuracy, onnxprune against Torch-Pruning.
 
-    .venv/bin/python tools/bench_recovery.py [--ratios 0.3 0.5 0.7] [--seeds 5] [--epochs 20]
+    .venv/bin/python -m tools.bench_recovery [--ratios 0.3 0.5 0.7] [--seeds 5] [--epochs 20]
         [--lr 1e-2] [--batch-size 32] [--temperature 4] [--json OUT.json]
 
 What is measured
@@ -74,15 +74,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_arch import build_folded_model, load_split  # noqa: E402
-
-from onnxprune import count_params  # noqa: E402
-from onnxprune.api import prune  # noqa: E402
-from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.options import TrainOptions  # noqa: E402
-from onnxprune.metrics import evaluate  # noqa: E402
-from onnxprune.recovery.train import train  # noqa: E402
+from onnxprune import count_params
+from onnxprune.api import prune
+from onnxprune.data import Dataset
+from onnxprune.metrics import evaluate
+from onnxprune.options import TrainOptions
+from onnxprune.recovery.train import train
+from tools.digits_arch import build_folded_model, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits_cnn.onnx"
@@ -270,7 +268,8 @@ def run_one(base, ratio: float, seed: int, args, labelled: Dataset, unlabelled: 
 def _progress(ratio, seed, key, row):
     extra = ""
     if "samples_per_second" in row:
-        extra = f"  best epoch {row['best_epoch']:>2}  {row['samples_per_second']:.0f} samples/s  {row['seconds']:.1f} s"
+        extra = (f"  best epoch {row['best_epoch']:>2}  {row['samples_per_second']:.0f} samples/s  "
+                 f"{row['seconds']:.1f} s")
     print(f"  ratio {ratio} seed {seed} {key:<22} {100 * row['accuracy']:6.2f}%  {row['params']:>6} params{extra}",
           flush=True)
 
@@ -289,6 +288,7 @@ def measure_throughput(base, ratios, args, labelled: Dataset) -> dict:
     ``--throughput-rounds`` rounds after one untimed warm-up; the median.
     """
     import torch
+
     from onnxprune.executor.module import TorchGraph
 
     out = {}

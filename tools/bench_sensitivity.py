@@ -1,7 +1,7 @@
 """Sensitivity allocation against uniform pruning, and what one sensitivity cut costs.
 
-    python tools/bench_sensitivity.py                    # digits: uniform vs --allocate sensitivity
-    python tools/bench_sensitivity.py --ratio 0.3 --resnet18   # also time ResNet-18 (zoo cache)
+    python -m tools.bench_sensitivity                    # digits: uniform vs --allocate sensitivity
+    python -m tools.bench_sensitivity --ratio 0.3 --resnet18   # also time ResNet-18 (zoo cache)
 
 Digits (models/digits_cnn.onnx): calibration data = the training split of
 tools/digits_arch.load_split(), held out = its test split. Each row prunes
@@ -25,19 +25,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "tools"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from onnxprune.api import analyse, prune
+from onnxprune.data import Dataset
+from onnxprune.metrics import evaluate
+from onnxprune.pipeline.sensitivity import measure_sensitivity
 
-from onnxprune.api import analyse, prune  # noqa: E402
-from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.metrics import evaluate  # noqa: E402
-from onnxprune.pipeline.sensitivity import measure_sensitivity  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def digits(ratio: float) -> None:
-    from digits_arch import load_split
+    from tools.digits_arch import load_split
 
     model = onnx.load(str(ROOT / "models" / "digits_cnn.onnx"))
     x_train, x_test, y_train, y_test = load_split()
@@ -65,15 +62,15 @@ def digits(ratio: float) -> None:
 
 
 def resnet18(samples: int = 64, ratios=(0.2, 0.4, 0.6, 0.8)) -> None:
-    from onnxprune.cut.surgery import apply_plan
     from onnxprune.cut.export import export
+    from onnxprune.cut.surgery import apply_plan
     from onnxprune.planning.plan import make_plan
     from onnxprune.runtime.session import session
     from onnxprune.scoring.criteria import score_groups
 
     path = ROOT / ".cache" / "zoo" / "resnet18-legacy-v2.onnx"
     if not path.exists():
-        sys.exit(f"{path} missing: run python tools/zoo.py --models resnet18 first")
+        sys.exit(f"{path} missing: run python -m tools.zoo --models resnet18 first")
     model = onnx.load(str(path))
     x = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
     data = Dataset({model.graph.input[0].name: x}, None, "random")

@@ -1,6 +1,6 @@
 """Transformer benchmark: BERT-base (12 layers, sequence 128) pruned at 0.4 (heads + MLP neurons).
 
-    .venv/bin/python tools/bench_transformers.py [--ratio 0.4] [--seq 128] [--batch 1,8] [--json out.json]
+    .venv/bin/python -m tools.bench_transformers [--ratio 0.4] [--seq 128] [--batch 1,8] [--json out.json]
 
 The model: ``transformers.BertModel(BertConfig())`` (BERT-base: 12 layers,
 hidden 768, 12 heads, MLP 3072), random init with torch seed 0, no download;
@@ -29,13 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
+
+from onnxprune.analysis.stats import count_macs, count_params, format_count
+from onnxprune.runtime.bench import bench, format_table
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import onnx  # noqa: E402
-
-from onnxprune.analysis.stats import count_macs, count_params, format_count  # noqa: E402
-from onnxprune.runtime.bench import bench, format_table  # noqa: E402
 
 
 def export_bert(path: Path, layers: int, seq: int) -> None:
@@ -107,7 +106,8 @@ def main(argv=None) -> int:
     print(f"\npruning (whole CLI run): {prune_seconds:.1f} s")
     print(f"{'model':<8} {'params':>9} {'MACs':>9} " + " ".join(f"{'bs' + str(b) + ' ms':>10}" for b in batches))
     for label in ("base", "pruned"):
-        times = [t.median_ms for t in result.timings if t.model.endswith(f"{'bert.onnx' if label == 'base' else 'bert.pruned.onnx'}")]
+        name = "bert.onnx" if label == "base" else "bert.pruned.onnx"
+        times = [t.median_ms for t in result.timings if t.model.endswith(name)]
         rows[label]["median_ms"] = dict(zip(batches, times))
         print(f"{label:<8} {format_count(rows[label]['params']):>9} {format_count(rows[label]['macs']):>9} "
               + " ".join(f"{t:>10.2f}" for t in times))

@@ -1,9 +1,9 @@
 """The bundled digits model: its architecture and its data split, importable.
 
 ``models/digits_cnn.onnx`` is ``DigitsCNN()`` trained by
-``tools/make_digits_model.py``. Later accuracy benchmarks import this module
-(``sys.path.insert(0, "tools")``) so that they use the same split and the
-same preprocessing as the training script.
+``python -m tools.make_digits_model``. Accuracy benchmarks and tests import
+this module (``from tools.digits_arch import load_split``) so that they use
+the same split and the same preprocessing as the training script.
 
 Data: scikit-learn's ``load_digits`` (1,797 8x8 grey images, pixel values
 0..16, no download). Split: ``train_test_split(test_size=0.25,

@@ -1,6 +1,6 @@
 """Train the bundled digits CNN and export models/digits_cnn.onnx (+ models/README.md).
 
-    .venv/bin/python tools/make_digits_model.py [--out models/digits_cnn.onnx] [--epochs 30]
+    .venv/bin/python -m tools.make_digits_model [--out models/digits_cnn.onnx] [--epochs 30]
 
 CPU only, a few seconds. Seeds are fixed; the architecture and the split live
 in tools/digits_arch.py. Prints the held-out accuracy measured with
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_arch import SPLIT, accuracy_onnx, build_model, load_split  # noqa: E402
+from tools.digits_arch import SPLIT, accuracy_onnx, build_model, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_ACCURACY = 0.95
@@ -84,7 +83,7 @@ def write_readme(path: Path, onnx_path: Path, acc: float, train_acc: float, n_tr
 A small CNN trained on scikit-learn's `digits` data set (`load_digits`: 1,797
 8x8 grey images of handwritten digits, no download). Used by `make demo` and
 by `tests/test_demo.py`, and meant for accuracy benchmarks of pruning.
-Regenerate it (and this file) with `.venv/bin/python tools/make_digits_model.py`.
+Regenerate it (and this file) with `.venv/bin/python -m tools.make_digits_model`.
 
 - Input `input`: float32 (batch, 1, 8, 8), pixel value / 16 (so in [0, 1]);
   batch is dynamic. Output `logits`: float32 (batch, 10).

@@ -1,6 +1,6 @@
 """Which channel multiple avoids slow widths on an onnxruntime provider?
 
-    .venv/bin/python tools/measure_rounding.py --provider cpu [--threads N] [--batches 1,32] [--json out.json]
+    .venv/bin/python -m tools.measure_rounding --provider cpu [--threads N] [--batches 1,32] [--json out.json]
 
 Times small models whose channel width w runs over c, c+1, ..., c+32 around
 several base widths c (64, 128, 256, 512), for each layer kind:
@@ -57,12 +57,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+from onnxprune.runtime.bench import _providers, resolve_provider, time_interleaved
+from onnxprune.runtime.session import require_onnxruntime, session
 
-from onnxprune.runtime.bench import _providers, resolve_provider, time_interleaved  # noqa: E402
-from onnxprune.runtime.session import require_onnxruntime, session  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BASES = (64, 128, 256, 512)
 SPATIAL = {64: 56, 128: 28, 256: 14, 512: 7}  # ResNet-50's stage sizes at 224x224

@@ -1,7 +1,7 @@
 """Torchvision models exported to ONNX, pruned with onnxprune, checked.
 
-    python tools/zoo.py                                  # the whole target list, ratio 0.4
-    python tools/zoo.py --models resnet18,vgg11_bn --dynamo-models resnet18 --json zoo.json
+    python -m tools.zoo                                  # the whole target list, ratio 0.4
+    python -m tools.zoo --models resnet18,vgg11_bn --dynamo-models resnet18 --json zoo.json
 
 Exports use random weights (``weights=None``) in eval mode. By default every
 normalisation layer's statistics and affine parameters are randomised with a
@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
 
 # Bump when the export recipe changes: cached files from an older recipe are not reused.
 RECIPE = "v2"
@@ -294,7 +292,8 @@ def format_table(rows: list[Row]) -> str:
         label = r.model + (" (fresh)" if r.fresh else "")
         lines.append(
             f"{label:<20} {r.exporter:<8} {('yes' if r.valid else 'NO'):<5} "
-            f"{_fmt(r.macs_before and r.macs_before / 1e9, '.3f'):>10}G {_fmt(r.macs_after and r.macs_after / 1e9, '.3f'):>10}G "
+            f"{_fmt(r.macs_before and r.macs_before / 1e9, '.3f'):>10}G "
+            f"{_fmt(r.macs_after and r.macs_after / 1e9, '.3f'):>10}G "
             f"{_fmt(r.macs_ratio, '.2f'):>6}x {_fmt(r.params_ratio, '.2f'):>7}x {_fmt(r.seconds, '.2f'):>8} "
             f"{r.groups_pruned:>6} {r.groups_blocked:>7} {_fmt(r.max_deviation, '.3g'):>8}"
         )
@@ -313,7 +312,8 @@ def _names(text: str | None, default: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", help=f"legacy-exporter models, comma separated (default: all {len(LEGACY_MODELS)}; '' for none)")
+    p.add_argument("--models",
+                   help=f"legacy-exporter models, comma separated (default: all {len(LEGACY_MODELS)}; '' for none)")
     p.add_argument("--dynamo-models", help=f"dynamo-exporter models (default: all {len(DYNAMO_MODELS)}; '' for none)")
     p.add_argument("--fresh", action="store_true", help="also prune a freshly initialised resnet18 (shared zero bias)")
     p.add_argument("--ratio", type=float, default=0.4)

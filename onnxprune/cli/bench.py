@@ -22,7 +22,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batches, default=[1], metavar="B1,B2,...",
                    help="batch sizes (dim 0 of every input; default 1)")
     p.add_argument("--threads", type=_positive, metavar="N", help="intra-op threads (default: onnxruntime's)")
-    p.add_argument("--warmup", type=_count, default=10, metavar="W", help="untimed runs per model and batch (default 10)")
+    p.add_argument("--warmup", type=_count, default=10, metavar="W",
+                   help="untimed runs per model and batch (default 10)")
     p.add_argument("--iters", type=_positive, default=100, metavar="N",
                    help="timed runs per model and batch (default 100)")
     p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON")

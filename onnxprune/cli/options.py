@@ -128,7 +128,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="PATH", help="FILE.npz (arrays named after the inputs, optional 'labels'), "
                    "or a folder of .npz / .npy files or of images")
     g.add_argument("--calib-samples", type=_positive, metavar="N", help="use N samples drawn with --seed (default all)")
-    g.add_argument("--batch-size", type=_positive, metavar="N", help="samples per run (default 32, or the model's fixed batch)")
+    g.add_argument("--batch-size", type=_positive, metavar="N",
+                   help="samples per run (default 32, or the model's fixed batch)")
     g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="fold removed channels' mean output into the next layer's bias (default: on with --data)")
     g.add_argument("--image-size", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")

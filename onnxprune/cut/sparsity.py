@@ -351,7 +351,8 @@ def _tensor_report(w: _Weight, before: np.ndarray, after, reason, options: _Opti
     zeros_after = zeros_before if after is None else int(np.count_nonzero(after == 0))
     pattern = None
     if reason is None:
-        pattern = "unstructured" if options.nm is None else f"{options.nm[0]}:{options.nm[1]} along axis {w.uses[0].axis}"
+        n, m = options.nm or (None, None)
+        pattern = "unstructured" if options.nm is None else f"{n}:{m} along axis {w.uses[0].axis}"
     return TensorSparsity(
         name=w.name, nodes=[u.node.name for u in w.uses], shape=list(w.shape), elements=int(before.size),
         zeros_before=zeros_before, zeros_after=zeros_after,

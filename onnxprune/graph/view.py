@@ -44,7 +44,7 @@ class GraphView:
     memo: dict = field(default_factory=dict)  # rules' costly findings about a node, computed once
 
     @classmethod
-    def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> "GraphView":
+    def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> GraphView:
         graph, cast_weights, subgraph_refs = import_graph(model, shapes)
         return cls(graph, shapes, opset_of(model), subgraph_refs, cast_weights)
 

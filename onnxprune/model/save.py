@@ -35,7 +35,8 @@ def check_output_path(input_path, output_path, force: bool) -> Path:
 
 
 
-def check_side_files(model_path, output_path, writes: dict[str, object], reads: dict[str, object] | None = None) -> None:
+def check_side_files(model_path, output_path, writes: dict[str, object],
+                     reads: dict[str, object] | None = None) -> None:
     """Side files to write (flag -> path, e.g. ``{"--report": ...}``) must be writable and
     overwrite nothing else of the run: the input model, the output model
     (``None`` for a dry run), a file read (``--plan-in``) or each other.
@@ -102,7 +103,7 @@ class AtomicModelWriter:
         self.tmp: Path | None = None
         self.data_file: Path | None = None
 
-    def __enter__(self) -> "AtomicModelWriter":
+    def __enter__(self) -> AtomicModelWriter:
         return self
 
     def _temporary(self) -> Path:

@@ -44,11 +44,12 @@ class Plan:
         write_text_file(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path) -> "Plan":
+    def load(cls, path) -> Plan:
         try:
             data = json.loads(Path(path).read_text())
             if data.get("schema_version") != PLAN_SCHEMA:
-                raise PlanMismatch(f"{path}: plan schema_version {data.get('schema_version')!r}, expected {PLAN_SCHEMA}")
+                raise PlanMismatch(f"{path}: plan schema_version {data.get('schema_version')!r}, "
+                                   f"expected {PLAN_SCHEMA}")
             plan = cls()
             for g in data["groups"]:
                 plan.keep[str(g["id"])] = sorted(int(k) for k in g["keep"])
@@ -72,7 +73,8 @@ def check_plan(plan: Plan, groups) -> None:
         if plan.sizes[gid] != group.size:
             raise PlanMismatch(f"plan group {gid!r} has {plan.sizes[gid]} channels, the model {group.size}")
         if not keep or keep[0] < 0 or keep[-1] >= group.size or len(set(keep)) != len(keep):
-            raise PlanMismatch(f"plan group {gid!r}: kept indices must be distinct, within 0..{group.size - 1}, not empty")
+            raise PlanMismatch(f"plan group {gid!r}: kept indices must be distinct, within 0..{group.size - 1}, "
+                               "not empty")
         kept = np.zeros(group.size, bool)
         kept[keep] = True
         for members in group.unit_members():
@@ -176,7 +178,7 @@ def _global_targets(groups, scores, ratio, min_channels, max_group_ratio) -> dic
     kept = {g.id: g.size for g in groups}
     to_remove = ratio * sum(g.size for g in groups)
     removed = 0
-    for s, gid, n in sorted(entries, key=lambda e: e[0]):
+    for _score, gid, n in sorted(entries, key=lambda e: e[0]):
         if removed >= to_remove:
             break
         if kept[gid] - n >= floor[gid]:

@@ -135,7 +135,8 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
         log = context.validate(val_data, epoch, train_loss)
         report.epochs.append(log)
         if _rank(asdict(log), options) > best_key:
-            best_state, best_key, report.best_epoch = copy.deepcopy(net.state_dict()), _rank(asdict(log), options), epoch
+            best_state, best_key = copy.deepcopy(net.state_dict()), _rank(asdict(log), options)
+            report.best_epoch = epoch
     report.seconds = time.perf_counter() - started
     report.samples_per_second = seen / report.seconds if report.seconds > 0 else 0.0
     net.load_state_dict(best_state)
@@ -325,7 +326,8 @@ class _Context:
 
 # --- the Python API -------------------------------------------------------------------
 
-def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, **options) -> tuple[onnx.ModelProto, TrainingReport]:
+def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset,
+            **options) -> tuple[onnx.ModelProto, TrainingReport]:
     """Knowledge distillation of ``student`` from ``teacher`` (no labels needed); options as TrainOptions."""
     finetune = options.pop("finetune", False)
     return train(student, teacher, data, TrainOptions(distill=True, finetune=finetune, **options))

@@ -161,7 +161,8 @@ class Report:
         for kind, items in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
             example = items[0]
             lines.append(
-                f"  blocked {len(items):>3} group(s): {kind} (e.g. {_label(example.sources, example.id)}: {example.reason})"
+                f"  blocked {len(items):>3} group(s): {kind} "
+                f"(e.g. {_label(example.sources, example.id)}: {example.reason})"
             )
         if self.io_changes:
             lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (`allow_io_change`):")
@@ -208,7 +209,8 @@ def _training_lines(t: dict) -> list[str]:
     rows = [("before", t["before"])] + [(f"epoch {e['epoch']}", e) for e in t["epochs"]]
     for label, e in rows:
         acc = f"  val accuracy {100 * e['val_accuracy']:.2f}%" if e.get("val_accuracy") is not None else ""
-        err = f"  output error {e['val_output_error']:.4g}" if e.get("val_output_error") == e.get("val_output_error") else ""
+        measured = e.get("val_output_error") == e.get("val_output_error")  # NaN: not measured (no teacher)
+        err = f"  output error {e['val_output_error']:.4g}" if measured else ""
         lines.append(f"  {label:<9} val loss {e['val_loss']:.4g}{acc}{err}")
     return lines
 

@@ -4,8 +4,9 @@ BatchNormalization and InstanceNormalization are per channel: their
 parameters are sliced with the channels. GroupNormalization normalises over
 groups of C/G consecutive channels, so only whole groups can go (the
 positions of a group are tied) and ``num_groups`` is rewritten.
-LayerNormalization over the channel axis mixes channels: a barrier here (the
-transformer issue adds --prune-hidden).
+LayerNormalization over the channel axis mixes channels: a barrier, unless
+`prune_hidden` lets the hidden size through (its statistics then change).
+Softmax and its kin normalise along their axis and pass the others through.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ weight into groups, and axis 1 counts positions within a group: Conv
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import onnx
 
@@ -52,7 +52,7 @@ class Operand:
 class OpWeights:
     operands: dict[int, Operand] = field(default_factory=dict)
     grouped: bool = False
-    macs: Callable[[dict, list], "int | None"] | None = None  # (attrs, dims of inputs + output) -> MACs
+    macs: Callable[[dict, list], int | None] | None = None  # (attrs, dims of inputs + output) -> MACs
 
 
 def _known(*shapes) -> bool:

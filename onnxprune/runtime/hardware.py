@@ -11,7 +11,7 @@ cpu: measured with tools/measure_rounding.py (the rule is in its docstring)
     date 2026-11-24; machine: AMD EPYC, 2 cores, AVX2 (no AVX-512), shared with
     other jobs (1-min load between 0.6 and 4.8 while measuring); onnxruntime 1.32.0,
     CPUExecutionProvider, default intra-op threads;
-    command: .venv/bin/python tools/measure_rounding.py --provider cpu
+    command: .venv/bin/python -m tools.measure_rounding --provider cpu
     (stacks of 3 Conv 3x3 / Conv 1x1 at 56/28/14/7 px, MatMul over 128
     tokens, Gemm; batch 1 and 32; every width c..c+32 around c = 64, 128,
     256, 512; 3 sessions per width, fastest run kept)
@@ -34,7 +34,7 @@ cuda: NOT measured here (this machine has no GPU). NVIDIA's "Deep Learning
     (Torch-Pruning, ResNet-50) give efficiency 0.32 / 0.52 (batch 1 / 32) at
     multiples of 8, 0.29 / 0.50 at 32 and 0.40 / 0.58 at 64: 8 is the guide's
     requirement, not a measured optimum, and 64 may do better on an H100.
-    Re-measure on a GPU with: tools/measure_rounding.py --provider cuda
+    Re-measure on a GPU with: python -m tools.measure_rounding --provider cuda
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
         if unrunnable:
             warnings.warn(
                 f"onnxruntime's CPU provider cannot run {'/'.join(unrunnable)} models: "
-                "the pruned model was checked with onnx.checker only, not run"
+                "the pruned model was checked with onnx.checker only, not run", stacklevel=2
             )
             return None, None
         raise UnsupportedModel(f"onnxruntime cannot load the input model: {first_line(exc)}") from exc

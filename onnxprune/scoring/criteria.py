@@ -12,7 +12,7 @@ calibration data: ``calibration.py`` measures every group once, and
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -1,0 +1,358 @@
+"""Compiling a graph into steps: reading the graph (subgraphs, topological order, the support
+check), folding constants, placing each value on the host or the device, and scheduling
+(which steps a set of outputs needs, when each value is freed). module.py's TorchGraph runs
+the result; its docstring describes the design."""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from ..errors import InvalidModel, UnsupportedModel, first_line
+from ..rules.weights import learned_inputs, operand
+from .ops import HOST_INPUTS, OPS, PREPARE
+from .tensors import FLOAT_TYPES, constant_value, tensor_from_proto
+
+EMPTY, TRASH = 0, 1  # slots of a missing input (always None) and of an unused output
+
+# Value kinds.
+INPUT, PARAM, CONST, HOST, DEVICE = "input", "param", "const", "host", "device"
+
+
+# --- graph reading -------------------------------------------------------------------------------
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            graphs.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(a.graphs)
+    return graphs
+
+
+def _outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from enclosing scopes."""
+    local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(i for i in node.input if i)
+        for sub in _subgraphs(node):
+            used |= _outer_references(sub)
+        local.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - local
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every name a node reads: its inputs and what its subgraphs take from outside."""
+    names = [i for i in node.input if i]
+    for sub in _subgraphs(node):
+        names.extend(sorted(_outer_references(sub)))
+    return names
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Nodes in an order where producers come first (the file order when it already is one)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[x] for x in _reads(n) if x in producer} - {i} for i, n in enumerate(nodes)]
+    if all(all(d < i for d in ds) for i, ds in enumerate(deps)):
+        return list(nodes)
+    users = defaultdict(list)
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise InvalidModel("the graph has a cycle")
+    return order
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _all_nodes(sub)
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def check_supported(graph: onnx.GraphProto) -> None:
+    """UnsupportedModel naming every op type without an implementation, in one line."""
+    missing: dict[str, str] = {}
+    for node in _all_nodes(graph):
+        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in ("Constant", "If"))
+        if not known:
+            missing.setdefault(_label(node), node.name or node.output[0])
+    if missing:
+        listed = ", ".join(f"{op} (node {name})" for op, name in missing.items())
+        if any(op in ("Loop", "Scan") for op in missing):
+            listed += "; Loop and Scan are not supported: only If is"
+        raise UnsupportedModel(f"no PyTorch implementation for op {listed}")
+
+
+def _attributes(node: onnx.NodeProto, opset: int) -> dict:
+    """Attributes as Python values, plus ``_opset`` and ``_num_outputs``; PREPARE applied."""
+    attrs: dict = {}
+    for a in node.attribute:
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue  # compiled by the executor
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, onnx.TensorProto):
+            value = tensor_from_proto(value)
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        attrs[a.name] = value
+    attrs["_opset"] = opset
+    attrs["_num_outputs"] = len(node.output)
+    prepare = PREPARE.get(node.op_type)
+    return prepare(attrs) if prepare else attrs
+
+
+def _constant_weights(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of float Constant nodes that feed a learned input (rules/weights.py); a coefficient
+    of Add/Mul only when it has more than one element (x * 0.5 is arithmetic, not a weight)."""
+    candidates = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            if t.data_type in FLOAT_TYPES:
+                candidates[node.output[0]] = int(np.prod(t.dims)) if t.dims else 1
+    weights = set()
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for i in learned_inputs(node.op_type):
+            name = node.input[i] if i < len(node.input) else ""
+            if name in candidates and (operand(node.op_type, i).role != "coefficient" or candidates[name] > 1):
+                weights.add(name)
+    return weights
+
+
+# --- compilation ---------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One node, ready to run: ``fn(attrs, [env[i] for i in inputs])`` -> env[outputs]."""
+    fn: Callable | None
+    attrs: dict
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    moves: tuple[int, ...]      # input positions holding host values to move to the data's device
+    uses: frozenset[int]        # every slot read, subgraphs included (for freeing and pruning)
+    label: str
+    branches: tuple | None = None  # If: ((then steps, then output slots), (else ...))
+
+
+class Compiler:
+    """Turns a graph into Steps, folding constants and placing values (host or device)."""
+
+    def __init__(self, opset: int, trainable: Callable[[str], bool]):
+        self.opset = opset
+        self.trainable = trainable
+        self.slots: dict[str, int] = {"": EMPTY, "\0trash": TRASH}
+        self.kind: dict[str, str] = {}
+        self.consts: dict[str, torch.Tensor] = {}     # CPU values of constants
+        self.device_slots: dict[str, int] = {}         # constant name -> slot of its buffer copy
+        self.params: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.param_sources: dict[str, str] = {}        # name -> "initializer" | "constant"
+
+    def slot(self, name: str) -> int:
+        return self.slots.setdefault(name, len(self.slots))
+
+    def device_slot(self, name: str) -> int:
+        """Where a consumer on the device reads ``name``: a constant's buffer copy, else its slot."""
+        if self.kind.get(name) != CONST:
+            return self.slot(name)
+        if name not in self.device_slots:
+            self.device_slots[name] = self.slot(name + "\0device")
+        return self.device_slots[name]
+
+    # values
+    def add_param(self, name: str, value: torch.Tensor, source: str) -> None:
+        self.params[name] = (value, bool(self.trainable(name)))
+        self.param_sources[name] = source
+        self.kind[name] = PARAM
+        self.slot(name)
+
+    def add_const(self, name: str, value: torch.Tensor) -> None:
+        self.consts[name] = value
+        self.kind[name] = CONST
+        self.slot(name)
+
+    def add_initializers(self, graph: onnx.GraphProto, top: bool) -> None:
+        host_only = _host_only_names(graph)
+        for t in graph.initializer:
+            value = tensor_from_proto(t)
+            if top and t.data_type in FLOAT_TYPES and t.name not in host_only:
+                self.add_param(t.name, value, "initializer")
+            else:  # also subgraph initializers: write_back looks at the main graph only
+                self.add_const(t.name, value)
+
+    # nodes
+    def compile(self, graph: onnx.GraphProto, top: bool) -> list[Step]:
+        self.add_initializers(graph, top)
+        weights = _constant_weights(graph) if top else set()
+        steps = []
+        for node in _topological(list(graph.node)):
+            if node.op_type == "Constant":
+                if node.output[0] in weights:
+                    self.add_param(node.output[0], constant_value(node), "constant")
+                else:
+                    self.add_const(node.output[0], constant_value(node))
+            elif node.op_type == "If":
+                steps.append(self.compile_if(node))
+            else:
+                step = self.compile_node(node)
+                if step is not None:
+                    steps.append(step)
+        return steps
+
+    def compile_node(self, node: onnx.NodeProto) -> Step | None:
+        attrs = _attributes(node, self.opset)
+        host = HOST_INPUTS.get(node.op_type, frozenset())
+        kinds = [self.kind_of(name, node) if name else None for name in node.input]
+        placement = _placement(node.op_type, kinds, host)
+        if placement == "fold":
+            self.fold(node, attrs)
+            return None
+        on_device = placement == DEVICE
+        inputs, moves = [], []
+        for i, (name, kind) in enumerate(zip(node.input, kinds)):
+            data = on_device and i not in host
+            inputs.append(self.device_slot(name) if data else self.slot(name))
+            if data and kind == HOST:
+                moves.append(i)
+        out_kind = HOST if node.op_type in ("Shape", "Size") else placement
+        for o in node.output:
+            if o:
+                self.kind[o] = out_kind
+        return Step(OPS[node.op_type], attrs, tuple(inputs), self.output_slots(node), tuple(moves),
+                    frozenset(inputs), f"{node.op_type} node {node.name or node.output[0]!r}")
+
+    def compile_if(self, node: onnx.NodeProto) -> Step:
+        for name in _reads(node):
+            self.kind_of(name, node)
+        branches = []
+        for attr in ("then_branch", "else_branch"):
+            sub = helper.get_attribute_value(next(a for a in node.attribute if a.name == attr))
+            steps = self.compile(sub, top=False)
+            branches.append((steps, tuple(self.device_slot(o.name) for o in sub.output),
+                             tuple(i for i, o in enumerate(sub.output) if self.kind.get(o.name) == HOST)))
+        for o in node.output:
+            if o:
+                self.kind[o] = DEVICE
+        cond = self.slot(node.input[0])
+        uses = frozenset({cond} | {s for steps, outs, _ in branches for s in outs}
+                         | {s for steps, _, _ in branches for step in steps for s in step.uses})
+        return Step(None, {}, (cond,), self.output_slots(node), (), uses,
+                    f"If node {node.name or node.output[0]!r}", tuple(branches))
+
+    def output_slots(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        return tuple(self.slot(o) if o else TRASH for o in node.output)
+
+    def kind_of(self, name: str, node: onnx.NodeProto) -> str:
+        if name not in self.kind:
+            raise InvalidModel(f"{_label(node)} node {node.name or node.output[0]!r} reads {name!r}, "
+                               "which no node, input or initializer provides")
+        return self.kind[name]
+
+    def fold(self, node: onnx.NodeProto, attrs: dict) -> None:
+        """Evaluate a node whose inputs are all known now; its outputs become constants."""
+        args = [self.consts[n] if self.kind[n] == CONST else self.params[n][0] if n else None
+                for n in node.input]
+        try:
+            with torch.no_grad():
+                result = OPS[node.op_type](attrs, args)
+        except Exception as exc:
+            raise UnsupportedModel(f"{node.op_type} node {node.name or node.output[0]!r} on constant inputs "
+                                   f"failed: {first_line(exc)}") from exc
+        results = [result] if isinstance(result, torch.Tensor) else list(result)
+        for name, value in zip(node.output, results):
+            if name:
+                self.add_const(name, value.detach())
+
+
+def _placement(op_type: str, kinds: list[str | None], host_inputs: frozenset[int]) -> str:
+    """'fold' (all inputs known now), 'host' (shape arithmetic on the CPU) or 'device'."""
+    if op_type in ("Shape", "Size"):
+        return "fold" if kinds and kinds[0] in (CONST, PARAM) else HOST
+    if all(k in (None, CONST) for k in kinds):
+        return "fold"
+    data = [k for i, k in enumerate(kinds) if i not in host_inputs]
+    return DEVICE if any(k in (INPUT, PARAM, DEVICE) for k in data) else HOST
+
+
+def _host_only_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors read only as Python numbers (e.g. Resize scales): no gradient can reach them."""
+    at_host, elsewhere = set(), set()
+    for node in graph.node:
+        host = HOST_INPUTS.get(node.op_type, frozenset())
+        for i, name in enumerate(node.input):
+            (at_host if i in host else elsewhere).add(name)
+        for sub in _subgraphs(node):
+            elsewhere |= _outer_references(sub)
+    elsewhere.update(o.name for o in graph.output)
+    return at_host - elsewhere
+
+
+def schedule_steps(steps: list[Step], keep: Iterable[int]) -> tuple[tuple, ...]:
+    """Steps as loop tuples, each with the slots whose last use it is (freed after it)."""
+    keep = set(keep) | {EMPTY}
+    last: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for s in step.uses:
+            last[s] = i
+    frees: list[list[int]] = [[] for _ in steps]
+    for s, i in last.items():
+        if s not in keep:
+            frees[i].append(s)
+    plan = []
+    for step, free in zip(steps, frees):
+        branches = None
+        if step.branches is not None:
+            branches = tuple((schedule_steps(b_steps, set(outs) | set(step.uses)), outs, moves)
+                             for b_steps, outs, moves in step.branches)
+        plan.append((step.fn, step.attrs, step.inputs, step.outputs, step.moves, tuple(free), branches,
+                     step.label))
+    return tuple(plan)
+
+
+def needed_steps(steps: list[Step], wanted: set[int]) -> list[Step]:
+    """The steps that the wanted slots depend on, in order."""
+    needed, chosen = set(wanted), []
+    for step in reversed(steps):
+        if needed.intersection(step.outputs):
+            chosen.append(step)
+            needed |= step.uses
+    return chosen[::-1]
+
+
+class Plan(NamedTuple):
+    """What computing some named tensors takes."""
+    schedule: tuple         # loop tuples (see schedule_steps)
+    slots: tuple[int, ...]  # where the results are
+    moves: tuple[int, ...]  # results computed on the host, moved to the module's device
+    inputs: tuple[str, ...]  # the graph inputs they depend on
