@@ -72,7 +72,7 @@ DEMO_OUT := $(BUILD)/digits.pruned.onnx
 demo: $(VENV)/.stamp-demo
 	@mkdir -p $(BUILD) && rm -f $(DEMO_OUT)
 	$(VENV)/bin/onnxprune info models/digits_cnn.onnx
-	$(VENV)/bin/onnxprune models/digits_cnn.onnx --structured 0.4 --provider cpu --data models/digits_train.npz --distill --finetune --epochs 20 --max-accuracy-drop 2 -o $(DEMO_OUT)
+	$(VENV)/bin/onnxprune models/digits_cnn.onnx --structured 0.4 --provider cpu --data models/digits_train.npz --distill --finetune --epochs 20 --lr 0.003 --max-accuracy-drop 2 -o $(DEMO_OUT)
 	$(VENV)/bin/onnxprune bench models/digits_cnn.onnx $(DEMO_OUT) --batch 1,256
 
 test: $(VENV)/.stamp-test

@@ -268,11 +268,9 @@ def _check_counts(dataset: Dataset, source: str) -> None:
 DEFAULT_BATCH = 32
 
 
-
 def batch_size_for(model: onnx.ModelProto, requested: int | None) -> int:
     fixed = fixed_batch(model)
     return fixed or requested or DEFAULT_BATCH
-
 
 
 def model_batches(data: Dataset, model: onnx.ModelProto, requested: int | None = None):

@@ -45,6 +45,16 @@ class MissingDependency(UsageError):
     """An optional package the requested work needs is not installed."""
 
 
+def require(module: str, needed_for: str, install: str):
+    """``module``, imported; or a one-line MissingDependency saying what needs it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{needed_for} needs {module}: pip install {install}") from None
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one short line, for messages that must stay on one line."""
     text = str(exc).strip() or type(exc).__name__

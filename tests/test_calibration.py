@@ -16,10 +16,7 @@ from onnxprune.errors import UsageError
 from onnxprune.planning.plan import Plan
 from onnxprune.scoring.calibration import activation_stats, read_points
 
-try:
-    from graphs import GraphBuilder, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import GraphBuilder, run
+from graphs import GraphBuilder, run
 
 ROOT = Path(__file__).resolve().parent.parent
 C = 6  # channels of the middle layer

@@ -21,10 +21,7 @@ import pytest
 import onnxprune
 from onnxprune.scoring.calibration import capture_model
 
-try:
-    from graphs import check_valid, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import check_valid, run
+from graphs import check_valid, run
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

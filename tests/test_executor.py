@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import GraphBuilder, rel_err, session
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UnsupportedModel, UsageError
 from tools import zoo
+
+from graphs import GraphBuilder, rel_err, session
 
 torch = pytest.importorskip("torch")
 from onnxprune.executor.module import TorchGraph, tensor_from_proto  # noqa: E402  (needs torch)
@@ -29,13 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Test workers share the cores: extra torch threads only contend (10-100x slower when loaded)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NP_TYPES = {np.dtype(np.float32): F32, np.dtype(np.int64): I64, np.dtype(np.int32): TensorProto.INT32,
             np.dtype(bool): TensorProto.BOOL, np.dtype(np.float16): TensorProto.FLOAT16}
 

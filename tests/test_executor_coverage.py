@@ -18,20 +18,13 @@ from onnx import helper
 
 torch = pytest.importorskip("torch")
 
-from graphs import rel_err, session  # noqa: E402
-
 import onnxprune.rules  # noqa: E402
 from onnxprune.executor.module import TorchGraph  # noqa: E402
 from onnxprune.executor.ops import OPS  # noqa: E402
 
+from graphs import rel_err, session  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Test workers share the cores: extra torch threads only contend (as in test_executor.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Ops the compiler handles itself rather than through the op table.

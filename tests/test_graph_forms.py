@@ -13,10 +13,7 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import UnsupportedModel
 
-try:
-    from graphs import GraphBuilder, check_valid, make_feeds, prune_checked, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import GraphBuilder, check_valid, make_feeds, prune_checked, run
+from graphs import GraphBuilder, check_valid, make_feeds, prune_checked, run
 
 
 def small_cnn(seed=0) -> onnx.ModelProto:

@@ -40,24 +40,14 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune.planning.plan import emptied_slots
 
-try:
-    from graphs import (
-        GraphBuilder,
-        assert_close,
-        check_valid,
-        make_feeds,
-        masked_reference,
-        run,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import (
-        GraphBuilder,
-        assert_close,
-        check_valid,
-        make_feeds,
-        masked_reference,
-        run,
-    )
+from graphs import (
+    GraphBuilder,
+    assert_close,
+    check_valid,
+    make_feeds,
+    masked_reference,
+    run,
+)
 
 EXAMPLES = int(os.environ.get("ONNXPRUNE_HYPOTHESIS_EXAMPLES", 150))
 SETTINGS = settings(

@@ -22,10 +22,7 @@ from onnxprune.cli import main
 from onnxprune.cut import iochange
 from onnxprune.pipeline.sensitivity import measure_sensitivity
 
-try:
-    from graphs import masked_reference, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import masked_reference, run
+from graphs import masked_reference, run
 
 torch = pytest.importorskip("torch")
 

@@ -34,10 +34,7 @@ import onnxprune.model.proto
 from onnxprune import cli
 from onnxprune.runtime.session import session
 
-try:
-    from graphs import retyped, small_cnn, write_mlp
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import retyped, small_cnn, write_mlp
+from graphs import retyped, small_cnn, write_mlp
 
 
 def float_types(model: onnx.ModelProto) -> set[int]:

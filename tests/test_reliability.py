@@ -33,10 +33,7 @@ from onnx import AttributeProto, helper
 import onnxprune
 from onnxprune import cli
 
-try:
-    from graphs import retyped, small_cnn, write_mlp
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import retyped, small_cnn, write_mlp
+from graphs import retyped, small_cnn, write_mlp
 
 TYPED_ERRORS = {2, 3, 4, 5}  # README's exit codes for user-facing errors (1 is a bug)
 

@@ -16,40 +16,22 @@ import pytest
 
 import onnxprune
 
-try:
-    from graphs import (
-        GraphBuilder,
-        assert_close,
-        attr_of,
-        check_valid,
-        full_plan,
-        group_of,
-        input_value,
-        make_feeds,
-        masked_reference,
-        node,
-        nodes_of,
-        prune_checked,
-        run,
-        value,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import (
-        GraphBuilder,
-        assert_close,
-        attr_of,
-        check_valid,
-        full_plan,
-        group_of,
-        input_value,
-        make_feeds,
-        masked_reference,
-        node,
-        nodes_of,
-        prune_checked,
-        run,
-        value,
-    )
+from graphs import (
+    GraphBuilder,
+    assert_close,
+    attr_of,
+    check_valid,
+    full_plan,
+    group_of,
+    input_value,
+    make_feeds,
+    masked_reference,
+    node,
+    nodes_of,
+    prune_checked,
+    run,
+    value,
+)
 
 X = [1, 3, 8, 8]
 

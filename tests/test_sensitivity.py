@@ -21,10 +21,7 @@ from onnxprune.planning.plan import Plan
 from onnxprune.planning.ratios import resolve_ratios
 from onnxprune.report.sensitivity import GroupSensitivity, Sensitivity
 
-try:
-    from graphs import GraphBuilder, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import GraphBuilder, run
+from graphs import GraphBuilder, run
 
 C = 8  # channels of a1 and b1
 A1, B1, SUM = "a1_out", "b1_out", "a2_out"  # group ids: the first source's output

@@ -18,11 +18,7 @@ import onnxprune
 from onnxprune import cli
 from onnxprune.cut.sparsity import zipped_size
 
-try:
-    from graphs import GraphBuilder, make_feeds, run, value
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import GraphBuilder, make_feeds, run, value
-
+from graphs import GraphBuilder, make_feeds, run, value
 
 # ---------------------------------------------------------------- models
 

@@ -19,10 +19,7 @@ import pytest
 
 import onnxprune
 
-try:
-    from graphs import check_valid, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import check_valid, run
+from graphs import check_valid, run
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,7 @@ import pytest
 
 import onnxprune
 
-try:
-    from graphs import check_valid, masked_reference, run
-except ImportError:  # tests/ imported as a package
-    from tests.graphs import check_valid, masked_reference, run
+from graphs import check_valid, masked_reference, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

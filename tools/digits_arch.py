@@ -142,3 +142,19 @@ def build_folded_model(onnx_path):
                     raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
                 param.copy_(value)
     return model.eval()
+
+
+def main() -> None:
+    """``python -m tools.digits_arch MODEL.onnx ...``: held-out top-1 of each digits model."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Top-1 accuracy of digits models on the 450 held-out test images.")
+    p.add_argument("models", nargs="+")
+    args = p.parse_args()
+    _, x_test, _, y_test = load_split()
+    for path in args.models:
+        print(f"{path}: {accuracy_onnx(path, x_test, y_test):.2%} top-1 on {len(y_test)} held-out images")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,9 +46,7 @@ def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.Mo
     return refresh_value_info(model)
 
 
-
 _LARGE_BYTES = 1 << 20
-
 
 
 def _export_weights_once(graph: gs.Graph) -> onnx.ModelProto:
@@ -77,7 +75,6 @@ def _export_weights_once(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-
 def _large_plain_constant(t: gs.Tensor) -> bool:
     """A constant worth filling in by hand: large, and exported with its own dtype (no conversion)."""
     if not isinstance(t, gs.Constant) or isinstance(t._values, SparseValues) or t._values.nbytes <= _LARGE_BYTES:
@@ -85,7 +82,6 @@ def _large_plain_constant(t: gs.Tensor) -> bool:
     if isinstance(t._values, LazyValues):
         return True
     return t.export_dtype == t.dtype and t.values.dtype.isnative and t.values.dtype.kind in "fiub"
-
 
 
 def _fill(proto: onnx.TensorProto, values) -> None:
@@ -98,7 +94,6 @@ def _fill(proto: onnx.TensorProto, values) -> None:
         del proto.dims[:]
         proto.dims.extend(values.shape)
         proto.raw_data = np.ascontiguousarray(values).tobytes()
-
 
 
 def _store_cast_weights_as_before(graph: gs.Graph, folds: dict) -> None:
@@ -123,7 +118,6 @@ def _store_cast_weights_as_before(graph: gs.Graph, folds: dict) -> None:
             node.inputs[i] = casts[id(t)]
 
 
-
 def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto, io_changes=()) -> None:
     """Graph inputs and outputs exactly as given (names, shapes, dtypes, doc strings), but for ``io_changes``."""
     for field in ("input", "output"):
@@ -140,7 +134,6 @@ def _restore_io(model: onnx.ModelProto, original: onnx.ModelProto, io_changes=()
     for vi in original.graph.input:
         if vi.name not in listed and vi.name in kept and list(kept[vi.name].dims) == _dims(vi):
             model.graph.input.append(vi)
-
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:

@@ -32,7 +32,6 @@ def _name_nodes(graph: gs.Graph) -> None:
             taken.add(name)
 
 
-
 def _constants_as_tensors(graph: gs.Graph) -> None:
     """Constant nodes -> constant tensors (unless they are graph outputs)."""
     for node in list(graph.nodes):
@@ -49,7 +48,6 @@ def _constants_as_tensors(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
-
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         if key in node.attrs:
@@ -60,7 +58,6 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
                 return np.asarray(v, dtype=np.float32)
             return np.asarray(v, dtype=np.int64)
     return None  # sparse_value / string values: leave the node alone
-
 
 
 def _bypass_constant_identities(graph: gs.Graph) -> None:
@@ -74,7 +71,6 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _redirect(out, node.inputs[0])
         node.outputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False)
-
 
 
 def _fold_constant_arithmetic(graph: gs.Graph, opset_import) -> None:
@@ -109,7 +105,6 @@ def _fold_constant_arithmetic(graph: gs.Graph, opset_import) -> None:
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
-
 def _fold_cast_weights(graph: gs.Graph) -> dict:
     """Cast(float constant) -> a constant of the cast type, so rules see the weight itself.
 
@@ -135,7 +130,6 @@ def _fold_cast_weights(graph: gs.Graph) -> dict:
     return folds
 
 
-
 def _fold_flattened_transposes(graph: gs.Graph, shapes: Shapes) -> None:
     """Reshape(x, [-1, trailing dims of x]) -> Transpose (axis 0 kept) -> Reshape(back to x's leading
     dims, computed from Shape(x)) is one Transpose of x's trailing axes: the dynamo exporter's
@@ -153,7 +147,6 @@ def _fold_flattened_transposes(graph: gs.Graph, shapes: Shapes) -> None:
         folded += 1
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-
 
 
 def _flattened_transpose(transpose: gs.Node, shapes: Shapes):
@@ -180,7 +173,6 @@ def _flattened_transpose(transpose: gs.Node, shapes: Shapes):
     return x, perm, unflatten
 
 
-
 def _fold_channel_shuffles(graph: gs.Graph, shapes: Shapes) -> None:
     """Reshape(x, C -> (g, C/g)) -> Transpose swapping the two -> Reshape(back to x's shape), the
     channel shuffle of ShuffleNet, is Gather(x, a constant permutation) along that axis: a
@@ -199,7 +191,6 @@ def _fold_channel_shuffles(graph: gs.Graph, shapes: Shapes) -> None:
         folded += 1
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-
 
 
 def _channel_shuffle(transpose: gs.Node, shapes: Shapes):
@@ -229,14 +220,12 @@ def _channel_shuffle(transpose: gs.Node, shapes: Shapes):
     return x, axis, order.astype(np.int64), unsplit
 
 
-
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
     """Every consumer of ``old`` reads ``new`` instead."""
     for consumer in list(old.outputs):
         for i, t in enumerate(consumer.inputs):
             if t is old:
                 consumer.inputs[i] = new
-
 
 
 def _subgraph_references(graph: gs.Graph) -> set[str]:

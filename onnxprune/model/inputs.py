@@ -24,12 +24,10 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Real graph inputs (old exporters also list initializers as inputs)."""
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
-
 
 
 def resolve_input_shapes(

@@ -13,11 +13,9 @@ from ..errors import InvalidModel
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-
 # Initializers at most this large keep their values in the weight-free copy
 # used for shape inference (they may be Reshape targets, Slice bounds, ...).
 SMALL_CONSTANT = 64
-
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -25,7 +23,6 @@ def opset_of(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     raise InvalidModel("model declares no default-domain opset")
-
 
 
 def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -50,7 +47,6 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-
 def approx_size(model: onnx.ModelProto) -> int:
     """Bytes of the model's initializers, from their dims (ByteSize() walks every byte)."""
     total = 0
@@ -58,7 +54,6 @@ def approx_size(model: onnx.ModelProto) -> int:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
         total += math.prod(t.dims) * itemsize
     return total
-
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

@@ -20,7 +20,6 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".pruned.onnx")
 
 
-
 def check_output_path(input_path, output_path, force: bool) -> Path:
     """Refuse to overwrite without --force, and fail early on an unwritable location."""
     out = Path(output_path)
@@ -32,7 +31,6 @@ def check_output_path(input_path, output_path, force: bool) -> Path:
     if out.exists() and not force and not same:
         raise UsageError(f"{out}: exists; pass `force` to overwrite it")
     return ensure_writable(out)
-
 
 
 def check_side_files(model_path, output_path, writes: dict[str, object],
@@ -52,13 +50,11 @@ def check_side_files(model_path, output_path, writes: dict[str, object],
         taken[flag] = path
 
 
-
 def _same_path(a, b) -> bool:
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
         return os.path.samefile(a, b)  # also through links
     return a.resolve() == b.resolve()
-
 
 
 def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
@@ -77,7 +73,6 @@ def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
-
 def write_text_file(path: str | os.PathLike, text: str) -> None:
     """Write a side file (report, plan) atomically; an OS failure is a usage error."""
     path = Path(path)
@@ -86,7 +81,6 @@ def write_text_file(path: str | os.PathLike, text: str) -> None:
             writer.write_bytes(text.encode())
     except OSError as exc:
         raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
-
 
 
 class AtomicModelWriter:

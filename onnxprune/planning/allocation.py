@@ -21,7 +21,6 @@ from ..report.sensitivity import Sensitivity
 _GRID_STEP = 0.1
 
 
-
 @dataclass
 class Allocation:
     target: float  # fraction of all prunable channels to remove
@@ -46,13 +45,11 @@ class Allocation:
         }
 
 
-
 def allocation_grid(target: float) -> list[float]:
     """Steps of 0.1 up to twice the target (at most 0.9), and the target itself."""
     top = min(0.9, 2 * target) + 1e-9
     steps = [round(_GRID_STEP * k, 10) for k in range(1, 10) if _GRID_STEP * k <= top]
     return sorted(set(steps) | {float(target)})
-
 
 
 def choose_allocation(sensitivity: Sensitivity, target: float) -> Allocation:
@@ -78,7 +75,6 @@ def choose_allocation(sensitivity: Sensitivity, target: float) -> Allocation:
     ratios = {g.id: curves[i][at[i]][2] for i, g in enumerate(groups)}
     errors = {g.id: math.sqrt(curves[i][at[i]][1]) for i, g in enumerate(groups)}
     return Allocation(target, ratios, removed, total, sensitivity, errors)
-
 
 
 def _cheapest_step(curves, at) -> tuple[int, int] | None:

@@ -32,7 +32,6 @@ def load_ratios(path) -> dict[str, float]:
     return check_ratio_mapping(mapping, f"`ratios` {path}")
 
 
-
 def _parse_yaml(text: str, path: Path):
     try:
         import yaml
@@ -43,7 +42,6 @@ def _parse_yaml(text: str, path: Path):
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(f"`ratios` {path}: not valid YAML ({type(exc).__name__})") from None
-
 
 
 def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") -> dict[str, float]:
@@ -59,10 +57,8 @@ def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") ->
     return resolved
 
 
-
 def _glob_matches(group, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(s, pattern) for s in group.sources)
-
 
 
 def _no_match(groups, key: str, what: str) -> str:

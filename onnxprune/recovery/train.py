@@ -37,13 +37,12 @@ import onnx
 
 from ..cut import iochange
 from ..data import Dataset
-from ..errors import UsageError
+from ..errors import UsageError, require
 from ..metrics import ErrorSum, class_labels
 from ..metrics import logits as metrics_logits
 from ..model.inputs import fixed_batch
 from ..options import TrainOptions
 from ..progress import progress
-from ..scoring.calibration import require_torch
 
 
 @dataclass
@@ -95,7 +94,7 @@ def classes_axis_ok(output_shape) -> bool:
 def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, options: TrainOptions,
           groups=None, features: list[FeaturePoint] = ()) -> tuple[onnx.ModelProto, TrainingReport]:
     """Train ``student`` (the pruned model) and return it with the best epoch's weights written back."""
-    torch = require_torch()
+    torch = require("torch", "recovery training", "'onnxprune[torch]'")
     from ..executor.module import TorchGraph
 
     options.check()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
+from .text import group_label, summary_line
 
 REPORT_SCHEMA = 1
 
@@ -152,7 +153,8 @@ class Report:
         shown = pruned if verbose else pruned[:8]
         for g in shown:
             heads = f"({g.units_before} -> {g.units_after} heads) " if g.kind == "heads" else ""
-            lines.append(f"  pruned  {g.channels_before:>5} -> {g.channels_after:<5} {heads}{_label(g.sources, g.id)}")
+            lines.append(f"  pruned  {g.channels_before:>5} -> {g.channels_after:<5} "
+                         f"{heads}{group_label(g.sources, g.id)}")
         if len(pruned) > len(shown):
             lines.append(f"  ... {len(pruned) - len(shown)} more pruned groups (`verbose` or `report_path`)")
         reasons: dict[str, list[BlockedGroup]] = {}
@@ -162,20 +164,18 @@ class Report:
             example = items[0]
             lines.append(
                 f"  blocked {len(items):>3} group(s): {kind} "
-                f"(e.g. {_label(example.sources, example.id)}: {example.reason})"
+                f"(e.g. {group_label(example.sources, example.id)}: {example.reason})"
             )
         if self.io_changes:
             lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (`allow_io_change`):")
         changed = (self.io_changes or []) if verbose else (self.io_changes or [])[:8]
         for c in changed:
-            kept = "; ".join(f"axis {a} keeps {positions(k)}" for a, k in c["kept"].items())
+            kept = "; ".join(f"axis {a} keeps {_kept_positions(k)}" for a, k in c["kept"].items())
             lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
                          f"  ({kept})")
         if len(self.io_changes or []) > len(changed):
             lines.append(f"  ... {len(self.io_changes) - len(changed)} more reshaped (`verbose` or `report_path`)")
         if self.target:
-            from .text import summary_line
-
             lines.append(summary_line(self.target))
         if self.data:
             lines.append(f"data    {self.data['samples']} calibration samples from {self.data['source']}")
@@ -225,12 +225,8 @@ def _shape(dims: list) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def positions(kept: list[int], shown: int = 16) -> str:
+def _kept_positions(kept: list[int], shown: int = 16) -> str:
     return ", ".join(map(str, kept[:shown])) + (f", ... ({len(kept)})" if len(kept) > shown else "")
-
-
-def _label(sources: list[str], gid: str) -> str:
-    return ", ".join(sources[:2]) + (" ..." if len(sources) > 2 else "") if sources else gid
 
 
 def _reason_kind(reason: str) -> str:

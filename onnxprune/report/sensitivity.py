@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import MissingDependency, UsageError
 from ..model.save import AtomicModelWriter
+from .text import clipped_label
 
 
 @dataclass
@@ -20,7 +21,6 @@ class GroupSensitivity:
     removed: list[int]  # channels actually removed at each ratio (rounding, tied units)
     error: list[float]  # relative RMS output error at each ratio
     accuracy: list[float] | None = None  # top-1 at each ratio, when labels fit
-
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Sensitivity:
 
     def table(self) -> str:
         """One row per group: its source nodes, channels, the error at each ratio [top-1 %]."""
-        labels = [_label(g.sources, g.id) for g in self.groups]
+        labels = [clipped_label(g.sources, g.id) for g in self.groups]
         width = max([len(s) for s in labels] + [5])
         cell = 15 if self.baseline_accuracy is not None else 8
         head = f"{'group':<{width}}  {'ch':>5}" + "".join(f"{r:>{cell}g}" for r in self.ratios)
@@ -58,17 +58,9 @@ class Sensitivity:
         return "\n".join(lines)
 
 
-
 def _cell(error: float, accuracy: float | None) -> str:
     text = f"{error:.4f}" if math.isfinite(error) else "inf"
     return text if accuracy is None else f"{text} [{100 * accuracy:.1f}]"
-
-
-
-def _label(sources: list[str], gid: str, limit: int = 48) -> str:
-    text = ", ".join(sources) if sources else gid
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 
 def require_matplotlib():
@@ -83,7 +75,6 @@ def require_matplotlib():
     return plt
 
 
-
 def plot(sensitivity: Sensitivity, path) -> None:
     """Error (and top-1 accuracy, when measured) against ratio, one line per group, as a PNG."""
     plt = require_matplotlib()
@@ -91,7 +82,7 @@ def plot(sensitivity: Sensitivity, path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     x = [0.0] + sensitivity.ratios
     for g in sensitivity.groups:
-        label = _label(g.sources, g.id, 40)
+        label = clipped_label(g.sources, g.id, 40)
         axes[0][0].plot(x, [0.0] + [e if math.isfinite(e) else np.nan for e in g.error], marker="o", ms=3,
                         label=label)
         if panels == 2:

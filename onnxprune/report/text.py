@@ -1,8 +1,18 @@
-"""Summary lines for the parts of a report that other steps fill in: an allocation, a budget search."""
+"""Printed forms shared by the reports: how a group is named, and the summary lines of the parts
+other steps fill in (an allocation, a budget search)."""
 
 from __future__ import annotations
 
-from .sensitivity import _label
+
+def group_label(sources: list[str], gid: str) -> str:
+    """A group by its first two source nodes (its id when it has none)."""
+    return ", ".join(sources[:2]) + (" ..." if len(sources) > 2 else "") if sources else gid
+
+
+def clipped_label(sources: list[str], gid: str, limit: int = 48) -> str:
+    """A group by all its source nodes, cut to ``limit`` characters (for table columns)."""
+    text = ", ".join(sources) if sources else gid
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_allocation(allocation: dict) -> str:
@@ -12,7 +22,7 @@ def format_allocation(allocation: dict) -> str:
              f"in {allocation['seconds']:.1f} s"]
     for g in allocation["groups"]:
         error = "" if g["error"] is None else f"  error alone {g['error']:.4f}"
-        lines.append(f"  ratio {g['ratio']:<5g} {g['channels']:>5} ch  {_label(g['sources'], g['id'])}{error}")
+        lines.append(f"  ratio {g['ratio']:<5g} {g['channels']:>5} ch  {clipped_label(g['sources'], g['id'])}{error}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,6 @@ class Reached:
     owner: np.ndarray
 
 
-
 @dataclass
 class Link:
     side: str
@@ -31,7 +30,6 @@ class Link:
     owner: np.ndarray
     # For constants: what the slice is (weight, bias, bn_scale, ...): importance uses it.
     role: str = "data"
-
 
 
 @dataclass
@@ -45,15 +43,12 @@ class Relation:
     kind: str | None = None
 
 
-
 def barrier(reason: str) -> Relation:
     return Relation(barrier=reason)
 
 
-
 def related(*links: Link, ties=()) -> Relation:
     return Relation(list(links), list(ties))
-
 
 
 @dataclass
@@ -63,9 +58,7 @@ class Rule:
     rewrite: Callable | None = None
 
 
-
 RULES: dict[str, Rule] = {}
-
 
 
 def rule(*ops: str, source=None, rewrite=None):
@@ -79,17 +72,14 @@ def rule(*ops: str, source=None, rewrite=None):
     return register
 
 
-
 def lookup(node) -> Rule | None:
     if node.domain not in (None, "", "ai.onnx"):
         return None
     return RULES.get(node.op)
 
 
-
 def other_side(r: Reached, index: int = 0) -> str:
     return "out" if r.side == "in" else "in"
-
 
 
 def passthrough(r: Reached, axis: int | None = None) -> Relation:
@@ -97,17 +87,14 @@ def passthrough(r: Reached, axis: int | None = None) -> Relation:
     return related(Link(other_side(r), 0, r.axis if axis is None else axis, r.owner))
 
 
-
 def blocks_of(size: int, block: int) -> list[np.ndarray]:
     """Contiguous runs of ``block`` positions: [0..block), [block..2*block), ..."""
     return [np.arange(s, s + block) for s in range(0, size, block)]
 
 
-
 def strided(size: int, period: int) -> list[np.ndarray]:
     """Positions equal modulo ``period``: {j, j+period, j+2*period, ...} for each j."""
     return [np.arange(j, size, period) for j in range(period)]
-
 
 
 def normalise_axis(axis: int, rank: int) -> int:

@@ -18,7 +18,6 @@ def require_onnxruntime():
     return onnxruntime
 
 
-
 def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionProvider",), prepack: bool = True):
     """A session (CPU unless told) with spinning threads off (they distort side-by-side timings).
 

@@ -32,7 +32,7 @@ import onnx
 
 from ..analysis.groups import Group
 from ..data import Dataset, model_batches
-from ..errors import MissingDependency, UnsupportedModel, first_line
+from ..errors import UnsupportedModel, first_line, require
 from ..graph.view import GraphView
 from ..metrics import class_labels
 from ..progress import progress
@@ -157,14 +157,6 @@ def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphVie
 
 
 # --- gradients, with the PyTorch executor -------------------------------------
-def require_torch():
-    try:
-        import torch
-    except ImportError:
-        raise MissingDependency("this importance needs PyTorch: pip install 'onnxprune[torch]'") from None
-    return torch
-
-
 def _loss_axis(rank: int) -> int:
     """Class axis: 1 for (N, C) and (N, C, H, W) outputs, the last for (N, T, V)-style sequences."""
     return 1 if rank in (2, 4) else rank - 1
@@ -181,7 +173,7 @@ def _cross_entropy(torch, logits, targets):
 def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
                    batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
     """Taylor and Fisher scores per channel from activation x gradient at the read points."""
-    torch = require_torch()
+    torch = require("torch", "a gradient criterion (taylor, fisher)", "'onnxprune[torch]'")
     from ..executor.module import TorchGraph
 
     graph = TorchGraph(model)
@@ -242,7 +234,7 @@ def weight_scores(model: onnx.ModelProto, data: Dataset, criterion: str, names: 
     every weight would cost one backward pass per sample). L as in
     ``gradient_stats``.
     """
-    torch = require_torch()
+    torch = require("torch", "a gradient criterion (taylor, fisher)", "'onnxprune[torch]'")
     from ..executor.module import TorchGraph
 
     graph = TorchGraph(model)
