@@ -92,7 +92,7 @@ def _target_options(p: argparse.ArgumentParser) -> None:
                         "--bench-batch; at most 8 benchmark runs)")
     g.add_argument("--provider", metavar="NAME",
                    help="the runtime the model is for (cpu, cuda): the default --round-to comes from its measured "
-                        "table (onnxprune/hardware.py); --target-speedup times on it")
+                        "table (onnxprune/runtime/hardware.py); --target-speedup times on it")
     g.add_argument("--bench", metavar="PROVIDER",
                    help="after writing, time the input and the output side by side on PROVIDER (cpu, cuda)")
     g.add_argument("--bench-batch", type=_batches, metavar="B1,B2,...",
