@@ -51,13 +51,17 @@ class Dataset:
     labels: np.ndarray | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    # "nchw" | "nhwc" when the samples were read from a folder of images (recovery augments
+    # those: TrainOptions.augment), None for arrays
+    image_layout: str | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def subset(self, indices: np.ndarray) -> Dataset:
         labels = None if self.labels is None else self.labels[indices]
-        return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source, self.notes)
+        return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source, self.notes,
+                       self.image_layout)
 
     def sample(self, count: int | None, seed: int = 0) -> Dataset:
         """``count`` samples drawn without replacement (all, in order, when None or enough)."""
@@ -88,13 +92,15 @@ def load_data(path: str | Path, model: onnx.ModelProto, images: ImageOptions | N
     if not path.exists():
         raise UsageError(f"`data` {path}: no such file or directory")
     specs = {vi.name: vi for vi in graph_inputs(model)}
+    layout = None
     if path.is_dir():
-        arrays = _read_folder(path, specs, images or ImageOptions())
+        arrays, layout = _read_folder(path, specs, images or ImageOptions())
     elif path.suffix == ".npz":
         arrays = _read_npz(path)
     else:
         raise UsageError(f"`data` {path}: expected a .npz file or a folder (of .npz, .npy or images)")
     dataset = _match_inputs(arrays, specs, str(path))
+    dataset.image_layout = layout
     for name, spec in specs.items():
         dataset.inputs[name] = _checked(dataset.inputs[name], spec, str(path))
     _check_counts(dataset, str(path))
@@ -116,7 +122,8 @@ def _read_npy(path: Path) -> np.ndarray:
         raise UsageError(f"`data` {path}: not a readable .npy file ({type(exc).__name__})") from None
 
 
-def _read_folder(path: Path, specs: dict, images: ImageOptions) -> dict[str, np.ndarray]:
+def _read_folder(path: Path, specs: dict, images: ImageOptions) -> tuple[dict[str, np.ndarray], str | None]:
+    """The arrays, and the layout of the images when the folder holds images (else None)."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     by_kind = {
         "npz": [p for p in files if p.suffix == ".npz"],
@@ -129,9 +136,9 @@ def _read_folder(path: Path, specs: dict, images: ImageOptions) -> dict[str, np.
     if len(kinds) > 1:
         raise UsageError(f"`data` {path}: the folder mixes {' and '.join(kinds)} files; keep one kind")
     if kinds[0] == "npz":
-        return _concatenate([_read_npz(p) for p in by_kind["npz"]], path)
+        return _concatenate([_read_npz(p) for p in by_kind["npz"]], path), None
     if kinds[0] == "npy":
-        return _read_npy_folder(by_kind["npy"], specs, path)
+        return _read_npy_folder(by_kind["npy"], specs, path), None
     return _read_images(path, by_kind["image"], specs, images)
 
 
@@ -165,7 +172,8 @@ def _read_npy_folder(files: list[Path], specs: dict, path: Path) -> dict[str, np
     return named
 
 
-def _read_images(path: Path, files: list[Path], specs: dict, options: ImageOptions) -> dict[str, np.ndarray]:
+def _read_images(path: Path, files: list[Path], specs: dict,
+                 options: ImageOptions) -> tuple[dict[str, np.ndarray], str]:
     try:
         from PIL import Image
     except ImportError:
@@ -203,7 +211,7 @@ def _read_images(path: Path, files: list[Path], specs: dict, options: ImageOptio
     if len(classes) > 1 or classes[0] != path:
         index = {c: i for i, c in enumerate(classes)}
         result[LABELS] = np.array([index[f.parent] for f in files], np.int64)
-    return result
+    return result, layout
 
 
 def _match_inputs(arrays: dict[str, np.ndarray], specs: dict, source: str) -> Dataset:

@@ -70,6 +70,7 @@ class DataOptions:
     batch_size: int | None = None  # samples per run (default 32, or the model's fixed batch)
     compensate: bool | None = None  # fold removed channels' means into biases (default: on with data)
     images: object | None = None  # data.ImageOptions for a folder of images
+    reconstruct: bool | None = None  # refit the layers after a cut by least squares (default: on with data)
 
 
 @dataclass
@@ -90,8 +91,13 @@ class TrainOptions:
     device: str = "auto"
     seed: int = 0
     quiet: bool = True
+    # random resized crops and flips of the training batches (teacher and student see the same);
+    # None: on for data read from a folder of images (Dataset.image_layout), off for arrays
+    augment: bool | None = None
 
     def check(self) -> None:
+        if self.augment not in (None, True, False):
+            raise UsageError(f"`augment` must be True, False or None, got {self.augment!r}")
         if not (self.distill or self.finetune):
             raise UsageError("training needs `distill` or `finetune` (or both)")
         if self.epochs < 1 or self.batch_size < 1:
@@ -311,8 +317,10 @@ def validate_analysis(options: AnalysisOptions) -> AnalysisOptions:
     return replace(options, ignore=tuple(options.ignore or ()))
 
 
-def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = True) -> WidthOptions:
-    """Check ``widths``; a copy with importance and round_to resolved."""
+def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = True,
+                    budget: bool = False) -> WidthOptions:
+    """Check ``widths``; a copy with importance and round_to resolved. ``budget``: a MACs or
+    params target stands in for the ratio (of an allocation)."""
     from .runtime.hardware import round_to_for
     from .scoring.criteria import check_criterion
 
@@ -333,7 +341,7 @@ def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = T
             raise UsageError("`plan` applies a plan exactly; `importance`/`global_ranking`/`round_to` do not apply")
         if widths.ratios or widths.allocate:
             raise UsageError("`plan` applies a plan exactly; `ratios`/`allocate` do not apply")
-    _check_group_ratios(widths, has_data)
+    _check_group_ratios(widths, has_data, budget)
     if needs_amount and widths.ratio is None and not planned and not widths.ratios:
         raise UsageError("give a ratio (`ratio`) or a plan (`plan`)")
     importance = widths.importance or DEFAULT_IMPORTANCE
@@ -343,7 +351,8 @@ def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = T
     return replace(widths, importance=importance, round_to=round_to)
 
 
-def _check_group_ratios(widths: WidthOptions, has_data: bool) -> None:
+def _check_group_ratios(widths: WidthOptions, has_data: bool, budget: bool = False) -> None:
+    """``budget``: a MACs or params target gives the allocation its goal instead of a ratio."""
     if widths.ratios is not None:
         check_ratio_mapping(widths.ratios)
     if widths.allocate is None:
@@ -352,8 +361,9 @@ def _check_group_ratios(widths: WidthOptions, has_data: bool) -> None:
         raise UsageError(f"unknown `allocate` {widths.allocate!r}; choose from {', '.join(ALLOCATE_METHODS)}")
     if widths.ratios:
         raise UsageError("`ratios` and `allocate` are exclusive: the allocation chooses every group's ratio")
-    if widths.ratio is None:
-        raise UsageError("`allocate` sensitivity needs `ratio` R: the fraction of channels to remove overall")
+    if widths.ratio is None and not budget:
+        raise UsageError("`allocate` sensitivity needs `ratio` R (the fraction of channels to remove overall) "
+                         "or a `target_macs`/`target_params` budget")
     if not has_data:
         raise UsageError("`allocate` sensitivity measures output error on data: give `data` FILE")
     if widths.global_ranking:
@@ -363,6 +373,8 @@ def _check_group_ratios(widths: WidthOptions, has_data: bool) -> None:
 def validate_data(data: DataOptions) -> DataOptions:
     if data.compensate and data.data is None:
         raise UsageError("`compensate` measures mean activations: give `data` FILE")
+    if data.reconstruct and data.data is None:
+        raise UsageError("`reconstruct` fits the pruned layers to the original's outputs on data: give `data` FILE")
     if data.calib_samples is not None and data.calib_samples < 1:
         raise UsageError(f"`calib_samples` must be at least 1, got {data.calib_samples}")
     if data.batch_size is not None and data.batch_size < 1:
@@ -394,7 +406,8 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
         raise UsageError("`global_ranking` ranks channels or `unstructured` weights; `nm` keeps N of every M in place")
     structured = options.target is not None or widths.ratio is not None or widths.plan is not None \
         or bool(widths.ratios)
-    widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None)
+    budget = options.target is not None and options.target.metric in ("macs", "params")
+    widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
     data = validate_data(options.data)
     _check_rounds(options, has_data)
     if options.bench is not None:
@@ -414,8 +427,8 @@ def _check_target(options: PruneOptions) -> None:
         raise UsageError(f"{flag} and `plan` are exclusive: a plan already says what to cut")
     if options.steps > 1:
         raise UsageError(f"{flag} chooses one ratio; it does not combine with `steps`")
-    if widths.allocate is not None:
-        raise UsageError(f"{flag} and `allocate` are exclusive: `allocate` needs `ratio` R")
+    if widths.allocate is not None and target.metric == "speedup":
+        raise UsageError(f"{flag} and `allocate` are exclusive: the allocation meets MACs or params budgets")
     target.check()
 
 

@@ -19,7 +19,7 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune.scoring.calibration import capture_model
+from onnxprune.runtime.session import capture_model
 
 from graphs import check_valid, run
 

@@ -39,7 +39,8 @@ def digits():
 @pytest.fixture(scope="module")
 def pruned(digits):
     teacher = onnx.load(MODEL)
-    return teacher, onnxprune.prune(teacher, 0.5, data=digits[0], calib_samples=256).model
+    # no reconstruction: a model that training has to recover (reconstruction alone gets digits to 92%)
+    return teacher, onnxprune.prune(teacher, 0.5, data=digits[0], calib_samples=256, reconstruct=False).model
 
 
 def signature(model: onnx.ModelProto):

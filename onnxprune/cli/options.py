@@ -14,7 +14,8 @@ COMMON_FLAGS = {
     "input_shapes": "--input-shape", "ignore": "--ignore", "prune_hidden": "--prune-hidden",
     "allow_io_change": "--allow-io-change", "importance": "--importance", "round_to": "--round-to",
     "min_channels": "--min-channels", "seed": "--seed", "data": "--data", "calib_samples": "--calib-samples",
-    "batch_size": "--batch-size", "compensate": "--compensate", "size": "--image-size", "mean": "--mean",
+    "batch_size": "--batch-size", "compensate": "--compensate", "reconstruct": "--reconstruct",
+    "size": "--image-size", "mean": "--mean",
     "std": "--std", "channel_order": "--channel-order", "layout": "--layout", "quiet": "--quiet",
 }
 
@@ -124,12 +125,15 @@ def _analysis_options(p: argparse.ArgumentParser) -> None:
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration data (for the data criteria and bias compensation)")
+    g = p.add_argument_group("calibration data (for the data criteria, reconstruction and bias compensation)")
     g.add_argument("--data", metavar="PATH", help="FILE.npz (arrays named after the inputs, optional 'labels'), "
                    "or a folder of .npz / .npy files or of images")
     g.add_argument("--calib-samples", type=_positive, metavar="N", help="use N samples drawn with --seed (default all)")
     g.add_argument("--batch-size", type=_positive, metavar="N",
                    help="samples per run (default 32, or the model's fixed batch)")
+    g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the layers after each cut by least squares so that they reproduce the original's "
+                        "outputs on the data (default: on with --data)")
     g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="fold removed channels' mean output into the next layer's bias (default: on with --data)")
     g.add_argument("--image-size", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")
@@ -158,7 +162,12 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                    help="prune in K rounds, re-scoring and recovering between rounds")
     g.add_argument("--val-fraction", type=_ratio, default=0.1, metavar="F",
                    help="held-out validation fraction of --data (default 0.1)")
-    g.add_argument("--device", default="auto", help="training device: auto (CUDA when available), cpu, cuda[:N]")
+    g.add_argument("--device", default="auto",
+                   help="training device: auto (CUDA when available), cpu, cuda[:N]; on CUDA the forward pass "
+                        "runs under autocast (bfloat16, or float16 with loss scaling)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random resized crops (35-100%% of the area) and flips of the training batches, the "
+                        "teacher seeing the same (default: on when --data is a folder of images)")
     g.add_argument("--max-accuracy-drop", type=_nonneg_float, metavar="P",
                    help="fail (exit 6, nothing written) if top-1 accuracy drops more than P points")
     g.add_argument("--max-output-error", type=_nonneg_float, metavar="E",
@@ -169,14 +178,15 @@ def training_options(args):
     from ..options import TrainOptions
 
     if not (args.distill or args.finetune):
-        for flag in ("sparsity_reg", "feature_distill"):
+        for flag in ("sparsity_reg", "feature_distill", "augment"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies during training: add --distill or --finetune")
         return None
     return TrainOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size or 64, distill=args.distill,
                         finetune=args.finetune, distill_loss=args.distill_loss, temperature=args.temperature,
                         loss=args.loss, feature_weight=args.feature_distill, sparsity_reg=args.sparsity_reg,
-                        val_fraction=args.val_fraction, device=args.device, seed=args.seed, quiet=args.quiet)
+                        val_fraction=args.val_fraction, device=args.device, seed=args.seed, quiet=args.quiet,
+                        augment=args.augment)
 
 
 def image_options(args):
@@ -201,4 +211,5 @@ def analysis_options(args):
 def data_options(args):
     from ..options import DataOptions
 
-    return DataOptions(args.data, args.calib_samples, args.batch_size, args.compensate, image_options(args))
+    return DataOptions(args.data, args.calib_samples, args.batch_size, args.compensate, image_options(args),
+                       getattr(args, "reconstruct", None))

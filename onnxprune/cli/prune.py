@@ -126,6 +126,7 @@ FLAGS = {
     "min_elements": "--min-elements", "target_macs": "--target-macs", "target_params": "--target-params",
     "target_speedup": "--target-speedup", "provider": "--provider", "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
+    "augment": "--augment",
 }
 
 

@@ -34,13 +34,16 @@ from .surgery import positions
 class Compensation:
     readers: list[str] = field(default_factory=list)  # nodes whose bias absorbed removed channels
     skipped: dict[str, str] = field(default_factory=dict)  # node -> why not
+    refitted: list[str] = field(default_factory=list)  # nodes refitted from Gram matrices instead (refit.py)
 
     def to_json(self) -> dict:
-        return {"readers": len(self.readers), "skipped": self.skipped}
+        return {"readers": len(self.readers), "refitted": len(self.refitted), "skipped": self.skipped}
 
 
-def compensate(view: GraphView, groups: list[Group], plan: Plan, stats: dict[str, GroupStats]) -> Compensation:
-    """Fold the removed channels' mean contributions into the readers' biases (edits ``view``)."""
+def compensate(view: GraphView, groups: list[Group], plan: Plan, stats: dict[str, GroupStats],
+               skip: frozenset[str] = frozenset()) -> Compensation:
+    """Fold the removed channels' mean contributions into the readers' biases (edits ``view``);
+    readers named in ``skip`` (refitted already: refit.py) are left alone."""
     done = Compensation()
     by_dim = {key: (g, slot) for g in groups for key, slot in g.dims.items()}
     for group in groups:
@@ -50,7 +53,7 @@ def compensate(view: GraphView, groups: list[Group], plan: Plan, stats: dict[str
         for point in read_points(group, view):
             node = _node(view, point.reader)
             means = stats[group.id].mean.get(point.name)
-            if node is None or means is None:
+            if node is None or means is None or node.name in skip:
                 continue
             gone = positions(point.owner, removed)
             if not len(gone):
@@ -131,11 +134,11 @@ def _add_to_bias(node, view, delta: np.ndarray, by_dim) -> str:
     node.inputs[index] = new
     if current is None:
         axis = bias.features({}, view.rank(node.outputs[0]) or 0)
-        _join_output_group(node, index, axis, by_dim)
+        join_output_group(node, index, axis, by_dim)
     return ""
 
 
-def _join_output_group(node, index: int, axis: int, by_dim) -> None:
+def join_output_group(node, index: int, axis: int, by_dim) -> None:
     """A new bias is sliced with the reader's output channels (on ``axis``) when those are pruned."""
     found = by_dim.get((node.outputs[0].name, axis))
     if found is not None:

@@ -6,18 +6,18 @@ the result; its docstring describes the design."""
 from __future__ import annotations
 
 import heapq
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper
 
 from ..errors import InvalidModel, UnsupportedModel, first_line
-from ..rules.weights import learned_inputs, operand
+from ..rules.weights import learned_role
 from .ops import HOST_INPUTS, OPS, PREPARE
 from .tensors import FLOAT_TYPES, constant_value, tensor_from_proto
 
@@ -131,24 +131,81 @@ def _attributes(node: onnx.NodeProto, opset: int) -> dict:
     return prepare(attrs) if prepare else attrs
 
 
-def _constant_weights(graph: onnx.GraphProto) -> set[str]:
-    """Outputs of float Constant nodes that feed a learned input (rules/weights.py); a coefficient
-    of Add/Mul only when it has more than one element (x * 0.5 is arithmetic, not a weight)."""
-    candidates = {}
+# Ops that hand their input on with only its layout or dtype changed: a tensor read through them
+# is still read where they lead (a tied embedding transposed into the output projection, a float16
+# weight behind a Cast, a bias routed through an Identity).
+_PASS_THROUGH = frozenset({"Identity", "Cast", "CastLike", "Transpose", "Reshape", "Squeeze", "Unsqueeze",
+                           "Flatten"})
+
+
+def _float_tensors(graph: onnx.GraphProto) -> dict[str, int]:
+    """The graph's float initializers and float Constant nodes: name -> number of elements."""
+    found = {t.name: math.prod(t.dims) for t in graph.initializer if t.data_type in FLOAT_TYPES}
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             t = node.attribute[0].t
             if t.data_type in FLOAT_TYPES:
-                candidates[node.output[0]] = int(np.prod(t.dims)) if t.dims else 1
-    weights = set()
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        for i in learned_inputs(node.op_type):
-            name = node.input[i] if i < len(node.input) else ""
-            if name in candidates and (operand(node.op_type, i).role != "coefficient" or candidates[name] > 1):
-                weights.add(name)
-    return weights
+                found[node.output[0]] = math.prod(t.dims)
+    return found
+
+
+def _activations(graph: onnx.GraphProto) -> set[str]:
+    """Names whose values follow the values of a graph input: not shapes (Shape, Size and what
+    only combines them with constants: positions from Range, a causal mask) and not constants."""
+    initializers = {t.name for t in graph.initializer}
+    found = {v.name for v in graph.input if v.name not in initializers}
+    nodes = list(_all_nodes(graph))
+    grew = True
+    while grew:  # to a fixed point: the file order need not be topological
+        grew = False
+        for node in nodes:
+            if node.op_type in ("Shape", "Size") or all(o in found for o in node.output if o):
+                continue
+            host = HOST_INPUTS.get(node.op_type, frozenset())
+            reads = [name for i, name in enumerate(node.input) if i not in host]
+            reads += [name for sub in _subgraphs(node) for name in _outer_references(sub)]
+            if any(name in found for name in reads):
+                found.update(o for o in node.output if o)
+                grew = True
+    return found
+
+
+def learned_tensors(graph: onnx.GraphProto) -> dict[str, str]:
+    """Float initializers and Constant nodes read in a learned slot of the weight table
+    (rules/weights.py: a Conv's filters, a norm's scale, an embedding table, an Add/Mul constant
+    of more than one element, ...), directly or through ``_PASS_THROUGH`` ops: name -> role.
+
+    What is not here is arithmetic (Pow's exponent, epsilons, Clip bounds, attention scales),
+    and so is a constant whose node meets no activation (rotary frequencies times positions
+    from Range: a table computed from the shapes; training it would shift every position's
+    phase). An embedding table counts whatever indexes it (position ids may come from Range)."""
+    data = _activations(graph)
+    readers = defaultdict(list)
+    for node in _all_nodes(graph):  # subgraphs too: an If branch may read a weight of the main graph
+        if node.domain in ("", "ai.onnx"):
+            for i, name in enumerate(node.input):
+                if name:
+                    readers[name].append((node, i))
+
+    def meets_data(node: onnx.NodeProto, index: int) -> bool:
+        host = HOST_INPUTS.get(node.op_type, frozenset())
+        return any(name in data for i, name in enumerate(node.input) if i != index and i not in host)
+
+    def role(name: str, elements: int, seen: set[str]) -> str | None:
+        for node, i in readers.get(name, ()):
+            if node.op_type in _PASS_THROUGH:
+                out = node.output[0] if i == 0 and node.output else ""
+                found = role(out, elements, seen | {out}) if out and out not in seen else None
+            else:
+                found = learned_role(node.op_type, i, elements)
+                if found != "table" and not meets_data(node, i):
+                    found = None
+            if found:
+                return found
+        return None
+
+    roles = {name: role(name, elements, {name}) for name, elements in _float_tensors(graph).items()}
+    return {name: r for name, r in roles.items() if r}
 
 
 # --- compilation ---------------------------------------------------------------------------------
@@ -169,9 +226,11 @@ class Step:
 class Compiler:
     """Turns a graph into Steps, folding constants and placing values (host or device)."""
 
-    def __init__(self, opset: int, trainable: Callable[[str], bool]):
+    def __init__(self, opset: int, trainable: Callable[[str], bool], learned_only: bool = False):
         self.opset = opset
         self.trainable = trainable
+        self.learned_only = learned_only  # float initializers outside a learned slot are constants
+        self.learned: dict[str, str] = {}  # learned_tensors of the main graph
         self.slots: dict[str, int] = {"": EMPTY, "\0trash": TRASH}
         self.kind: dict[str, str] = {}
         self.consts: dict[str, torch.Tensor] = {}     # CPU values of constants
@@ -206,19 +265,22 @@ class Compiler:
         host_only = _host_only_names(graph)
         for t in graph.initializer:
             value = tensor_from_proto(t)
-            if top and t.data_type in FLOAT_TYPES and t.name not in host_only:
+            if top and t.data_type in FLOAT_TYPES and t.name not in host_only \
+                    and (t.name in self.learned or not self.learned_only):
                 self.add_param(t.name, value, "initializer")
             else:  # also subgraph initializers: write_back looks at the main graph only
                 self.add_const(t.name, value)
 
     # nodes
     def compile(self, graph: onnx.GraphProto, top: bool) -> list[Step]:
+        if top:
+            self.learned = learned_tensors(graph)
         self.add_initializers(graph, top)
-        weights = _constant_weights(graph) if top else set()
         steps = []
         for node in _topological(list(graph.node)):
             if node.op_type == "Constant":
-                if node.output[0] in weights:
+                # a float Constant node is a parameter only where it is a weight (paddle2onnx's spelling)
+                if top and node.output[0] in self.learned:
                     self.add_param(node.output[0], constant_value(node), "constant")
                 else:
                     self.add_const(node.output[0], constant_value(node))

@@ -15,7 +15,12 @@ Design
 - Values come in kinds. *Parameters*: float initializers (but those read only
   as numbers, e.g. Resize scales, which no gradient can reach), and float
   Constant nodes that are the weight of a Conv/Gemm/MatMul/norm/Add/Mul
-  (paddle2onnx spells weights that way). *Constants*: every other initializer and
+  (paddle2onnx spells weights that way). With ``trainable="learned"`` (what
+  recovery trains) only the tensors read in a learned slot of the weight
+  table (rules/weights.py, compile.py ``learned_tensors``) are parameters:
+  Pow's exponent, an epsilon or an attention scale stays a constant (the
+  exponent's gradient is NaN for negative inputs, and none of them is a
+  weight). ``roles`` names the slot of each. *Constants*: every other initializer and
   Constant, and every node whose inputs are all constants, which is
   evaluated once here (folding), so shape arithmetic on constants costs
   nothing per call. *Runtime* values: the rest.
@@ -82,9 +87,17 @@ class TorchGraph(nn.Module):
     Call with the graph inputs (positional, in graph order, or by name); the
     result is a tuple in graph-output order. ``run(feeds, outputs)`` returns
     any tensors of the graph by name.
+
+    ``trainable``: None, every float initializer is a parameter with gradients
+    (for gradient criteria, which may ask about any tensor); a predicate on the
+    ONNX name, the same parameters, those it rejects without gradients;
+    ``"learned"``, only the learned tensors are parameters (all with
+    gradients), every other float initializer is a constant. ``roles`` maps
+    each learned tensor of the main graph to its role in the weight table
+    ("weight", "operand", "bias", "norm", "table", "coefficient").
     """
 
-    def __init__(self, model: onnx.ModelProto, *, trainable: Callable[[str], bool] | None = None):
+    def __init__(self, model: onnx.ModelProto, *, trainable: Callable[[str], bool] | str | None = None):
         super().__init__()
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
@@ -96,11 +109,16 @@ class TorchGraph(nn.Module):
         self.input_names = [v.name for v in graph.input if v.name not in initializers]
         self.output_names = [v.name for v in graph.output]
 
-        compiler = Compiler(opset_of(model), trainable or (lambda name: True))
+        if isinstance(trainable, str) and trainable != "learned":
+            raise UsageError(f"TorchGraph: trainable must be a predicate, None or 'learned', got {trainable!r}")
+        learned_only = trainable == "learned"
+        predicate = trainable if callable(trainable) else (lambda name: True)
+        compiler = Compiler(opset_of(model), predicate, learned_only)
         for name in self.input_names:
             compiler.kind[name] = INPUT
             compiler.slot(name)
         self._steps = compiler.compile(graph, top=True)
+        self.roles: dict[str, str] = dict(compiler.learned)
         self._register(compiler)
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._forward_plan = self._plan(tuple(self.output_names))

@@ -17,7 +17,7 @@ import onnx
 # Ops that shape arithmetic is made of; cheap to evaluate on small tensors.
 FOLDABLE = frozenset(
     "Shape Size Gather Slice Concat Unsqueeze Squeeze Add Sub Mul Div Cast Floor Ceil Neg Abs Sqrt Reshape "
-    "Expand ConstantOfShape Range Equal Where Min Max Mod ReduceProd Identity Not Less Greater".split())
+    "Expand ConstantOfShape Range Equal Where Min Max Mod ReduceProd Identity Not Less Greater Transpose".split())
 LIMIT = 4096  # elements, of every input and output
 
 

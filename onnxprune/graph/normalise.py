@@ -60,6 +60,18 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None  # sparse_value / string values: leave the node alone
 
 
+def _own_tensor_attributes(graph: gs.Graph) -> None:
+    """Tensor attributes (ConstantOfShape's value) load their values now: onnx-graphsurgeon exports
+    a lazily loaded one by writing its name into the TensorProto it came from, i.e. into the input
+    model, which must stay untouched."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant):
+                value.values = np.asarray(value.values)
+            elif isinstance(value, gs.Graph):
+                _own_tensor_attributes(value)
+
+
 def _bypass_constant_identities(graph: gs.Graph) -> None:
     """Consumers of Identity(constant) read the constant directly."""
     for node in list(graph.nodes):
@@ -248,6 +260,7 @@ def import_graph(model: onnx.ModelProto, shapes: Shapes) -> tuple[gs.Graph, dict
     graph = gs.import_onnx(model)
     _name_nodes(graph)
     _constants_as_tensors(graph)
+    _own_tensor_attributes(graph)
     _bypass_constant_identities(graph)
     cast_weights = _fold_cast_weights(graph)  # before the arithmetic: a Cast weight is a weight, not arithmetic
     _fold_constant_arithmetic(graph, model.opset_import)

@@ -21,11 +21,26 @@ from ..cut import iochange
 from ..data import Dataset
 from ..metrics import Reference
 from ..options import PruneOptions
+from ..planning.allocation import choose_allocation
 from ..planning.plan import Plan, check_plan
 from ..planning.ratios import resolve_ratios
+from ..recovery.reconstruct import reconstruct
 from ..report.records import NO_STRUCTURED, BlockedGroup, GroupReport, Report
 from . import steps
 from .sensitivity import Prepared, allocate_ratios
+
+MEASURED_SAMPLES = 256  # calibration samples the report's output errors are measured on
+# Reconstruction holds every sample's live activations at once (executor/walk.py): a bounded sample.
+RECONSTRUCTED_SAMPLES = 128
+BUDGET_TRIES = 6  # allocations tried to meet a MACs or params budget
+
+
+@dataclass
+class Measured:
+    """What a prune measured and scored: it depends on the model, the data and the criterion, not the ratio."""
+
+    scores: dict
+    stats: dict | None
 
 
 @dataclass
@@ -34,10 +49,15 @@ class PruneResult:
     plan: Plan
     report: Report
     analysis: Analysis | None = None  # of the input model (its view holds the cut graph)
+    measured: Measured | None = None
 
 
-def prune_model(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
-    """Remove what ``options.widths`` asks for (a ratio, per-group ratios, or a plan)."""
+def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measured | None = None) -> PruneResult:
+    """Remove what ``options.widths`` asks for (a ratio, per-group ratios, or a plan).
+
+    ``measured``: scores and statistics of this model and options from an earlier prune
+    (``result.measured``): a search trying many ratios measures the data once.
+    """
     started = time.perf_counter()
     widths, data = options.widths, options.data
     calib = data.data.sample(data.calib_samples, options.seed) if isinstance(data.data, Dataset) else None
@@ -47,12 +67,16 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = steps.analyse(model, options.analysis)
-        stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet)
+        if measured is not None:
+            stats = measured.stats
+        else:
+            stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet)
         if planned:
             plan, scores, allocation = widths.plan, {}, None
             check_plan(plan, analysis.groups)
         else:
-            scores = steps.score(analysis, criterion, options.seed, stats)
+            scores = measured.scores if measured is not None else steps.score(analysis, criterion, options.seed,
+                                                                              stats)
             per_group, allocation = _group_ratios(model, analysis, scores, stats, calib, options)
             plan = steps.choose(analysis, scores, widths, per_group)
     report = _report(analysis, plan, scores, widths.ratio, criterion or "plan")
@@ -73,13 +97,19 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
             report.io_changes = iochange.describe(cut.changes, _declared_shapes(model))
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, cut.changes))
-        if cut.compensation is not None:
+        reconstruct = calib is not None and data.reconstruct is not False
+        if cut.compensation is not None or reconstruct:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                report.compensation = _compensation_effect(model, pruned, plan, cut.compensation, calib, options)
+                reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size)
+                if cut.compensation is not None:
+                    report.compensation = _compensation_effect(model, pruned, plan, cut.compensation, reference,
+                                                               options)
+                if reconstruct:
+                    pruned, report.reconstruction = _reconstructed(model, cut, calib, reference, options)
             report.add_warnings(caught)
     report.seconds = time.perf_counter() - started
-    return PruneResult(pruned, plan, report, analysis)
+    return PruneResult(pruned, plan, report, analysis, Measured(scores, stats))
 
 
 def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions) -> tuple[dict[str, float], object]:
@@ -89,11 +119,39 @@ def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions) 
         if widths.head_ratio is not None else {}
     allocation = None
     if widths.allocate is not None:
-        allocation = allocate_ratios(model, calib, widths.ratio, options, Prepared(analysis, scores, stats))
+        prepared = Prepared(analysis, scores, stats)
+        target = options.target
+        if target is None:
+            allocation = allocate_ratios(model, calib, widths.ratio, options, prepared)
+        else:
+            allocation = _within_budget(model, analysis, scores, options, allocate_ratios(
+                model, calib, 1 - target.value, options, prepared, unit=target.metric))
         chosen.update(allocation.ratios)
     elif widths.ratios:
         chosen.update(resolve_ratios(analysis.groups, widths.ratios))
     return chosen, allocation
+
+
+def _within_budget(model, analysis, scores, options: PruneOptions, allocation):
+    """The allocation, its goal raised until the cut model meets the budget: the separate
+    measurements overstate what two cut groups that meet save together."""
+    target, widths = options.target, options.widths
+    for _ in range(BUDGET_TRIES):
+        plan = steps.choose(analysis, scores, widths, allocation.ratios)
+        cut = steps.cut(model, steps.analyse(model, options.analysis), plan)
+        kept = _kept(model, cut, analysis, target.metric)
+        if kept <= target.value + 1e-9:
+            break
+        allocation = choose_allocation(allocation.sensitivity, min(allocation.target + kept - target.value, 1.0),
+                                       allocation.unit)
+    return allocation
+
+
+def _kept(model, cut: steps.Cut, analysis, metric: str) -> float:
+    if metric == "params":
+        return count_params(cut.model) / count_params(model)
+    shapes = analysis.shapes.pinned_inputs
+    return count_macs(cut.model, iochange.shrink_shapes(shapes, cut.changes)) / count_macs(model, shapes)
 
 
 def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -103,12 +161,21 @@ def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
             for vi in (*model.graph.input, *model.graph.output)}
 
 
-def _compensation_effect(model, pruned, plan, folded, calib: Dataset, options: PruneOptions) -> dict:
+def _compensation_effect(model, pruned, plan, folded, reference: Reference, options: PruneOptions) -> dict:
     """How much output error compensation removed, on (up to 256 of) the calibration samples."""
     plain = steps.cut(model, steps.analyse(model, options.analysis), plan).model
-    reference = Reference(model, calib.sample(256, seed=0), options.data.batch_size)
     errors = {name: reference.measure(m).output_error for name, m in (("without", plain), ("with", pruned))}
     return {**folded.to_json(), "output_error": errors}
+
+
+def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference,
+                   options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
+    """The cut model with its readers refitted (recovery/reconstruct.py), and what that did."""
+    sample = calib.sample(RECONSTRUCTED_SAMPLES, options.seed)
+    refitted, done = reconstruct(model, cut.model, cut.removed, sample, options.data.batch_size, downstream=True)
+    before, after = reference.measure(cut.model), reference.measure(refitted)
+    return refitted, {**done.to_json(), "output_error": {"before": before.output_error, "after": after.output_error},
+                      "agreement": {"before": before.agreement, "after": after.agreement}}
 
 
 def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:

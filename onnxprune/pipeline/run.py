@@ -60,7 +60,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     model = load_model(input_path)
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
-    if options.target is not None:
+    if options.target is not None and options.widths.allocate is None:
         searched = find_ratio(model, options.target, input_path, options)
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
     widths = options.widths
@@ -76,6 +76,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report = result.report
     report.input = str(input_path)
     report.target = searched and searched.to_json()
+    if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
+        report.target = _allocated(options.target, report)
     if out.plan_out:
         result.plan.save(out.plan_out)
     if not out.dry_run:
@@ -94,6 +96,15 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if out.report_path:
         report.save(out.report_path)
     return report
+
+
+def _allocated(target, report: Report) -> dict:
+    """The budget an allocation met, in the form of a search's result (report.target)."""
+    before, after = ((report.macs_before, report.macs_after) if target.metric == "macs"
+                     else (report.params_before, report.params_after))
+    achieved = after / before if before and after is not None else None
+    return {"metric": target.metric, "value": target.value, "ratio": None, "achieved": achieved, "resolution": 0.0,
+            "evaluations": [], "provider": None, "batch": None, "seconds": 0.0, "allocated": True}
 
 
 def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 import onnx
 
 from ..analysis.analyse import Analysis
+from ..analysis.stats import count_macs, count_params
+from ..cut import iochange
 from ..data import Dataset
 from ..metrics import Reference
 from ..options import PruneOptions, check_grid, validate_widths
@@ -65,32 +67,41 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         prepared = Prepared(analysis, steps.score(analysis, widths.importance, options.seed, stats), stats)
     groups = prepared.analysis.prunable
     reference = Reference(model, data, batch)
+    shapes = prepared.analysis.shapes.pinned_inputs
+    macs, params = count_macs(model, shapes), count_params(model)
     results = [GroupSensitivity(g.id, g.sources, g.size, [], [], [] if reference.accuracy is not None else None)
                for g in groups]
     cells = [(g, r, i) for i, g in enumerate(groups) for r in ratios]
     for group, ratio, index in progress(cells, len(cells), "sensitivity", options.quiet, unit="cut"):
         plan = make_plan([group], prepared.scores, ratio, widths.round_to, min_channels=widths.min_channels)
         removed = group.size - len(plan.keep[group.id])
+        fewer_macs = fewer_params = 0
         if removed:
             fresh = steps.analyse(model, options.analysis)
             cut = steps.cut(model, fresh, plan, prepared.stats if compensate else None)
             measured = reference.measure(cut.model)
             error, accuracy = measured.output_error, measured.accuracy
+            after = count_macs(cut.model, iochange.shrink_shapes(shapes, cut.changes))
+            fewer_macs = macs - after if macs is not None and after is not None else 0
+            fewer_params = params - count_params(cut.model)
         else:  # rounding kept every channel: the model is the original
             error, accuracy = 0.0, reference.accuracy
         result = results[index]
         result.removed.append(removed)
+        result.macs.append(fewer_macs)
+        result.params.append(fewer_params)
         result.error.append(error)
         if result.accuracy is not None:
             result.accuracy.append(accuracy)
     return Sensitivity(ratios, widths.importance, len(data), compensate, reference.accuracy, results,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, macs, params)
 
 
 def allocate_ratios(model: onnx.ModelProto, data: Dataset, target: float, options: PruneOptions,
-                    prepared: Prepared | None = None) -> Allocation:
-    """Measure on the grid for ``target`` and allocate per-group ratios removing ``target`` of the channels."""
-    grid = allocation_grid(target)
+                    prepared: Prepared | None = None, unit: str = "channels") -> Allocation:
+    """Measure on the grid for ``target`` and allocate per-group ratios removing ``target`` of the
+    prunable channels (or of the model's MACs or params: ``unit``)."""
+    grid = allocation_grid(target, unit)
     measured = measure_sensitivity(model, data, grid, options=replace(options, widths=replace(
         options.widths, ratio=None, allocate=None)), prepared=prepared)
-    return choose_allocation(measured, target)
+    return choose_allocation(measured, target, unit)

@@ -23,18 +23,14 @@ from ..analysis.analyse import analyse as analyse_model
 from ..cut import iochange
 from ..cut.compensate import Compensation, compensate
 from ..cut.export import export
+from ..cut.refit import refit
 from ..cut.surgery import apply_plan
 from ..data import Dataset, load_data
 from ..options import AnalysisOptions, DataOptions, WidthOptions
 from ..planning.plan import Plan, make_plan
 from ..scoring.calibration import GroupStats
 from ..scoring.calibration import measure as measure_stats
-from ..scoring.criteria import (
-    needs_activations,
-    needs_data,
-    needs_gradients,
-    score_groups,
-)
+from ..scoring.criteria import needs_activations, needs_data, needs_gradients, needs_grams, score_groups
 
 
 @dataclass
@@ -44,6 +40,7 @@ class Cut:
     model: onnx.ModelProto
     changes: list[iochange.IOChange]
     compensation: Compensation | None = None
+    removed: dict | None = None  # (tensor, axis) -> positions removed there: what reconstruction refits
 
 
 def analyse(model: onnx.ModelProto, options: AnalysisOptions) -> Analysis:
@@ -66,7 +63,8 @@ def measure(model: onnx.ModelProto, analysis: Analysis, calib: Dataset | None, c
     return measure_stats(model, analysis.prunable, analysis.view, calib,
                          gradients=data_criterion and needs_gradients(criterion),
                          activations=compensate or (data_criterion and needs_activations(criterion)),
-                         batch_size=batch_size, quiet=quiet)
+                         grams=compensate, obs=data_criterion and needs_grams(criterion), batch_size=batch_size,
+                         quiet=quiet)
 
 
 def score(analysis: Analysis, criterion: str, seed: int, stats: dict | None) -> dict:
@@ -81,9 +79,15 @@ def choose(analysis: Analysis, scores: dict, widths: WidthOptions, ratios: dict[
 
 
 def cut(model: onnx.ModelProto, analysis: Analysis, plan: Plan, stats: dict | None = None) -> Cut:
-    """``plan`` applied to ``analysis``'s graph (compensated with ``stats`` when given), exported."""
-    done = compensate(analysis.view, analysis.groups, plan, stats) if stats is not None else None
-    changes = iochange.find_io_changes(analysis.view, apply_plan(analysis.view, analysis.groups, plan))
+    """``plan`` applied to ``analysis``'s graph, exported. With ``stats``, the readers of cut groups
+    are refitted where Gram matrices were measured (cut/refit.py) and bias-compensated elsewhere."""
+    done = None
+    if stats is not None:
+        refitted = refit(analysis.view, analysis.groups, plan, stats)
+        done = compensate(analysis.view, analysis.groups, plan, stats, frozenset(refitted.readers))
+        done.refitted = refitted.readers
+    surgery = apply_plan(analysis.view, analysis.groups, plan)
+    changes = iochange.find_io_changes(analysis.view, surgery)
     pruned = export(analysis.view, model, changes)
     iochange.record(pruned, changes)  # relative to this input (replaces the record of an earlier run)
-    return Cut(pruned, changes, done)
+    return Cut(pruned, changes, done, dict(surgery.dims))

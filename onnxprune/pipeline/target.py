@@ -73,8 +73,8 @@ def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | N
     target.check()
     started = time.perf_counter()
     options = options or PruneOptions()
-    # bias compensation changes no width, MAC or latency
-    options = replace(options, target=None, data=replace(options.data, compensate=False))
+    # compensation and reconstruction change no width, MAC or latency
+    options = replace(options, target=None, data=replace(options.data, compensate=False, reconstruct=False))
     with tempfile.TemporaryDirectory(prefix="onnxprune-target-") as tmp:
         if target.metric == "speedup":
             probe = _SpeedupProbe(model, target, Path(tmp), base_path, options)
@@ -130,10 +130,12 @@ class _CountProbe:
 
     def __init__(self, model, target: Target, options: PruneOptions):
         self.model, self.target, self.options = model, target, options
+        self.measured = None  # scores and statistics: measured by the first prune, reused by the rest
         self.runs = 0  # evaluations that did the work (cached ones excluded)
 
     def __call__(self, ratio: float) -> Evaluation:
-        report = prune_model(self.model, _at(self.options, ratio)).report
+        result = prune_model(self.model, _at(self.options, ratio), self.measured)
+        self.measured, report = result.measured, result.report
         before, after = ((report.macs_before, report.macs_after) if self.target.metric == "macs"
                          else (report.params_before, report.params_after))
         if not before or after is None:
@@ -156,10 +158,12 @@ class _SpeedupProbe:
             _write(model, base_path)
         self.base_path = Path(base_path)
         self.runs = 0  # evaluations that did the work (cached ones excluded)
+        self.measured = None  # scores and statistics: measured by the first prune, reused by the rest
         self.seen: dict[tuple, float] = {}  # channel widths -> speedup measured
 
     def __call__(self, ratio: float) -> Evaluation:
-        result = prune_model(self.model, _at(self.options, ratio))
+        result = prune_model(self.model, _at(self.options, ratio), self.measured)
+        self.measured = result.measured
         widths = tuple(sorted((gid, len(keep)) for gid, keep in result.plan.keep.items()))
         if widths in self.seen:
             return Evaluation(ratio, self.seen[widths], cached=True)

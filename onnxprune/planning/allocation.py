@@ -21,20 +21,24 @@ from ..report.sensitivity import Sensitivity
 _GRID_STEP = 0.1
 
 
+UNITS = ("channels", "macs", "params")
+
+
 @dataclass
 class Allocation:
-    target: float  # fraction of all prunable channels to remove
+    target: float  # fraction of ``unit`` to remove
     ratios: dict[str, float]  # group id -> chosen ratio (0: left whole)
-    removed: int
-    channels: int
+    removed: int  # of ``unit``, as the separate measurements add up
+    channels: int  # the total of ``unit``
     sensitivity: Sensitivity
     chosen_error: dict[str, float] = field(default_factory=dict)  # group id -> measured error at its ratio
+    unit: str = "channels"  # what the target counts: prunable channels, or the model's MACs or params
 
     def to_json(self) -> dict:
         by_id = {g.id: g for g in self.sensitivity.groups}
         return {
             "method": "sensitivity",
-            "unit": "channels",
+            "unit": self.unit,
             "target": self.target,
             "removed_fraction": self.removed / self.channels if self.channels else 0.0,
             "grid": self.sensitivity.ratios,
@@ -45,40 +49,51 @@ class Allocation:
         }
 
 
-def allocation_grid(target: float) -> list[float]:
-    """Steps of 0.1 up to twice the target (at most 0.9), and the target itself."""
-    top = min(0.9, 2 * target) + 1e-9
+def allocation_grid(target: float, unit: str = "channels") -> list[float]:
+    """Steps of 0.1 up to twice the target (at most 0.9), and the target itself; for MACs and params
+    every step to 0.9 (a budget over the whole model may take most of a few wide groups)."""
+    top = (min(0.9, 2 * target) if unit == "channels" else 0.9) + 1e-9
     steps = [round(_GRID_STEP * k, 10) for k in range(1, 10) if _GRID_STEP * k <= top]
     return sorted(set(steps) | {float(target)})
 
 
-def choose_allocation(sensitivity: Sensitivity, target: float) -> Allocation:
-    """Per-group ratios removing at least ``target`` of all prunable channels, cheapest squared error first."""
+def choose_allocation(sensitivity: Sensitivity, target: float, unit: str = "channels") -> Allocation:
+    """Per-group ratios removing at least ``target`` of ``unit`` (all prunable channels, or the
+    model's MACs or params), cheapest squared error per unit removed first.
+
+    MACs and params removed by separate groups are added up; where two cut groups meet (a
+    convolution between them) the real saving is a little smaller, which the caller checks on
+    the cut model (pipeline/prune.py).
+    """
     groups = sensitivity.groups
-    total = sum(g.channels for g in groups)
+    amounts = {"channels": [g.removed for g in groups], "macs": [g.macs for g in groups],
+               "params": [g.params for g in groups]}[unit]
+    total = {"channels": sum(g.channels for g in groups), "macs": sensitivity.macs or 0,
+             "params": sensitivity.params or 0}[unit]
     goal = target * total
-    # A curve per group: (channels removed, squared error, ratio), starting whole. Squared: the
+    # A curve per group: (amount removed, squared error, ratio), starting whole. Squared: the
     # output perturbations of separate groups are roughly uncorrelated, so their energies add.
-    curves = [[(0, 0.0, 0.0)] + [(n, e * e, r) for n, e, r in zip(g.removed, g.error, sensitivity.ratios)]
-              for g in groups]
+    curves = [[(0, 0.0, 0.0)] + [(n, e * e, r) for n, e, r in zip(amount, g.error, sensitivity.ratios)]
+              for amount, g in zip(amounts, groups)]
     at = [0] * len(groups)
     removed = 0
     while removed < goal - 1e-9:
         step = _cheapest_step(curves, at)
         if step is None:
             most = sum(max(n for n, _, _ in c) for c in curves)
+            what = "prunable channels" if unit == "channels" else unit.upper() if unit == "macs" else unit
             raise UsageError(f"`allocate`: the measured ratios (up to {max(sensitivity.ratios):g}) remove at most "
-                             f"{most} of {total} prunable channels, short of {target:g}")
+                             f"{most} of {total} {what}, short of {target:g}")
         index, to = step
         removed += curves[index][to][0] - curves[index][at[index]][0]
         at[index] = to
     ratios = {g.id: curves[i][at[i]][2] for i, g in enumerate(groups)}
     errors = {g.id: math.sqrt(curves[i][at[i]][1]) for i, g in enumerate(groups)}
-    return Allocation(target, ratios, removed, total, sensitivity, errors)
+    return Allocation(target, ratios, removed, total, sensitivity, errors, unit)
 
 
 def _cheapest_step(curves, at) -> tuple[int, int] | None:
-    """(group index, grid index) of the move that adds the least (squared) error per channel removed."""
+    """(group index, grid index) of the move that adds the least (squared) error per unit removed."""
     best, best_cost = None, math.inf
     for i, curve in enumerate(curves):
         here_removed, here_error, _ = curve[at[i]]

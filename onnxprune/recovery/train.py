@@ -1,10 +1,14 @@
 """Recovery: fine-tuning and knowledge distillation of a pruned ONNX model, in PyTorch.
 
-The pruned graph runs as a ``TorchGraph`` (executor.py): its initializers are
-the parameters, training updates them, and ``write_back`` stores them in the
-same initializers, so the written model has the pruned graph unchanged.
+The pruned graph runs as a ``TorchGraph`` (executor/): its learned tensors
+(executor/compile.py ``learned_tensors``: the tensors in a learned slot of
+rules/weights.py, such as Conv/Gemm/MatMul weights and biases, norm scales,
+embedding tables) are the parameters, training updates them, and
+``write_back`` stores them in the same initializers, so the written model has
+the pruned graph unchanged. Every other float initializer (Pow's exponent, an
+epsilon, an attention scale) is a constant.
 
-Losses (summed when both are asked for):
+Losses (losses.py; summed when both are asked for):
 
 - distillation (``distill``): the original model is the teacher, no labels
   needed. ``kl``: KL(softmax(t / T) || softmax(s / T)) * T^2 on outputs shaped
@@ -23,6 +27,13 @@ validation loss, the top-1 accuracy (with labels) and the output error
 against the teacher are measured; the best epoch's weights are kept (with
 --finetune the highest validation accuracy; distillation alone uses no labels
 and keeps the lowest validation loss).
+
+A non-finite loss ends training at once (before its step reaches the
+weights): the best finite state so far is kept (the untrained model's, at
+worst) with a warning; when the untrained model's validation loss is already
+non-finite there is nothing to keep and ``VerificationFailed`` is raised.
+Images read from a folder are augmented (augment.py); on CUDA the forward
+pass runs under autocast (precision.py).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -37,12 +49,15 @@ import onnx
 
 from ..cut import iochange
 from ..data import Dataset
-from ..errors import UsageError, require
+from ..errors import UsageError, VerificationFailed, first_line, require
 from ..metrics import ErrorSum, class_labels
 from ..metrics import logits as metrics_logits
 from ..model.inputs import fixed_batch
 from ..options import TrainOptions
-from ..progress import progress
+from ..progress import counter
+from . import losses
+from .augment import augment, image_input
+from .precision import Precision
 
 
 @dataclass
@@ -65,6 +80,9 @@ class TrainingReport:
     seconds: float = 0.0
     samples_per_second: float = 0.0
     before: dict = field(default_factory=dict)  # validation metrics of the pruned model before training
+    stopped: str = ""  # why training ended early (a non-finite loss); empty when every epoch ran
+    augment: bool = False  # training batches were augmented (random resized crops and flips)
+    precision: str = "float32"  # the forward pass's dtype under autocast (CUDA), else float32
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -110,36 +128,92 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
         raise UsageError(f"the model's batch size is fixed at {fixed}: training needs at least {fixed} samples in "
                          f"the training and in the validation split (have {len(train_data)} and {len(val_data)}; "
                          "see `val_fraction`)")
-    net = TorchGraph(student).to(device)
+    net = TorchGraph(student, trainable="learned").to(device)  # only the learned tensors are parameters
     teacher_net = TorchGraph(teacher, trainable=lambda name: False).to(device) if options.distill else None
     if teacher_net is not None:
         teacher_net.eval()
-    context = _Context(torch, net, teacher_net, options, features, groups, device, iochange.read(student),
-                       whole=fixed is not None)
-    train_data, val_data = context.with_teacher_outputs(train_data), context.with_teacher_outputs(val_data)
-    report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data))
-    report.before = asdict(context.validate(val_data, 0, math.nan))
+    changes = iochange.read(student)
+    images = image_input(data, net.input_names, options.augment)
+    if images and any(c.role == "input" and c.name == images[0] for c in changes):
+        raise UsageError(f"`augment`: input {images[0]!r} is reshaped by `allow_io_change`; it cannot be augmented")
+    trained = [p for p in net.parameters() if p.requires_grad]
+    if not trained:
+        raise UsageError("recovery: the pruned model has no weights to train (no tensor in a learned slot of "
+                         "the weight table, onnxprune/rules/weights.py)")
+    context = _Context(torch, net, teacher_net, options, features, groups, device, changes,
+                       whole=fixed is not None, images=images, precision=Precision(torch, device, trained))
+    if not images:  # augmented batches differ every epoch: their teacher outputs cannot be cached
+        train_data = context.with_teacher_outputs(train_data)
+    val_data = context.with_teacher_outputs(val_data)
+    report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data),
+                            augment=images is not None)
+    report.before = asdict(_first_validation(context, val_data))
+    report.precision = context.precision.name
+    if not math.isfinite(report.before["val_loss"]):
+        raise VerificationFailed(_nothing_to_keep(report.before["val_loss"], data))
     # The untrained weights compete too (training may only make things worse), except under
     # --sparsity-reg, whose purpose is to change them.
     best_state = copy.deepcopy(net.state_dict())
     best_key = (-math.inf,) if options.sparsity_reg else _rank(report.before, options)
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
+    optimizer = torch.optim.Adam(trained, lr=options.lr)
     # cosine decay over all steps: large early steps recover quickly, small late ones settle
     steps = options.epochs * math.ceil(len(train_data) / options.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     started, seen = time.perf_counter(), 0
-    for epoch in range(1, options.epochs + 1):
-        train_loss, count = context.epoch(train_data, optimizer, epoch, schedule)
-        seen += count
-        log = context.validate(val_data, epoch, train_loss)
-        report.epochs.append(log)
-        if _rank(asdict(log), options) > best_key:
-            best_state, best_key = copy.deepcopy(net.state_dict()), _rank(asdict(log), options)
-            report.best_epoch = epoch
+    per_epoch = len(train_data) - len(train_data) % options.batch_size if fixed else len(train_data)
+    with counter(options.epochs * per_epoch, "train", options.quiet, unit=" samples") as bar:
+        for epoch in range(1, options.epochs + 1):
+            bar.set_description(f"epoch {epoch}/{options.epochs}")
+            train_loss, count = context.epoch(train_data, optimizer, epoch, schedule, bar)
+            seen += count
+            if not math.isfinite(train_loss):
+                report.stopped = f"the training loss became {train_loss} at epoch {epoch}"
+                break
+            log = context.validate(val_data, epoch, train_loss)
+            report.epochs.append(log)
+            if not math.isfinite(log.val_loss):
+                report.stopped = f"the validation loss became {log.val_loss} after epoch {epoch}"
+                break
+            if _rank(asdict(log), options) > best_key:
+                best_state, best_key = copy.deepcopy(net.state_dict()), _rank(asdict(log), options)
+                report.best_epoch = epoch
     report.seconds = time.perf_counter() - started
     report.samples_per_second = seen / report.seconds if report.seconds > 0 else 0.0
+    if report.stopped:
+        warnings.warn(_kept_message(report, options), stacklevel=2)
     net.load_state_dict(best_state)
     return net.cpu().write_back(student), report
+
+
+def _first_validation(context: _Context, data: Dataset) -> EpochLog:
+    """The untrained model's validation: the first forward pass under autocast, where an op that
+    cannot mix float32 constants with the low-precision activations would fail. Then training
+    runs in float32 instead, with a warning naming the node."""
+    try:
+        return context.validate(data, 0, math.nan)
+    except (RuntimeError, TypeError) as exc:
+        if context.precision.dtype is None:
+            raise
+        node = next((n for n in getattr(exc, "__notes__", ()) if n.startswith("while running")), "")
+        warnings.warn(f"autocast to {context.precision.name} failed ({first_line(exc)}{'; ' if node else ''}{node}): "
+                      "training in float32", stacklevel=3)
+        context.precision.disable()
+        return context.validate(data, 0, math.nan)
+
+
+def _kept_message(report: TrainingReport, options: TrainOptions) -> str:
+    best = report.best_epoch
+    kept = report.epochs[best - 1].val_loss if best else report.before["val_loss"]
+    which = f"epoch {best}" if best else "the untrained model (epoch 0)"
+    return (f"training stopped: {report.stopped}; kept the weights of {which}, validation loss {kept:.4g}; "
+            f"try a lower `lr` (was {options.lr:g})")
+
+
+def _nothing_to_keep(value: float, data: Dataset) -> str:
+    bad = next((k for k, v in data.inputs.items() if v.dtype.kind == "f" and not np.isfinite(v).all()), None)
+    cause = (f"`data` input {bad!r} holds non-finite values" if bad
+             else "the model's outputs or the loss are not finite on `data`")
+    return f"recovery: the pruned model's validation loss is {value} before training ({cause}); nothing written"
 
 
 def _mode(options: TrainOptions) -> str:
@@ -170,13 +244,16 @@ TEACHER_CACHE_BYTES = 1 << 29
 
 class _Context:
     def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device, changes=(),
-                 whole: bool = False):
+                 whole: bool = False, images: tuple[str, str] | None = None, precision: Precision | None = None):
         self.torch, self.net, self.teacher, self.options = torch, net, teacher, options
         self.features, self.groups, self.device = list(features), groups, device
         self.output = net.output_names[0]
         self.whole = whole  # the model fixes its batch size: no short last batch
         self.changes = list(changes)  # graph inputs/outputs the student has reshaped (--allow-io-change)
+        self.changed_inputs = {c.name for c in self.changes if c.role == "input"}
         self.output_kept = [(c.axis, c.kept) for c in self.changes if c.role == "output" and c.name == self.output]
+        self.images = images  # (input, layout) to augment in training batches, or None
+        self.precision = precision or Precision(torch, "cpu", ())
 
     # --- the teacher's outputs, computed once -----------------------------------------
     def teacher_names(self) -> list[str]:
@@ -185,7 +262,8 @@ class _Context:
     def with_teacher_outputs(self, data: Dataset) -> Dataset:
         """``data`` carrying the teacher's outputs per sample (``TEACHER_KEY`` + name), so that
         the teacher runs once instead of every epoch; ``data`` itself when they would take more
-        than ``TEACHER_CACHE_BYTES`` (large feature maps) or cannot be split per sample."""
+        than ``TEACHER_CACHE_BYTES`` (large feature maps) or cannot be split per sample. Computed
+        in float32 (no autocast): these are the targets of every epoch."""
         if self.teacher is None or (self.whole and len(data) % self.options.batch_size):
             return data
         torch, names, parts = self.torch, self.teacher_names(), []
@@ -200,16 +278,24 @@ class _Context:
                     return data
                 parts.append({k: v.cpu().numpy() for k, v in values.items()})
         cached = {TEACHER_KEY + k: np.concatenate([p[k] for p in parts]) for k in names}
-        return Dataset({**data.inputs, **cached}, data.labels, data.source, data.notes)
+        return replace(data, inputs={**data.inputs, **cached})
 
     # --- losses -------------------------------------------------------------------
-    def losses(self, feeds: dict, labels):
-        """``feeds``: numpy arrays for the teacher (the original model), with its outputs when cached."""
+    def losses(self, feeds: dict, labels, rng: np.random.Generator | None = None):
+        """``feeds``: numpy arrays for the teacher (the original model), with its outputs when cached;
+        with ``rng`` the images are augmented first (the teacher then runs on the same batch)."""
         torch, o = self.torch, self.options
         names = self.teacher_names()
         cached = {k[len(TEACHER_KEY):]: v for k, v in feeds.items() if k.startswith(TEACHER_KEY)}
         feeds = {k: v for k, v in feeds.items() if not k.startswith(TEACHER_KEY)}
-        values = self.net.run(self.to_device(iochange.candidate_feeds(feeds, self.changes)), names)
+        inputs = self.to_device(feeds)  # the teacher's
+        if rng is not None and self.images is not None:
+            name, layout = self.images
+            with self.precision.exact():  # crop coordinates in float32
+                inputs[name] = augment(torch, inputs[name], layout, rng)
+            cached = {}
+        changed = {k: v for k, v in iochange.candidate_feeds(feeds, self.changes).items() if k in self.changed_inputs}
+        values = self.net.run({**inputs, **self.to_device(changed)}, names)
         logits = values[self.output]
         total = logits.new_zeros(())
         teacher = None
@@ -218,88 +304,45 @@ class _Context:
                 teacher = self.to_device(cached)
             else:
                 with torch.no_grad():
-                    teacher = self.teacher.run(self.to_device(feeds), names)
+                    teacher = self.teacher.run(inputs, names)
             for axis, kept in self.output_kept:  # compare the positions the student still produces
                 index = torch.as_tensor(kept, device=teacher[self.output].device)
                 teacher[self.output] = teacher[self.output].index_select(axis, index)
-            total = total + self.distill_loss(logits, teacher[self.output])
+            total = total + losses.distill_loss(torch, o.distill_loss, o.temperature, logits, teacher[self.output])
             for f in self.features:
-                total = total + o.feature_weight * self.feature_loss(values[f.name], teacher[f.name], f)
+                total = total + o.feature_weight * losses.feature_loss(torch, values[f.name], teacher[f.name],
+                                                                       f.axis, f.kept)
         if o.finetune:
-            total = total + self.finetune_loss(logits, labels)
+            total = total + losses.finetune_loss(torch, o.loss, logits, labels)
         if o.sparsity_reg:
-            total = total + o.sparsity_reg * self.sparsity()
+            total = total + o.sparsity_reg * losses.group_lasso(torch, self.net, self.groups)
         return total, logits, teacher[self.output] if teacher is not None else None
-
-    def distill_loss(self, student, teacher):
-        F = self.torch.nn.functional
-        kind = self.options.distill_loss
-        if kind == "kl" or (kind == "auto" and student.dim() == 2):
-            t = self.options.temperature
-            return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                            reduction="batchmean", log_target=True) * t * t
-        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
-
-    def feature_loss(self, student, teacher, point: FeaturePoint):
-        index = self.torch.as_tensor(point.kept, device=teacher.device)
-        kept = teacher.index_select(point.axis, index)
-        return self.torch.nn.functional.mse_loss(student, kept) / kept.pow(2).mean().clamp_min(1e-12)
-
-    def finetune_loss(self, logits, labels):
-        F = self.torch.nn.functional
-        target = self.torch.as_tensor(labels, device=logits.device)
-        if self.options.loss == "ce" or (self.options.loss == "auto" and logits.dim() == 2 and class_labels(labels)):
-            return F.cross_entropy(logits, target.long())
-        return F.mse_loss(logits, target.to(logits.dtype).reshape(logits.shape))
-
-    def sparsity(self):
-        """Group lasso over the groups' channels (L1 over all weights without groups)."""
-        torch = self.torch
-        if not self.groups:
-            return sum(p.abs().sum() for p in self.net.parameters() if p.requires_grad and p.dim() > 1)
-        total = 0.0
-        for group in self.groups:
-            per_channel = None
-            for slot in group.params.values():
-                if slot.role != "weight":
-                    continue
-                try:
-                    param = self.net.parameter(slot.tensor.name)
-                except KeyError:
-                    continue
-                rows = param.movedim(slot.axis, 0).reshape(param.shape[slot.axis], -1).pow(2).sum(1)
-                owned = torch.as_tensor(np.nonzero(slot.owner >= 0)[0], device=param.device)
-                target = torch.as_tensor(slot.owner[slot.owner >= 0], device=param.device)
-                sums = torch.zeros(group.size, device=param.device, dtype=rows.dtype)
-                sums = sums.index_add(0, target, rows.index_select(0, owned))
-                per_channel = sums if per_channel is None else per_channel + sums
-            if per_channel is not None:
-                total = total + per_channel.clamp_min(1e-12).sqrt().sum()
-        return total
 
     # --- loops ----------------------------------------------------------------------
     def to_device(self, feeds: dict) -> dict:
         return {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
 
-    def epoch(self, data: Dataset, optimizer, epoch: int, schedule) -> tuple[float, int]:
+    def epoch(self, data: Dataset, optimizer, epoch: int, schedule, bar) -> tuple[float, int]:
+        """One pass over ``data``: (mean training loss, samples). A non-finite batch loss ends the
+        epoch before its step and is returned itself, so that its NaN never reaches the weights."""
         order = np.random.default_rng([self.options.seed, epoch]).permutation(len(data))
         shuffled = data.subset(order)
-        steps = math.ceil(len(data) / self.options.batch_size)
-        batches = progress(shuffled.batches(self.options.batch_size, self.whole), steps,
-                           f"epoch {epoch}/{self.options.epochs}", self.options.quiet)
+        rng = np.random.default_rng([self.options.seed, epoch, 1]) if self.images is not None else None
         total, count = 0.0, 0
         self.net.train()
-        for feeds, labels in batches:
-            loss, _, _ = self.losses(feeds, labels)
+        for feeds, labels in shuffled.batches(self.options.batch_size, self.whole):
+            with self.precision.autocast():
+                loss, _, _ = self.losses(feeds, labels, rng)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                return value, count
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            self.precision.step(loss, optimizer, schedule)
             n = len(next(iter(feeds.values())))
-            total += float(loss.detach()) * n
+            total += value * n
             count += n
-            if hasattr(batches, "set_postfix"):  # a tqdm bar (on a terminal)
-                batches.set_postfix(loss=f"{total / count:.4g}")
+            bar.update(n)
+            bar.set_postfix(loss=f"{total / count:.4g}")
         return total / max(count, 1), count
 
     def validate(self, data: Dataset, epoch: int, train_loss: float) -> EpochLog:
@@ -309,7 +352,8 @@ class _Context:
         classes = class_labels(data.labels)
         with torch.no_grad():
             for feeds, labels in data.batches(self.options.batch_size, self.whole):
-                loss, logits, teacher = self.losses(feeds, labels)
+                with self.precision.autocast():
+                    loss, logits, teacher = self.losses(feeds, labels)
                 n = len(logits)
                 loss_sum += float(loss) * n
                 count += n

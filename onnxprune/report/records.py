@@ -108,6 +108,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     data: dict | None = None  # calibration data: source, samples
     compensation: dict | None = None  # readers, skipped, output_error without/with
+    reconstruction: dict | None = None  # readers refitted, skipped, samples, seconds, output_error before/after
     training: dict | None = None  # recover.TrainingReport: epochs, best epoch, throughput
     rounds: list | None = None  # --steps K: per round ratio, params, MACs, training
     gate: dict | None = None  # the quality gate's measurement on the validation split
@@ -184,7 +185,13 @@ class Report:
             err = c.get("output_error") or {}
             effect = (f": output error {err['without']:.3g} -> {err['with']:.3g} on calibration data"
                       if err else "")
-            lines.append(f"compensation  {c['readers']} reader bias(es) adjusted{effect}")
+            refitted = f", {c['refitted']} reader(s) refitted" if c.get("refitted") else ""
+            lines.append(f"compensation  {c['readers']} reader bias(es) adjusted{refitted}{effect}")
+        if self.reconstruction:
+            r = self.reconstruction
+            err = r["output_error"]
+            lines.append(f"reconstruction  {r['readers']} layer(s) refitted on {r['samples']} samples in "
+                         f"{r['seconds']:.1f} s: output error {err['before']:.3g} -> {err['after']:.3g}")
         if self.sparsity is not None:
             lines += self.sparsity.summary_lines(verbose)
         if self.training:

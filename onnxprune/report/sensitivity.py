@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,8 @@ class GroupSensitivity:
     removed: list[int]  # channels actually removed at each ratio (rounding, tied units)
     error: list[float]  # relative RMS output error at each ratio
     accuracy: list[float] | None = None  # top-1 at each ratio, when labels fit
+    macs: list[int] = field(default_factory=list)  # MACs removed at each ratio
+    params: list[int] = field(default_factory=list)  # parameters removed at each ratio
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Sensitivity:
     baseline_accuracy: float | None
     groups: list[GroupSensitivity]
     seconds: float = 0.0
+    macs: int | None = None  # of the model as measured (the whole model, every group whole)
+    params: int | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)

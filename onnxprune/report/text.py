@@ -35,5 +35,8 @@ def summary_line(target: dict) -> str:
                 f"ratio {target['ratio']:.4f} chosen, {target['achieved']:.2f}x measured "
                 f"({timed} benchmark run(s), {target['seconds']:.1f} s)")
     what = "MACs" if target["metric"] == "macs" else "params"
+    if target.get("allocated"):
+        return (f"target  {what} <= {target['value']:g} of the original: allocated by sensitivity, "
+                f"{target['achieved']:.4f} kept")
     return (f"target  {what} <= {target['value']:g} of the original: ratio {target['ratio']:.4f} chosen, "
             f"{target['achieved']:.4f} kept ({n} prune(s), {target['seconds']:.1f} s)")

@@ -1,9 +1,11 @@
-"""Pooling, reductions, Resize and Pad: channels pass through on axes they leave alone."""
+"""Pooling, reductions, Resize and Pad: channels pass through on axes they leave alone (for Pad,
+also when its pads are computed at run time from shapes and are 0 on the channel axis)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..graph.shape_math import evaluate_at
 from ..graph.view import attr
 from .registry import (
     Link,
@@ -111,15 +113,63 @@ def resize(node, view, r: Reached):
     return passthrough(r)
 
 
+# Made-up dims at which pads computed at run time are evaluated (for the tensors whose shapes they
+# read, truncated to each one's rank): odd and even, small and large, distinct within a row, so
+# that an entry reading a dim shows it; the tensors' own (pinned) shapes are evaluated first. Each
+# is evaluated at two channel counts.
+_MADE_UP = ((2, 5, 7, 11, 13, 17, 19, 23), (3, 8, 30, 33, 41, 47, 53, 59), (1, 12, 16, 64, 29, 31, 37, 43),
+            (4, 96, 225, 512, 97, 129, 65, 33))
+_OTHER_CHANNELS = 10  # added to the channel count for the second evaluation
+
+
+def _shapes_at(view, dims, axis: int, more: int):
+    """``dims_of`` for evaluate_at: each tensor read has the first entries of ``dims`` (its own shape
+    where ``dims`` is None), with ``more`` channels on ``axis``."""
+    def dims_of(tensor):
+        rank = view.rank(tensor)
+        if dims is None:
+            shape = view.shape(tensor)
+        else:
+            shape = dims[:rank] if rank is not None and rank <= len(dims) else None
+        if shape is None or None in shape:
+            return None
+        return [d + more if a == axis else d for a, d in enumerate(shape)]
+    return dims_of
+
+
+def _computed_pads_problem(node, view, axis: int, k: int, n: int) -> str | None:
+    """Why pads computed at run time (TensorFlow's 'same' padding from the input's H and W) do not
+    let channels through on ``axis``, entry ``k`` of the ``n`` padded axes; None when they do: at
+    the shapes of the tensors they read and at made-up ones (graph/shape_math.py), they are 0 on
+    ``axis`` and the same at two channel counts. The pruned model keeps them computed, and right:
+    they read nothing the cut changes. (Reading another tensor's channel count is the Shape rule's
+    barrier.) Sampled, like every shape_math check: pads 0 here yet not at some other H would
+    need an exporter that pads channels by H."""
+    for dims in (None, *_MADE_UP):
+        seen = set()
+        for more in (0, _OTHER_CHANNELS):
+            pads = evaluate_at(node.inputs[1], _shapes_at(view, dims, axis, more))
+            if pads is None and dims is None:
+                break  # a shape read is unknown: the made-up ones decide
+            if pads is None or pads.shape != (2 * n,) or pads.dtype.kind not in "iu":
+                return "pads are computed at run time and cannot be evaluated from shapes"
+            if pads[k] or pads[k + n]:
+                return "pads the channel axis (pads computed at run time)"
+            seen.add(tuple(pads.tolist()))
+        if len(seen) > 1:
+            return "pads are computed from the channel count"
+    return None
+
+
 @rule("Pad")
 def pad(node, view, r: Reached):
     if r.index != 0:
         return barrier("channels reach a Pad parameter")
     rank = view.rank(node.inputs[0])
+    if rank is None:
+        return barrier("input shape unknown")
     if len(node.inputs) > 1 and node.inputs[1].name:
         pads = view.int_values(node.inputs[1])
-        if pads is None:
-            return barrier("pads are computed at run time")
         axes_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
         axes = view.int_values(axes_t) if axes_t is not None else list(range(rank))
         if axes is None:
@@ -127,8 +177,14 @@ def pad(node, view, r: Reached):
     else:
         pads, axes = list(attr(node, "pads", [])), list(range(rank))
     axes = [normalise_axis(a, rank) for a in axes]
-    if r.axis in axes:
-        k = axes.index(r.axis)
-        if pads[k] or pads[k + len(axes)]:
-            return barrier("pads the channel axis")
+    if r.axis not in axes:
+        return passthrough(r)
+    k = axes.index(r.axis)
+    if pads is None:
+        key = ("pads", node.name, r.axis)
+        if key not in view.memo:
+            view.memo[key] = _computed_pads_problem(node, view, r.axis, k, len(axes))
+        return barrier(view.memo[key]) if view.memo[key] else passthrough(r)
+    if pads[k] or pads[k + len(axes)]:
+        return barrier("pads the channel axis")
     return passthrough(r)

@@ -12,8 +12,16 @@ the PyTorch executor (Constant-node weights become parameters).
 - ``weight``: a weight the op sums products with (a Conv's filters);
 - ``operand``: either side of Gemm/MatMul, a weight where it is a constant;
 - ``bias``: added to the output features; ``table``: rows looked up (Gather);
-- ``norm``: per-channel parameters of a normalisation (or PRelu's slope);
+- ``norm``: per-channel scale or shift of a normalisation (or PRelu's slope);
+- ``statistic``: BatchNormalization's running mean and variance: measured, not
+  learned (a gradient step can make the variance negative, and the square root NaN);
 - ``coefficient``: a constant of Add/Mul, a weight when it has more than one element.
+
+``LEARNED`` are the roles a trainer may update (recovery trains exactly the
+float tensors read in one of them, executor/compile.py ``learned_tensors``);
+every other input (Pow's exponent, Clip's bounds, a Div's divisor, a scalar
+coefficient such as an attention scale or an epsilon) is arithmetic, and
+stays constant.
 
 ``reduces(attrs, rank)`` is the axis an operand is summed over (its input
 channels), ``features(attrs, rank)`` the axis of the output features it
@@ -106,6 +114,7 @@ def _matmul_columns(attrs, rank):
 
 
 _NORM = Operand("norm", None, axis(0))
+_STATISTIC = Operand("statistic", None, axis(0))
 _COEFFICIENT = Operand("coefficient")
 
 WEIGHTS: dict[str, OpWeights] = {
@@ -119,7 +128,7 @@ WEIGHTS: dict[str, OpWeights] = {
     "MatMul": OpWeights({0: Operand("operand", _matmul_left, _matmul_rows),
                          1: Operand("operand", _matmul_right, _matmul_columns)}, macs=_matmul_macs),
     "Gather": OpWeights({0: Operand("table")}),
-    "BatchNormalization": OpWeights({i: _NORM for i in (1, 2, 3, 4)}),
+    "BatchNormalization": OpWeights({1: _NORM, 2: _NORM, 3: _STATISTIC, 4: _STATISTIC}),
     "LayerNormalization": OpWeights({1: _NORM, 2: _NORM}),
     "InstanceNormalization": OpWeights({1: _NORM, 2: _NORM}),
     "GroupNormalization": OpWeights({1: _NORM, 2: _NORM}),
@@ -128,7 +137,7 @@ WEIGHTS: dict[str, OpWeights] = {
     "Mul": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
 }
 MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
-LEARNED = ("weight", "operand", "bias", "norm", "coefficient")  # roles a trainer may update
+LEARNED = ("weight", "operand", "bias", "norm", "table", "coefficient")  # roles a trainer may update
 
 
 def operand(op: str, index: int) -> Operand | None:
@@ -140,6 +149,16 @@ def operand(op: str, index: int) -> Operand | None:
 def learned_inputs(op: str) -> tuple[int, ...]:
     entry = WEIGHTS.get(op)
     return tuple(i for i, o in entry.operands.items() if o.role in LEARNED) if entry is not None else ()
+
+
+def learned_role(op: str, index: int, elements: int) -> str | None:
+    """The role under which a constant of ``elements`` values in input ``index`` of ``op`` is a
+    learned tensor; None where it is not one (a coefficient needs more than one element:
+    x * 0.5 is arithmetic, a per-channel scale is a weight)."""
+    slot = operand(op, index)
+    if slot is None or slot.role not in LEARNED or (slot.role == "coefficient" and elements <= 1):
+        return None
+    return slot.role
 
 
 def reduction(op: str, attrs: dict, index: int, shape: tuple[int, ...]) -> tuple[int, int] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+
 from ..errors import MissingDependency
 
 
@@ -35,3 +37,15 @@ def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionP
         options.intra_op_num_threads = threads
     source = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(source, options, providers=list(providers))
+
+
+def capture_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs also include the tensors ``names``."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in present:
+            extended.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return extended

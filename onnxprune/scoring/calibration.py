@@ -36,6 +36,7 @@ from ..errors import UnsupportedModel, first_line, require
 from ..graph.view import GraphView
 from ..metrics import class_labels
 from ..progress import progress
+from ..runtime.session import capture_model
 
 RELU_LIKE = {"Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Mish"}
 
@@ -59,6 +60,8 @@ class GroupStats:
     relu_seen: bool = False
     taylor: np.ndarray | None = None
     fisher: np.ndarray | None = None
+    obs: np.ndarray | None = None  # obs.py
+    grams: dict[str, np.ndarray] = field(default_factory=dict)  # reader input -> [x 1] Gram matrix (obs.py)
 
 
 def read_points(group: Group, view: GraphView) -> list[ReadPoint]:
@@ -98,18 +101,6 @@ def _positions_per_channel(shape, point: ReadPoint, size: int) -> np.ndarray:
     owned = point.owner >= 0
     per_pos = np.prod(shape) / shape[point.axis]
     return np.bincount(point.owner[owned], minlength=size) * per_pos
-
-
-def capture_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs also include the tensors ``names``."""
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    present = {o.name for o in extended.graph.output}
-    for name in names:
-        if name not in present:
-            extended.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return extended
 
 
 def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
@@ -213,15 +204,25 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
 
 
 def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset, *,
-            gradients: bool, activations: bool, batch_size: int | None = None,
-            quiet: bool = True) -> dict[str, GroupStats]:
-    """The statistics the chosen criterion and compensation need, merged per group."""
+            gradients: bool, activations: bool, grams: bool = False, obs: bool = False,
+            batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
+    """The statistics the chosen criterion and compensation need, merged per group: ``grams`` the
+    readers' Gram matrices (for a refit, cut/refit.py), ``obs`` the obs scores they give."""
+    from .obs import measure_grams, obs_scores
+
     stats = {g.id: GroupStats(g.size) for g in groups}
     if activations:
         stats = activation_stats(model, groups, view, data, batch_size, quiet)
     if gradients:
         for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
             stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
+    if grams or obs:
+        readers, measured = measure_grams(model, groups, view, data, batch_size, quiet)
+        for gid, found in readers.items():
+            stats[gid].grams = {name: measured[name] for _, name, _ in found if name in measured}
+        if obs:
+            for gid, found in obs_scores(groups, view, readers, measured).items():
+                stats[gid].obs = found
     return stats
 
 

@@ -22,7 +22,7 @@ from .magnitude import bn_scale, l1, l2
 from .random import random_scores
 
 SCORERS: dict[str, Callable] = {"l1": l1, "l2": l2, "bn": bn_scale, "random": random_scores}
-DATA_SCORERS: dict[str, Callable] = {**data_criteria.GRADIENT, **data_criteria.ACTIVATION}
+DATA_SCORERS: dict[str, Callable] = {**data_criteria.GRADIENT, **data_criteria.ACTIVATION, **data_criteria.GRAM}
 CRITERIA = [*SCORERS, *DATA_SCORERS]
 
 
@@ -37,6 +37,11 @@ def needs_data(criterion: str) -> bool:
 def needs_gradients(criterion: str) -> bool:
     """Measured from activation x gradient (calibration.gradient_stats)."""
     return criterion in data_criteria.GRADIENT
+
+
+def needs_grams(criterion: str) -> bool:
+    """Measured from input Gram matrices at the readers (obs.py)."""
+    return criterion in data_criteria.GRAM
 
 
 def needs_activations(criterion: str) -> bool:
@@ -68,7 +73,8 @@ def score_groups(groups, view, criterion: str, seed: int = 0, stats=None) -> dic
         scores[group.id] = np.asarray(values, dtype=np.float64)
     if fallbacks:
         what = {"bn": "have no BatchNormalization (exporters fold it into Conv)",
-                "apoz": "pass no ReLU-like op"}.get(criterion, "cannot be measured this way")
+                "apoz": "pass no ReLU-like op",
+                "obs": "have no node that sums over their channels"}.get(criterion, "cannot be measured this way")
         warnings.warn(
             f"importance {criterion!r}: {len(fallbacks)} group(s) {what}; used l2 for them, e.g. {fallbacks[0]}",
             ImportanceWarning,

@@ -10,6 +10,9 @@
 - ``apoz``: 1 - average percentage of zeros after a ReLU-like op (channels
   that are mostly zero matter least). A group without such an op returns
   None, and the caller falls back to l2 with a warning.
+- ``obs``: the fraction of each reader's output that removing the channel
+  costs after the best least-squares refit of the reader (obs.py); the
+  criterion that matches reconstruction.
 """
 
 from __future__ import annotations
@@ -34,5 +37,10 @@ def apoz(stats):
     return 1.0 - stats.zeros
 
 
+def obs(stats):
+    return stats.obs
+
+
 GRADIENT = {"taylor": taylor, "fisher": fisher}
 ACTIVATION = {"activation": activation, "apoz": apoz}
+GRAM = {"obs": obs}  # measured from the Gram matrices at the readers' inputs (obs.py)

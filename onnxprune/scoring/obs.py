@@ -1,0 +1,213 @@
+"""The ``obs`` criterion: what a channel's removal costs after the best linear refit of its readers.
+
+For a reader R (a node that sums over the channel: the next Conv, Gemm or
+MatMul) with weights W and input Gram matrix H = E[x x^T] over the input
+channels, removing input channel j and refitting the other columns of W by
+least squares raises R's squared output error by
+
+    damage_j = sum over R's outputs (and kernel offsets) of W[:, j]^2 / (H^-1)_jj
+
+(Optimal Brain Surgeon applied to a whole column, as in channel pruning with
+reconstruction: He et al. 2017, SlimGPT). It counts a channel that others
+can stand in for (a correlated one) as cheap, and one that nothing else
+carries as dear. A channel's score is the sum over its readers of damage_j
+divided by the reader's output energy tr(W H W^T): the fraction of each
+reader's output that reconstruction (recovery/reconstruct.py) cannot bring
+back. For kernels wider than 1 the Gram matrix is over channels only (the
+correlation between kernel offsets is left out), an approximation.
+
+H is measured with onnxruntime on the calibration data at each reader's
+input (rows: samples x positions, subsampled to MAX_ROWS per sample).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..analysis.groups import Group
+from ..data import Dataset, model_batches
+from ..errors import UnsupportedModel, first_line
+from ..graph.view import GraphView
+from ..progress import progress
+from ..rules.weights import MULTIPLIED, WEIGHTS
+
+MAX_ROWS = 2048  # positions per sample in the Gram matrix (a uniform subsample; it estimates an average)
+DAMPING = 1e-2  # of the mean diagonal, before H is inverted
+HOLDOUT = 4  # every 4th sample's Gram matrix is kept apart, to check a refit on
+MAX_INPUTS = 8192  # wider reader inputs (a Flatten into a classifier) keep the Gram matrix's diagonal only
+GREEDY_FLOPS = 2e10  # above this (channels x reader weights), channels are ranked in one shot, not greedily
+
+
+def reader_slots(group: Group, view: GraphView) -> list[tuple]:
+    """(weight slot, data tensor name, data axis) of each node that sums over the group's channels."""
+    found = []
+    for slot in group.params.values():
+        node = slot.node
+        entry = WEIGHTS.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+        weight = entry.operands.get(slot.input) if entry is not None else None
+        if weight is None or weight.role not in MULTIPLIED or weight.reduces is None:
+            continue
+        if slot.axis != weight.reduces(node.attrs, len(slot.tensor.shape)):
+            continue  # the node's own output channels, not an input it sums over
+        for index, tensor in enumerate(node.inputs):
+            data = entry.operands.get(index)
+            if index == slot.input or data is None or view.is_constant(tensor) or data.reduces is None:
+                continue
+            axis = data.reduces(node.attrs, view.rank(tensor) or 0)
+            if (tensor.name, axis) in group.dims:
+                found.append((slot, tensor.name, axis))
+    return found
+
+
+def measure_grams(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
+                  batch_size: int | None = None, quiet: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """The readers of each group (``reader_slots``) and, per reader input, its Gram matrix over
+    the channel axis with a column of ones appended (the bias: E[[x 1][x 1]^T], summed over
+    rows); only the diagonal (without the ones) for inputs wider than MAX_INPUTS. Each is two,
+    stacked: of the samples a refit is fitted on, and of every HOLDOUT-th sample, held out to
+    check it (cut/refit.py)."""
+    from ..runtime.session import capture_model, session
+
+    readers = {g.id: reader_slots(g, view) for g in groups}
+    names = sorted({name for found in readers.values() for _, name, _ in found})
+    if not names:
+        return readers, {}
+    try:
+        sess = session(capture_model(model, names).SerializeToString())
+    except Exception as exc:
+        raise UnsupportedModel(f"onnxruntime cannot run the model to measure the obs criterion: "
+                               f"{first_line(exc)}") from None
+    axes = {name: axis for found in readers.values() for _, name, axis in found}
+    grams: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    batches, steps = model_batches(data, model, batch_size)
+    seen = 0
+    for feeds, _ in progress(batches, steps, "obs", quiet):
+        count = len(next(iter(feeds.values())))
+        batch_held = (seen + np.arange(count)) % HOLDOUT == HOLDOUT - 1
+        seen += count
+        for name, value in zip(names, sess.run(names, feeds)):
+            value = np.asarray(value)
+            # samples along axis 0 (anything else, say a weight-like operand, is all fitted on)
+            held = batch_held if value.ndim > 1 and len(value) == count else np.zeros(len(value), bool)
+            parts = [_gram(_rows(value[~held], axes[name], rng)) if (~held).any() else 0,
+                     _gram(_rows(value[held], axes[name], rng)) if held.any() else 0]
+            if name not in grams:
+                grams[name] = [0, 0]
+            grams[name] = [grams[name][0] + parts[0], grams[name][1] + parts[1]]
+    return readers, {name: np.stack([np.asarray(fit, np.float64), np.broadcast_to(check, np.shape(fit))])
+                     for name, (fit, check) in grams.items()}
+
+
+def _gram(rows: np.ndarray) -> np.ndarray:
+    if rows.shape[1] > MAX_INPUTS:
+        return (rows * rows).sum(0)
+    rows = np.concatenate([rows, np.ones((len(rows), 1))], 1)
+    return rows.T @ rows
+
+
+def obs_scores(groups: list[Group], view: GraphView, readers: dict, grams: dict) -> dict[str, np.ndarray | None]:
+    """Group id -> the obs score of each channel (None for a group without a reader to measure at)."""
+    return {g.id: _scores(g, readers[g.id], view, grams) if readers[g.id] else None for g in groups}
+
+
+def _rows(value: np.ndarray, axis: int, rng) -> np.ndarray:
+    """The tensor as rows over its channel ``axis`` (float64), at most MAX_ROWS per sample."""
+    channels = value.shape[axis]
+    rows = np.moveaxis(value, axis, -1).reshape(-1, channels)
+    limit = MAX_ROWS * (value.shape[0] if value.ndim > 2 else 1)
+    if len(rows) > limit:
+        rows = rows[np.sort(rng.choice(len(rows), limit, replace=False))]
+    return rows.astype(np.float64)
+
+
+def _inverse(gram: np.ndarray) -> np.ndarray:
+    diagonal = np.diag(gram)
+    unit = float(diagonal.mean()) if diagonal.size else 0.0
+    return np.linalg.pinv(gram + np.eye(len(gram)) * DAMPING * max(unit, 1e-30))
+
+
+class _Reader:
+    """One reader's least-squares problem over its input positions, as channels leave it."""
+
+    def __init__(self, slot, owner: np.ndarray, view: GraphView, gram: np.ndarray):
+        self.owner = owner
+        weight = np.asarray(view.value(slot.tensor), np.float64)
+        if gram.ndim == 1:  # too wide for the whole Gram matrix: its diagonal, and no refit updates
+            columns = np.moveaxis(weight, slot.axis, 0).reshape(weight.shape[slot.axis], -1)
+            self.fixed = (columns * columns).sum(1) * gram
+            self.energy = float(self.fixed.sum())
+            self.w = self.inverse = None
+            return
+        self.fixed = None
+        self.owner = np.concatenate([owner, [-1]])  # the last input is the ones column: never removed
+        columns = np.moveaxis(weight, slot.axis, -1)  # (outputs, kernel..., inputs of one group)
+        grouped = WEIGHTS[slot.node.op].grouped
+        groups = int(slot.node.attrs.get("group", 1)) if grouped else 1
+        per_group, inputs = columns.shape[-1], len(gram)
+        # All inputs as columns: a group's filters read only its block (zeros elsewhere), so the
+        # Gram matrix is kept block-diagonal (but for the ones column every group shares) and its
+        # inverse stays within the blocks. The ones column's weights start at zero: they take
+        # what the refit moves into the bias.
+        w = np.zeros((columns.shape[0] * int(np.prod(columns.shape[1:-1])), inputs))
+        rows = columns.reshape(columns.shape[0], -1, per_group)
+        features = columns.shape[0] // groups
+        mask = np.zeros((inputs, inputs), bool)
+        for g in range(groups):
+            block = slice(g * per_group, (g + 1) * per_group)
+            w[g * features * rows.shape[1]:(g + 1) * features * rows.shape[1], block] = \
+                rows[g * features:(g + 1) * features].reshape(-1, per_group)
+            mask[block, block] = True
+        mask[-1, :] = mask[:, -1] = True
+        gram = np.where(mask, gram, 0.0)
+        self.w, self.inverse = w, _inverse(gram)
+        self.energy = float(np.einsum("ij,jk,ik->", w, gram, w))
+
+    def damage(self, size: int) -> np.ndarray:
+        """Per channel: the output energy lost (after the best refit) if it went now, as a fraction."""
+        if self.fixed is not None:
+            per_position = self.fixed
+        else:
+            diagonal = np.diag(self.inverse)
+            live = diagonal > 1e-30
+            per_position = np.where(live, (self.w * self.w).sum(0) / np.where(live, diagonal, 1.0), 0.0)
+        mine = self.owner >= 0
+        return np.bincount(self.owner[mine], per_position[mine], minlength=size) / self.energy
+
+    def remove(self, channel: int) -> None:
+        """Remove the channel's positions, updating the other columns as the refit would (OBS)."""
+        if self.fixed is not None:
+            self.fixed = np.where(self.owner == channel, 0.0, self.fixed)
+            return
+        for j in np.nonzero(self.owner == channel)[0]:
+            pivot = self.inverse[j, j]
+            if pivot <= 1e-30:
+                continue
+            self.w -= np.outer(self.w[:, j], self.inverse[j]) / pivot
+            self.inverse -= np.outer(self.inverse[:, j], self.inverse[j]) / pivot
+
+
+def _scores(group: Group, found: list, view: GraphView, grams: dict) -> np.ndarray:
+    """Each channel's rank in the order a greedy removal takes them (cheapest first), 0 first.
+
+    At each step the channel whose removal costs the group's readers the least output energy
+    (summed over readers, each relative to its own output) goes, and every reader's remaining
+    columns are updated as a least-squares refit would change them: channels that stand in for
+    one another are not all counted as cheap at once.
+    """
+    readers = [_Reader(slot, group.dims[(name, axis)].owner, view, grams[name].sum(0)) for slot, name, axis in found]
+    readers = [r for r in readers if r.energy > 0]
+    flops = group.size * sum(r.w.size + r.inverse.size for r in readers if r.w is not None)
+    if flops > GREEDY_FLOPS:  # one shot: each channel's cost with all the others kept
+        return sum(r.damage(group.size) for r in readers)
+    order = np.zeros(group.size)
+    alive = np.ones(group.size, bool)
+    for step in range(group.size):
+        cost = sum(r.damage(group.size) for r in readers) if readers else np.zeros(group.size)
+        cost = np.where(alive, cost, np.inf)
+        channel = int(np.argmin(cost))
+        order[channel], alive[channel] = step, False
+        for r in readers:
+            r.remove(channel)
+    return order
