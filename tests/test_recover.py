@@ -143,6 +143,23 @@ def test_feature_distillation_matches_kept_channels(digits):
     assert result.report.training["epochs"][-1]["val_accuracy"] > 0.5
 
 
+def test_feature_points_are_the_cut_groups_inputs_and_the_block_outputs_at_the_kept_channels():
+    from onnxprune.pipeline.rounds import feature_points
+    from onnxprune.runtime.session import capture_model, session
+
+    result = onnxprune.prune(onnx.load(MODEL), 0.5)
+    points = feature_points(result)
+    residual = next(n for n in result.model.graph.node if n.op_type == "Add").output[0]
+    assert residual in {p.name for p in points}
+    names = [p.name for p in points]
+    assert len(names) == len(set(names))
+    x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
+    values = session(capture_model(result.model, names).SerializeToString()).run(names, {"input": x})
+    for point, value in zip(points, values):  # the student's tensor is the teacher's at the kept channels
+        assert value.shape[point.axis] == len(point.kept), point.name
+        assert len(point.kept) == len(set(point.kept.tolist()))
+
+
 def test_steps_prune_in_rounds(digits):
     teacher = onnx.load(MODEL)
     once = onnxprune.prune_rounds(teacher, 0.5, data=digits[0])

@@ -173,6 +173,29 @@ def test_allocate_sensitivity_beats_uniform_on_a_lopsided_model():
     assert {g["id"]: g["ratio"] for g in report["groups"]}[A1] == max(allocation_grid(0.3))
 
 
+def test_allocation_measures_its_cuts_on_a_seeded_subset(monkeypatch):
+    """Each of an allocation's cuts runs on at most ALLOCATION_SAMPLES samples, the same ones
+    for every cut; the statistics the cut's compensation and refit use still come from all."""
+    from onnxprune.pipeline import sensitivity
+
+    model = two_branch_model(a_scale=0.02, ramp=False)
+    data = dataset(model, n=40)
+    monkeypatch.setattr(sensitivity, "ALLOCATION_SAMPLES", 24)
+    seen = []
+    measure = sensitivity.measure_sensitivity
+
+    def spy(model, data, *args, **kwargs):
+        seen.append(data.inputs["x"])
+        return measure(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", spy)
+    first = prune(model, 0.3, data=data, allocate="sensitivity")
+    again = prune(model, 0.3, data=data, allocate="sensitivity")
+    assert [len(x) for x in seen] == [24, 24]
+    np.testing.assert_array_equal(seen[0], seen[1])  # seeded: the same subset, the same plan
+    assert first.plan.keep == again.plan.keep
+
+
 # --- ratio files ---------------------------------------------------------------------------------
 
 def test_ratios_by_id_and_glob_with_later_keys_winning():
@@ -252,13 +275,13 @@ def test_cli_ratio_file_errors(tmp_path, capsys, content, extra, message):
     (["--data", "D"], "--structured R"),
     (["--structured", "0.3", "--data", "D", "--global"], "exclusive"),
     (["--plan-in", "P", "--data", "D"], "--plan-in"),
-    (["--structured", "0.3", "--data", "D", "--allocate", "uniform"], "invalid choice"),
+    (["--structured", "0.3", "--data", "D", "--allocate", "even"], "invalid choice"),
 ])
 def test_cli_allocate_errors(tmp_path, capsys, extra, message):
     path, data = write_case(tmp_path)
     Plan(keep={A1: [0, 1]}, sizes={A1: C}).save(tmp_path / "p.json")
     extra = [{"D": str(data), "P": str(tmp_path / "p.json")}.get(a, a) for a in extra]
-    if "uniform" not in extra:
+    if "even" not in extra:
         extra = ["--allocate", "sensitivity"] + extra
     code = main([str(path), "--dry-run"] + extra)
     err = capsys.readouterr().err.strip().splitlines()

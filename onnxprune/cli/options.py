@@ -103,7 +103,8 @@ def _importance_option(p: argparse.ArgumentParser, data_note: bool = True) -> No
 
     note = f"; {', '.join(c for c in CRITERIA if needs_data(c))} need --data" if data_note else ""
     p.add_argument("--importance", choices=CRITERIA, metavar="NAME",
-                   help=f"channel importance: {', '.join(CRITERIA)} (default l1{note})")
+                   help=f"channel importance: {', '.join(CRITERIA)} (default l1; obs where ratios are "
+                        f"allocated by sensitivity with --data{note})")
 
 
 def _width_options(p: argparse.ArgumentParser) -> None:
@@ -144,16 +145,22 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
+    from ..options import TrainOptions
+
     g = p.add_argument_group("recovery (needs --data; the original model is the teacher)")
     g.add_argument("--distill", action="store_true", help="knowledge distillation from the original model (no labels)")
     g.add_argument("--finetune", action="store_true", help="fine-tune on the labels in --data")
     g.add_argument("--epochs", type=_positive, default=3, metavar="N", help="training epochs (default 3)")
-    g.add_argument("--lr", type=_nonneg_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lr", type=_nonneg_float, default=TrainOptions.lr,
+                   help=f"Adam learning rate (default {TrainOptions.lr:g}, for pretrained weights; a small model "
+                   "trained from scratch wants about 1e-3)")
     g.add_argument("--distill-loss", choices=("auto", "kl", "mse"), default="auto",
-                   help="auto: KL on temperature-softened (batch, classes) logits, else MSE")
+                   help="auto: KL on temperature-softened logits over the last axis for (batch, classes) "
+                        "and (batch, seq, vocab) outputs (per sample, per token), else MSE")
     g.add_argument("--temperature", type=_nonneg_float, default=4.0, help="distillation temperature (default 4)")
     g.add_argument("--feature-distill", type=_nonneg_float, default=0.0, metavar="W",
-                   help="also match intermediate features at the kept channels, with weight W")
+                   help="also match the cut groups' inputs and the block outputs at the kept channels, "
+                        "their mean MSE weighted by W")
     g.add_argument("--loss", choices=("auto", "ce", "mse"), default="auto",
                    help="fine-tuning loss: auto = cross-entropy for logits with integer labels, else MSE")
     g.add_argument("--sparsity-reg", type=_nonneg_float, default=0.0, metavar="LAMBDA",

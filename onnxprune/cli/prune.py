@@ -107,9 +107,11 @@ def _group_ratio_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-group ratios")
     g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob to a "
                    "ratio; other groups get --structured R (or stay whole without it)")
-    g.add_argument("--allocate", choices=("sensitivity",),
+    g.add_argument("--allocate", choices=("uniform", "sensitivity"),
                    help="sensitivity: measure each group's output error on --data and choose per-group ratios "
-                        "that remove --structured R of all prunable channels with the least error")
+                        "that remove --structured R of all prunable channels (or meet --target-macs/--target-params) "
+                        "with the least error; uniform: one ratio for every group. Default: sensitivity for "
+                        "--target-macs/--target-params with --data, else uniform")
 
 
 # option -> flag, for this command's messages (cli/options.render)

@@ -118,7 +118,7 @@ def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions) 
     chosen = {g.id: widths.head_ratio for g in analysis.prunable if g.kind == "heads"} \
         if widths.head_ratio is not None else {}
     allocation = None
-    if widths.allocate is not None:
+    if widths.allocate == "sensitivity":
         prepared = Prepared(analysis, scores, stats)
         target = options.target
         if target is None:

@@ -54,8 +54,10 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
 
 
 def feature_points(result: PruneResult) -> list[FeaturePoint]:
-    """Where student and teacher features are matched: the read points of every cut group."""
-    points, student_tensors = [], {n for node in result.model.graph.node for n in node.input}
+    """Where student and teacher features are matched: the read points of every cut group, and
+    every block output (``block_outputs``), each at the channels the student kept."""
+    points, seen = [], set()
+    student_tensors = {n for node in result.model.graph.node for n in [*node.input, *node.output]}
     for group in result.analysis.prunable:
         if group.id not in result.plan.keep:
             continue
@@ -64,4 +66,35 @@ def feature_points(result: PruneResult) -> list[FeaturePoint]:
             if p.name in student_tensors and p.axis > 0:
                 gone = positions(p.owner, removed)
                 points.append(FeaturePoint(p.name, p.axis, np.setdiff1d(np.arange(len(p.owner)), gone)))
+                seen.add(p.name)
+    for name, axis, size in block_outputs(result.analysis):
+        if name in seen or name not in student_tensors:
+            continue
+        kept = np.arange(size)
+        for group in result.analysis.prunable:
+            slot = group.dims.get((name, axis))
+            if slot is not None and group.id in result.plan.keep:
+                kept = np.setdiff1d(kept, positions(slot.owner, result.plan.removed(group.id)))
+        points.append(FeaturePoint(name, axis, kept))
     return points
+
+
+def block_outputs(analysis) -> list[tuple[str, int, int]]:
+    """(tensor, channel axis, channels) of each residual join: an Add of two computed tensors of
+    one shape (a ResNet/MobileNet block, a transformer layer's attention or MLP sublayer).
+    Matching them (besides the cut groups' read points) keeps the residual stream on the
+    teacher's track, the part of a pretrained net its later layers depend on most. The channel
+    axis is the one a channel group has there, else 1 (NCHW) for rank 4 and the last otherwise."""
+    view, found = analysis.view, []
+    grouped = {name: axis for group in analysis.groups for name, axis in group.dims}
+    for node in view.nodes:
+        if node.op != "Add" or len(node.inputs) != 2 or any(view.is_constant(t) for t in node.inputs):
+            continue
+        shapes = [view.shape(t) for t in node.inputs]
+        if shapes[0] is None or shapes[0] != shapes[1] or len(shapes[0]) < 2:
+            continue
+        name = node.outputs[0].name
+        axis = grouped.get(name, 1 if len(shapes[0]) == 4 else len(shapes[0]) - 1)
+        if isinstance(shapes[0][axis], int):
+            found.append((name, axis, shapes[0][axis]))
+    return found

@@ -60,7 +60,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     model = load_model(input_path)
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
-    if options.target is not None and options.widths.allocate is None:
+    if options.target is not None and options.widths.allocate != "sensitivity":
         searched = find_ratio(model, options.target, input_path, options)
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
     widths = options.widths

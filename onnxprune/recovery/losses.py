@@ -5,19 +5,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UsageError
 from ..metrics import class_labels
 
 
 def distill_loss(torch, kind: str, temperature: float, student, teacher):
-    """``kl``: KL(softmax(t / T) || softmax(s / T)) * T^2 on (batch, classes) outputs; ``mse``
-    otherwise (``auto`` picks), relative to the teacher's scale so that it reads the same for
-    every model."""
+    """``kl``: KL(softmax(t / T) || softmax(s / T)) * T^2 over the class axis, averaged over every
+    other position: one distribution per sample of (batch, classes) logits, per token of
+    (batch, seq, vocab) language-model logits, per pixel of (batch, classes, H, W) maps. ``mse``:
+    relative to the teacher's scale, so that it reads the same for every model. ``auto``: kl for
+    float outputs of rank 2 and 3 with more than one class, else mse."""
     F = torch.nn.functional
-    if kind == "kl" or (kind == "auto" and student.dim() == 2):
+    if kind == "kl" or (kind == "auto" and _scores_last(student)):
+        if student.dim() < 2:
+            raise UsageError(f"`distill_loss` kl needs scores over a class axis; the output has shape "
+                             f"{tuple(student.shape)}")
         t = temperature
-        return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                        reduction="batchmean", log_target=True) * t * t
+        # rank 2 and 3 (sequence models) keep the classes last, rank 4 and up (NCHW maps) on axis 1
+        axis = student.dim() - 1 if student.dim() <= 3 else 1
+        classes = student.shape[axis]
+        s = F.log_softmax(student / t, dim=axis).movedim(axis, -1).reshape(-1, classes)
+        q = F.log_softmax(teacher / t, dim=axis).movedim(axis, -1).reshape(-1, classes)
+        # batchmean over the flattened rows: the mean KL per distribution, so the loss and the best
+        # learning rate do not grow with the sequence length
+        return F.kl_div(s, q, reduction="batchmean", log_target=True) * t * t
     return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def _scores_last(output) -> bool:
+    """What ``auto`` distils with KL: float (batch, classes) and (batch, seq, vocab) outputs. Rank 3
+    is taken as scores over the last axis, as language models, token classifiers and speech
+    recognisers give them; a rank-3 output that is features (a transformer body's hidden states)
+    is better distilled with mse. One class has no distribution to match (its KL is always 0)."""
+    return output.is_floating_point() and output.dim() in (2, 3) and output.shape[-1] > 1
 
 
 def feature_loss(torch, student, teacher, axis: int, kept: np.ndarray):

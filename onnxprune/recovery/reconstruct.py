@@ -255,20 +255,22 @@ def _refit(torch, graph, reader: Reader, xs: list, ys: list, damping: float, rng
     fit, check, offset = None, None, 0
     axis = 1 if node.op_type == "Gemm" and attrs.get("transA", 0) else 0  # the samples' axis
     for x, y in zip(xs, ys):
-        held = (offset + np.arange(x.shape[axis])) % HOLDOUT == HOLDOUT - 1
-        offset += x.shape[axis]
-        for part, mask in ((False, ~held), (True, held)):
-            if not mask.any():
-                continue
-            index = torch.as_tensor(np.nonzero(mask)[0])
-            grams = _grams(torch, node.op_type, x.index_select(axis, index), y.index_select(0, index),
-                           weight.shape, attrs, bias is not None, rng)
-            if grams is None:
-                return "its output does not match its input's patches"
-            if part:
-                check = grams if check is None else [tuple(u + v for u, v in zip(p, q)) for p, q in zip(check, grams)]
-            else:
-                fit = grams if fit is None else [tuple(u + v for u, v in zip(p, q)) for p, q in zip(fit, grams)]
+        samples = x.shape[axis]
+        held = torch.as_tensor((offset + np.arange(samples)) % HOLDOUT == HOLDOUT - 1)
+        offset += samples
+        pairs = _rows(torch, node.op_type, x, y, weight.shape, attrs, rng)
+        if pairs is None:
+            return "its output does not match its input's patches"
+        for g, (rows, targets, sample) in enumerate(pairs):
+            # every row once: the Gram matrices of all rows and of the held-out samples' rows
+            # (a quarter, the only copy); the fit's are their difference
+            whole = _gram(torch, rows, targets, bias is not None)
+            mask = held[sample]
+            part = _gram(torch, rows[mask], targets[mask], bias is not None) if mask.any() else None
+            own = whole if part is None else tuple(u - v for u, v in zip(whole, part))
+            fit = _add(fit, g, own)
+            if part is not None:
+                check = _add(check, g, part)
     if fit is None:
         return "no samples"
     solved, refitted = [], 0
@@ -299,13 +301,22 @@ def _refit(torch, graph, reader: Reader, xs: list, ys: list, damping: float, rng
     return ""
 
 
-def _grams(torch, op: str, x, y, weight_shape, attrs, with_bias: bool, rng):
-    """Per group: (X^T X, X^T Y, ||Y||^2) of these samples; None when patches and outputs disagree."""
+def _rows(torch, op: str, x, y, weight_shape, attrs, rng):
+    """Per group: (input rows, output rows, the sample of each row); None when patches and
+    outputs disagree."""
     if op == "Conv":
-        pairs = _conv_rows(torch, x, y, weight_shape, attrs, rng)
+        return _conv_rows(torch, x, y, weight_shape, attrs, rng)
+    return [_linear_rows(torch, x, y, attrs, op, rng)]
+
+
+def _add(sums: list | None, group: int, grams: tuple) -> list:
+    """``sums`` with ``grams`` added to group ``group``'s (X^T X, X^T Y, ||Y||^2)."""
+    sums = sums if sums is not None else []
+    if group == len(sums):
+        sums.append(grams)
     else:
-        pairs = [_linear_rows(torch, x, y, attrs, op, rng)]
-    return None if pairs is None else [_gram(torch, p, t, with_bias) for p, t in pairs]
+        sums[group] = tuple(u + v for u, v in zip(sums[group], grams))
+    return sums
 
 
 def _regulariser(torch, gram, with_bias: bool):
@@ -333,27 +344,37 @@ def _error(w, a, b, yy) -> float:
 
 
 def _gram(torch, rows, targets, with_bias: bool):
-    """(X^T X, X^T Y, ||Y||^2) in float64, X the rows with a column of ones for the bias."""
-    rows = rows.double()
-    if with_bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
-    targets = targets.double()
-    return rows.T @ rows, rows.T @ targets, float((targets * targets).sum())
+    """(X^T X, X^T Y, ||Y||^2) in float64, X the rows with a column of ones for the bias.
+
+    The products run in float32 (twice as fast as float64 on a CPU, and the solve is damped
+    far above float32's rounding) and are summed in float64; the bias's row and column are the
+    rows' sums, so no column of ones is copied in."""
+    rows, targets = rows.float(), targets.float()
+    xx, xy = (rows.T @ rows).double(), (rows.T @ targets).double()
+    yy = float((targets * targets).sum(dtype=torch.float64))
+    if not with_bias:
+        return xx, xy, yy
+    ones = rows.sum(0, dtype=torch.float64)
+    count = torch.tensor([[float(rows.shape[0])]], dtype=torch.float64)
+    xx = torch.cat([torch.cat([xx, ones[:, None]], 1), torch.cat([ones[None, :], count], 1)], 0)
+    xy = torch.cat([xy, targets.sum(0, dtype=torch.float64)[None, :]], 0)
+    return xx, xy, yy
 
 
 def _subsample(torch, count: int, limit: int, rng):
-    """Row indices: all, or a uniform ``limit`` of them (the normal equations' cost grows with rows)."""
+    """Indices: all (None), or a uniform ``limit`` of them (the normal equations' cost grows with rows)."""
     if count <= limit:
         return None
     return torch.as_tensor(np.sort(rng.choice(count, limit, replace=False)))
 
 
 def _conv_rows(torch, x, y, weight_shape, attrs, rng):
-    """Per group: (patches, outputs) as rows, patches in the weight's (C/g, k...) order."""
+    """Per group: (patches, outputs, sample of each row) as rows, patches in the weight's (C/g, k...)
+    order; at most MAX_ROWS positions per sample (the same random ones for every sample)."""
     F = torch.nn.functional
     if x.dim() == 3:  # 1-D: one row of height 1
         x, y = x.unsqueeze(2), y.unsqueeze(2)
-    n, channels = x.shape[:2]
+    n = x.shape[0]
     kernel = list(weight_shape[2:]) if len(weight_shape) == 4 else [1, weight_shape[2]]
     spatial = len(weight_shape) - 2
     strides = list(attrs.get("strides", [1] * spatial))
@@ -361,31 +382,38 @@ def _conv_rows(torch, x, y, weight_shape, attrs, rng):
     pads = list(attrs.get("pads", [0] * 2 * spatial))
     if spatial == 1:
         strides, dilations, pads = [1, *strides], [1, *dilations], [0, pads[0], 0, pads[1]]
-    x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-    patches = F.unfold(x.float(), kernel, dilation=dilations, stride=strides)  # (n, C k, L)
-    groups = int(attrs.get("group", 1))
-    out = y.float().reshape(n, y.shape[1], -1)
+    if any(pads):
+        x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    if kernel == [1, 1]:  # a pointwise convolution's patches are its (strided) input: no im2col copy
+        patches = x[:, :, ::strides[0], ::strides[1]].reshape(n, x.shape[1], -1)
+    else:
+        patches = F.unfold(x.float(), kernel, dilation=dilations, stride=strides)  # (n, C k, L)
+    out = y.reshape(n, y.shape[1], -1)
     if patches.shape[2] != out.shape[2]:
         return None
-    length = patches.shape[2]
-    patches = patches.reshape(n, groups, -1, length).permute(1, 0, 3, 2).reshape(groups, n * length, -1)
-    out = out.reshape(n, groups, -1, length).permute(1, 0, 3, 2).reshape(groups, n * length, -1)
-    pick = _subsample(torch, n * length, MAX_ROWS * n, rng)
+    pick = _subsample(torch, patches.shape[2], MAX_ROWS, rng)
     if pick is not None:
-        patches, out = patches[:, pick], out[:, pick]
-    return list(zip(patches, out))
+        patches, out = patches.index_select(2, pick), out.index_select(2, pick)
+    groups, length = int(attrs.get("group", 1)), patches.shape[2]
+    patches = patches.reshape(n, groups, -1, length)
+    out = out.reshape(n, groups, -1, length)
+    sample = torch.arange(n).repeat_interleave(length)
+    return [(patches[:, g].transpose(1, 2).reshape(n * length, -1),
+             out[:, g].transpose(1, 2).reshape(n * length, -1), sample) for g in range(groups)]
 
 
 def _linear_rows(torch, x, y, attrs, op: str, rng):
-    """(inputs, outputs) as rows of a Gemm (as A' = A or A^T) or of a MatMul's last axis."""
+    """(inputs, outputs, sample of each row) as rows of a Gemm (as A' = A or A^T) or of a MatMul's
+    last axis."""
     if op == "Gemm" and attrs.get("transA", 0):
         x = x.T
     samples = x.shape[0]  # Gemm: one row each; MatMul: (batch, ..., K)
-    rows, targets = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+    rows, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    sample = torch.arange(rows.shape[0]) // (rows.shape[0] // samples)
     pick = _subsample(torch, rows.shape[0], MAX_ROWS * samples, rng)
     if pick is not None:
-        rows, targets = rows[pick], targets[pick]
-    return rows, targets
+        rows, targets, sample = rows[pick], targets[pick], sample[pick]
+    return rows, targets, sample
 
 
 def _current(torch, weight, bias, op: str, attrs, group: int, groups: int):

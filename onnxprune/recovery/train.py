@@ -14,7 +14,9 @@ Losses (losses.py; summed when both are asked for):
   needed. ``kl``: KL(softmax(t / T) || softmax(s / T)) * T^2 on outputs shaped
   (batch, classes); ``mse`` otherwise (``auto`` picks). Optionally plus the
   MSE between intermediate features of student and teacher at the channels
-  the student kept (``feature_weight``), normalised by the teacher's scale.
+  the student kept (the cut groups' read points and the block outputs,
+  pipeline/rounds.py), each normalised by the teacher's scale, their mean
+  weighted by ``feature_weight``.
 - fine-tuning (``finetune``): cross-entropy against integer labels for
   (batch, classes) outputs, else (or with ``loss="mse"``) MSE against labels.
 - sparsity (``sparsity_reg`` = lambda): group lasso over the channel groups
@@ -309,9 +311,10 @@ class _Context:
                 index = torch.as_tensor(kept, device=teacher[self.output].device)
                 teacher[self.output] = teacher[self.output].index_select(axis, index)
             total = total + losses.distill_loss(torch, o.distill_loss, o.temperature, logits, teacher[self.output])
-            for f in self.features:
-                total = total + o.feature_weight * losses.feature_loss(torch, values[f.name], teacher[f.name],
-                                                                       f.axis, f.kept)
+            if self.features:  # the mean over the points: W weighs them all, however many there are
+                matched = [losses.feature_loss(torch, values[f.name], teacher[f.name], f.axis, f.kept)
+                           for f in self.features]
+                total = total + o.feature_weight * sum(matched) / len(matched)
         if o.finetune:
             total = total + losses.finetune_loss(torch, o.loss, logits, labels)
         if o.sparsity_reg:

@@ -1,0 +1,203 @@
+"""Reconstruction after the cut: the executor's walk, the least-squares refits (layer-wise on the
+pruned model's activations, and in closed form from Gram matrices), the obs criterion, and the
+allocation to a MACs budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from onnxprune.data import Dataset
+from onnxprune.metrics import Reference
+from onnxprune.planning.plan import Plan
+
+from graphs import GraphBuilder, run
+
+torch = pytest.importorskip("torch")
+from onnxprune.executor.module import TorchGraph  # noqa: E402  (needs torch)
+from onnxprune.executor.walk import Walk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "digits_cnn.onnx"
+C = 8
+COPY, SOURCE = 5, 2  # in redundant_model: channel COPY is 2 x channel SOURCE
+
+
+def redundant_model() -> onnx.ModelProto:
+    """x(N,3,6,6) -> Conv3x3(3->C) "c1" -> Conv1x1(C->4) "c2" -> GAP -> Flatten -> Gemm(4->5).
+
+    c1's filter COPY is twice its filter SOURCE (no nonlinearity in between), so c2 can do
+    without COPY exactly: half its weight moves to SOURCE. COPY's weights are the largest, so
+    magnitude criteria keep it and drop something that cannot be replaced.
+    """
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["N", 3, 6, 6])
+    w = (b.rng.standard_normal((C, 3, 3, 3)) / 5).astype(np.float32)
+    bias = (b.rng.standard_normal(C) / 10).astype(np.float32)
+    w[COPY], bias[COPY] = 2 * w[SOURCE], 2 * bias[SOURCE]
+    h = b.conv(x, 3, C, w=b.const(w, "c1.W"), b=b.const(bias, "c1.B"), name="c1")
+    h = b.conv(h, C, 4, k=1, name="c2")
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h], name="gap")], name="flat")
+    return b.build(b.gemm(h, 4, 5, name="head"))
+
+
+def data_for(model, n=64, seed=0) -> Dataset:
+    x = np.random.default_rng(seed).standard_normal((n, 3, 6, 6)).astype(np.float32)
+    return Dataset({"x": x}, np.random.default_rng(seed).integers(0, 5, n), "memory")
+
+
+def c1(analysis):
+    return next(g for g in analysis.prunable if "c1" in g.sources)
+
+
+def plan_without(model, channels) -> Plan:
+    group = c1(onnxprune.analyse(model))
+    return Plan({group.id: [c for c in range(group.size) if c not in channels]}, {group.id: group.size})
+
+
+# --- the walk ---------------------------------------------------------------------------------
+
+def test_walking_all_batches_at_once_computes_what_a_forward_pass_does():
+    model = onnx.load(str(MODEL))
+    graph = TorchGraph(model, trainable=lambda name: False)
+    xs = [torch.from_numpy(np.random.default_rng(i).random((3, 1, 8, 8), dtype=np.float32)) for i in range(2)]
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and "expand" in n.name)
+    walk = Walk(graph, [[x] for x in xs], wanted=["logits"])
+    inputs = walk.before(conv.output[0])  # the inputs of a node in the middle, per batch
+    assert len(inputs) == 2 and inputs[0][0].shape[0] == 3
+    with torch.no_grad():
+        expected = [graph(x)[0] for x in xs]
+        got = walk.take("logits")
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
+# --- reconstruction on the pruned model's activations -------------------------------------------
+
+@pytest.mark.parametrize("refit", [False, True], ids=["walk", "gram-refit-then-walk"])
+def test_a_removed_channel_that_others_can_stand_in_for_is_restored_exactly(refit):
+    model = redundant_model()
+    data = data_for(model)
+    plan = plan_without(model, [COPY])
+    plain = onnxprune.prune(model, plan=plan)
+    result = onnxprune.prune(model, plan=plan, data=data, compensate=refit)
+    x = {"x": data_for(model, 16, seed=1).inputs["x"]}  # held out: other samples than the fit's
+    expected = run(model, x)[0]
+    assert np.abs(run(plain.model, x)[0] - expected).max() > 1e-2
+    np.testing.assert_allclose(run(result.model, x)[0], expected, rtol=1e-4, atol=1e-4)
+    rec = result.report.reconstruction
+    assert rec["readers"] >= 1 and rec["output_error"]["after"] < 1e-4
+    if refit:  # the closed-form refit already did nearly all of it, the walk only the rest
+        assert result.report.compensation["refitted"] == 1
+        # not exact: the refit's damping toward the cut weights, chosen on held-out samples,
+        # leaves a small residual
+        assert rec["output_error"]["before"] < 1e-3
+
+
+def test_a_consumer_whose_input_did_not_change_keeps_its_weights():
+    """Downstream of the cut, a layer whose own input is untouched refits to what it was."""
+    from onnxprune.pipeline import steps
+    from onnxprune.recovery.reconstruct import reconstruct
+
+    model = redundant_model()
+    data = data_for(model)
+    analysis = onnxprune.analyse(model)
+    cut = steps.cut(model, analysis, plan_without(model, []))  # nothing removed
+    refitted, done = reconstruct(model, cut.model, cut.removed, data, downstream=True)
+    assert done.readers == []
+    for a, b in zip(cut.model.graph.initializer, refitted.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_reconstruction_lowers_the_held_out_error_of_the_trained_digits_model():
+    from tools.digits_arch import accuracy_onnx, load_split
+
+    x_train, x_test, y_train, y_test = load_split()
+    model = onnx.load(str(MODEL))
+    data = Dataset({"input": x_train}, y_train)
+    options = dict(data=data, calib_samples=256, compensate=False)
+    before = onnxprune.prune(model, 0.4, reconstruct=False, **options)
+    after = onnxprune.prune(model, 0.4, **options)
+    held_out = Reference(model, Dataset({"input": x_test}, y_test))
+    worse, better = held_out.measure(before.model), held_out.measure(after.model)
+    assert better.output_error < 0.7 * worse.output_error, (worse, better)
+    assert better.accuracy > worse.accuracy + 0.2
+    report = after.report.reconstruction
+    assert report["samples"] <= 256 and report["seconds"] > 0 and report["readers"] >= 5
+    assert report["output_error"]["after"] < report["output_error"]["before"]
+    del accuracy_onnx
+
+
+def test_reconstruction_is_reported_and_can_be_turned_off(tmp_path, capsys):
+    from onnxprune.cli import main
+
+    model = redundant_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=data_for(model).inputs["x"])
+    assert main([str(path), "--structured", "0.5", "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "a.onnx"),
+                 "--report", str(tmp_path / "a.json")]) == 0
+    assert "reconstruction" in capsys.readouterr().out
+    assert main([str(path), "--structured", "0.5", "--data", str(tmp_path / "d.npz"), "--no-reconstruct",
+                 "-o", str(tmp_path / "b.onnx"), "--report", str(tmp_path / "b.json")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "a.json").read_text())["reconstruction"]["readers"] >= 1
+    assert json.loads((tmp_path / "b.json").read_text())["reconstruction"] is None
+    code = main([str(path), "--structured", "0.5", "--reconstruct", "-o", str(tmp_path / "c.onnx")])
+    assert code == 2 and "--reconstruct" in capsys.readouterr().err
+
+
+# --- the obs criterion -----------------------------------------------------------------------------
+
+def test_obs_takes_the_channel_others_can_stand_in_for_first():
+    model = redundant_model()
+    data = data_for(model)
+    scores = {}
+    for criterion in ("obs", "l1"):
+        result = onnxprune.prune(model, 1 / C, importance=criterion, data=data, reconstruct=False)
+        group = c1(result.analysis)
+        scores[criterion] = set(range(C)) - set(result.plan.keep[group.id])
+    assert scores["obs"] in ({COPY}, {SOURCE})  # either of the pair can go: the other carries it
+    assert scores["l1"] != scores["obs"]  # magnitude keeps the big copy and drops another channel
+
+
+# --- allocation to a budget ------------------------------------------------------------------------
+
+def test_allocation_meets_a_macs_budget_and_reports_it(tmp_path):
+    from tools.digits_arch import load_split
+
+    x_train, _, y_train, _ = load_split()
+    np.savez(tmp_path / "d.npz", input=x_train[:256], labels=y_train[:256])
+    report = onnxprune.prune_file(MODEL, tmp_path / "o.onnx", target=onnxprune.Target("macs", 0.6),
+                                  allocate="sensitivity", data=str(tmp_path / "d.npz"), reconstruct=False)
+    assert report.macs_after / report.macs_before <= 0.6
+    assert report.allocation["unit"] == "macs" and report.target["allocated"]
+    ratios = {g["id"]: g["ratio"] for g in report.allocation["groups"]}
+    assert len(set(ratios.values())) > 1  # not one ratio for all: the cut goes where it costs least
+
+
+def test_a_budget_with_data_is_allocated_by_default_and_uniform_on_request(tmp_path):
+    from onnxprune.options import PruneOptions, validate
+
+    budget = dict(target=onnxprune.Target("macs", 0.6), data="d.npz")
+    assert validate(PruneOptions.from_keywords(**budget)).widths.allocate == "sensitivity"
+    assert validate(PruneOptions.from_keywords(**budget, allocate="uniform")).widths.allocate == "uniform"
+    # a ratio names each group's fraction, a global ranking decides the amounts itself, no data
+    # measures nothing: these stay uniform
+    for other in (dict(ratio=0.3, data="d.npz"), dict(**budget, global_ranking=True),
+                  dict(target=onnxprune.Target("macs", 0.6))):
+        assert validate(PruneOptions.from_keywords(**other)).widths.allocate is None
+    again = validate(validate(PruneOptions.from_keywords(**budget)))  # validating twice changes nothing
+    assert again.widths.allocate == "sensitivity"
+
+    model = redundant_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data_for(model).inputs["x"])
+    report = onnxprune.prune_file(tmp_path / "m.onnx", tmp_path / "u.onnx", target=onnxprune.Target("macs", 0.8),
+                                  allocate="uniform", data=str(tmp_path / "d.npz"))
+    assert report.allocation is None and not report.target.get("allocated") and report.target["evaluations"]
