@@ -77,9 +77,18 @@ def test_readme_code_layout_is_the_package_tree():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page):
-    for target, _ in LINK.findall(page.read_text()):
+    for target, anchor in LINK.findall(page.read_text()):
         if "://" not in target:
             assert (page.parent / target).exists(), f"{page.name}: link to {target} resolves to nothing"
+            if anchor and target.endswith(".md"):
+                slugs = {_slug(line.lstrip("#")) for line in (page.parent / target).read_text().splitlines()
+                         if line.startswith("#")}
+                assert anchor[1:] in slugs, f"{page.name}: {target}{anchor} names no heading there"
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_the_package_index_page_has_no_repository_links_or_make_steps():

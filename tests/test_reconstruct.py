@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import onnxprune
 from onnxprune.data import Dataset
 from onnxprune.metrics import Reference
 from onnxprune.planning.plan import Plan
+from onnxprune.recovery.reconstruct import Reconstruction
 
 from graphs import GraphBuilder, run
 
@@ -138,7 +140,7 @@ def test_reconstruction_is_reported_and_can_be_turned_off(tmp_path, capsys):
     model = redundant_model()
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    np.savez(tmp_path / "d.npz", x=data_for(model).inputs["x"])
+    np.savez(tmp_path / "d.npz", x=data_for(model, n=200).inputs["x"])
     assert main([str(path), "--structured", "0.5", "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "a.onnx"),
                  "--report", str(tmp_path / "a.json")]) == 0
     assert "reconstruction" in capsys.readouterr().out
@@ -146,7 +148,10 @@ def test_reconstruction_is_reported_and_can_be_turned_off(tmp_path, capsys):
                  "-o", str(tmp_path / "b.onnx"), "--report", str(tmp_path / "b.json")]) == 0
     import json
 
-    assert json.loads((tmp_path / "a.json").read_text())["reconstruction"]["readers"] >= 1
+    done = json.loads((tmp_path / "a.json").read_text())["reconstruction"]
+    assert done["readers"] >= 1 and done["samples"] == 128  # the rest (72) judge the fit
+    assert done["held_out"]["samples"] == 72 and isinstance(done["kept"], bool)
+    assert done["kept"] == (done["held_out"]["output_error"]["after"] < done["held_out"]["output_error"]["before"])
     assert json.loads((tmp_path / "b.json").read_text())["reconstruction"] is None
     code = main([str(path), "--structured", "0.5", "--reconstruct", "-o", str(tmp_path / "c.onnx")])
     assert code == 2 and "--reconstruct" in capsys.readouterr().err
@@ -201,3 +206,32 @@ def test_a_budget_with_data_is_allocated_by_default_and_uniform_on_request(tmp_p
     report = onnxprune.prune_file(tmp_path / "m.onnx", tmp_path / "u.onnx", target=onnxprune.Target("macs", 0.8),
                                   allocate="uniform", data=str(tmp_path / "d.npz"))
     assert report.allocation is None and not report.target.get("allocated") and report.target["evaluations"]
+
+
+def test_a_reconstruction_that_does_worse_on_samples_it_did_not_fit_is_discarded(monkeypatch):
+    """The model-level check: a reconstruction whose outputs move away from the original's on
+    the calibration samples held out of the fit is not kept (the cut model is returned)."""
+    from onnxprune.pipeline import prune as pipeline
+
+    model = redundant_model()
+    data = data_for(model, n=40)
+
+    def spoiled(original, pruned, removed, fit, batch_size=None, downstream=False):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(pruned)
+        for t in bad.graph.initializer:  # every weight scaled: far from the original's outputs
+            values = numpy_helper.to_array(t)
+            if values.dtype == np.float32 and values.ndim > 1:
+                t.CopyFrom(numpy_helper.from_array(values * 3, t.name))
+        assert len(fit) == 30  # 40 samples: a quarter held out to judge the fit
+        return bad, Reconstruction(readers=["c2"], samples=len(fit))
+
+    monkeypatch.setattr(pipeline, "reconstruct", spoiled)
+    result = onnxprune.prune(model, 0.5, data=data, quiet=True)
+    done = result.report.reconstruction
+    assert done["kept"] is False and done["held_out"]["samples"] == 10
+    assert done["held_out"]["output_error"]["after"] > done["held_out"]["output_error"]["before"]
+    plain = onnxprune.prune(model, 0.5, data=data, quiet=True, reconstruct=False).model
+    x = data.inputs["x"][:8]
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    assert "discarded" in result.report.summary()

@@ -272,6 +272,7 @@ def table(rows: list[dict]) -> list[str]:
             continue
         recon = r.get("reconstruction")
         recon_cell = (f"{recon['seconds']:.1f} ({r['reconstruction_over_pass']:.1f}x)"
+                      + ("" if recon.get("kept", True) else ", discarded")
                       if recon and "reconstruction_over_pass" in r else "-")
         train = r.get("training")
         train_cell = f"{train['seconds']:.0f} ({train['samples_per_second']:.2f})" if train else "-"

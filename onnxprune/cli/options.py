@@ -134,7 +134,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="samples per run (default 32, or the model's fixed batch)")
     g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the layers after each cut by least squares so that they reproduce the original's "
-                        "outputs on the data (default: on with --data)")
+                        "outputs on the data, kept if the model's outputs improve on samples it did not fit "
+                        "(default: on with --data)")
     g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="fold removed channels' mean output into the next layer's bias (default: on with --data)")
     g.add_argument("--image-size", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")

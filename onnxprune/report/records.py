@@ -190,8 +190,13 @@ class Report:
         if self.reconstruction:
             r = self.reconstruction
             err = r["output_error"]
+            held = r.get("held_out")
+            judged = (f"; on {held['samples']} samples it did not fit: {held['output_error']['before']:.3g} -> "
+                      f"{held['output_error']['after']:.3g}" if held else "")
+            verdict = "" if r.get("kept", True) else " (discarded: no better on the samples it did not fit)"
             lines.append(f"reconstruction  {r['readers']} layer(s) refitted on {r['samples']} samples in "
-                         f"{r['seconds']:.1f} s: output error {err['before']:.3g} -> {err['after']:.3g}")
+                         f"{r['seconds']:.1f} s: output error {err['before']:.3g} -> {err['after']:.3g}"
+                         f"{judged}{verdict}")
         if self.sparsity is not None:
             lines += self.sparsity.summary_lines(verbose)
         if self.training:

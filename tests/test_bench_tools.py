@@ -1,0 +1,72 @@
+"""The accuracy benchmarks' own logic: skipping without data, intervals, the targets' verdicts,
+and the text model's corpus split and perplexity (tools/bench_pretrained.py, tools/make_text_model.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tools import bench_pretrained as bench
+from tools import make_text_model as text
+
+
+def test_the_pretrained_benchmark_skips_with_its_reason_when_the_photos_are_absent(tmp_path, capsys):
+    assert bench.main(["--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("skipped: ") and "imagenet-500 not found" in out
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_paired():
+    hits = np.array([1.0] * 150 + [0.0] * 100)
+    lo, hi = bench.interval(hits)
+    assert lo < 60.0 < hi and hi - lo < 15
+    row = {"top1": 60.0, "_hits": hits}
+    assert bench.difference(row, row) == "+0.0 points [+0.0, +0.0]"  # the same resamples for both
+
+
+def test_targets_pass_and_fail_as_measured():
+    def row(top1, macs):
+        hits = np.zeros(250)
+        hits[: int(round(top1 * 2.5))] = 1.0
+        return {"top1": 100 * hits.mean(), "_hits": hits, "macs": macs, "macs_ratio": 1000 / macs}
+
+    rows = {"original": row(84, 1000), "data": row(80, 700), "distill": row(80, 700),
+            "tp": row(70, 705), "tp-distill": row(82, 700)}
+    verdicts = {t["target"]: t["pass"] for t in bench.targets(rows)}
+    assert verdicts["reconstruction alone within 5 points of the original"] is True
+    assert verdicts["with distillation within 3 points of the original"] is False
+    assert verdicts["reconstruction >= Torch-Pruning without recovery, MACs within 2%"] is True
+    assert verdicts["distillation >= Torch-Pruning with the same loop, MACs within 2%"] is False
+    assert all(v for k, v in verdicts.items() if "1.4x" in k)
+
+
+def test_the_text_corpus_holds_out_every_tenth_file_and_windows_predict_the_next_byte(tmp_path):
+    for i in range(25):
+        (tmp_path / f"m{i:02d}.py").write_text(f"x = {i}\n" * 40)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text("excluded\n")
+    files = text.corpus_files(tmp_path)
+    assert len(files) == 25 and all("test" not in f.parts for f in files)
+    train, held = text.split_files(files)
+    assert len(held) == 2 and not set(train) & set(held)
+    stream = text.byte_stream(train)
+    pair = text.windows(stream, np.array([0, 7]))
+    np.testing.assert_array_equal(pair["labels"][:, :-1], pair["input_ids"][:, 1:])
+
+
+def test_perplexity_is_the_exponent_of_the_mean_next_byte_cross_entropy(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = text.build_model(layers=1, hidden=16, heads=2).eval()
+    path = tmp_path / "lm.onnx"
+    text.export(model, path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, text.VOCAB, size=(3, text.CONTEXT + 1))
+    data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data["input_ids"]))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, text.VOCAB),
+                                                 torch.from_numpy(data["labels"]).reshape(-1))
+    assert text.perplexity(path, data, batch_size=2) == pytest.approx(math.exp(float(loss)), rel=1e-4)
