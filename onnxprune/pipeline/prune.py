@@ -208,17 +208,15 @@ def _judge(model, check: Dataset | None, batch_size: int | None) -> Reference | 
 
 def _fit_and_check(calib: Dataset, seed: int) -> tuple[Dataset, Dataset | None]:
     """(samples to fit on, samples to judge the fit on): RECONSTRUCTED_SAMPLES and up to
-    MEASURED_SAMPLES of the others; with no others, a held-out CHECKED_FRACTION (none from
-    fewer than 8 samples)."""
-    order = np.random.default_rng(seed).permutation(len(calib))
+    MEASURED_SAMPLES of the others; with no others, a held-out CHECKED_FRACTION (Dataset.split;
+    none from fewer than 8 samples)."""
     if len(calib) > RECONSTRUCTED_SAMPLES:
+        order = np.random.default_rng(seed).permutation(len(calib))
         fit, rest = order[:RECONSTRUCTED_SAMPLES], order[RECONSTRUCTED_SAMPLES:][:MEASURED_SAMPLES]
-    elif len(calib) >= 8:
-        held = max(2, int(len(calib) * CHECKED_FRACTION))
-        fit, rest = order[held:], order[:held]
-    else:
-        return calib, None
-    return calib.subset(np.sort(fit)), calib.subset(np.sort(rest))
+        return calib.subset(np.sort(fit)), calib.subset(np.sort(rest))
+    if len(calib) >= 8:
+        return calib.split(CHECKED_FRACTION, seed)
+    return calib, None
 
 
 def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:
