@@ -115,6 +115,33 @@ def test_a_consumer_whose_input_did_not_change_keeps_its_weights():
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
 
 
+def test_a_depthwise_convolution_is_refitted_group_by_group_in_one_batch():
+    """Every channel of a depthwise Conv is its own least-squares problem: each recovers its
+    own filter from its own data, and one the data never excites keeps its cut weights."""
+    from onnxprune.recovery.reconstruct import Reader, _refit
+
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", C, 7, 7])
+    model = b.build(b.conv(x, C, C, group=C, name="dw"))
+    true = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    graph = TorchGraph(model, trainable=lambda name: False)
+    weight, bias = graph.parameter("dw.W"), graph.parameter("dw.B")
+    inputs = torch.from_numpy(np.random.default_rng(0).standard_normal((40, C, 7, 7)).astype(np.float32))
+    inputs[:, 0] = 0  # channel 0 carries nothing: its system is singular, its weights stay
+    with torch.no_grad():
+        targets = graph(inputs)[0]
+        weight.add_(0.3)
+        bias.add_(0.3)
+        cut = weight[0].clone(), bias[0].clone()
+        node = next(n for n in model.graph.node if n.op_type == "Conv")
+        assert _refit(torch, graph, Reader(node, x, "dw.W", "dw.B", None, 1), [inputs], [targets], 0.01,
+                      np.random.default_rng(0)) == ""
+    np.testing.assert_allclose(weight[1:].numpy(), true["dw.W"][1:], atol=1e-3)
+    np.testing.assert_allclose(bias[1:].numpy(), true["dw.B"][1:], atol=1e-3)
+    torch.testing.assert_close(weight[0], cut[0])
+    torch.testing.assert_close(bias[0], cut[1])
+
+
 def test_reconstruction_lowers_the_held_out_error_of_the_trained_digits_model():
     from tools.digits_arch import accuracy_onnx, load_split
 

@@ -40,7 +40,7 @@ from ..rules.weights import MULTIPLIED, WEIGHTS, proto_attrs
 DAMPING = 0.01  # of the mean diagonal of X^T X, when no samples are held out to choose it
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried on held-out samples
 HOLDOUT = 4  # every 4th sample checks the fit
-MAX_ROWS = 8192  # rows (patch positions) per sample that enter the normal equations; a uniform subsample
+MAX_ROWS = 4096  # rows (patch positions) per sample that enter the normal equations; a uniform subsample
 
 
 @dataclass
@@ -243,9 +243,11 @@ def _refit(torch, graph, reader: Reader, xs: list, ys: list, damping: float, rng
     """Solve the reader's least squares and store W, b in ``graph``'s parameters; '' or why not.
 
     Every HOLDOUT-th sample is held out: the damping is the one (of DAMPINGS) whose fit
-    reproduces the held-out samples' outputs best, and a layer whose best fit does worse there
-    than its cut weights keeps them (too few samples for its inputs). The final fit uses all
-    samples.
+    reproduces the held-out samples' outputs best, and a layer (or a convolution's group) whose
+    best fit does worse there than its cut weights keeps them (too few samples for its inputs).
+    The final fit uses all samples. A grouped convolution's groups are independent problems,
+    solved together as one batch (a depthwise one has a group per channel: thousands of tiny
+    systems that cost far more one by one than their arithmetic).
     """
     node, attrs = reader.node, proto_attrs(reader.node)
     weight = graph.parameter(reader.weight)
@@ -256,109 +258,136 @@ def _refit(torch, graph, reader: Reader, xs: list, ys: list, damping: float, rng
     axis = 1 if node.op_type == "Gemm" and attrs.get("transA", 0) else 0  # the samples' axis
     for x, y in zip(xs, ys):
         samples = x.shape[axis]
-        held = torch.as_tensor((offset + np.arange(samples)) % HOLDOUT == HOLDOUT - 1)
+        held = (offset + np.arange(samples)) % HOLDOUT == HOLDOUT - 1
         offset += samples
-        pairs = _rows(torch, node.op_type, x, y, weight.shape, attrs, rng)
-        if pairs is None:
+        grams = _grams(torch, node.op_type, x, y, weight.shape, attrs, held, bias is not None, rng)
+        if grams is None:
             return "its output does not match its input's patches"
-        for g, (rows, targets, sample) in enumerate(pairs):
-            # every row once: the Gram matrices of all rows and of the held-out samples' rows
-            # (a quarter, the only copy); the fit's are their difference
-            whole = _gram(torch, rows, targets, bias is not None)
-            mask = held[sample]
-            part = _gram(torch, rows[mask], targets[mask], bias is not None) if mask.any() else None
-            own = whole if part is None else tuple(u - v for u, v in zip(whole, part))
-            fit = _add(fit, g, own)
-            if part is not None:
-                check = _add(check, g, part)
+        fit = _add(fit, grams[0])
+        if grams[1] is not None:
+            check = _add(check, grams[1])
     if fit is None:
         return "no samples"
-    solved, refitted = [], 0
-    for g, (a, b, _) in enumerate(fit):
-        start = _current(torch, weight, bias, node.op_type, attrs, g, len(fit))
-        reg = _regulariser(torch, a, bias is not None)
-        scale = damping
-        if check is not None:
-            a_c, b_c, yy_c = check[g]
-            tried = {None: _error(start, a_c, b_c, yy_c)}
-            for factor in DAMPINGS:
-                w = _solve(torch, a, b, reg * factor, start)
-                if w is not None:
-                    tried[factor] = _error(w, a_c, b_c, yy_c)
-            scale = min(tried, key=lambda k: tried[k])
-            if scale is None:  # the data say too little about this layer: its cut weights generalise better
-                solved.append(start)
-                continue
-            a, b = a + a_c, b + b_c
-        w = _solve(torch, a, b, reg * scale, start)
-        if w is None:
-            return "singular normal equations"
-        solved.append(w)
-        refitted += 1
-    if not refitted:
+    a, b = fit
+    start = _current(torch, weight, bias, node.op_type, attrs, a.shape[0])
+    reg = _regulariser(torch, a, bias is not None)
+    scale = torch.full((a.shape[0],), damping, dtype=a.dtype)
+    keep = torch.zeros(a.shape[0], dtype=torch.bool)  # groups whose cut weights generalise better
+    if check is not None:
+        a_c, b_c = check
+        tried = [_error(start, a_c, b_c)]
+        for factor in DAMPINGS:
+            w, ok = _solve(torch, a, b, reg * factor, start)
+            tried.append(torch.where(ok, _error(w, a_c, b_c), torch.inf))
+        best = torch.stack(tried).argmin(0)
+        keep = best == 0
+        scale = torch.as_tensor((0.0, *DAMPINGS), dtype=a.dtype)[best]
+        a, b = a + a_c, b + b_c
+    w, ok = _solve(torch, a, b, reg * scale[:, None, None], start)
+    if not (ok | keep).all():
+        return "singular normal equations"
+    if keep.all():
         return "refitting does not reproduce held-out samples better than the cut weights"
-    _store(torch, weight, bias, solved, node.op_type, attrs)
+    _store(torch, weight, bias, torch.where(keep[:, None, None], start, w), node.op_type, attrs)
     return ""
 
 
-def _rows(torch, op: str, x, y, weight_shape, attrs, rng):
-    """Per group: (input rows, output rows, the sample of each row); None when patches and
-    outputs disagree."""
+def _grams(torch, op: str, x, y, weight_shape, attrs, held: np.ndarray, with_bias: bool, rng):
+    """One batch's normal equations (X^T X, X^T Y), shaped (groups, ...) with one group but for a
+    grouped convolution: (the fit's, the held-out samples' or None); None when a convolution's
+    patches and outputs disagree."""
     if op == "Conv":
-        return _conv_rows(torch, x, y, weight_shape, attrs, rng)
-    return [_linear_rows(torch, x, y, attrs, op, rng)]
+        found = _conv_patches(torch, x, y, weight_shape, attrs, rng)
+        if found is None:
+            return None
+        patches, out = found
+        # per sample, the positions' sums: the bias's row and column of the normal equations
+        sums = (patches.sum(3), out.sum(3)) if with_bias else None
+        part = _sample_grams(torch, patches, out, held, sums) if held.any() else None
+        return _sample_grams(torch, patches, out, ~held, sums), part
+    rows, targets, sample = _linear_rows(torch, x, y, attrs, op, rng)
+    # every row once: the Gram matrices of all rows and of the held-out samples' rows (a
+    # quarter, the only copy); the fit's are their difference
+    mask = torch.as_tensor(held)[sample]
+    whole = _gram(torch, rows, targets, with_bias)
+    if not mask.any():
+        return whole, None
+    part = _gram(torch, rows[mask], targets[mask], with_bias)
+    return tuple(u - v for u, v in zip(whole, part)), part
 
 
-def _add(sums: list | None, group: int, grams: tuple) -> list:
-    """``sums`` with ``grams`` added to group ``group``'s (X^T X, X^T Y, ||Y||^2)."""
-    sums = sums if sums is not None else []
-    if group == len(sums):
-        sums.append(grams)
-    else:
-        sums[group] = tuple(u + v for u, v in zip(sums[group], grams))
-    return sums
+def _add(sums: tuple | None, grams: tuple) -> tuple:
+    """``sums`` (X^T X, X^T Y) with ``grams`` added."""
+    return grams if sums is None else tuple(u + v for u, v in zip(sums, grams))
 
 
 def _regulariser(torch, gram, with_bias: bool):
-    """The damping's unit: the mean of the Gram matrix's diagonal, on the weights (not the bias)."""
-    diagonal = torch.diagonal(gram)[: gram.shape[0] - with_bias]
-    unit = float(diagonal.mean()) if diagonal.numel() else 0.0
-    reg = torch.eye(gram.shape[0], dtype=gram.dtype) * unit
+    """Per group, the damping's unit: the mean of the Gram matrix's diagonal, on the weights
+    (not the bias)."""
+    size = gram.shape[1]
+    diagonal = torch.diagonal(gram, dim1=1, dim2=2)[:, : size - with_bias]
+    unit = diagonal.mean(1) if diagonal.shape[1] else torch.zeros(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(size, dtype=gram.dtype)
     if with_bias:
-        reg[-1, -1] = 0.0  # the bias is not pulled anywhere
-    return reg
+        eye[-1, -1] = 0.0  # the bias is not pulled anywhere
+    return unit[:, None, None] * eye
 
 
 def _solve(torch, a, b, reg, start):
-    """argmin ||X W - Y||^2 + ||W - start||^2_reg from the normal equations; None if singular."""
-    try:
-        w = torch.linalg.solve(a + reg, b + reg @ start)
-    except RuntimeError:  # singular even with damping (a layer the data never excites)
-        return None
-    return w if torch.isfinite(w).all() else None
+    """argmin ||X W - Y||^2 + ||W - start||^2_reg per group from the normal equations, and which
+    groups' systems were solvable (a layer the data never excites is singular even damped)."""
+    w, info = torch.linalg.solve_ex(a + reg, b + reg @ start)
+    return w, (info == 0) & torch.isfinite(w).flatten(1).all(1)
 
 
-def _error(w, a, b, yy) -> float:
-    """||X W - Y||^2 from X^T X, X^T Y and ||Y||^2."""
-    return float((w * (a @ w)).sum() - 2 * (w * b).sum() + yy)
+def _error(w, a, b):
+    """||X W - Y||^2 - ||Y||^2 per group from X^T X and X^T Y: ||Y||^2 is the same for every
+    candidate W, so comparing candidates does not need it."""
+    return (w * (a @ w)).sum((1, 2)) - 2 * (w * b).sum((1, 2))
+
+
+def _with_bias(torch, xx, xy, ones, sums, count: float):
+    """(X^T X, X^T Y) of X with a column of ones appended, from the rows' sums (``ones``: of
+    X, ``sums``: of Y, both (groups, features)): no column of ones is copied in."""
+    counts = torch.full((xx.shape[0], 1, 1), count, dtype=torch.float64)
+    xx = torch.cat([torch.cat([xx, ones[:, :, None]], 2), torch.cat([ones[:, None, :], counts], 2)], 1)
+    return xx, torch.cat([xy, sums[:, None, :]], 1)
 
 
 def _gram(torch, rows, targets, with_bias: bool):
-    """(X^T X, X^T Y, ||Y||^2) in float64, X the rows with a column of ones for the bias.
+    """(X^T X, X^T Y) of (rows, features) in float64, shaped (1, ...), X with a column of ones for
+    the bias.
 
     The products run in float32 (twice as fast as float64 on a CPU, and the solve is damped
-    far above float32's rounding) and are summed in float64; the bias's row and column are the
-    rows' sums, so no column of ones is copied in."""
+    far above float32's rounding) and are summed in float64."""
     rows, targets = rows.float(), targets.float()
-    xx, xy = (rows.T @ rows).double(), (rows.T @ targets).double()
-    yy = float((targets * targets).sum(dtype=torch.float64))
+    xx, xy = (rows.T @ rows).double()[None], (rows.T @ targets).double()[None]
     if not with_bias:
-        return xx, xy, yy
-    ones = rows.sum(0, dtype=torch.float64)
-    count = torch.tensor([[float(rows.shape[0])]], dtype=torch.float64)
-    xx = torch.cat([torch.cat([xx, ones[:, None]], 1), torch.cat([ones[None, :], count], 1)], 0)
-    xy = torch.cat([xy, targets.sum(0, dtype=torch.float64)[None, :]], 0)
-    return xx, xy, yy
+        return xx, xy
+    return _with_bias(torch, xx, xy, rows.sum(0).double()[None], targets.sum(0).double()[None], rows.shape[0])
+
+
+def _sample_grams(torch, patches, out, chosen: np.ndarray, sums: tuple | None):
+    """(X^T X, X^T Y) per group in float64 over the positions of the ``chosen`` samples, with
+    the bias's row and column from ``sums`` (per sample, of patches and of outputs) if given.
+
+    ``patches`` (samples, groups, features, positions) and ``out`` (samples, groups, outputs,
+    positions) are read in place: one batched product per sample (over groups), accumulated
+    in float32 (each already sums a whole sample's positions), then in float64."""
+    _, groups, features, length = patches.shape
+    picked = np.flatnonzero(chosen)
+    xx = patches.new_zeros(groups, features, features)
+    xy = patches.new_zeros(groups, features, out.shape[2])
+    for i in picked:
+        p = patches[i]
+        xx.baddbmm_(p, p.transpose(1, 2))
+        xy.baddbmm_(p, out[i].transpose(1, 2))
+    xx, xy = xx.double(), xy.double()
+    if sums is None:
+        return xx, xy
+    index = torch.as_tensor(picked)
+    ones, outs = (s.index_select(0, index).sum(0, dtype=torch.float64) for s in sums)
+    return _with_bias(torch, xx, xy, ones, outs, float(len(picked) * length))
 
 
 def _subsample(torch, count: int, limit: int, rng):
@@ -368,9 +397,10 @@ def _subsample(torch, count: int, limit: int, rng):
     return torch.as_tensor(np.sort(rng.choice(count, limit, replace=False)))
 
 
-def _conv_rows(torch, x, y, weight_shape, attrs, rng):
-    """Per group: (patches, outputs, sample of each row) as rows, patches in the weight's (C/g, k...)
-    order; at most MAX_ROWS positions per sample (the same random ones for every sample)."""
+def _conv_patches(torch, x, y, weight_shape, attrs, rng):
+    """(patches, outputs) as (samples, groups, features or outputs, positions), patches in the
+    weight's (C/g, k...) order; at most MAX_ROWS positions per sample (the same random ones for
+    every sample); None when their positions disagree."""
     F = torch.nn.functional
     if x.dim() == 3:  # 1-D: one row of height 1
         x, y = x.unsqueeze(2), y.unsqueeze(2)
@@ -395,11 +425,7 @@ def _conv_rows(torch, x, y, weight_shape, attrs, rng):
     if pick is not None:
         patches, out = patches.index_select(2, pick), out.index_select(2, pick)
     groups, length = int(attrs.get("group", 1)), patches.shape[2]
-    patches = patches.reshape(n, groups, -1, length)
-    out = out.reshape(n, groups, -1, length)
-    sample = torch.arange(n).repeat_interleave(length)
-    return [(patches[:, g].transpose(1, 2).reshape(n * length, -1),
-             out[:, g].transpose(1, 2).reshape(n * length, -1), sample) for g in range(groups)]
+    return patches.float().reshape(n, groups, -1, length), out.float().reshape(n, groups, -1, length)
 
 
 def _linear_rows(torch, x, y, attrs, op: str, rng):
@@ -416,33 +442,34 @@ def _linear_rows(torch, x, y, attrs, op: str, rng):
     return rows, targets, sample
 
 
-def _current(torch, weight, bias, op: str, attrs, group: int, groups: int):
-    """The cut weights of group ``group`` in the solve's layout: (inputs [+ bias], outputs)."""
+def _current(torch, weight, bias, op: str, attrs, groups: int):
+    """The cut weights in the solve's layout: (groups, inputs [+ bias], outputs per group)."""
     w = weight.detach().double()
     if op == "Conv":
         per = w.shape[0] // groups
-        w = w[group * per:(group + 1) * per].reshape(per, -1).T
-        b = bias.detach().double()[group * per:(group + 1) * per] if bias is not None else None
+        w = w.reshape(groups, per, -1).transpose(1, 2)
+        b = bias.detach().double().reshape(groups, 1, per) if bias is not None else None
     else:
         if op == "Gemm":
             w = (w.T if attrs.get("transB", 0) else w) * float(attrs.get("alpha", 1.0))
-            b = bias.detach().double().reshape(-1) * float(attrs.get("beta", 1.0)) if bias is not None else None
+            b = bias.detach().double().reshape(1, -1) * float(attrs.get("beta", 1.0)) if bias is not None else None
         else:
             b = None
-    return torch.cat([w, b.reshape(1, -1)]) if b is not None else w
+        w, b = w[None], (b[None] if b is not None else None)
+    return torch.cat([w, b], 1) if b is not None else w
 
 
-def _store(torch, weight, bias, solved: list, op: str, attrs) -> None:
-    """The solutions into the parameters (in place: every batch's environment sees them)."""
+def _store(torch, weight, bias, solved, op: str, attrs) -> None:
+    """The solutions (groups, inputs [+ bias], outputs) into the parameters (in place: every
+    batch's environment sees them)."""
     with_bias = bias is not None
+    w, b = (solved[:, :-1], solved[:, -1]) if with_bias else (solved, None)
     if op == "Conv":
-        ws = [s[:-1].T if with_bias else s.T for s in solved]
-        weight.data.copy_(torch.cat(ws).reshape(weight.shape).to(weight.dtype))
-        if with_bias:
-            bias.data.copy_(torch.cat([s[-1] for s in solved]).to(bias.dtype))
+        weight.data.copy_(w.transpose(1, 2).reshape(weight.shape).to(weight.dtype))
+        if b is not None:
+            bias.data.copy_(b.reshape(bias.shape).to(bias.dtype))
         return
-    solution = solved[0]
-    w, b = (solution[:-1], solution[-1]) if with_bias else (solution, None)
+    w, b = w[0], (b[0] if b is not None else None)
     if op == "Gemm":
         w = w / float(attrs.get("alpha", 1.0))
         w = w.T if attrs.get("transB", 0) else w
