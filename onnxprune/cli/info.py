@@ -30,17 +30,20 @@ def run_info(argv: list[str]) -> int:
 
     from ..analysis.analyse import analyse
     from ..analysis.stats import count_macs, count_params, format_count
-    from ..model.load import load_model
+    from ..model.load import read_model
     from ..model.save import check_side_files, write_text_file
+    from ..report.text import conversion_line
 
     args = build_info_parser().parse_args(argv)
     check_side_files(args.model, None, {"`json`": args.json})
-    model = load_model(args.model)
+    loaded = read_model(args.model)
+    model = loaded.model
     analysis = analyse(model, analysis_options(args))
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
     info = {
+        "conversion": loaded.conversion and loaded.conversion.to_json(),
         "params": count_params(model),
         "macs": macs,
         "inputs": {k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
@@ -52,6 +55,8 @@ def run_info(argv: list[str]) -> int:
     if args.json:
         write_text_file(args.json, json.dumps(info, indent=1) + "\n")
     if not args.quiet:
+        if info["conversion"]:
+            print(conversion_line(info["conversion"]))
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
         print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
         print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")

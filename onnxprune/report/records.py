@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import group_label, summary_line
+from .text import conversion_line, group_label, summary_line
 
 REPORT_SCHEMA = 1
 
@@ -116,6 +116,7 @@ class Report:
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
+    conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
@@ -142,7 +143,8 @@ class Report:
 
     def summary(self, verbose: bool = False) -> str:
         pruned = [g for g in self.groups if g.channels_after < g.channels_before]
-        lines = [
+        lines = [conversion_line(self.conversion)] if self.conversion else []
+        lines += [
             f"params  {format_count(self.params_before):>9} -> {format_count(self.params_after):<9}"
             f"({_ratio(self.params_before, self.params_after)})",
             f"MACs    {format_count(self.macs_before):>9} -> {format_count(self.macs_after):<9}"

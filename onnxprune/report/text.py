@@ -26,6 +26,11 @@ def format_allocation(allocation: dict) -> str:
     return "\n".join(lines)
 
 
+def conversion_line(conversion: dict) -> str:
+    """The ``conversion`` entry of a report (an old opset upgraded on load) as one line."""
+    return f"converted opset {conversion['from_opset']} -> {conversion['to_opset']} ({conversion['tool']})"
+
+
 def summary_line(target: dict) -> str:
     """One line for the printed summary, from ``TargetResult.to_json()``."""
     n = len(target["evaluations"])
