@@ -28,6 +28,7 @@ from ..graph.view import GraphView
 from ..rules.registry import Reached, lookup
 
 MAX_REASONS = 3
+MORE_REASONS = "... and "  # how the reasons beyond MAX_REASONS are summed up
 
 
 @dataclass
@@ -246,9 +247,21 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
     group.sources = _sources(view, group)
     group.units = np.array([uf.find(c) for c in range(group.size)])
     group.blocked = group.blocked[:MAX_REASONS] + (
-        [f"... and {len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
+        [f"{MORE_REASONS}{len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
     )
     return group
+
+
+def barrier_of(reason: str, nodes) -> tuple[str, str | None]:
+    """The barrier a reason of a blocked group names, and the node it was met at (None for a
+    graph input or output, or a tensor): "ReduceMean ln/mean: reduces ..." is met at node
+    ln/mean (one of the group's ``nodes``) and is the barrier "ReduceMean: reduces ...", which
+    every node of that op and reason shares."""
+    head, sep, message = reason.partition(": ")
+    op, _, node = head.partition(" ")
+    if sep and node in nodes:
+        return f"{op}: {message}", node
+    return reason, None
 
 
 def _sources(view: GraphView, group: Group) -> list[str]:

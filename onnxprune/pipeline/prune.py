@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..analysis.analyse import Analysis
-from ..analysis.stats import count_macs, count_params
+from ..analysis.stats import barrier_macs, count_macs, count_params, held_macs, macs_by_output, total_macs
 from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
@@ -221,10 +221,13 @@ def _fit_and_check(calib: Dataset, seed: int) -> tuple[Dataset, Dataset | None]:
 
 def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:
     model = analysis.model
+    per_output = macs_by_output(model, shapes=analysis.shapes.static)
+    output_of = {n.name: n.outputs[0].name for n in analysis.view.nodes if n.outputs}
     groups, blocked = [], []
     for g in analysis.groups:
         if g.blocked:
-            blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked)))
+            blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked),
+                                        held_macs(g.nodes, output_of, per_output)))
             continue
         if not g.prunable:
             continue
@@ -242,11 +245,12 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
             report.units_after = sum(1 for m in g.unit_members() if int(m[0]) in kept_set)
         groups.append(report)
     params = count_params(model)
-    macs = count_macs(model, shapes=analysis.shapes.static)
+    macs = total_macs(per_output)
     return Report(
         input="", output=None, ratio=ratio, importance=importance,
         params_before=params, params_after=params, macs_before=macs, macs_after=macs,
         groups=groups, blocked=blocked,
+        barriers=barrier_macs([g for g in analysis.groups if g.blocked], output_of, per_output),
     )
 
 

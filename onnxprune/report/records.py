@@ -31,6 +31,7 @@ class BlockedGroup:
     sources: list[str]
     channels: int
     reason: str
+    macs: int | None = None  # of the group's nodes: what its barriers hold (None: a count unknown)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Report:
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
+    # the barriers of the blocked groups, most MACs held first (analysis/stats.py barrier_macs)
+    barriers: list[dict] = field(default_factory=list)
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA

@@ -3,6 +3,8 @@ other steps fill in (an allocation, a budget search)."""
 
 from __future__ import annotations
 
+from ..analysis.stats import format_count
+
 
 def group_label(sources: list[str], gid: str) -> str:
     """A group by its first two source nodes (its id when it has none)."""
@@ -24,6 +26,27 @@ def format_allocation(allocation: dict) -> str:
         error = "" if g["error"] is None else f"  error alone {g['error']:.4f}"
         lines.append(f"  ratio {g['ratio']:<5g} {g['channels']:>5} ch  {clipped_label(g['sources'], g['id'])}{error}")
     return "\n".join(lines)
+
+
+def barrier_label(barrier: dict) -> str:
+    """A barrier (an entry of ``Report.barriers``) with the nodes it was met at:
+    "ReduceMean ln/mean, ln/var: ReduceMean reduces over the channel axis ..."."""
+    nodes = barrier["nodes"]
+    if not nodes:
+        return barrier["barrier"]
+    where = ", ".join(nodes[:2]) + (f" and {len(nodes) - 2} more" if len(nodes) > 2 else "")
+    op, _, message = barrier["barrier"].partition(": ")
+    return f"{op} {where}: {message}"
+
+
+def held_by(barriers: list[dict], shown: int = 3) -> str:
+    """The barriers that hold the most MACs (``Report.barriers``, ranked), on one line; each
+    names the option that lifts it where there is one."""
+    holding = [b for b in barriers if b["macs"] is None or b["macs"] > 0][:shown]
+    if not holding:
+        return "no blocked group holds MACs: a larger `ratio` removes more"
+    return "the barriers holding the most MACs: " + "; ".join(
+        f"{barrier_label(b)} [{format_count(b['macs'])} MACs in {len(b['groups'])} group(s)]" for b in holding)
 
 
 def conversion_line(conversion: dict) -> str:
