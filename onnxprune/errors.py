@@ -37,6 +37,12 @@ class QualityGateFailed(OnnxPruneError):
     exit_code = 6
 
 
+class ReductionTooSmall(OnnxPruneError):
+    """The prune lowered MACs less than `min_reduction` asks (original / pruned); nothing written."""
+
+    exit_code = 7
+
+
 class PlanMismatch(UsageError):
     """A plan file does not fit the model it is applied to."""
 
@@ -70,5 +76,6 @@ EXIT_CODES = {
     4: "unsupported model (opset < 7, or one onnx.version_converter cannot upgrade, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",
     6: "quality gate failed (--max-accuracy-drop / --max-output-error exceeded; nothing written)",
+    7: "reduction too small (MACs fell less than --min-reduction asks; nothing written)",
     130: "interrupted (Ctrl-C); nothing written",
 }

@@ -52,6 +52,7 @@ _count = _number(int, lambda v: v >= 0, "must be at least 0")
 _nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 _fraction = _number(float, lambda v: 0 < v <= 1, "the fraction kept must be in (0, 1]")
 _speedup = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number")
+_reduction = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number (original MACs / pruned MACs)")
 
 
 def _floats(text: str) -> tuple[float, ...]:
