@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InvalidModel, UnsupportedModel, first_line
 from ..rules.weights import WEIGHTS, group_problem
+from .inputs import declared_dim, name_negative_dims
 from .proto import light_copy, needs_external_data, opset_of
 
 MIN_OPSET = 11
@@ -58,8 +59,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def read_model(path: str | os.PathLike) -> LoadedModel:
-    """Read and check a model file, upgrading opsets 7 to 10 in memory; raise
-    InvalidModel/UnsupportedModel with one line."""
+    """Read and check a model file, upgrading opsets 7 to 10 in memory and declaring negative
+    dims (paddle2onnx's -1) as named dynamic dims; raise InvalidModel/UnsupportedModel with one line."""
     path = Path(path)
     if not path.exists():
         raise InvalidModel(f"{path}: no such file")
@@ -77,7 +78,9 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModel(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     except Exception as exc:  # protobuf raises assorted types on garbage input
         raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
-    return checked_model(model, path)
+    loaded = checked_model(model, path)
+    name_negative_dims(loaded.model)  # ours to edit: read from the file just now
+    return loaded
 
 
 def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
@@ -153,9 +156,9 @@ def check_conv_groups(graph: onnx.GraphProto, where: str = "") -> None:
     """Conv/ConvTranspose ``group`` must fit the weights and input channels (ONNX inference skips this)."""
     weights = {t.name: list(t.dims) for t in graph.initializer}
     channels = {
-        vi.name: vi.type.tensor_type.shape.dim[1].dim_value
+        vi.name: declared_dim(vi.type.tensor_type.shape.dim[1])
         for vi in (*graph.input, *graph.value_info)
-        if len(vi.type.tensor_type.shape.dim) > 1 and vi.type.tensor_type.shape.dim[1].HasField("dim_value")
+        if len(vi.type.tensor_type.shape.dim) > 1
     }
     for node in graph.node:
         entry = WEIGHTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None

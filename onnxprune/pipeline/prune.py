@@ -21,6 +21,7 @@ from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
 from ..metrics import Reference
+from ..model.inputs import declared_dim
 from ..options import PruneOptions
 from ..planning.allocation import choose_allocation
 from ..planning.plan import Plan, check_plan
@@ -163,8 +164,7 @@ def _kept(model, cut: steps.Cut, analysis, metric: str) -> float:
 
 def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Graph inputs' and outputs' shapes as declared: sizes, or names of dynamic dims."""
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                      for d in vi.type.tensor_type.shape.dim]
+    return {vi.name: [d.dim_param or declared_dim(d) for d in vi.type.tensor_type.shape.dim]
             for vi in (*model.graph.input, *model.graph.output)}
 
 

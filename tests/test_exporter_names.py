@@ -1,0 +1,112 @@
+"""What real exporters write, read as they mean it: paddle2onnx's -1 for a dynamic dim, and the
+module paths the torch dynamo exporter records in each node's metadata (nodes named
+``node_conv2d_3`` are shown as ``features.3``); ``--ignore`` globs that match nothing warn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from onnxprune.cli import main
+
+from graphs import GraphBuilder, run
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cnn(batch="N") -> onnx.ModelProto:
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [batch, 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="conv1")])
+    h = b.op("Relu", [b.conv(h, 8, 8, name="conv2")])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])])
+    return b.build(b.gemm(h, 8, 4, name="head"))
+
+
+def with_negative_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """paddle2onnx's form: the dynamic batch of the input and the output declared as dim_value -1."""
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.checker.check_model(model, full_check=True)  # the checker accepts it, as onnxruntime does
+    return model
+
+
+def batch_of(batch: int) -> dict:
+    return {"x": np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)}
+
+
+def declared(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+# --- paddle2onnx: dim_value -1 -------------------------------------------------------------------
+
+@pytest.fixture
+def paddle_model(tmp_path):
+    path = tmp_path / "paddle.onnx"
+    onnx.save(with_negative_batch(cnn()), str(path))
+    return path
+
+
+def test_a_negative_dim_prunes_without_input_shape_and_stays_dynamic(paddle_model, capsys, tmp_path):
+    out_path = tmp_path / "out.onnx"
+    code, out, err = run_main(capsys, paddle_model, "--structured", "0.5", "-o", out_path,
+                              "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "conflicts" not in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["macs_after"] < report["macs_before"]
+    assert sum(g["channels_after"] < g["channels_before"] for g in report["groups"]) == 2
+    pruned = onnx.load(str(out_path))
+    onnx.checker.check_model(pruned, full_check=True)
+    # declared dynamic by name, each dim its own name (-1 says nothing about two dims being equal)
+    assert declared(pruned.graph.input[0]) == ["x_dim0", 3, 8, 8]
+    assert declared(pruned.graph.output[0]) == ["head_out_dim0", 4]
+    original = onnx.load(str(paddle_model))
+    for batch in (1, 3):  # the pruned model runs at any batch, as the original does
+        feeds = batch_of(batch)
+        assert run(pruned, feeds)[0].shape == run(original, feeds)[0].shape == (batch, 4)
+
+
+def test_info_and_bench_read_a_negative_dim_as_dynamic(paddle_model, capsys, tmp_path):
+    code, out, err = run_main(capsys, "info", paddle_model, "--json", tmp_path / "info.json")
+    assert code == 0, err
+    assert "at x:1,3,8,8" in out and "2 prunable group(s), 16 channels" in out
+    assert json.loads((tmp_path / "info.json").read_text())["inputs"] == {"x": [1, 3, 8, 8]}
+    code, out, err = run_main(capsys, "info", paddle_model, "--input-shape", "x:4,3,8,8")
+    assert code == 0, err
+    assert "at x:4,3,8,8" in out
+    code, out, err = run_main(capsys, "bench", paddle_model, "--batch", "1,2", "--iters", "2", "--warmup", "1",
+                              "--json", tmp_path / "bench.json")
+    assert code == 0, err
+    assert {t["batch"] for t in json.loads((tmp_path / "bench.json").read_text())["timings"]} == {1, 2}
+
+
+def test_a_negative_dim_given_in_memory_is_analysed_as_dynamic():
+    """onnxprune.analyse on a proto that still declares -1: shape inference must not carry -1 on as a
+    size (the batch axis is dynamic, as it is for the same model with a dim_param)."""
+    model = with_negative_batch(cnn())
+    analysis = onnxprune.analyse(model)
+    named = onnxprune.analyse(cnn())
+    assert analysis.shapes.dynamic["conv1_out"] == named.shapes.dynamic["conv1_out"] == {0}
+    assert analysis.shapes.static["conv1_out"] == (1, 8, 8, 8)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # not modified
+    result = onnxprune.prune(model, 0.5)
+    assert result.report.macs_after < result.report.macs_before
+    assert run(result.model, batch_of(2))[0].shape == (2, 4)
+
+
+def test_a_fixed_dim_still_conflicts_with_a_pinned_one(capsys, tmp_path):
+    path = tmp_path / "fixed.onnx"
+    onnx.save(cnn(batch=2), str(path))
+    code, _, err = run_main(capsys, "info", path, "--input-shape", "x:3,3,8,8")
+    assert code == 2
+    assert "conflicts with the model's fixed dim 2" in err and "Traceback" not in err
