@@ -110,3 +110,52 @@ def test_a_fixed_dim_still_conflicts_with_a_pinned_one(capsys, tmp_path):
     code, _, err = run_main(capsys, "info", path, "--input-shape", "x:3,3,8,8")
     assert code == 2
     assert "conflicts with the model's fixed dim 2" in err and "Traceback" not in err
+
+
+# --- --ignore globs that match nothing -----------------------------------------------------------
+
+@pytest.fixture
+def cnn_file(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), str(path))
+    return path
+
+
+def ignore_warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "--ignore" in line and "matches no" in line]
+
+
+def test_an_ignore_glob_that_matches_nothing_warns_with_the_closest_names(cnn_file, capsys, tmp_path):
+    code, out, err = run_main(capsys, cnn_file, "--structured", "0.5", "--ignore", "conv_1*", "--ignore", "conv2",
+                              "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    (warned,) = ignore_warnings(err)  # the glob that matched (conv2) gives none
+    assert "'conv_1*'" in warned and "closest names: conv1" in warned
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [w for w in report["warnings"] if "matches no" in w] == [
+        "`ignore` 'conv_1*' matches no node, module or weight name: it leaves nothing alone; "
+        "closest names: conv1, conv2"]
+    # conv2 was ignored as asked: conv1's group (read by conv2) and conv2's are both left whole
+    assert report["groups"] == [] and sum("ignore" in b["reason"] for b in report["blocked"]) == 2
+
+
+def test_matching_globs_warn_nothing(cnn_file, capsys, tmp_path):
+    # by node name, and by the name of a weight (conv2's: it blocks conv2's group and conv1's)
+    for glob in ("head", "conv2.W*"):
+        code, _, err = run_main(capsys, cnn_file, "--structured", "0.5", "--ignore", glob, "--dry-run",
+                                "--report", tmp_path / "r.json")
+        assert code == 0, err
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert not ignore_warnings(err) and not [w for w in report["warnings"] if "matches no" in w]
+        assert any("ignored" in b["reason"] for b in report["blocked"])
+
+
+def test_info_and_sparsity_alone_warn_about_a_glob_that_matches_nothing(cnn_file, capsys, tmp_path):
+    code, _, err = run_main(capsys, "info", cnn_file, "--ignore", "nothing_here", "--json", tmp_path / "i.json")
+    assert code == 0, err
+    assert len(ignore_warnings(err)) == 1
+    assert json.loads((tmp_path / "i.json").read_text())["warnings"][0].startswith("`ignore` 'nothing_here'")
+    code, _, err = run_main(capsys, cnn_file, "--unstructured", "0.5", "--min-elements", "1", "--ignore", "zzz",
+                            "--dry-run")
+    assert code == 0, err
+    assert len(ignore_warnings(err)) == 1 and "'zzz'" in err

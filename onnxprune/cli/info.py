@@ -27,6 +27,8 @@ def build_info_parser() -> argparse.ArgumentParser:
 
 def run_info(argv: list[str]) -> int:
     import json
+    import sys
+    import warnings
 
     from ..analysis.analyse import analyse
     from ..analysis.stats import count_macs, count_params, format_count
@@ -38,7 +40,12 @@ def run_info(argv: list[str]) -> int:
     check_side_files(args.model, None, {"`json`": args.json})
     loaded = read_model(args.model)
     model = loaded.model
-    analysis = analyse(model, analysis_options(args))
+    with warnings.catch_warnings(record=True) as caught:  # an --ignore glob that matches nothing
+        warnings.simplefilter("always")
+        analysis = analyse(model, analysis_options(args))
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    for message in notes:
+        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
@@ -51,6 +58,7 @@ def run_info(argv: list[str]) -> int:
                       "units": len(g.unit_members()), "nodes": len(g.nodes)} for g in prunable],
         "blocked": [{"id": g.id, "sources": g.sources, "channels": g.size, "reason": "; ".join(g.blocked)}
                     for g in blocked],
+        "warnings": notes,
     }
     if args.json:
         write_text_file(args.json, json.dumps(info, indent=1) + "\n")

@@ -122,9 +122,12 @@ def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:
         data = data.sample(options.data.calib_samples, options.seed)
         scores = weight_scores(result.model, data, widths.importance, weight_names(result.model),
                                batch_size=options.data.batch_size, quiet=options.quiet)
-    sparse = sparsify(result.model, sparsity.unstructured, sparsity.nm, min_elements=sparsity.min_elements,
-                      ignore=options.analysis.ignore,
-                      global_ranking=sparsity.unstructured is not None and widths.global_ranking, scores=scores)
+    with warnings.catch_warnings(record=True) as caught:  # an `ignore` glob that matches nothing
+        warnings.simplefilter("always")
+        sparse = sparsify(result.model, sparsity.unstructured, sparsity.nm, min_elements=sparsity.min_elements,
+                          ignore=options.analysis.ignore,
+                          global_ranking=sparsity.unstructured is not None and widths.global_ranking, scores=scores)
+    result.report.add_warnings(caught)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
 
