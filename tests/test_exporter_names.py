@@ -9,9 +9,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 import onnxprune
 from onnxprune.cli import main
+from onnxprune.graph.names import NAME_SCOPES, module_path
+from onnxprune.report.text import labelled_reason, node_labels
 
 from graphs import GraphBuilder, run
 
@@ -159,3 +162,126 @@ def test_info_and_sparsity_alone_warn_about_a_glob_that_matches_nothing(cnn_file
                             "--dry-run")
     assert code == 0, err
     assert len(ignore_warnings(err)) == 1 and "'zzz'" in err
+
+
+# --- the dynamo exporter's node names -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dynamo_cnn(tmp_path_factory):
+    """A small CNN exported by torch.onnx.export(dynamo=True): nodes node_conv2d, node_linear_1, ...,
+    the module path of each in its metadata_props."""
+    torch = pytest.importorskip("torch", reason="the dynamo exporter needs torch")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    import contextlib
+    import io
+    import warnings
+
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3), keepdim=True))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dynamo") / "cnn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=True,
+                              external_data=False, input_names=["x"])
+        except Exception as exc:  # an exporter that cannot run here is a skip, not a failure
+            pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}: {exc}")
+    model = onnx.load(str(path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if not any(p.key == NAME_SCOPES for p in convs[0].metadata_props):
+        pytest.skip(f"this torch ({torch.__version__}) writes no {NAME_SCOPES} metadata")
+    return path
+
+
+def gemm_weights(path) -> dict[str, tuple]:
+    model = onnx.load(str(path))
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {module_path(n): inits[n.input[1]] for n in model.graph.node if n.op_type == "Gemm"}
+
+
+def test_dynamo_nodes_are_shown_by_module_path(dynamo_cnn, capsys, tmp_path):
+    model = onnx.load(str(dynamo_cnn))
+    assert {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")} == \
+        {"node_conv2d", "node_conv2d_1", "node_linear", "node_linear_1"}  # what the exporter names them
+    code, out, err = run_main(capsys, "info", dynamo_cnn, "--json", tmp_path / "i.json")
+    assert code == 0, err
+    assert "features.0\n" in out and "features.2\n" in out and "classifier.1\n" in out
+    assert "classifier.3: reaches graph output" in out and "node_" not in out
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert [(g["sources"], g["modules"]) for g in info["prunable"]] == [
+        (["node_conv2d"], ["features.0"]), (["node_conv2d_1"], ["features.2"]), (["node_linear"], ["classifier.1"])]
+
+    code, out, err = run_main(capsys, dynamo_cnn, "--structured", "0.5", "-v", "-o", tmp_path / "o.onnx",
+                              "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "pruned      8 -> 4     features.0" in out and "classifier.1" in out and "node_" not in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    # ids and sources stay the ONNX names (plans and --ratios files name groups by them)
+    assert [(g["id"], g["sources"], g["modules"]) for g in report["groups"]] == [
+        ("conv2d", ["node_conv2d"], ["features.0"]), ("conv2d_1", ["node_conv2d_1"], ["features.2"]),
+        ("linear", ["node_linear"], ["classifier.1"])]
+    assert report["modules"] == {"node_conv2d": "features.0", "node_conv2d_1": "features.2",
+                                 "node_linear": "classifier.1", "node_linear_1": "classifier.3"}
+    written = onnx.load(str(tmp_path / "o.onnx"))  # the exporter's metadata stays on the nodes
+    assert [module_path(n) for n in written.graph.node if n.op_type == "Conv"] == ["features.0", "features.2"]
+
+
+def test_ignore_by_module_path_leaves_that_module_whole(dynamo_cnn, capsys, tmp_path):
+    before = gemm_weights(dynamo_cnn)
+    code, out, err = run_main(capsys, dynamo_cnn, "--structured", "0.5", "--ignore", "classifier.1",
+                              "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert not ignore_warnings(err)
+    assert "Gemm classifier.1: ignored (--ignore)" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [g["modules"] for g in report["groups"]] == [["features.0"]]  # features.2 feeds classifier.1
+    assert {tuple(b["modules"]) for b in report["blocked"] if "ignore" in b["reason"]} == \
+        {("features.2",), ("classifier.1",)}
+    after = gemm_weights(tmp_path / "o.onnx")
+    assert after["classifier.1"] == before["classifier.1"] == (12, 16)
+
+
+def test_ignore_by_module_path_holds_in_every_round(dynamo_cnn, capsys, tmp_path):
+    """--steps 2: the second round analyses the first round's cut, which keeps the metadata."""
+    code, _, err = run_main(capsys, dynamo_cnn, "--structured", "0.5", "--steps", "2", "--ignore", "classifier*",
+                            "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert not ignore_warnings(err)
+    assert gemm_weights(tmp_path / "o.onnx") == gemm_weights(dynamo_cnn)
+    conv1 = next(t for t in onnx.load(str(tmp_path / "o.onnx")).graph.initializer if len(t.dims) == 4)
+    assert conv1.dims[0] < 8  # features.0 was pruned in both rounds
+
+
+def node_with(name: str, **props) -> onnx.NodeProto:
+    node = helper.make_node("Relu", ["a"], ["b"], name=name)
+    for key, value in props.items():
+        node.metadata_props.add(key=key, value=value)
+    return node
+
+
+def test_module_path_from_either_record_and_labels_for_shared_paths():
+    scopes = node_with("n1", **{NAME_SCOPES: "['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']"})
+    assert module_path(scopes) == "layer1.0.conv1"
+    namespace = node_with("n2", namespace=": __main__.Net/blocks: torch.nn.modules.container.Sequential/"
+                                           "blocks.2: Block/add_3: aten.add.Tensor")
+    assert module_path(namespace) == "blocks.2"
+    assert module_path(node_with("n3", **{NAME_SCOPES: "['', 'flatten']"})) is None  # the root module's forward
+    assert module_path(node_with("n4", **{NAME_SCOPES: "not a list"})) is None
+    assert module_path(node_with("n5")) is None
+    # two nodes of one module (a forward calling two convs) keep their names beside the path
+    assert node_labels({"node_conv2d": "stem", "node_conv2d_1": "block", "node_conv2d_2": "block"}) == {
+        "node_conv2d": "stem", "node_conv2d_1": "block (node_conv2d_1)", "node_conv2d_2": "block (node_conv2d_2)"}
+    labels = {"node_linear_1": "classifier.3"}
+    assert labelled_reason("reaches graph output y; Gemm node_linear_1: ignored (`ignore`)", labels) == \
+        "reaches graph output y; Gemm classifier.3: ignored (`ignore`)"

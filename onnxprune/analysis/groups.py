@@ -262,6 +262,14 @@ def barrier_of(reason: str, nodes) -> tuple[str, str | None]:
     return reason, None
 
 
+def named_modules(groups: list[Group], modules: dict[str, str]) -> dict[str, str]:
+    """Node name -> module path (``GraphView.modules``) for each node that reports of ``groups``
+    name: their sources, and the nodes their blocked reasons were met at."""
+    named = [n for g in groups for n in g.sources]
+    named += [at for g in groups for r in g.blocked if (at := barrier_of(r, g.nodes)[1]) is not None]
+    return {n: modules[n] for n in dict.fromkeys(named) if n in modules}
+
+
 def _sources(view: GraphView, group: Group) -> list[str]:
     """Nodes whose own output channels are (part of) this group."""
     found = []

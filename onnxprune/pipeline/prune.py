@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ..analysis.analyse import Analysis
+from ..analysis.groups import named_modules
 from ..analysis.stats import barrier_macs, count_macs, count_params, held_macs, macs_by_output, total_macs
 from ..cut import iochange
 from ..data import Dataset
@@ -227,7 +228,7 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
     for g in analysis.groups:
         if g.blocked:
             blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked),
-                                        held_macs(g.nodes, output_of, per_output)))
+                                        held_macs(g.nodes, output_of, per_output), g.modules))
             continue
         if not g.prunable:
             continue
@@ -238,7 +239,7 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
             info = {"criterion": importance, "kept_mean": float(scores[g.id][kept].mean())}
             if removed.size:
                 info["removed_mean"] = float(scores[g.id][removed].mean())
-        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind)
+        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind, modules=g.modules)
         if g.kind == "heads":
             kept_set = set(kept)
             report.units_before = len(g.unit_members())
@@ -251,6 +252,7 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
         params_before=params, params_after=params, macs_before=macs, macs_after=macs,
         groups=groups, blocked=blocked,
         barriers=barrier_macs([g for g in analysis.groups if g.blocked], output_of, per_output),
+        modules=named_modules(analysis.groups, analysis.view.modules),
     )
 
 

@@ -14,7 +14,7 @@ from ..analysis.stats import format_count
 from ..errors import ReductionTooSmall, UsageError
 from ..options import PruneOptions
 from ..report.records import Report
-from ..report.text import held_by
+from ..report.text import held_by, node_labels
 
 WEAK_REDUCTION = 1.05  # original MACs / pruned MACs below which a structured prune warns
 
@@ -26,13 +26,14 @@ def weak_reduction_warning(report: Report, options: PruneOptions) -> str | None:
     if ratio is None or ratio >= WEAK_REDUCTION or not _asks_for_channels(options):
         return None
     return (f"structured pruning lowered MACs only {_times(ratio)} (less than {WEAK_REDUCTION:g}x); "
-            f"{held_by(report.barriers)}")
+            f"{held_by(report.barriers, labels=node_labels(report.modules))}")
 
 
 def require_reduction(macs_before: int | None, macs_after: int | None, minimum: float | None,
-                      barriers: list[dict]) -> None:
+                      barriers: list[dict], modules: dict[str, str] | None = None) -> None:
     """ReductionTooSmall unless ``macs_before / macs_after`` is at least ``minimum`` (None: no
-    requirement); ``barriers`` (``Report.barriers``) say what held the MACs."""
+    requirement); ``barriers`` (``Report.barriers``) say what held the MACs, naming nodes by their
+    ``modules`` (``Report.modules``) where they have one."""
     if minimum is None:
         return
     if not macs_before or not macs_after:
@@ -42,7 +43,7 @@ def require_reduction(macs_before: int | None, macs_after: int | None, minimum: 
     if ratio < minimum:
         raise ReductionTooSmall(
             f"MACs fell {_times(ratio)} ({format_count(macs_before)} -> {format_count(macs_after)}), less than "
-            f"`min_reduction` {minimum:g}; nothing written ({held_by(barriers)})")
+            f"`min_reduction` {minimum:g}; nothing written ({held_by(barriers, labels=node_labels(modules or {}))})")
 
 
 def _asks_for_channels(options: PruneOptions) -> bool:

@@ -43,7 +43,8 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
         first = first or result
         if step == steps - 1:  # the last cut fixes the MACs and training changes none: check before training
             require_reduction(first.report.macs_before, result.report.macs_after,
-                              options.gate and options.gate.min_reduction, result.report.barriers)
+                              options.gate and options.gate.min_reduction, result.report.barriers,
+                              result.report.modules)
         if training is not None and result.model is not current:
             features = feature_points(result) if steps == 1 and training.feature_weight > 0 else ()
             result.model, trained = train(result.model, model, data, training, groups=None, features=features)
