@@ -285,3 +285,13 @@ def test_module_path_from_either_record_and_labels_for_shared_paths():
     labels = {"node_linear_1": "classifier.3"}
     assert labelled_reason("reaches graph output y; Gemm node_linear_1: ignored (`ignore`)", labels) == \
         "reaches graph output y; Gemm classifier.3: ignored (`ignore`)"
+
+
+def test_ratios_globs_match_module_paths(dynamo_cnn, capsys, tmp_path):
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text(json.dumps({"features.*": 0.5}))
+    code, _, err = run_main(capsys, dynamo_cnn, "--ratios", ratios, "--dry-run", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    groups = json.loads((tmp_path / "r.json").read_text())["groups"]
+    cut = {g["modules"][0]: (g["channels_before"], g["channels_after"]) for g in groups}
+    assert cut == {"features.0": (8, 4), "features.2": (16, 8), "classifier.1": (12, 12)}

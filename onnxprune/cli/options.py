@@ -94,7 +94,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
                    help="pin a dynamic input's dims for analysis and verification (repeatable)")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
-                   help="node or weight names (globs) to leave alone; blocks their groups (repeatable)")
+                   help="node names, module paths (dynamo exports) or weight names (globs) to leave alone; "
+                        "blocks their groups; one that matches nothing warns (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 

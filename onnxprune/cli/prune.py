@@ -109,8 +109,8 @@ def _target_options(p: argparse.ArgumentParser) -> None:
 
 def _group_ratio_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-group ratios")
-    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob to a "
-                   "ratio; other groups get --structured R (or stay whole without it)")
+    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob (node "
+                   "name or module path) to a ratio; other groups get --structured R (or stay whole without it)")
     g.add_argument("--allocate", choices=("uniform", "sensitivity"),
                    help="sensitivity: measure each group's output error on --data and choose per-group ratios "
                         "that remove --structured R of all prunable channels (or meet --target-macs/--target-params) "
