@@ -22,7 +22,7 @@ import onnx
 
 from .analysis.analyse import Analysis
 from .analysis.analyse import analyse as analyse_model
-from .model.load import load_model
+from .model.load import read_model
 from .options import KEYWORDS, AnalysisOptions, PruneOptions, validate
 from .pipeline import steps
 from .pipeline.prune import PruneResult, prune_model
@@ -57,8 +57,12 @@ def prune(model: onnx.ModelProto | str | Path, ratio: float | None = None, *, op
     (a KV cache) be pruned: those tensors' head axis shrinks (cut/iochange.py).
     """
     options = validate(_options(ratio, options, keywords, _ONE_PRUNE), whole_run=False)
-    model = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    return prune_model(model, _with_data(model, options))
+    if isinstance(model, onnx.ModelProto):
+        return prune_model(model, _with_data(model, options))
+    loaded = read_model(model)
+    result = prune_model(loaded.model, _with_data(loaded.model, options))
+    result.report.conversion = loaded.conversion and loaded.conversion.to_json()
+    return result
 
 
 def prune_rounds(model: onnx.ModelProto, ratio: float | None = None, *, options: PruneOptions | None = None,

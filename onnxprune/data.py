@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from .errors import MissingDependency, UsageError
-from .model.inputs import fixed_batch, graph_inputs
+from .model.inputs import declared_dim, fixed_batch, graph_inputs
 
 LABELS = "labels"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -182,7 +182,7 @@ def _read_images(path: Path, files: list[Path], specs: dict,
         raise UsageError(f"`data` {path}: a folder of images needs a model with one input, "
                          f"this one has {len(specs)}")
     name, spec = next(iter(specs.items()))
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in spec.type.tensor_type.shape.dim]
+    dims = [declared_dim(d) for d in spec.type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise UsageError(f"`data` {path}: images need a rank-4 input, {name} has rank {len(dims)}")
     layout = options.layout or ("nhwc" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "nchw")
@@ -257,8 +257,9 @@ def _checked(array: np.ndarray, spec: onnx.ValueInfoProto, source: str) -> np.nd
         raise UsageError(f"`data` {source}: {name} has rank {array.ndim} (first axis = samples), "
                          f"the model input has rank {len(dims)}")
     for axis, (d, size) in enumerate(zip(dims, array.shape)):
-        if axis and d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != size:
-            raise UsageError(f"`data` {source}: {name} dim {axis} is {size}, the model expects {d.dim_value}")
+        fixed = declared_dim(d)
+        if axis and fixed and fixed != size:
+            raise UsageError(f"`data` {source}: {name} dim {axis} is {size}, the model expects {fixed}")
     if not len(array):
         raise UsageError(f"`data` {source}: {name} holds no samples")
     return np.ascontiguousarray(array, dtype=expected)

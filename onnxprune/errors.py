@@ -20,7 +20,7 @@ class InvalidModel(OnnxPruneError):
 
 
 class UnsupportedModel(OnnxPruneError):
-    """A valid model that onnxprune cannot handle (old opset, runtime cannot run it, ...)."""
+    """A valid model that onnxprune cannot handle (opset < 7 or not convertible, runtime cannot run it, ...)."""
 
     exit_code = 4
 
@@ -35,6 +35,12 @@ class QualityGateFailed(OnnxPruneError):
     """--max-accuracy-drop / --max-output-error exceeded on the validation split; nothing written."""
 
     exit_code = 6
+
+
+class ReductionTooSmall(OnnxPruneError):
+    """The prune lowered MACs less than `min_reduction` asks (original / pruned); nothing written."""
+
+    exit_code = 7
 
 
 class PlanMismatch(UsageError):
@@ -67,8 +73,9 @@ EXIT_CODES = {
     2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output, "
        "onnxruntime not installed)",
     3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
-    4: "unsupported model (opset < 11, or onnxruntime cannot run it)",
+    4: "unsupported model (opset < 7, or one onnx.version_converter cannot upgrade, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",
     6: "quality gate failed (--max-accuracy-drop / --max-output-error exceeded; nothing written)",
+    7: "reduction too small (MACs fell less than --min-reduction asks; nothing written)",
     130: "interrupted (Ctrl-C); nothing written",
 }

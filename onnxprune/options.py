@@ -155,10 +155,12 @@ class SparsityOptions:
 
 @dataclass
 class GateOptions:
-    """Fail (nothing written) when the result is worse than this on the validation split."""
+    """Fail (nothing written) when the result falls short: worse than this on the validation
+    split, or a smaller reduction of the MACs."""
 
     max_accuracy_drop: float | None = None  # top-1 points
     max_output_error: float | None = None  # relative RMS
+    min_reduction: float | None = None  # original MACs / pruned MACs, at least (no data needed)
 
 
 @dataclass
@@ -426,6 +428,7 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
     data = validate_data(options.data)
     _check_rounds(options, has_data)
+    _check_min_reduction(options.gate, structured)
     if options.bench is not None:
         if options.output.dry_run:
             raise UsageError("`bench` times the written model: drop `dry_run`")
@@ -459,6 +462,18 @@ def _check_target(options: PruneOptions) -> None:
     if widths.allocate == "sensitivity" and target.metric == "speedup":
         raise UsageError(f"{flag} and `allocate` are exclusive: the allocation meets MACs or params budgets")
     target.check()
+
+
+def _check_min_reduction(gate: GateOptions | None, structured: bool) -> None:
+    minimum = gate.min_reduction if gate is not None else None
+    if minimum is None:
+        return
+    if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not math.isfinite(minimum) \
+            or minimum <= 0:
+        raise UsageError(f"`min_reduction` (original MACs / pruned MACs) must be a positive number, got {minimum!r}")
+    if not structured:
+        raise UsageError("`min_reduction` asks the channel cut to lower the MACs, and sparsity alone "
+                         "(`unstructured`, `nm`) lowers none: give `ratio` R or a `target_macs` F")
 
 
 def _check_rounds(options: PruneOptions, has_data: bool) -> None:

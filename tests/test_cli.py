@@ -490,13 +490,14 @@ def test_invalid_input_exit_3(tmp_path, capsys, kind, command):
         assert path.read_bytes() == content
 
 
-def test_old_opset_exit_4(tmp_path, capsys):
-    path = save(tiny_cnn(opset=10), tmp_path / "old.onnx")
+def test_opset_below_7_exit_4(tmp_path, capsys):
+    """Opsets 7 to 10 are converted on load (tests/test_old_opsets.py); older ones are refused."""
+    path = save(tiny_cnn(opset=6), tmp_path / "old.onnx")
     before = digest(path)
     code, _, err = run_main(capsys, path, "--structured", "0.4")
     assert code == 4
     assert_one_line_error(err, code)
-    assert "opset 10" in err
+    assert "opset 6 is older than 7" in err
     assert listing(tmp_path) == {"old.onnx"}
     assert digest(path) == before
 
@@ -668,11 +669,12 @@ def test_info_json_unwritable_exit_2(model, capsys, tmp_path):
     assert_one_line_error(err, code)
 
 
-def test_info_old_opset_exit_4(tmp_path, capsys):
-    path = save(tiny_cnn(opset=10), tmp_path / "old.onnx")
+def test_info_opset_below_7_exit_4(tmp_path, capsys):
+    path = save(tiny_cnn(opset=6), tmp_path / "old.onnx")
     code, _, err = run_main(capsys, "info", path)
     assert code == 4
     assert_one_line_error(err, code)
+    assert "opset 6" in err
 
 
 def test_verification_failure_exit_5_leaves_nothing(model, capsys, tmp_path, monkeypatch):

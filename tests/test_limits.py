@@ -4,9 +4,10 @@
 - bfloat16: onnxruntime's CPU provider has no kernels for it, so the pruned
   model passes onnx.checker's full check and the onnxruntime comparison is
   skipped with a warning.
-- Opsets: the loader refuses opsets below 11 (exit 4, tests/test_cli.py) and
-  above what onnxruntime knows (exit 4, tests/test_reliability.py); 11, 13,
-  17 and the newest opset onnx defines load, prune and verify.
+- Opsets: the loader converts opsets 7 to 10 to 11 (tests/test_old_opsets.py),
+  refuses older ones (exit 4, tests/test_cli.py) and those above what
+  onnxruntime knows (exit 4, tests/test_reliability.py); 11, 13, 17 and the
+  newest opset onnx defines load, prune and verify at their own opset.
 - A model whose pruned weights exceed EXTERNAL_DATA_THRESHOLD is written with
   external data (threshold lowered here so a small model gets there).
 - Slow: an MLP with more than 2 GB of float32 weights in external data,

@@ -181,7 +181,7 @@ def test_unavailable_bench_provider_fails_before_any_work(model_path, tmp_path, 
         raise AssertionError("pruned although the provider is unavailable")
 
     monkeypatch.setattr(onnxprune.pipeline.run, "prune_rounds", must_not_run)
-    monkeypatch.setattr(onnxprune.pipeline.run, "load_model", must_not_run)
+    monkeypatch.setattr(onnxprune.pipeline.run, "read_model", must_not_run)
     out = tmp_path / "o.onnx"
     code, stdout, err = run_main(capsys, model_path, "--structured", "0.3", "-o", out, "--bench", provider)
     assert code == 2 and "not available" in err and len(err.strip().splitlines()) == 1

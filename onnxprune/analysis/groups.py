@@ -17,17 +17,18 @@ outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
 
 from __future__ import annotations
 
-import fnmatch
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.names import matches
 from ..graph.view import GraphView
 from ..rules.registry import Reached, lookup
 
 MAX_REASONS = 3
+MORE_REASONS = "... and "  # how the reasons beyond MAX_REASONS are summed up
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Group:
     blocked: list[str] = field(default_factory=list)
     units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
     kind: str = "channels"  # or "heads": units are attention heads (see --head-ratio)
+    modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
     _members: list | None = field(default=None, repr=False)
 
     @property
@@ -112,7 +114,8 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: 
             size = view.dim(tensor, axis)
             if size is None:
                 groups.append(Group(f"{tensor.name}", 0, [node.name], nodes=[node.name],
-                                    blocked=[f"{node.op} {node.name}: output width unknown"]))
+                                    blocked=[f"{node.op} {node.name}: output width unknown"],
+                                    modules=[view.modules.get(node.name)]))
                 continue
             taken = claims.get((tensor.name, axis))
             free = np.ones(size, bool) if taken is None else taken < 0
@@ -127,15 +130,10 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: 
 
 
 def _ignored_nodes(view: GraphView, patterns: tuple[str, ...]) -> set[str]:
-    """Nodes matched by name or by the name of one of their constant inputs."""
-    if not patterns:
-        return set()
-    hits = set()
-    for node in view.nodes:
-        names = [node.name] + [t.name for t in node.inputs if view.is_constant(t)]
-        if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns):
-            hits.add(node.name)
-    return hits
+    """Nodes an ``ignore`` glob matches (GraphView.names_of: by name, module path or the name of a
+    constant input); a warning for each glob that matches none."""
+    view.warn_unmatched(patterns)
+    return {node.name for node in view.nodes if patterns and any(matches(n, patterns) for n in view.names_of(node))}
 
 
 def _claim(group: Group, index: int, claims, view: GraphView) -> None:
@@ -244,11 +242,32 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
         group.blocked = reasons + group.blocked
     group.nodes = list(seen_nodes)
     group.sources = _sources(view, group)
+    group.modules = [view.modules.get(s) for s in group.sources]
     group.units = np.array([uf.find(c) for c in range(group.size)])
     group.blocked = group.blocked[:MAX_REASONS] + (
-        [f"... and {len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
+        [f"{MORE_REASONS}{len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
     )
     return group
+
+
+def barrier_of(reason: str, nodes) -> tuple[str, str | None]:
+    """The barrier a reason of a blocked group names, and the node it was met at (None for a
+    graph input or output, or a tensor): "ReduceMean ln/mean: reduces ..." is met at node
+    ln/mean (one of the group's ``nodes``) and is the barrier "ReduceMean: reduces ...", which
+    every node of that op and reason shares."""
+    head, sep, message = reason.partition(": ")
+    op, _, node = head.partition(" ")
+    if sep and node in nodes:
+        return f"{op}: {message}", node
+    return reason, None
+
+
+def named_modules(groups: list[Group], modules: dict[str, str]) -> dict[str, str]:
+    """Node name -> module path (``GraphView.modules``) for each node that reports of ``groups``
+    name: their sources, and the nodes their blocked reasons were met at."""
+    named = [n for g in groups for n in g.sources]
+    named += [at for g in groups for r in g.blocked if (at := barrier_of(r, g.nodes)[1]) is not None]
+    return {n: modules[n] for n in dict.fromkeys(named) if n in modules}
 
 
 def _sources(view: GraphView, group: Group) -> list[str]:

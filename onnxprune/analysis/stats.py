@@ -4,6 +4,8 @@ MACs count the multiply-accumulates of the ops the weight table gives a MAC coun
 (rules/weights.py: Conv, ConvTranspose, Gemm and MatMul, activation x activation
 MatMuls included); elementwise work is not counted.
 The tools/ benchmarks use this one function for every tool they compare.
+Per node, the same counts give the MACs each barrier holds: those of the nodes of the
+groups it blocks, which no cut can reduce while it stands.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx
 from ..graph.shapes import static_shapes
 from ..model.inputs import resolve_input_shapes
 from ..rules.weights import WEIGHTS, proto_attrs
+from .groups import MORE_REASONS, barrier_of
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -52,6 +55,48 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes:
             return None
         total += macs
     return int(total)
+
+
+def macs_by_output(model: onnx.ModelProto, input_shapes: dict | None = None,
+                   shapes: dict | None = None) -> dict[str, int | None]:
+    """Each counted node's MACs (None where a dim is unknown), keyed by its first output: node
+    names may be empty in a model (the graph view names those nodes), output names are unique."""
+    return {node.output[0]: macs for node, _, macs in layer_macs(model, input_shapes, shapes)}
+
+
+def total_macs(per_output: dict[str, int | None]) -> int | None:
+    """``count_macs`` from ``macs_by_output``: None when one count is unknown."""
+    values = list(per_output.values())
+    return None if None in values else int(sum(values))
+
+
+def held_macs(nodes, output_of: dict[str, str], per_output: dict[str, int | None]) -> int | None:
+    """MACs of the nodes named ``nodes`` (``output_of``: node name -> its first output's name);
+    None when one of them has an unknown count."""
+    counts = [per_output.get(output_of.get(name, ""), 0) for name in nodes]
+    return None if None in counts else int(sum(counts))
+
+
+def barrier_macs(blocked, output_of: dict[str, str], per_output: dict[str, int | None]) -> list[dict]:
+    """The barriers of the ``blocked`` groups, most MACs held first: per barrier (``barrier_of``),
+    the nodes it was met at, the groups it blocked and the MACs of their nodes (each node once)."""
+    found: dict[str, dict] = {}
+    for group in blocked:
+        for reason in group.blocked:
+            if reason.startswith(MORE_REASONS):
+                continue
+            barrier, at = barrier_of(reason, group.nodes)
+            entry = found.setdefault(barrier, {"barrier": barrier, "nodes": [], "groups": [], "held": {}})
+            if at is not None and at not in entry["nodes"]:
+                entry["nodes"].append(at)
+            if group.id not in entry["groups"]:  # a group may meet one barrier at several nodes
+                entry["groups"].append(group.id)
+            entry["held"].update(dict.fromkeys(group.nodes))
+    ranked = []
+    for entry in found.values():
+        held = held_macs(entry.pop("held"), output_of, per_output)
+        ranked.append({**entry, "macs": held})
+    return sorted(ranked, key=lambda e: -(e["macs"] or 0))
 
 
 def format_count(n: int | None) -> str:

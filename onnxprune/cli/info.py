@@ -27,39 +27,56 @@ def build_info_parser() -> argparse.ArgumentParser:
 
 def run_info(argv: list[str]) -> int:
     import json
+    import sys
+    import warnings
 
     from ..analysis.analyse import analyse
+    from ..analysis.groups import named_modules
     from ..analysis.stats import count_macs, count_params, format_count
-    from ..model.load import load_model
+    from ..model.load import read_model
     from ..model.save import check_side_files, write_text_file
+    from ..report.text import conversion_line, labelled_reason, node_labels
 
     args = build_info_parser().parse_args(argv)
     check_side_files(args.model, None, {"`json`": args.json})
-    model = load_model(args.model)
-    analysis = analyse(model, analysis_options(args))
+    loaded = read_model(args.model)
+    model = loaded.model
+    with warnings.catch_warnings(record=True) as caught:  # an --ignore glob that matches nothing
+        warnings.simplefilter("always")
+        analysis = analyse(model, analysis_options(args))
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    for message in notes:
+        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
     info = {
+        "conversion": loaded.conversion and loaded.conversion.to_json(),
         "params": count_params(model),
         "macs": macs,
         "inputs": {k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
-        "prunable": [{"id": g.id, "sources": g.sources, "channels": g.size, "kind": g.kind,
+        "prunable": [{"id": g.id, "sources": g.sources, "modules": g.modules, "channels": g.size, "kind": g.kind,
                       "units": len(g.unit_members()), "nodes": len(g.nodes)} for g in prunable],
-        "blocked": [{"id": g.id, "sources": g.sources, "channels": g.size, "reason": "; ".join(g.blocked)}
-                    for g in blocked],
+        "blocked": [{"id": g.id, "sources": g.sources, "modules": g.modules, "channels": g.size,
+                     "reason": "; ".join(g.blocked)} for g in blocked],
+        "modules": named_modules(analysis.groups, analysis.view.modules),
+        "warnings": notes,
     }
     if args.json:
         write_text_file(args.json, json.dumps(info, indent=1) + "\n")
     if not args.quiet:
+        if info["conversion"]:
+            print(conversion_line(info["conversion"]))
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
         print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
         print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
+        labels = node_labels(info["modules"])
         for g in prunable:
             unit = "heads" if g.kind == "heads" else "units"
             tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
-            print(f"  {g.size:>5} ch{tied:<12} {', '.join(g.sources)}")
+            print(f"  {g.size:>5} ch{tied:<12} {', '.join(labels.get(s, s) for s in g.sources)}")
         print(f"{len(blocked)} blocked group(s)")
         for g in blocked:
-            print(render(f"  {g.size:>5} ch  {', '.join(g.sources)}: {'; '.join(g.blocked)}", FLAGS))
+            reason = labelled_reason("; ".join(g.blocked), labels)
+            print(render(f"  {g.size:>5} ch  {', '.join(labels.get(s, s) for s in g.sources)}: {reason}", FLAGS))
     return 0

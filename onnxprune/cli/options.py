@@ -52,6 +52,7 @@ _count = _number(int, lambda v: v >= 0, "must be at least 0")
 _nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 _fraction = _number(float, lambda v: 0 < v <= 1, "the fraction kept must be in (0, 1]")
 _speedup = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number")
+_reduction = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number (original MACs / pruned MACs)")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -93,7 +94,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
                    help="pin a dynamic input's dims for analysis and verification (repeatable)")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
-                   help="node or weight names (globs) to leave alone; blocks their groups (repeatable)")
+                   help="node names, module paths (dynamo exports) or weight names (globs) to leave alone; "
+                        "blocks their groups; one that matches nothing warns (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 

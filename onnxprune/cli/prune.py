@@ -20,6 +20,7 @@ from .options import (
     _Parser,
     _positive,
     _ratio,
+    _reduction,
     _speedup,
     _training_options,
     _width_options,
@@ -90,6 +91,9 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-speedup", type=_speedup, metavar="S",
                    help="remove channels until the model runs S times faster on --provider (measured at the first "
                         "--bench-batch; at most 8 benchmark runs)")
+    g.add_argument("--min-reduction", type=_reduction, metavar="X",
+                   help="fail (exit 7, nothing written) unless the MACs fall at least X times (original MACs / "
+                        "pruned MACs); a run that lowers them less than 1.05x warns anyway, naming what held them")
     g.add_argument("--provider", metavar="NAME",
                    help="the runtime the model is for (cpu, cuda): the default --round-to comes from its measured "
                         "table (onnxprune/runtime/hardware.py); --target-speedup times on it")
@@ -105,8 +109,8 @@ def _target_options(p: argparse.ArgumentParser) -> None:
 
 def _group_ratio_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-group ratios")
-    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob to a "
-                   "ratio; other groups get --structured R (or stay whole without it)")
+    g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob (node "
+                   "name or module path) to a ratio; other groups get --structured R (or stay whole without it)")
     g.add_argument("--allocate", choices=("uniform", "sensitivity"),
                    help="sensitivity: measure each group's output error on --data and choose per-group ratios "
                         "that remove --structured R of all prunable channels (or meet --target-macs/--target-params) "
@@ -126,7 +130,8 @@ FLAGS = {
     "val_fraction": "--val-fraction", "device": "--device", "max_accuracy_drop": "--max-accuracy-drop",
     "max_output_error": "--max-output-error", "unstructured": "--unstructured", "nm": "--nm",
     "min_elements": "--min-elements", "target_macs": "--target-macs", "target_params": "--target-params",
-    "target_speedup": "--target-speedup", "provider": "--provider", "bench": "--bench",
+    "target_speedup": "--target-speedup", "min_reduction": "--min-reduction", "provider": "--provider",
+    "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
     "augment": "--augment",
 }
@@ -174,7 +179,7 @@ def prune_options(args, argv):
     )
 
     sparse = args.unstructured is not None or args.nm is not None
-    gated = args.max_accuracy_drop is not None or args.max_output_error is not None
+    gated = args.max_accuracy_drop is not None or args.max_output_error is not None or args.min_reduction is not None
     target, bench = _target_and_bench(args, argv)
     return PruneOptions(
         analysis=analysis_options(args),
@@ -186,7 +191,7 @@ def prune_options(args, argv):
         training=training_options(args),
         steps=args.steps,
         sparsity=SparsityOptions(args.unstructured, args.nm, args.min_elements) if sparse else None,
-        gate=GateOptions(args.max_accuracy_drop, args.max_output_error) if gated else None,
+        gate=GateOptions(args.max_accuracy_drop, args.max_output_error, args.min_reduction) if gated else None,
         target=target,
         bench=bench,
         output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report),

@@ -54,12 +54,13 @@ def run_sensitivity(argv: list[str]) -> int:
     import json
     import warnings
 
-    from ..model.load import load_model
+    from ..model.load import read_model
     from ..model.save import ensure_writable, write_text_file
     from ..options import PruneOptions, WidthOptions
     from ..pipeline import steps
     from ..pipeline.sensitivity import measure_sensitivity
     from ..report.sensitivity import plot, require_matplotlib
+    from ..report.text import conversion_line
 
     args = build_sensitivity_parser().parse_args(argv)
     if not args.data:
@@ -72,7 +73,9 @@ def run_sensitivity(argv: list[str]) -> int:
     options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
                            widths=WidthOptions(importance=args.importance, round_to=args.round_to,
                                                min_channels=args.min_channels))
-    model = load_model(args.model)
+    loaded = read_model(args.model)
+    model = loaded.model
+    conversion = loaded.conversion and loaded.conversion.to_json()
     data = steps.data_of(model, options.data).sample(args.calib_samples, args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -80,10 +83,12 @@ def run_sensitivity(argv: list[str]) -> int:
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
         print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
     if args.json:
-        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, **result.to_json()},
-                                              indent=1) + "\n")
+        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, "conversion": conversion,
+                                               **result.to_json()}, indent=1) + "\n")
     if args.plot:
         plot(result, args.plot)
     if not args.quiet:
+        if conversion:
+            print(conversion_line(conversion))
         print(result.table())
     return 0

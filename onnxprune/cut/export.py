@@ -3,7 +3,7 @@
 Intermediate shapes are dropped and inferred again (never stale); graph
 inputs and outputs keep their declared types, except for the dims a cut
 reshaped under --allow-io-change; weights that were stored in float16 behind
-a Cast are stored that way again."""
+a Cast are stored that way again; nodes keep their metadata_props."""
 
 from __future__ import annotations
 
@@ -43,7 +43,18 @@ def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.Mo
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
     _restore_io(model, original, io_changes)
+    _restore_node_metadata(model, original)
     return refresh_value_info(model)
+
+
+def _restore_node_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Each node's metadata_props as the original had them (onnx-graphsurgeon drops them): the
+    module paths the torch exporter records there name the nodes in later rounds' reports and
+    let ``ignore`` match them there, and tools reading the written model find them too."""
+    props = {n.name: n.metadata_props for n in original.graph.node if n.name and n.metadata_props}
+    for node in model.graph.node if props else ():
+        if node.name in props:
+            node.metadata_props.extend(props[node.name])
 
 
 _LARGE_BYTES = 1 << 20

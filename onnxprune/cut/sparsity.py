@@ -11,8 +11,9 @@ parameters and other constants are never considered. Embedding tables (the
 constant data of a Gather) are reported but left dense unless
 ``embeddings=True`` (unstructured only: a lookup has no reduction axis for
 N:M). A considered tensor is left alone, with the reason in the report, when
-``ignore`` globs match its name or the name of a node reading it; when it is
-not a float tensor; when something other than a weight slot also reads it (a
+``ignore`` globs match its name or the name or module path of a node reading
+it (a glob that matches nothing warns); when it is not a float tensor; when
+something other than a weight slot also reads it (a
 bias slot, a tied embedding's Gather, a subgraph, a graph output); when it has
 fewer than ``min_elements`` elements (default 1024: the first conv, depthwise
 convs and small heads hold few weights, are the most sensitive to pruning
@@ -52,7 +53,6 @@ sparse weights enabled, for N:M).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import zlib
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import UsageError
+from ..graph.names import matches
 from ..graph.shapes import Shapes
 from ..graph.view import GraphView
 from ..options import MIN_ELEMENTS, SparsityOptions
@@ -135,7 +136,8 @@ def sparsify(
     options = _Options(ratio, parsed, tuple(ignore), min_elements, embeddings)
     view = GraphView.from_model(model, Shapes())
     weights = _find_weights(view, _stored_names(model))
-    reasons = {w.name: _skip_reason(w, options) for w in weights}
+    view.warn_unmatched(options.ignore)
+    reasons = {w.name: _skip_reason(w, options, view.modules) for w in weights}
     chosen = [w for w in weights if reasons[w.name] is None]
     given = _check_scores(scores or {}, weights, chosen, global_ranking and parsed is None)
     values = {w.name: np.asarray(view.value(w.tensor)) for w in weights}
@@ -197,9 +199,9 @@ def _find_weights(view: GraphView, stored: set[str]) -> list[_Weight]:
     return found
 
 
-def _skip_reason(w: _Weight, options: _Options) -> str | None:
-    names = [w.name] + [u.node.name for u in w.uses]
-    if any(fnmatch.fnmatchcase(n, p) for n in names for p in options.ignore):
+def _skip_reason(w: _Weight, options: _Options, modules: dict[str, str]) -> str | None:
+    names = [w.name] + [u.node.name for u in w.uses] + [modules.get(u.node.name) for u in w.uses]
+    if any(matches(n, options.ignore) for n in names):
         return "ignored (`ignore`)"
     dtype = np.dtype(w.tensor.dtype) if w.tensor.dtype is not None else None
     if dtype not in _FLOATS:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedModel, first_line
-from ..model.inputs import resolve_input_shapes
+from ..model.inputs import name_negative_dims, resolve_input_shapes
 from ..model.proto import light_copy, needs_external_data
 from . import fold
 
@@ -37,6 +37,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     The model itself is left as it was.
     """
     light = light_copy(model)
+    name_negative_dims(light)  # a model given in memory may still declare paddle2onnx's -1
     if input_shapes:
         for vi in light.graph.input:
             if vi.name in input_shapes:

@@ -12,6 +12,7 @@ flatten -> Transpose -> unflatten (one Transpose) and a channel shuffle
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..model.proto import opset_of
+from .names import matches, module_paths, unmatched_ignore_message
 from .normalise import import_graph
 from .shapes import Shapes
 
@@ -42,11 +44,14 @@ class GraphView:
     cast_weights: dict = None
     prune_hidden: bool = False  # rules let the hidden size through LayerNorm (--prune-hidden)
     memo: dict = field(default_factory=dict)  # rules' costly findings about a node, computed once
+    # node name -> the module path its exporter recorded (names.py); onnx-graphsurgeon drops
+    # node metadata, so it is read off the model here
+    modules: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, shapes: Shapes) -> GraphView:
         graph, cast_weights, subgraph_refs = import_graph(model, shapes)
-        return cls(graph, shapes, opset_of(model), subgraph_refs, cast_weights)
+        return cls(graph, shapes, opset_of(model), subgraph_refs, cast_weights, modules=module_paths(model))
 
     # --- structure -------------------------------------------------------
     @property
@@ -71,6 +76,23 @@ class GraphView:
 
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return any(t is tensor for t in self.graph.outputs)
+
+    # --- names -------------------------------------------------------------
+    def names_of(self, node: gs.Node) -> list[str]:
+        """The names an ``ignore`` glob matches ``node`` by: its own, its module path, its constant inputs'."""
+        module = self.modules.get(node.name)
+        return [node.name, *([module] if module else []), *(t.name for t in node.inputs if self.is_constant(t))]
+
+    def warn_unmatched(self, patterns) -> None:
+        """A warning for each ``ignore`` glob that matches no node by ``names_of``."""
+        left = dict.fromkeys(patterns)
+        for node in self.nodes if left else ():
+            for name in self.names_of(node):
+                for pattern in matches(name, left):
+                    del left[pattern]
+        known = [n.name for n in self.nodes] + list(self.modules.values())
+        for pattern in left:
+            warnings.warn(unmatched_ignore_message(pattern, known), stacklevel=3)
 
     # --- values ------------------------------------------------------------
     @staticmethod

@@ -1,4 +1,5 @@
-"""Shapes of a model's graph inputs: parsed from --input-shape, resolved against the model."""
+"""Shapes of a model's graph inputs: parsed from --input-shape, resolved against the model; how a
+declared dim is read (``declared_dim``), and negative dims named as the dynamic dims they are."""
 
 from __future__ import annotations
 
@@ -22,6 +23,40 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise UsageError(f"`input_shapes` {spec!r}: dims must be positive")
         shapes[name] = values
     return shapes
+
+
+def declared_dim(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A declared dim's size; None for a dynamic one: a ``dim_param``, an unset dim, or a negative
+    ``dim_value`` (paddle2onnx writes -1 for dynamic dims, and onnxruntime reads any negative
+    value as dynamic). 0 is returned as it is: onnxruntime holds a model to a 0 like to any size."""
+    if dim.HasField("dim_value") and dim.dim_value >= 0:
+        return dim.dim_value
+    return None
+
+
+def name_negative_dims(model: onnx.ModelProto) -> int:
+    """Declare every negative ``dim_value`` of the graph's inputs, outputs and value_info as a
+    ``dim_param`` (``x_dim0``), in place; the number renamed.
+
+    onnx.checker and onnxruntime accept -1, but ONNX shape inference carries it on as if it were
+    a size (a Conv of a [-1, 3, 8, 8] input gives [-1, 8, 8, 8]), so the analysis would take
+    it for a fixed dim, and tools that read the written model may too. A named dim says
+    "dynamic" to all of them. Each gets its own name: -1 says nothing about two dims being equal.
+    """
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    taken = {d.dim_param for vi in values for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    renamed = 0
+    for vi in values:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                name = f"{vi.name}_dim{axis}"
+                while name in taken:
+                    name += "_"
+                taken.add(name)
+                d.dim_param = name  # the oneof: clears dim_value
+                renamed += 1
+    return renamed
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -50,13 +85,12 @@ def resolve_input_shapes(
                     f"`input_shapes` {name}: rank {len(pinned[name])} given, model input has rank {len(dims)}"
                 )
             for d, v in zip(dims, pinned[name]):
-                if d.HasField("dim_value") and d.dim_value != v:
-                    raise UsageError(
-                        f"`input_shapes` {name}: dim {v} conflicts with the model's fixed dim {d.dim_value}"
-                    )
+                fixed = declared_dim(d)
+                if fixed is not None and fixed != v:
+                    raise UsageError(f"`input_shapes` {name}: dim {v} conflicts with the model's fixed dim {fixed}")
             result[name] = pinned[name]
         else:
-            result[name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+            result[name] = tuple(declared_dim(d) or 1 for d in dims)
     return result
 
 
@@ -66,4 +100,4 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     if not inputs:
         return None
     dims = inputs[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    return (declared_dim(dims[0]) or None) if dims else None

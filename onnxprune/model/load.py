@@ -1,6 +1,8 @@
 """Load, check and save ONNX models; a weight-free copy for shape inference.
 
-Loading accepts external data and keeps the model's opset. Saving is atomic:
+Loading accepts external data and keeps the model's opset, except that opsets 7 to
+10 are upgraded in memory to CONVERTED_OPSET with onnx.version_converter (the file is
+not touched; a model written from the result has the new opset). Saving is atomic:
 external data goes to a fresh file name first, the .onnx is written under a
 temporary name and renamed last, so an interrupted run never leaves a
 half-written model behind.
@@ -9,6 +11,8 @@ half-written model behind.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -16,13 +20,47 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InvalidModel, UnsupportedModel, first_line
 from ..rules.weights import WEIGHTS, group_problem
+from .inputs import declared_dim, name_negative_dims
 from .proto import light_copy, needs_external_data, opset_of
 
 MIN_OPSET = 11
+# The oldest opset converted on load. onnxruntime runs nothing older (opset 6 and below have
+# no kernels there), and the converted model is verified against the original run in it.
+MIN_CONVERTED_OPSET = 7
+# Old opsets are upgraded to the oldest one onnxprune supports, not to the newest: every opset
+# step is one more set of rewrites by the converter that can fail or change the graph's form
+# (at 13, Softmax's axis changes meaning and Split, Squeeze, Unsqueeze and ReduceSum take
+# their sizes and axes as inputs), and the model should change no more than loading needs.
+CONVERTED_OPSET = MIN_OPSET
+CONVERTER = "onnx.version_converter"
+
+
+@dataclass
+class Conversion:
+    """An old opset upgraded in memory on load."""
+
+    from_opset: int
+    to_opset: int
+    tool: str = CONVERTER
+
+    def to_json(self) -> dict:
+        return {"from_opset": self.from_opset, "to_opset": self.to_opset, "tool": self.tool}
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto  # checked; at CONVERTED_OPSET when ``conversion`` is set
+    conversion: Conversion | None = None
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check a model file; raise InvalidModel/UnsupportedModel with one line."""
+    """Read and check a model file (``read_model``), for callers that do not report a conversion."""
+    return read_model(path).model
+
+
+def read_model(path: str | os.PathLike) -> LoadedModel:
+    """Read and check a model file, upgrading opsets 7 to 10 in memory and declaring negative
+    dims (paddle2onnx's -1) as named dynamic dims; raise InvalidModel/UnsupportedModel with one line."""
     path = Path(path)
     if not path.exists():
         raise InvalidModel(f"{path}: no such file")
@@ -40,12 +78,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InvalidModel(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     except Exception as exc:  # protobuf raises assorted types on garbage input
         raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
-    validate_model(model, path)
-    return model
+    loaded = checked_model(model, path)
+    name_negative_dims(loaded.model)  # ours to edit: read from the file just now
+    return loaded
 
 
 def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
-    """Raise InvalidModel/UnsupportedModel (one line) unless onnxprune can analyse ``model``.
+    """Raise InvalidModel/UnsupportedModel (one line) unless onnxprune can analyse ``model``
+    (that of an opset from 7 to 10 once converted; ``checked_model``)."""
+    checked_model(model, path)
+
+
+def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> LoadedModel:
+    """``model`` if onnxprune can analyse it, or its conversion to CONVERTED_OPSET for opsets 7 to
+    10; else InvalidModel/UnsupportedModel (one line).
 
     Beyond onnx.checker's structural check, the model must pass type and shape
     inference in strict mode (what ``full_check=True`` adds, run here on a
@@ -66,26 +112,53 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None
             onnx.checker.check_model(str(path))
     except Exception as exc:
         raise InvalidModel(f"{where}fails onnx.checker: {first_line(exc)}") from exc
+    conversion = None
     opset = opset_of(model)
     if opset < MIN_OPSET:
-        raise UnsupportedModel(
-            f"{where}opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter first"
-        )
+        model, conversion = upgrade_opset(model, opset, where)
     check_text(model.graph, where)
     try:
         inferred = onnx.shape_inference.infer_shapes(light_copy(model), check_type=True, strict_mode=True)
     except Exception as exc:
+        if conversion is not None:  # the input passed the checker: its conversion is what fails
+            raise UnsupportedModel(f"{where}opset {opset} converted to {conversion.to_opset} by {CONVERTER} "
+                                   f"fails onnx.checker's type and shape checks: {first_line(exc)}") from exc
         raise InvalidModel(f"{where}fails onnx.checker's type and shape checks: {first_line(exc)}") from exc
     check_conv_groups(inferred.graph, where)
+    return LoadedModel(model, conversion)
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int, where: str = "") -> tuple[onnx.ModelProto, Conversion]:
+    """``model`` (opset ``opset`` < MIN_OPSET) converted to CONVERTED_OPSET by onnx.version_converter,
+    checked; UnsupportedModel, with the converter's reason, when it cannot be."""
+    if opset < MIN_CONVERTED_OPSET:
+        raise UnsupportedModel(f"{where}opset {opset} is older than {MIN_CONVERTED_OPSET}, the oldest that "
+                               f"onnxruntime runs and onnxprune converts; export the model at opset "
+                               f"{MIN_OPSET} or newer")
+    from onnx import version_converter  # only old models pay for it
+
+    try:
+        converted = version_converter.convert_version(model, CONVERTED_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise UnsupportedModel(f"{where}opset {opset} cannot be converted to {CONVERTED_OPSET} by {CONVERTER}: "
+                               f"{_converter_reason(exc)}") from exc
+    return converted, Conversion(opset, CONVERTED_OPSET)
+
+
+def _converter_reason(exc: BaseException) -> str:
+    """The converter's message without the C++ source location it starts with
+    ("/project/onnx/version_converter/adapters/scan_8_9.h:26: adapt_scan_8_9: ...")."""
+    return re.sub(r"^\S+\.(?:h|cc|cpp):\d+: ", "", first_line(exc))
 
 
 def check_conv_groups(graph: onnx.GraphProto, where: str = "") -> None:
     """Conv/ConvTranspose ``group`` must fit the weights and input channels (ONNX inference skips this)."""
     weights = {t.name: list(t.dims) for t in graph.initializer}
     channels = {
-        vi.name: vi.type.tensor_type.shape.dim[1].dim_value
+        vi.name: declared_dim(vi.type.tensor_type.shape.dim[1])
         for vi in (*graph.input, *graph.value_info)
-        if len(vi.type.tensor_type.shape.dim) > 1 and vi.type.tensor_type.shape.dim[1].HasField("dim_value")
+        if len(vi.type.tensor_type.shape.dim) > 1
     }
     for node in graph.node:
         entry = WEIGHTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None

@@ -16,11 +16,13 @@ import numpy as np
 import onnx
 
 from ..analysis.analyse import Analysis
-from ..analysis.stats import count_macs, count_params
+from ..analysis.groups import named_modules
+from ..analysis.stats import barrier_macs, count_macs, count_params, held_macs, macs_by_output, total_macs
 from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
 from ..metrics import Reference
+from ..model.inputs import declared_dim
 from ..options import PruneOptions
 from ..planning.allocation import choose_allocation
 from ..planning.plan import Plan, check_plan
@@ -163,8 +165,7 @@ def _kept(model, cut: steps.Cut, analysis, metric: str) -> float:
 
 def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Graph inputs' and outputs' shapes as declared: sizes, or names of dynamic dims."""
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                      for d in vi.type.tensor_type.shape.dim]
+    return {vi.name: [d.dim_param or declared_dim(d) for d in vi.type.tensor_type.shape.dim]
             for vi in (*model.graph.input, *model.graph.output)}
 
 
@@ -221,10 +222,13 @@ def _fit_and_check(calib: Dataset, seed: int) -> tuple[Dataset, Dataset | None]:
 
 def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> Report:
     model = analysis.model
+    per_output = macs_by_output(model, shapes=analysis.shapes.static)
+    output_of = {n.name: n.outputs[0].name for n in analysis.view.nodes if n.outputs}
     groups, blocked = [], []
     for g in analysis.groups:
         if g.blocked:
-            blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked)))
+            blocked.append(BlockedGroup(g.id, g.sources, g.size, "; ".join(g.blocked),
+                                        held_macs(g.nodes, output_of, per_output), g.modules))
             continue
         if not g.prunable:
             continue
@@ -235,18 +239,20 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
             info = {"criterion": importance, "kept_mean": float(scores[g.id][kept].mean())}
             if removed.size:
                 info["removed_mean"] = float(scores[g.id][removed].mean())
-        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind)
+        report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind, modules=g.modules)
         if g.kind == "heads":
             kept_set = set(kept)
             report.units_before = len(g.unit_members())
             report.units_after = sum(1 for m in g.unit_members() if int(m[0]) in kept_set)
         groups.append(report)
     params = count_params(model)
-    macs = count_macs(model, shapes=analysis.shapes.static)
+    macs = total_macs(per_output)
     return Report(
         input="", output=None, ratio=ratio, importance=importance,
         params_before=params, params_after=params, macs_before=macs, macs_after=macs,
         groups=groups, blocked=blocked,
+        barriers=barrier_macs([g for g in analysis.groups if g.blocked], output_of, per_output),
+        modules=named_modules(analysis.groups, analysis.view.modules),
     )
 
 

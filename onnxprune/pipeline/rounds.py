@@ -2,7 +2,8 @@
 
 Each round removes 1 - (1 - ratio)^(1/steps) of the channels left, so that
 the rounds together keep (1 - ratio) of each group, re-scoring on the model
-the previous round left; the teacher is always the original model.
+the previous round left; the teacher is always the original model. What the
+rounds removed is checked against what was asked (reduction.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..options import PruneOptions
 from ..recovery.train import FeaturePoint, train
 from ..scoring.calibration import read_points
 from .prune import PruneResult, prune_model
+from .reduction import require_reduction, weak_reduction_warning
 
 
 def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
@@ -39,6 +41,10 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
             changes = iochange.compose(changes, iochange.read(result.model))
             iochange.record(result.model, changes)
         first = first or result
+        if step == steps - 1:  # the last cut fixes the MACs and training changes none: check before training
+            require_reduction(first.report.macs_before, result.report.macs_after,
+                              options.gate and options.gate.min_reduction, result.report.barriers,
+                              result.report.modules)
         if training is not None and result.model is not current:
             features = feature_points(result) if steps == 1 and training.feature_weight > 0 else ()
             result.model, trained = train(result.model, model, data, training, groups=None, features=features)
@@ -50,6 +56,9 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
         result.report.params_before, result.report.macs_before = first.report.params_before, first.report.macs_before
         result.report.ratio = widths.ratio
         result.report.rounds = rounds
+    warning = weak_reduction_warning(result.report, options)
+    if warning:
+        result.report.warnings.append(warning)
     return result
 
 

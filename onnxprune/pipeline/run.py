@@ -23,7 +23,7 @@ from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..metrics import evaluate
 from ..model.inputs import resolve_input_shapes
-from ..model.load import load_model
+from ..model.load import read_model
 from ..model.save import (
     AtomicModelWriter,
     check_output_path,
@@ -57,7 +57,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
                      {"`report_path`": out.report_path, "`plan_out`": out.plan_out}, {"`plan`": plan_file})
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
-    model = load_model(input_path)
+    loaded = read_model(input_path)
+    model = loaded.model
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
     if options.target is not None and options.widths.allocate != "sensitivity":
@@ -75,6 +76,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         _quality_gate(result, model, options)
     report = result.report
     report.input = str(input_path)
+    report.conversion = loaded.conversion and loaded.conversion.to_json()
     report.target = searched and searched.to_json()
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
@@ -120,9 +122,12 @@ def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:
         data = data.sample(options.data.calib_samples, options.seed)
         scores = weight_scores(result.model, data, widths.importance, weight_names(result.model),
                                batch_size=options.data.batch_size, quiet=options.quiet)
-    sparse = sparsify(result.model, sparsity.unstructured, sparsity.nm, min_elements=sparsity.min_elements,
-                      ignore=options.analysis.ignore,
-                      global_ranking=sparsity.unstructured is not None and widths.global_ranking, scores=scores)
+    with warnings.catch_warnings(record=True) as caught:  # an `ignore` glob that matches nothing
+        warnings.simplefilter("always")
+        sparse = sparsify(result.model, sparsity.unstructured, sparsity.nm, min_elements=sparsity.min_elements,
+                          ignore=options.analysis.ignore,
+                          global_ranking=sparsity.unstructured is not None and widths.global_ranking, scores=scores)
+    result.report.add_warnings(caught)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
 

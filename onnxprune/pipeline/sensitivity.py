@@ -74,8 +74,8 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
     reference = Reference(model, data, batch)
     shapes = prepared.analysis.shapes.pinned_inputs
     macs, params = count_macs(model, shapes), count_params(model)
-    results = [GroupSensitivity(g.id, g.sources, g.size, [], [], [] if reference.accuracy is not None else None)
-               for g in groups]
+    results = [GroupSensitivity(g.id, g.sources, g.size, [], [], [] if reference.accuracy is not None else None,
+                                modules=g.modules) for g in groups]
     cells = [(g, r, i) for i, g in enumerate(groups) for r in ratios]
     for group, ratio, index in progress(cells, len(cells), "sensitivity", options.quiet, unit="cut"):
         plan = make_plan([group], prepared.scores, ratio, widths.round_to, min_channels=widths.min_channels)

@@ -44,7 +44,8 @@ class Allocation:
             "grid": self.sensitivity.ratios,
             "samples": self.sensitivity.samples,
             "seconds": self.sensitivity.seconds,
-            "groups": [{"id": gid, "sources": by_id[gid].sources, "channels": by_id[gid].channels,
+            "groups": [{"id": gid, "sources": by_id[gid].sources, "modules": by_id[gid].modules,
+                        "channels": by_id[gid].channels,
                         "ratio": r, "error": self.chosen_error[gid]} for gid, r in self.ratios.items()],
         }
 

@@ -58,7 +58,8 @@ def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") ->
 
 
 def _glob_matches(group, pattern: str) -> bool:
-    return any(fnmatch.fnmatchcase(s, pattern) for s in group.sources)
+    """A glob over the group's source nodes, by ONNX name or by module path (graph/names.py)."""
+    return any(s and fnmatch.fnmatchcase(s, pattern) for s in (*group.sources, *group.modules))
 
 
 def _no_match(groups, key: str, what: str) -> str:
@@ -66,4 +67,5 @@ def _no_match(groups, key: str, what: str) -> str:
     if unprunable is not None:
         why = "; ".join(unprunable.blocked) or "too narrow to prune"
         return f"{what}: {key!r} names a group that cannot be pruned ({why})"
-    return f"{what}: {key!r} matches no group id or source node name (ids: onnxprune info --json, or onnxprune.analyse)"
+    return (f"{what}: {key!r} matches no group id or source node name or module path "
+            "(ids: onnxprune info --json, or onnxprune.analyse)")

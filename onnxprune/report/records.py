@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import group_label, summary_line
+from .text import conversion_line, group_label, labelled_reason, node_labels, summary_line
 
 REPORT_SCHEMA = 1
 
@@ -23,6 +23,7 @@ class GroupReport:
     kind: str = "channels"  # or "heads"
     units_before: int = 0  # heads (for kind "heads")
     units_after: int = 0
+    modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class BlockedGroup:
     sources: list[str]
     channels: int
     reason: str
+    macs: int | None = None  # of the group's nodes: what its barriers hold (None: a count unknown)
+    modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
 
 
 @dataclass
@@ -116,6 +119,12 @@ class Report:
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
+    conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
+    # the barriers of the blocked groups, most MACs held first (analysis/stats.py barrier_macs)
+    barriers: list[dict] = field(default_factory=list)
+    # node name -> module path (graph/names.py), for each node named above that has one: the
+    # summary shows nodes by it (``node_conv2d_3`` as ``features.3``)
+    modules: dict[str, str] = field(default_factory=dict)
     written: bool = False
     sparsity: SparsityReport | None = None
     schema_version: int = REPORT_SCHEMA
@@ -142,7 +151,8 @@ class Report:
 
     def summary(self, verbose: bool = False) -> str:
         pruned = [g for g in self.groups if g.channels_after < g.channels_before]
-        lines = [
+        lines = [conversion_line(self.conversion)] if self.conversion else []
+        lines += [
             f"params  {format_count(self.params_before):>9} -> {format_count(self.params_after):<9}"
             f"({_ratio(self.params_before, self.params_after)})",
             f"MACs    {format_count(self.macs_before):>9} -> {format_count(self.macs_after):<9}"
@@ -151,11 +161,12 @@ class Report:
         if self.importance != NO_STRUCTURED:
             lines.append(f"groups  {len(pruned)} pruned, {len(self.groups) - len(pruned)} left whole, "
                          f"{len(self.blocked)} blocked")
+        labels = node_labels(self.modules)
         shown = pruned if verbose else pruned[:8]
         for g in shown:
             heads = f"({g.units_before} -> {g.units_after} heads) " if g.kind == "heads" else ""
             lines.append(f"  pruned  {g.channels_before:>5} -> {g.channels_after:<5} "
-                         f"{heads}{group_label(g.sources, g.id)}")
+                         f"{heads}{group_label(g.sources, g.id, labels)}")
         if len(pruned) > len(shown):
             lines.append(f"  ... {len(pruned) - len(shown)} more pruned groups (`verbose` or `report_path`)")
         reasons: dict[str, list[BlockedGroup]] = {}
@@ -165,7 +176,8 @@ class Report:
             example = items[0]
             lines.append(
                 f"  blocked {len(items):>3} group(s): {kind} "
-                f"(e.g. {group_label(example.sources, example.id)}: {example.reason})"
+                f"(e.g. {group_label(example.sources, example.id, labels)}: "
+                f"{labelled_reason(example.reason, labels)})"
             )
         if self.io_changes:
             lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (`allow_io_change`):")

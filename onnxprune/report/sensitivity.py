@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MissingDependency, UsageError
 from ..model.save import AtomicModelWriter
-from .text import clipped_label
+from .text import clipped_label, source_labels
 
 
 @dataclass
@@ -23,6 +23,7 @@ class GroupSensitivity:
     accuracy: list[float] | None = None  # top-1 at each ratio, when labels fit
     macs: list[int] = field(default_factory=list)  # MACs removed at each ratio
     params: list[int] = field(default_factory=list)  # parameters removed at each ratio
+    modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Sensitivity:
 
     def table(self) -> str:
         """One row per group: its source nodes, channels, the error at each ratio [top-1 %]."""
-        labels = [clipped_label(g.sources, g.id) for g in self.groups]
+        names = source_labels(self.groups)
+        labels = [clipped_label(g.sources, g.id, labels=names) for g in self.groups]
         width = max([len(s) for s in labels] + [5])
         cell = 15 if self.baseline_accuracy is not None else 8
         head = f"{'group':<{width}}  {'ch':>5}" + "".join(f"{r:>{cell}g}" for r in self.ratios)
@@ -85,8 +87,9 @@ def plot(sensitivity: Sensitivity, path) -> None:
     panels = 2 if sensitivity.baseline_accuracy is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     x = [0.0] + sensitivity.ratios
+    names = source_labels(sensitivity.groups)
     for g in sensitivity.groups:
-        label = clipped_label(g.sources, g.id, 40)
+        label = clipped_label(g.sources, g.id, 40, names)
         axes[0][0].plot(x, [0.0] + [e if math.isfinite(e) else np.nan for e in g.error], marker="o", ms=3,
                         label=label)
         if panels == 2:

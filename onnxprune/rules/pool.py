@@ -18,6 +18,10 @@ from .registry import (
     rule,
 )
 
+# The reductions that compute a normalisation's statistics over the channels (a LayerNorm or
+# RMSNorm written out op by op, ConvNeXt V2's global response normalisation): `prune_hidden`
+# lets the channels through them.
+NORM_STATISTICS = ("ReduceMean", "ReduceL2", "ReduceSumSquare")
 POOLS = "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split()
 REDUCES = (
     "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum "
@@ -60,8 +64,12 @@ def reduce(node, view, r: Reached):
     keep = int(attr(node, "keepdims", 1))
     if r.side == "in":
         if r.axis in axes:
-            if view.prune_hidden and node.op in ("ReduceMean", "ReduceL2", "ReduceSumSquare") and keep:
-                return Relation(kind="hidden")  # decomposed LayerNorm/RMSNorm statistics (--prune-hidden)
+            statistic = node.op in NORM_STATISTICS and keep
+            if view.prune_hidden and statistic:
+                return Relation(kind="hidden")  # decomposed LayerNorm/RMSNorm/GRN statistics (--prune-hidden)
+            if statistic:  # name the option that lifts it: the summary and the weak-cut warning show it
+                return barrier(f"{node.op} reduces over the channel axis, as a hand-written LayerNorm, RMSNorm "
+                               "or GRN does (the hidden size is pruned only with `prune_hidden`)")
             return barrier(f"{node.op} reduces over the channel axis")
         out_axis = r.axis if keep else r.axis - sum(a < r.axis for a in axes)
         return related(Link("out", 0, out_axis, r.owner))

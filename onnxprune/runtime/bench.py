@@ -18,7 +18,7 @@ import onnx
 
 from ..cut import iochange
 from ..errors import UnsupportedModel, UsageError, first_line
-from ..model.inputs import graph_inputs, resolve_input_shapes
+from ..model.inputs import declared_dim, graph_inputs, resolve_input_shapes
 from ..model.load import load_model
 from .session import require_onnxruntime, session
 from .verify import index_bounds, make_inputs
@@ -69,14 +69,10 @@ def batch_shapes(
         dims = vi.type.tensor_type.shape.dim
         if not dims:
             continue  # a scalar input has no batch dim
-        first = dims[0]
-        if first.HasField("dim_value") and first.dim_value > 0 and first.dim_value != batch:
-            raise UsageError(
-                f"`batches` {batch}: {label} input {vi.name!r} has a fixed batch dim {first.dim_value}"
-            )
-        base = pinned.get(vi.name) or tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims
-        )
+        first = declared_dim(dims[0])
+        if first and first != batch:
+            raise UsageError(f"`batches` {batch}: {label} input {vi.name!r} has a fixed batch dim {first}")
+        base = pinned.get(vi.name) or tuple(declared_dim(d) or 1 for d in dims)
         wanted[vi.name] = (batch,) + tuple(base[1:])
     return resolve_input_shapes(model, wanted)
 
