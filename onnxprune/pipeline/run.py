@@ -58,7 +58,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
-    model = loaded.model
+    model, conversion = loaded.model, loaded.conversion
+    del loaded  # `model` must be the input's only reference: it is freed before verification
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
     if options.target is not None and options.widths.allocate != "sensitivity":
@@ -76,7 +77,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         _quality_gate(result, model, options)
     report = result.report
     report.input = str(input_path)
-    report.conversion = loaded.conversion and loaded.conversion.to_json()
+    report.conversion = conversion and conversion.to_json()
     report.target = searched and searched.to_json()
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
