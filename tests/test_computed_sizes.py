@@ -11,6 +11,7 @@ read another tensor's channel count, stay barriers with their reason.
 
 from __future__ import annotations
 
+import onnx
 import pytest
 from onnx import TensorProto
 
@@ -86,3 +87,37 @@ def test_sizes_that_change_or_borrow_the_channel_count_stay_blocked(channels, re
     assert f"Resize up: {reason}" in group_of(analysis, "mid").blocked
     if channels == "other":  # the skip's channel count is read for the other tensor's sizes: blocked too
         assert "shape arithmetic reads the channel count" in " ".join(group_of(analysis, "enc").blocked)
+
+
+def upsample_opset9():
+    """The legacy exporter's opset 9 F.interpolate(x, size=skip.shape[2:]): an Upsample whose scales are
+    Concat([1, 1], H and W of the skip / H and W of x), with opset 9's attribute Slice."""
+    b = GraphBuilder(opset=9)
+    x = b.input("x", [1, 3, *DYNAMIC])
+    skip = b.op("Relu", [b.conv(x, 3, 8, name="enc")])
+    deep = b.op("Relu", [b.conv(b.op("MaxPool", [skip], kernel_shape=[2, 2], strides=[2, 2]), 8, 12, name="mid")])
+
+    def hw(t):
+        return b.op("Cast", [b.op("Slice", [b.op("Shape", [t])], starts=[2], ends=[4])], to=TensorProto.FLOAT)
+
+    scales = b.op("Concat", [b.floats([1, 1]), b.op("Div", [hw(skip), hw(deep)])], axis=0)
+    up = b.op("Upsample", [deep, scales], name="up", mode="nearest")
+    dec = b.op("Relu", [b.conv(b.op("Concat", [up, skip], axis=1), 20, 8, name="dec")])
+    return b.build(b.conv(dec, 8, 2, name="head"))
+
+
+def test_upsample_with_computed_scales_in_an_opset_9_model(tmp_path):
+    """In memory the model keeps opset 9 and its Upsample (the rule reads its scales input); from a file
+    it is converted to opset 11 on load, where the Upsample is a Resize: both pass the channels."""
+    model = upsample_opset9()
+    assert group_of(onnxprune.analyse(model), "mid").prunable
+    result, _, _ = prune_checked(model, 0.4, feeds=make_feeds(model, dims={"h": 24, "w": 32}))
+    assert [n.op_type for n in nodes_of(result.model, "Upsample")] == ["Upsample"]
+    path = tmp_path / "upsample9.onnx"
+    onnx.save(model, path)
+    report = onnxprune.prune_file(path, tmp_path / "out.onnx", 0.4)
+    written = onnx.load(tmp_path / "out.onnx")
+    assert written.opset_import[0].version == 11 and not nodes_of(written, "Upsample")
+    assert len(nodes_of(written, "Resize")) == 1
+    mid = next(g for g in report.groups if "mid" in g.sources)
+    assert mid.channels_after < mid.channels_before
