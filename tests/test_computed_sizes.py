@@ -121,3 +121,17 @@ def test_upsample_with_computed_scales_in_an_opset_9_model(tmp_path):
     assert len(nodes_of(written, "Resize")) == 1
     mid = next(g for g in report.groups if "mid" in g.sources)
     assert mid.channels_after < mid.channels_before
+
+
+def test_constant_of_shape_from_spatial_dims_passes_channels():
+    """A mask filled to the skip's H and W, (1, 1, H, W), multiplies the features: its channel extent 1
+    broadcasts, and the Shape reads only H and W, so the channels pass at a dynamic H and W."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, *DYNAMIC])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="enc")])
+    shape = b.op("Concat", [b.ints([1, 1]), _hw_of(b, h)], axis=0)
+    mask = b.op("ConstantOfShape", [shape], value=onnx.helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5]))
+    h = b.op("Relu", [b.conv(b.op("Mul", [h, mask]), 8, 8, name="mid")])
+    model = b.build(b.conv(h, 8, 2, name="head"))
+    assert group_of(onnxprune.analyse(model), "enc").prunable
+    prune_checked(model, 0.4, feeds=make_feeds(model, dims={"h": 12, "w": 20}))
