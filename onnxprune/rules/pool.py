@@ -1,5 +1,6 @@
-"""Pooling, reductions, Resize and Pad: channels pass through on axes they leave alone (for Pad,
-also when its pads are computed at run time from shapes and are 0 on the channel axis)."""
+"""Pooling, reductions, Resize and Pad: channels pass through on axes they leave alone (also when
+Pad's pads, or Resize's sizes or scales, are computed at run time from shapes and leave the channel
+axis as it is: pads 0, scale 1, size the input's own channel count)."""
 
 from __future__ import annotations
 
@@ -83,14 +84,16 @@ def _resize_axes(node, rank: int) -> list[int]:
     return [normalise_axis(a, rank) for a in attr(node, "axes", None) or range(rank)]
 
 
-def _resize_sizes(node):
-    return node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+def _resize_input(node, name: str):
+    """Input ``name`` ("scales" or "sizes") of a Resize or Upsample; None when absent."""
+    index = {"scales": 1 if node.op == "Upsample" else 2, "sizes": None if node.op == "Upsample" else 3}[name]
+    return node.inputs[index] if index is not None and len(node.inputs) > index and node.inputs[index].name else None
 
 
 def resize_rewrite(node, view, cut):
-    sizes = _resize_sizes(node)
-    if sizes is None:
-        return
+    sizes = _resize_input(node, "sizes")
+    if sizes is None or view.value(sizes) is None:
+        return  # scales, or sizes computed at run time from the input's own shape: right by themselves
     rank = view.rank(node.inputs[0])
     values = np.array(view.value(sizes), copy=True)
     for k, axis in enumerate(_resize_axes(node, rank)):
@@ -105,19 +108,23 @@ def resize(node, view, r: Reached):
     rank = view.rank(node.inputs[0])
     if rank is None:
         return barrier("input shape unknown")
-    scales_input = 1 if node.op == "Upsample" else 2
     axes = _resize_axes(node, rank)
-    if r.axis in axes:
-        k = axes.index(r.axis)
-        if len(node.inputs) > scales_input and node.inputs[scales_input].name:
-            scales = view.value(node.inputs[scales_input])
-            if scales is None:
-                return barrier("scales are computed at run time")
-            if scales.size and float(scales[k]) != 1.0:
-                return barrier("resizes along the channel axis")
-        sizes = _resize_sizes(node)
-        if sizes is not None and view.value(sizes) is None:
-            return barrier("sizes are computed at run time")
+    if r.axis not in axes:
+        return passthrough(r)
+    k = axes.index(r.axis)
+    scales, sizes = _resize_input(node, "scales"), _resize_input(node, "sizes")
+    if scales is not None and view.value(scales) is not None:
+        values = view.value(scales)
+        if values.size and float(values[k]) != 1.0:
+            return barrier("resizes along the channel axis")
+    if sizes is not None and view.value(sizes) is not None:
+        if int(np.atleast_1d(view.value(sizes))[k]) != view.dim(node.inputs[0], r.axis):
+            return barrier("resizes along the channel axis")
+    if sizes is not None and view.value(sizes) is None or scales is not None and view.value(scales) is None:
+        key = ("resize", node.name, r.axis)
+        if key not in view.memo:
+            view.memo[key] = _computed_resize_problem(node, view, r.axis, k, len(axes))
+        return barrier(view.memo[key]) if view.memo[key] else passthrough(r)
     return passthrough(r)
 
 
@@ -130,9 +137,9 @@ _MADE_UP = ((2, 5, 7, 11, 13, 17, 19, 23), (3, 8, 30, 33, 41, 47, 53, 59), (1, 1
 _OTHER_CHANNELS = 10  # added to the channel count for the second evaluation
 
 
-def _shapes_at(view, dims, axis: int, more: int):
+def _shapes_at(view, dims, axis: int, more: int, only=None):
     """``dims_of`` for evaluate_at: each tensor read has the first entries of ``dims`` (its own shape
-    where ``dims`` is None), with ``more`` channels on ``axis``."""
+    where ``dims`` is None), with ``more`` channels on ``axis`` (only tensor ``only``'s, if given)."""
     def dims_of(tensor):
         rank = view.rank(tensor)
         if dims is None:
@@ -141,7 +148,8 @@ def _shapes_at(view, dims, axis: int, more: int):
             shape = dims[:rank] if rank is not None and rank <= len(dims) else None
         if shape is None or None in shape:
             return None
-        return [d + more if a == axis else d for a, d in enumerate(shape)]
+        grown = more if only is None or tensor is only else 0
+        return [d + grown if a == axis else d for a, d in enumerate(shape)]
     return dims_of
 
 
@@ -166,6 +174,39 @@ def _computed_pads_problem(node, view, axis: int, k: int, n: int) -> str | None:
             seen.add(tuple(pads.tolist()))
         if len(seen) > 1:
             return "pads are computed from the channel count"
+    return None
+
+
+def _computed_resize_problem(node, view, axis: int, k: int, n: int) -> str | None:
+    """Why sizes or scales computed at run time (a Resize to a skip connection's size: sizes =
+    Concat(Shape(x)[0:2], Shape(skip)[2:4]); scales = the ratio of two shapes' H and W) change
+    channel ``axis``, entry ``k`` of the ``n`` resized axes; None when they leave it as it is: at the
+    shapes of the tensors they read and at made-up ones, the scale there is 1, or the size is the
+    input's own channel count, at two channel counts of the input. The pruned model keeps them
+    computed, and right. Only the input's channel count varies: a size read from another tensor's
+    channel count (equal today) would stay at that tensor's count when the input's group is cut,
+    unless both were cut alike, which one rule cannot see, so it is a barrier (and the Shape rule
+    blocks the other tensor's group)."""
+    data = node.inputs[0]
+    scales = _resize_input(node, "scales")
+    name, tensor = ("scales", scales) if scales is not None and view.value(scales) is None \
+        else ("sizes", _resize_input(node, "sizes"))
+    kinds = "f" if name == "scales" else "iu"
+    for dims in (None, *_MADE_UP):
+        for more in (0, _OTHER_CHANNELS):
+            dims_of = _shapes_at(view, dims, axis, more, only=data)
+            value, shape = evaluate_at(tensor, dims_of), dims_of(data)
+            if (value is None or shape is None) and dims is None:
+                break  # a shape read is unknown: the made-up ones decide
+            if value is None or shape is None or value.shape != (n,) or value.dtype.kind not in kinds:
+                return f"{name} are computed at run time and cannot be evaluated from shapes"
+            channels = shape[axis]
+            if name == "scales" and float(value[k]) != 1.0:
+                return "resizes along the channel axis (scales computed at run time)"
+            if name == "sizes" and int(value[k]) != channels:
+                if more and channels - more == int(value[k]):
+                    return "sizes read a channel count other than the input's own"
+                return "resizes along the channel axis (sizes computed at run time)"
     return None
 
 
