@@ -62,10 +62,10 @@ class Sensitivity:
         if self.baseline_accuracy is not None:
             what += f"; [top-1 %], original {self.baseline_accuracy:.2%}"
         compensated = "with" if self.compensated else "without"
-        lines.append(f"{what}; {self.samples} samples, {self.importance} importance, "
-                     f"{compensated} compensation, {self.seconds:.1f} s")
         if self.dynamic_dims:
             lines.append(f"MACs counted at the {dynamic_line(self.dynamic_dims, self.input_shapes)}")
+        lines.append(f"{what}; {self.samples} samples, {self.importance} importance, "
+                     f"{compensated} compensation, {self.seconds:.1f} s")
         return "\n".join(lines)
 
 
