@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
@@ -160,6 +161,18 @@ def test_bench_names_the_choices(strided, capsys):
     code, stdout, err = run_main(capsys, "bench", strided, "--iters", "2", "--warmup", "0")
     assert code == 0, err
     assert "dynamic dims chosen: x: H=224, W=224 (pin with --input-shape)" in stdout
+
+
+def test_sensitivity_reports_the_choices_its_macs_are_counted_at(strided, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    code, stdout, err = run_main(capsys, "sensitivity", strided, "--data", data, "--ratios-to-try", "0.5",
+                                 "--json", tmp_path / "s.json")
+    assert code == 0, err
+    assert "MACs counted at the dynamic dims chosen: x: N=1, H=224, W=224" in stdout
+    measured = json.loads((tmp_path / "s.json").read_text())
+    assert measured["macs"] == count_macs(strided_cnn(), {"x": (1, 3, 224, 224)})
+    assert [c["size"] for c in measured["dynamic_dims"]] == [1, 224, 224]
 
 
 def test_a_model_that_does_not_run_at_the_choice_names_it_and_the_flag(tmp_path):
