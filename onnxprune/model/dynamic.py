@@ -20,8 +20,8 @@ KINDS = {
     "batch": (1, "batch"),
     "image": (224, "image size"),
     "sequence": (128, "sequence length"),
-    # 1, not 0: a cache of length 0 is an empty tensor, and a Reshape with a -1 cannot infer
-    # its size from no elements (onnxruntime refuses it), which the decoders' attention do.
+    # 1, not 0: a cache of length 0 is an empty tensor, and onnxruntime refuses a Reshape of
+    # one whose -1 has no elements to infer from ([1, 0, 32] -> [1, 0, -1, 8]: splitting heads).
     "past": (1, "past sequence length"),
     "audio": (16000, "audio samples"),
     "unknown": (1, "no kind known"),
