@@ -191,6 +191,20 @@ def test_a_model_that_does_not_run_at_the_choice_names_it_and_the_flag(tmp_path)
     assert out.exists() and not ORT_LOG.search(done.stderr)
 
 
+def test_onnxruntime_loader_warnings_only_with_debug(tmp_path):
+    # initializers also listed as graph inputs: onnxruntime warns about each when it loads them
+    model = strided_cnn()
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    quiet = run_script(path, "-o", tmp_path / "p.onnx", "--structured", "0.5")
+    assert quiet.returncode == 0, quiet.stderr
+    assert not ORT_LOG.search(quiet.stderr)
+    loud = run_script(path, "-o", tmp_path / "p.onnx", "--structured", "0.5", "--force", "--debug")
+    assert loud.returncode == 0 and ORT_LOG.search(loud.stderr)
+
+
 # --- a wav2vec2-like audio model -------------------------------------------------------------
 
 def export_audio_model(path: Path) -> None:
