@@ -133,7 +133,7 @@ def test_bench_input_shape_pins_other_dims(tmp_path, capsys):
     assert code == 0, err
     model = conv_gemm(8, hw=("H", "W"))
     assert batch_shapes(model, "m", 2, {"input": (1, 3, 16, 12)}) == {"input": (2, 3, 16, 12)}  # dim 0 from --batch
-    assert batch_shapes(model, "m", 4, {}) == {"input": (4, 3, 1, 1)}  # other dynamic dims: 1
+    assert batch_shapes(model, "m", 4, {}) == {"input": (4, 3, 224, 224)}  # H, W: model/dynamic.py's image size
     assert len(json.loads(out_json.read_text())["timings"]) == 1
     # a pin that conflicts with a fixed dim is still refused
     fixed = tmp_path / "fixed.onnx"

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _one_line_warnings(flags)
     try:
         _load_pipeline()
+        if debug:  # onnxruntime's own log lines too
+            from ..runtime.session import VERBOSE, set_log_severity
+
+            set_log_severity(VERBOSE)
         if command is not None:
             return getattr(command, f"run_{argv[0]}")(argv[1:])
         return run_prune(argv)

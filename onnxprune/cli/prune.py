@@ -163,7 +163,7 @@ def run_prune(argv: list[str]) -> int:
         if report.bench is not None:
             from ..runtime.bench import format_table
 
-            print(format_table(report.bench))
+            print(render(format_table(report.bench), FLAGS))
     return 0
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedModel, first_line
-from ..model.inputs import name_negative_dims, resolve_input_shapes
+from ..model.dynamic import DimChoice
+from ..model.inputs import name_negative_dims, resolve_with_choices
 from ..model.proto import light_copy, needs_external_data
 from . import fold
 
@@ -29,6 +30,7 @@ class Shapes:
     static: dict[str, tuple] = field(default_factory=dict)
     dynamic: dict[str, set[int]] = field(default_factory=dict)
     pinned_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    chosen: list[DimChoice] = field(default_factory=list)  # sizes picked for the dims left dynamic
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple]:
@@ -141,16 +143,19 @@ def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], n
     ONNX shape inference gives up on shape arithmetic (Shape -> Div -> Slice,
     as torch exports ``chunk``); at fixed input shapes the run is exact.
     """
+    from ..errors import MissingDependency
+    from ..runtime.session import log_severity, require_onnxruntime
+
     try:
-        import onnxruntime as ort
-    except ImportError:
+        ort = require_onnxruntime()
+    except MissingDependency:
         return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = log_severity()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -181,14 +186,14 @@ def static_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) ->
 
 def analyse_shapes(model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None) -> Shapes:
     """Pinned static shapes plus the axes that are dynamic in the model as given."""
-    inputs = resolve_input_shapes(model, pinned)
+    inputs, chosen = resolve_with_choices(model, pinned)
     static = static_shapes(model, inputs)
     free = infer_shapes(model, None)
     dynamic = {name: {a for a, d in enumerate(dims) if d is None} for name, dims in free.items()}
     for name, dims in static.items():
         if name not in free:
             dynamic[name] = set(range(len(dims)))  # unknown without pinning: treat as dynamic
-    return Shapes(static=static, dynamic=dynamic, pinned_inputs=inputs)
+    return Shapes(static=static, dynamic=dynamic, pinned_inputs=inputs, chosen=chosen)
 
 
 def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,11 +1,13 @@
-"""Shapes of a model's graph inputs: parsed from --input-shape, resolved against the model; how a
-declared dim is read (``declared_dim``), and negative dims named as the dynamic dims they are."""
+"""Shapes of a model's graph inputs: parsed from --input-shape, resolved against the model (the
+dynamic dims left open sized by model/dynamic.py); how a declared dim is read (``declared_dim``),
+and negative dims named as the dynamic dims they are."""
 
 from __future__ import annotations
 
 import onnx
 
 from ..errors import UsageError
+from .dynamic import DimChoice, InputSpec, choose_dims
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -68,7 +70,20 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def resolve_input_shapes(
     model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every graph input: pinned dims, else static dims, else 1."""
+    """Concrete shapes for every graph input: pinned dims, else static dims, else the sizes
+    ``dynamic_choices`` picks for the dynamic ones."""
+    return resolve_with_choices(model, pinned)[0]
+
+
+def dynamic_choices(model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None) -> list[DimChoice]:
+    """The sizes chosen for the dynamic dims that ``pinned`` leaves open (model/dynamic.py)."""
+    return resolve_with_choices(model, pinned)[1]
+
+
+def resolve_with_choices(
+    model: onnx.ModelProto, pinned: dict[str, tuple[int, ...]] | None
+) -> tuple[dict[str, tuple[int, ...]], list[DimChoice]]:
+    """``resolve_input_shapes`` and ``dynamic_choices`` in one."""
     pinned = dict(pinned or {})
     inputs = {i.name: i for i in graph_inputs(model)}
     unknown = sorted(set(pinned) - set(inputs))
@@ -76,22 +91,35 @@ def resolve_input_shapes(
         raise UsageError(
             f"`input_shapes` names unknown input {unknown[0]!r}; inputs are: {', '.join(inputs)}"
         )
-    result = {}
     for name, vi in inputs.items():
-        dims = vi.type.tensor_type.shape.dim
         if name in pinned:
-            if len(pinned[name]) != len(dims):
-                raise UsageError(
-                    f"`input_shapes` {name}: rank {len(pinned[name])} given, model input has rank {len(dims)}"
-                )
-            for d, v in zip(dims, pinned[name]):
-                fixed = declared_dim(d)
-                if fixed is not None and fixed != v:
-                    raise UsageError(f"`input_shapes` {name}: dim {v} conflicts with the model's fixed dim {fixed}")
-            result[name] = pinned[name]
+            _check_pinned(name, vi.type.tensor_type.shape.dim, pinned[name])
+    specs = [input_spec(vi) for vi in inputs.values()]
+    choices = choose_dims(specs, pinned)
+    chosen = {(c.input, c.axis): c.size for c in choices}
+    result = {}
+    for spec in specs:
+        if spec.name in pinned:
+            result[spec.name] = pinned[spec.name]
         else:
-            result[name] = tuple(declared_dim(d) or 1 for d in dims)
-    return result
+            result[spec.name] = tuple(fixed if fixed is not None else chosen[spec.name, axis]
+                                      for axis, (fixed, _) in enumerate(spec.dims))
+    return result, choices
+
+
+def _check_pinned(name: str, dims, values: tuple[int, ...]) -> None:
+    if len(values) != len(dims):
+        raise UsageError(f"`input_shapes` {name}: rank {len(values)} given, model input has rank {len(dims)}")
+    for d, v in zip(dims, values):
+        fixed = declared_dim(d)
+        if fixed is not None and fixed != v:
+            raise UsageError(f"`input_shapes` {name}: dim {v} conflicts with the model's fixed dim {fixed}")
+
+
+def input_spec(vi: onnx.ValueInfoProto) -> InputSpec:
+    """What model/dynamic.py reads of a graph input."""
+    t = vi.type.tensor_type
+    return InputSpec(vi.name, t.elem_type, tuple((declared_dim(d), d.dim_param or None) for d in t.shape.dim))
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

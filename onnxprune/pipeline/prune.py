@@ -22,7 +22,7 @@ from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
 from ..metrics import Reference
-from ..model.inputs import declared_dim
+from ..model.inputs import declared_dim, resolve_with_choices
 from ..options import PruneOptions
 from ..planning.allocation import choose_allocation
 from ..planning.plan import Plan, check_plan
@@ -250,7 +250,8 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
     return Report(
         input="", output=None, ratio=ratio, importance=importance,
         params_before=params, params_after=params, macs_before=macs, macs_after=macs,
-        groups=groups, blocked=blocked,
+        groups=groups, blocked=blocked, dynamic_dims=[c.to_json() for c in analysis.shapes.chosen],
+        input_shapes={k: list(v) for k, v in analysis.shapes.pinned_inputs.items()},
         barriers=barrier_macs([g for g in analysis.groups if g.blocked], output_of, per_output),
         modules=named_modules(analysis.groups, analysis.view.modules),
     )
@@ -258,8 +259,10 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
 
 def unpruned(model: onnx.ModelProto, input_shapes) -> PruneResult:
     """Sparsity alone: no channel is planned; the report keeps the model's counts."""
-    params, macs = count_params(model), count_macs(model, input_shapes)
+    shapes, chosen = resolve_with_choices(model, input_shapes)
+    params, macs = count_params(model), count_macs(model, shapes)
     report = Report(input="", output=None, ratio=None, importance=NO_STRUCTURED, params_before=params,
-                    params_after=params, macs_before=macs, macs_after=macs, groups=[], blocked=[])
+                    params_after=params, macs_before=macs, macs_after=macs, groups=[], blocked=[],
+                    dynamic_dims=[c.to_json() for c in chosen], input_shapes={k: list(v) for k, v in shapes.items()})
     return PruneResult(model, Plan(), report)
 

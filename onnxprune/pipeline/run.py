@@ -22,7 +22,7 @@ from ..cut import iochange
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..metrics import evaluate
-from ..model.inputs import resolve_input_shapes
+from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
 from ..model.save import (
     AtomicModelWriter,
@@ -162,9 +162,9 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
         warnings.simplefilter("always")
         changes = iochange.read(pruned)
         if verify:  # the original's inputs and outputs, as the pruned model takes and gives them
-            shapes = resolve_input_shapes(pruned, iochange.shrink_shapes(input_shapes or {}, changes))
+            shapes, chosen = resolve_with_choices(pruned, iochange.shrink_shapes(input_shapes or {}, changes))
             feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes),
-                                            index_bounds(pruned), seed)
+                                            index_bounds(pruned), seed, chosen)
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)

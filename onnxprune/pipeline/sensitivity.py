@@ -99,7 +99,8 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         if result.accuracy is not None:
             result.accuracy.append(accuracy)
     return Sensitivity(ratios, widths.importance, len(data), compensate, reference.accuracy, results,
-                       time.perf_counter() - started, macs, params)
+                       time.perf_counter() - started, macs, params,
+                       [c.to_json() for c in prepared.analysis.shapes.chosen], {k: list(v) for k, v in shapes.items()})
 
 
 def allocate_ratios(model: onnx.ModelProto, data: Dataset, target: float, options: PruneOptions,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import conversion_line, group_label, labelled_reason, node_labels, summary_line
+from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line
 
 REPORT_SCHEMA = 1
 
@@ -120,6 +120,10 @@ class Report:
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
+    # sizes chosen for the dynamic input dims left unpinned (model/dynamic.py DimChoice.to_json), and the
+    # input shapes the analysis and MACs were taken at
+    dynamic_dims: list[dict] = field(default_factory=list)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
     # the barriers of the blocked groups, most MACs held first (analysis/stats.py barrier_macs)
     barriers: list[dict] = field(default_factory=list)
     # node name -> module path (graph/names.py), for each node named above that has one: the
@@ -152,6 +156,8 @@ class Report:
     def summary(self, verbose: bool = False) -> str:
         pruned = [g for g in self.groups if g.channels_after < g.channels_before]
         lines = [conversion_line(self.conversion)] if self.conversion else []
+        if self.dynamic_dims:  # the MACs below are counted at these sizes
+            lines.append(dynamic_line(self.dynamic_dims, self.input_shapes))
         lines += [
             f"params  {format_count(self.params_before):>9} -> {format_count(self.params_after):<9}"
             f"({_ratio(self.params_before, self.params_after)})",

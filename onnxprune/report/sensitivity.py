@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MissingDependency, UsageError
 from ..model.save import AtomicModelWriter
-from .text import clipped_label, source_labels
+from .text import clipped_label, dynamic_line, source_labels
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Sensitivity:
     seconds: float = 0.0
     macs: int | None = None  # of the model as measured (the whole model, every group whole)
     params: int | None = None
+    # the sizes chosen for dynamic input dims (model/dynamic.py): the MACs are counted at them
+    dynamic_dims: list[dict] = field(default_factory=list)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -59,6 +62,8 @@ class Sensitivity:
         if self.baseline_accuracy is not None:
             what += f"; [top-1 %], original {self.baseline_accuracy:.2%}"
         compensated = "with" if self.compensated else "without"
+        if self.dynamic_dims:
+            lines.append(f"MACs counted at the {dynamic_line(self.dynamic_dims, self.input_shapes)}")
         lines.append(f"{what}; {self.samples} samples, {self.importance} importance, "
                      f"{compensated} compensation, {self.seconds:.1f} s")
         return "\n".join(lines)

@@ -86,6 +86,14 @@ def conversion_line(conversion: dict) -> str:
     return f"converted opset {conversion['from_opset']} -> {conversion['to_opset']} ({conversion['tool']})"
 
 
+def dynamic_line(choices: list[dict], input_shapes: dict[str, list[int]]) -> str:
+    """The sizes chosen for dynamic input dims (``Report.dynamic_dims``) as one line."""
+    from ..model.dynamic import DimChoice, describe_choices
+
+    return "dynamic dims chosen: " + describe_choices([DimChoice(**c) for c in choices],
+                                                      {k: tuple(v) for k, v in input_shapes.items()})
+
+
 def summary_line(target: dict) -> str:
     """One line for the printed summary, from ``TargetResult.to_json()``."""
     n = len(target["evaluations"])

@@ -61,7 +61,10 @@ def gemm(node, view, r: Reached):
 def matmul_source(node, view):
     a, b = node.inputs
     if view.is_constant(b) and not view.is_constant(a) and view.rank(b) == 2:
-        return [(0, view.rank(node.outputs[0]) - 1)]
+        # The output's shape can be unknown where inference gave up upstream (a Reshape with -1
+        # of an empty tensor, when a dynamic length was sized too small): its rank is A's then.
+        rank = view.rank(node.outputs[0]) or view.rank(a)
+        return [(0, rank - 1)] if rank else []
     return []
 
 

@@ -18,7 +18,8 @@ import onnx
 
 from ..cut import iochange
 from ..errors import UnsupportedModel, UsageError, first_line
-from ..model.inputs import declared_dim, graph_inputs, resolve_input_shapes
+from ..model.dynamic import DimChoice, describe_sizes, pin_example
+from ..model.inputs import declared_dim, dynamic_choices, graph_inputs, resolve_input_shapes
 from ..model.load import load_model
 from .session import require_onnxruntime, session
 from .verify import index_bounds, make_inputs
@@ -46,6 +47,8 @@ class BenchResult:
     warmup: int
     iters: int
     timings: list[Timing] = field(default_factory=list)
+    # model -> the sizes chosen for its dynamic dims left unpinned (model/dynamic.py DimChoice.to_json)
+    dynamic_dims: dict[str, list[dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +66,9 @@ def resolve_provider(name: str) -> str:
 def batch_shapes(
     model: onnx.ModelProto, label: str, batch: int, pinned: dict[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:
-    """Every input's shape with dim 0 set to ``batch`` (pinned dims kept otherwise)."""
+    """Every input's shape with dim 0 set to ``batch`` (pinned dims kept otherwise, the other
+    dynamic ones sized by model/dynamic.py)."""
+    chosen = resolve_input_shapes(model, pinned)
     wanted = {}
     for vi in graph_inputs(model):
         dims = vi.type.tensor_type.shape.dim
@@ -72,8 +77,7 @@ def batch_shapes(
         first = declared_dim(dims[0])
         if first and first != batch:
             raise UsageError(f"`batches` {batch}: {label} input {vi.name!r} has a fixed batch dim {first}")
-        base = pinned.get(vi.name) or tuple(declared_dim(d) or 1 for d in dims)
-        wanted[vi.name] = (batch,) + tuple(base[1:])
+        wanted[vi.name] = (batch,) + tuple(chosen[vi.name][1:])
     return resolve_input_shapes(model, wanted)
 
 
@@ -158,6 +162,10 @@ def bench(
     shapes = {b: [batch_shapes(m, p, b, pin) for m, p, pin in zip(models, paths, pins)] for b in batches}
     sessions = [open_session(p, provider, threads) for p in paths]
     result = BenchResult(provider, threads, warmup, iters)
+    for path, model, pin in zip(paths, models, pins):  # dim 0 comes from `batches`, not from the choice
+        choices = [c.to_json() for c in dynamic_choices(model, pin) if c.axis != 0]
+        if choices:
+            result.dynamic_dims[path] = choices
     for b in batches:
         runners = []
         for path, model, sess, shape in zip(paths, models, sessions, shapes[b]):
@@ -165,7 +173,7 @@ def bench(
             try:
                 sess.run(None, feeds)  # fail here with a clear message, not inside the timing loop
             except Exception as exc:
-                raise UnsupportedModel(f"onnxruntime cannot run {path} at batch {b}: {first_line(exc)}") from exc
+                raise UnsupportedModel(_unrunnable(path, b, shape, result.dynamic_dims.get(path), exc)) from exc
             runners.append(make_runner(sess, feeds, provider))
         times = time_interleaved(runners, warmup, iters)
         first = summarise(paths[0], b, times[0], None)
@@ -175,12 +183,26 @@ def bench(
     return result
 
 
+def _unrunnable(path: str, batch: int, shapes: dict, choices: list[dict] | None, exc: Exception) -> str:
+    if not choices:
+        return f"onnxruntime cannot run {path} at batch {batch}: {first_line(exc)}"
+    chosen = [DimChoice(**c) for c in choices]
+    example = " ".join(f"`input_shapes` {pin_example(name, chosen, shapes, placeholders=False)}"
+                       for name in dict.fromkeys(c.input for c in chosen))
+    return (f"onnxruntime cannot run {path} at batch {batch} at the sizes chosen for its dynamic dims "
+            f"({describe_sizes(chosen)}): give the sizes it runs at, e.g. {example} (with your sizes); "
+            f"onnxruntime said: {first_line(exc)}")
+
+
 def format_table(result: BenchResult) -> str:
     threads = result.threads if result.threads else "default"
     lines = [
         f"{result.provider}, threads {threads}, {result.warmup} warm-up + {result.iters} timed runs "
         "per model and batch, interleaved",
     ]
+    for path, choices in result.dynamic_dims.items():
+        chosen = [DimChoice(**c) for c in choices]
+        lines.append(f"{path}: dynamic dims chosen: {describe_sizes(chosen)} (pin with `input_shapes`)")
     width = max([len("model")] + [len(t.model) for t in result.timings])
     lines.append(f"{'model':<{width}}  {'batch':>5}  {'median ms':>10}  {'p90 ms':>10}  {'p99 ms':>10}  {'speedup':>7}")
     for t in result.timings:

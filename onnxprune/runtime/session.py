@@ -8,6 +8,12 @@ import onnx
 
 from ..errors import MissingDependency
 
+# onnxruntime's severity for its own log lines ("[W:onnxruntime:...]" on stderr): fatal only
+# (4): a failed run it logs as an error is caught and reaches the user as onnxprune's one-line
+# error (or is expected: measure_shapes tries a run that may fail); --debug lowers it.
+QUIET, VERBOSE = 4, 2  # onnxruntime: 4 fatal only, 2 warnings (its default)
+_log_severity = QUIET
+
 
 def require_onnxruntime():
     try:
@@ -17,7 +23,20 @@ def require_onnxruntime():
             "onnxruntime is not installed (needed to verify the result): "
             "pip install 'onnxprune[cpu]' (or 'onnxprune[gpu]' for CUDA)"
         ) from None
+    # The default logger prints what happens outside a session's options (a model's loader
+    # warnings among them), so it is set too, on every import path that reaches onnxruntime.
+    onnxruntime.set_default_logger_severity(_log_severity)
     return onnxruntime
+
+
+def set_log_severity(level: int) -> None:
+    """onnxruntime's log severity for every session opened from now on (QUIET or VERBOSE)."""
+    global _log_severity
+    _log_severity = level
+
+
+def log_severity() -> int:
+    return _log_severity
 
 
 def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionProvider",), prepack: bool = True):
@@ -29,7 +48,7 @@ def session(path_or_bytes, threads: int | None = None, providers=("CPUExecutionP
     """
     ort = require_onnxruntime()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = _log_severity
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedModel, VerificationFailed, first_line
+from ..model.dynamic import DimChoice, describe_sizes, pin_example
 from .session import require_onnxruntime, session
 
 _INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
@@ -81,9 +82,11 @@ def check_model_file(path: Path) -> None:
         raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
 
 
-def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
+def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, chosen: list[DimChoice] = ()):
     """Inputs and outputs of the input model (the reference for the pruned one).
 
+    ``chosen``: the sizes picked for dynamic dims (model/dynamic.py) in ``shapes``; a run that
+    fails at them says so and how to pin others, since the model may run only at its real size.
     ``(None, None)``, with a warning, for a model of a type onnxruntime's CPU
     provider has no kernels for (bfloat16, float8): such a model is checked
     with onnx.checker only (``verify_file`` with no reference).
@@ -108,9 +111,22 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0):
     try:
         outputs = sess.run(None, feeds)
     except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
+        raise UnsupportedModel(unrunnable_message(first_line(exc), shapes, list(chosen))) from exc
     names = [o.name for o in sess.get_outputs()]
     return feeds, dict(zip(names, outputs))
+
+
+def unrunnable_message(error: str, shapes: dict, chosen: list[DimChoice]) -> str:
+    """Why the input model did not run: at the sizes chosen for its dynamic dims (naming them, and
+    the flag that pins others), else the model itself."""
+    if not chosen:
+        return f"onnxruntime cannot run the input model: {error}"
+    inputs = list(dict.fromkeys(c.input for c in chosen))
+    tried = ", ".join(f"{name} {list(shapes[name])}" for name in inputs)
+    example = " ".join(f"`input_shapes` {pin_example(name, chosen, shapes, placeholders=False)}" for name in inputs)
+    return (f"onnxruntime cannot run the input model at the sizes chosen for its dynamic dims "
+            f"({describe_sizes(chosen)}; tried {tried}): give the sizes it runs at, e.g. {example} "
+            f"(with your sizes); onnxruntime said: {error}")
 
 
 # Element types onnxruntime's CPU provider has (next to) no kernels for.
