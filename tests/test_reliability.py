@@ -426,10 +426,18 @@ MOMENTS = {
 }
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: SIGINT back to its default. A suite run in the background
+    by a shell without job control inherits SIGINT ignored, and Python (so the CLI) keeps an
+    ignored SIGINT ignored: the runs would finish and exit 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted_run(model: Path, size: int, out_dir: Path, moment: str, sig: int) -> tuple[int, str]:
     """Exit status and stderr of a run stopped with ``sig`` at ``moment``."""
     proc = subprocess.Popen(_cli_command(model, "--structured", "0.5", "-o", out_dir / "out.onnx"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     ready, delay = MOMENTS[moment]
     try:
         _wait_for(proc, lambda: ready(proc, out_dir, size))
