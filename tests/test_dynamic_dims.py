@@ -157,6 +157,18 @@ def test_input_shape_overrides_the_choice(strided, tmp_path, capsys):
     assert written["macs_before"] == count_macs(strided_cnn(), {"x": (1, 3, 64, 48)})
 
 
+def test_a_dynamic_batch_alone_is_recorded_but_not_printed(tmp_path, capsys):
+    """Nearly every model has a dynamic batch, always taken as 1: no line for it."""
+    path, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(strided_cnn(("N", 3, 40, 40)), str(path))
+    code, stdout, err = run_main(capsys, path, "-o", tmp_path / "p.onnx", "--structured", "0.5", "--report", report)
+    assert code == 0, err
+    assert "dynamic dims chosen" not in stdout
+    assert [(c["name"], c["size"]) for c in json.loads(report.read_text())["dynamic_dims"]] == [("N", 1)]
+    code, stdout, err = run_main(capsys, "info", path)
+    assert code == 0 and "at x:1,3,40,40" in stdout and "dynamic dims chosen" not in stdout
+
+
 def test_bench_names_the_choices(strided, capsys):
     code, stdout, err = run_main(capsys, "bench", strided, "--iters", "2", "--warmup", "0")
     assert code == 0, err

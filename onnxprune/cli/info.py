@@ -35,7 +35,7 @@ def run_info(argv: list[str]) -> int:
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
     from ..model.save import check_side_files, write_text_file
-    from ..report.text import conversion_line, dynamic_line, labelled_reason, node_labels
+    from ..report.text import conversion_line, dynamic_line, labelled_reason, node_labels, worth_a_line
 
     args = build_info_parser().parse_args(argv)
     check_side_files(args.model, None, {"`json`": args.json})
@@ -70,7 +70,7 @@ def run_info(argv: list[str]) -> int:
             print(conversion_line(info["conversion"]))
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
         print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
-        if info["dynamic_dims"]:
+        if worth_a_line(info["dynamic_dims"]):
             print(render(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS))
         print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
         labels = node_labels(info["modules"])

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line
+from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line, worth_a_line
 
 REPORT_SCHEMA = 1
 
@@ -156,7 +156,7 @@ class Report:
     def summary(self, verbose: bool = False) -> str:
         pruned = [g for g in self.groups if g.channels_after < g.channels_before]
         lines = [conversion_line(self.conversion)] if self.conversion else []
-        if self.dynamic_dims:  # the MACs below are counted at these sizes
+        if worth_a_line(self.dynamic_dims):  # the MACs below are counted at these sizes
             lines.append(dynamic_line(self.dynamic_dims, self.input_shapes))
         lines += [
             f"params  {format_count(self.params_before):>9} -> {format_count(self.params_after):<9}"

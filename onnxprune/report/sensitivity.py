@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import MissingDependency, UsageError
 from ..model.save import AtomicModelWriter
-from .text import clipped_label, dynamic_line, source_labels
+from .text import clipped_label, dynamic_line, source_labels, worth_a_line
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Sensitivity:
         if self.baseline_accuracy is not None:
             what += f"; [top-1 %], original {self.baseline_accuracy:.2%}"
         compensated = "with" if self.compensated else "without"
-        if self.dynamic_dims:
+        if worth_a_line(self.dynamic_dims):
             lines.append(f"MACs counted at the {dynamic_line(self.dynamic_dims, self.input_shapes)}")
         lines.append(f"{what}; {self.samples} samples, {self.importance} importance, "
                      f"{compensated} compensation, {self.seconds:.1f} s")

@@ -86,6 +86,12 @@ def conversion_line(conversion: dict) -> str:
     return f"converted opset {conversion['from_opset']} -> {conversion['to_opset']} ({conversion['tool']})"
 
 
+def worth_a_line(choices: list[dict]) -> bool:
+    """Do the sizes chosen for dynamic dims need saying? Not a batch of 1 alone: nearly every
+    model has one, it was always 1, and the shape printed beside the MACs shows it."""
+    return any(c["kind"] != "batch" for c in choices)
+
+
 def dynamic_line(choices: list[dict], input_shapes: dict[str, list[int]]) -> str:
     """The sizes chosen for dynamic input dims (``Report.dynamic_dims``) as one line."""
     from ..model.dynamic import DimChoice, describe_choices
