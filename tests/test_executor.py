@@ -116,6 +116,10 @@ OP_CASES = {
                         dict(auto_pad="SAME_LOWER", strides=[3, 3])),
     "conv_valid_dilated": ("Conv", [rand(*X4), weight(4, 3, 3, 3)], dict(auto_pad="VALID", dilations=[2, 2])),
     "conv_group": ("Conv", [rand(1, 4, 7, 7), weight(6, 2, 3, 3), weight(6)], dict(group=2, pads=[1, 1, 1, 1])),
+    # depthwise: run on channels-last copies (ops/conv.py), the same values
+    "conv_depthwise": ("Conv", [rand(2, 4, 7, 7), weight(4, 1, 3, 3), weight(4)], dict(group=4, pads=[1, 1, 1, 1])),
+    "conv_depthwise_asym_multiplier": ("Conv", [rand(2, 3, 9, 9), weight(6, 1, 5, 5)],
+                                       dict(group=3, pads=[1, 2, 2, 1], strides=[2, 2])),
     "conv_1d": ("Conv", [rand(2, 3, 11), weight(5, 3, 3)], dict(pads=[1, 0], strides=[2])),
     "conv_3d": ("Conv", [rand(1, 2, 5, 6, 7), weight(3, 2, 3, 3, 3)], dict(pads=[1, 1, 1, 1, 1, 1])),
     "conv_transpose": ("ConvTranspose", [rand(1, 4, 5, 5), weight(4, 3, 3, 3), weight(3)],
