@@ -424,3 +424,27 @@ def full_plan(analysis, keep: dict[str, list[int]]):
     """A Plan keeping ``keep[group id]`` (sorted) for the given groups."""
     sizes = {g.id: g.size for g in analysis.groups}
     return onnxprune.Plan(keep={k: sorted(v) for k, v in keep.items()}, sizes={k: sizes[k] for k in keep})
+
+
+# --- the CLI in-process -----------------------------------------------------------------------
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the CLI run in this process on ``args``."""
+    from onnxprune.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def listing(directory: Path) -> set[str]:
+    """The names in ``directory``: what a run left there."""
+    return {p.name for p in directory.iterdir()}
+
+
+def one_error_line(err: str) -> str:
+    """The one line a failed run printed (asserting it is one error line and no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), err
+    assert "Traceback" not in err
+    return lines[0]

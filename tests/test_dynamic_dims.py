@@ -16,21 +16,17 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from onnxprune import cli
 from onnxprune.analysis.stats import count_macs
 from onnxprune.model.dynamic import InputSpec, choose_dims, kind_of_name
 from onnxprune.model.inputs import dynamic_choices, resolve_input_shapes
-from tests.graphs import GraphBuilder
+
+from graphs import GraphBuilder, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 ORT_LOG = re.compile(r"\[[VIWEF]:onnxruntime:")  # how onnxruntime's log lines start ("[W:onnxruntime:, ...")
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_script(*args) -> subprocess.CompletedProcess:

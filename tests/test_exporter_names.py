@@ -12,17 +12,10 @@ import pytest
 from onnx import helper
 
 import onnxprune
-from onnxprune.cli import main
 from onnxprune.graph.names import NAME_SCOPES, module_path
 from onnxprune.report.text import labelled_reason, node_labels
 
-from graphs import GraphBuilder, run
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from graphs import GraphBuilder, run, run_main
 
 
 def cnn(batch="N") -> onnx.ModelProto:

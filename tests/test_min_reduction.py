@@ -14,10 +14,9 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune.cli import main
 from onnxprune.errors import EXIT_CODES, ReductionTooSmall, UsageError
 
-from graphs import GraphBuilder
+from graphs import GraphBuilder, listing, one_error_line, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,21 +64,10 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def listing(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir()}
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def weak_warnings(err: str) -> list[str]:

@@ -15,10 +15,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxprune
-from onnxprune.cli import main
 from onnxprune.model import load
 
-from graphs import GraphBuilder, make_feeds, run
+from graphs import GraphBuilder, listing, make_feeds, one_error_line, run, run_main
 
 
 def old_cnn(opset: int) -> onnx.ModelProto:
@@ -62,21 +61,10 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def listing(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir()}
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- converted
@@ -161,7 +149,7 @@ def test_opset_6_is_refused(tmp_path, capsys, command):
     args = [path, "--structured", "0.5", "--report", tmp_path / "r.json"] if command == "prune" else ["info", path]
     code, _, err = run_main(capsys, *args)
     assert code == 4
-    line = assert_one_line_error(err)
+    line = one_error_line(err)
     assert "opset 6 is older than 7" in line
     assert listing(tmp_path) == {"six.onnx"}
     assert digest(path) == before
@@ -172,7 +160,7 @@ def test_model_the_converter_cannot_upgrade_is_refused_with_its_reason(tmp_path,
     before = digest(path)
     code, _, err = run_main(capsys, path, "--structured", "0.5", "--report", tmp_path / "r.json")
     assert code == 4
-    line = assert_one_line_error(err)
+    line = one_error_line(err)
     assert "opset 8 cannot be converted to 11 by onnx.version_converter" in line
     assert "Unsupported conversion to opset 9" in line  # the converter's own reason
     assert ".h:" not in line  # without the C++ source location it starts with
