@@ -208,15 +208,16 @@ def _picked_entry(view, picker) -> int | None:
 _SHAPE_STEPS = _ONE_ELEMENT_OPS | {"Gather", "Slice", "Concat", "Add", "Sub", "Mul", "Div"}
 # (op, input) that may size the op's output from its own data's shape (torch's F.interpolate(x,
 # size=skip.shape[2:]) reads x's N and C): the op's rule, reached on the same channel axis of that
-# data, checks that the entry keeps the channel count (rules/pool.py's Resize, Expand).
-_SIZED_BY_OWN_SHAPE = {("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Expand", 1)}
+# data, checks that the entry keeps the channel count (rules/pool.py's Resize). Expand is not
+# here: it has no rule yet, so nothing would check its channel entry.
+_SIZED_BY_OWN_SHAPE = {("Resize", 2), ("Resize", 3), ("Upsample", 1)}
 
 
 def _width_read_stays_right(view, shape_node, reader, axis: int) -> bool:
     """Whether what ``reader`` computes from the Shape's output (the channel count) reaches nothing
     but shape arithmetic that stays right after the cut: the target of a Reshape of the same tensor
     at the entry that carries ``axis``, the bounds of a chunk of it (see _chunk_of), or the sizes,
-    scales or shape of a Resize or Expand of it (see _SIZED_BY_OWN_SHAPE)."""
+    scales of a Resize or Upsample of it (see _SIZED_BY_OWN_SHAPE)."""
     data = shape_node.inputs[0]
     queue, seen = list(reader.outputs), set()
     while queue:
