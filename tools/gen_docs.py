@@ -42,7 +42,7 @@ def cli_page() -> str:
              "Every command's `--help`. The user's guide is the [README](../README.md); exit codes are listed there.",
              ""]
     for title, argv in (("onnxprune", []), ("onnxprune info", ["info"]), ("onnxprune bench", ["bench"]),
-                        ("onnxprune sensitivity", ["sensitivity"])):
+                        ("onnxprune sensitivity", ["sensitivity"]), ("onnxprune sweep", ["sweep"])):
         parts += [f"## {title}", "", "```", f"$ {title} --help", _help(argv), "```", ""]
     return "\n".join(parts)
 

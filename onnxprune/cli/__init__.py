@@ -1,6 +1,6 @@
 """Command line: argparse front, no logic. Errors -> one line on stderr + exit code.
 
-One module per command (prune, info, bench, sensitivity), the shared option
+One module per command (prune, info, bench, sensitivity, sweep), the shared option
 groups and value types in options.py. Modules that need numpy, onnx or torch
 are imported inside the commands, so an interrupt while they load is handled
 here like any other.
@@ -17,15 +17,16 @@ import traceback
 import warnings
 
 from ..errors import OnnxPruneError, first_line
-from . import bench, info, prune, sensitivity
+from . import bench, info, prune, sensitivity, sweep
 from .options import render
 from .prune import build_parser, run_prune
 
 run_bench, run_info, run_sensitivity = bench.run_bench, info.run_info, sensitivity.run_sensitivity
+run_sweep = sweep.run_sweep
 # the first argument -> the command's module (each has run_COMMAND and FLAGS); anything else: prune
-COMMANDS = {"info": info, "bench": bench, "sensitivity": sensitivity}
+COMMANDS = {"info": info, "bench": bench, "sensitivity": sensitivity, "sweep": sweep}
 
-__all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_sensitivity"]
+__all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_sensitivity", "run_sweep"]
 
 
 def _one_line_warnings(flags: dict[str, str]):

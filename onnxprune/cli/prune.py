@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured pruning of ONNX models: removes channels, writes a smaller, verified model.",
         epilog="Also: 'onnxprune info MODEL' describes the prunable groups; 'onnxprune bench A.onnx "
         "B.onnx' times models side by side with onnxruntime; 'onnxprune sensitivity MODEL --data D' "
-        "measures how much each group matters. Exit codes: "
+        "measures how much each group matters; 'onnxprune sweep MODEL --ratios-to-try 0.1,0.3' prunes at "
+        "several ratios and measures each. Exit codes: "
         + "; ".join(f"{k} {v.split(' (')[0]}" for k, v in EXIT_CODES.items()),
     )
     p.add_argument("--version", action="version", version=f"onnxprune {__version__}")

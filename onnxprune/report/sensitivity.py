@@ -106,9 +106,15 @@ def plot(sensitivity: Sensitivity, path) -> None:
                        title="top-1 accuracy")
     if len(sensitivity.groups) <= 24:
         axes[0][-1].legend(fontsize=6, loc="best")
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+    plt = require_matplotlib()
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     try:
         with AtomicModelWriter(path) as writer:
