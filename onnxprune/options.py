@@ -231,6 +231,7 @@ class OutputOptions:
     plan_out: str | Path | None = None
     report_path: str | Path | None = None
     verify: bool = True  # run the written model against the original before it takes its name
+    recipe: dict | None = None  # the command line's effective options (cli/recipe.py): report + metadata
 
 
 @dataclass

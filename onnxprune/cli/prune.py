@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
@@ -29,6 +30,7 @@ from .options import (
     render,
     training_options,
 )
+from .recipe import RawValues, add_config_option, expand_recipe, recorded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"onnxprune {__version__}")
     p.add_argument("model", help="input .onnx file (never modified)")
+    add_config_option(p)
     p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
     p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
@@ -134,7 +137,7 @@ FLAGS = {
     "target_speedup": "--target-speedup", "min_reduction": "--min-reduction", "provider": "--provider",
     "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
-    "augment": "--augment",
+    "augment": "--augment", "config": "--config",
 }
 
 
@@ -145,10 +148,15 @@ def _given(argv, *flags: str) -> bool:
 def run_prune(argv: list[str]) -> int:
     from ..api import prune_file
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = expand_recipe(parser, argv)
+    with RawValues(parser) as raw:
+        args = parser.parse_args(argv)
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
-    report = prune_file(args.model, args.output, options=prune_options(args, argv))
+    options = prune_options(args, argv)
+    options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw)))
+    report = prune_file(args.model, args.output, options=options)
     for w in report.warnings:
         print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
     if not args.quiet:

@@ -14,6 +14,7 @@ from ..errors import UsageError
 from .options import render
 from .prune import FLAGS as PRUNE_FLAGS
 from .prune import build_parser, prune_options
+from .recipe import RawValues, expand_recipe, recorded
 from .sensitivity import _ratio_list
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -50,8 +51,8 @@ def _refuse_single_run_flags(argv: list[str]) -> None:
     for arg in argv:
         flag = arg.split("=")[0]
         if flag in _NOT_FOR_SWEEP or flag == "-o":
-            raise UsageError(f"{flag} does not apply to sweep: it prunes at each --ratios-to-try ratio and writes "
-                             "no model (use --json / --plot for its results)")
+            raise UsageError(f"{flag} does not apply to sweep (given here or in --config): it prunes at each "
+                             "--ratios-to-try ratio and writes no model (use --json / --plot for its results)")
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -66,8 +67,11 @@ def run_sweep(argv: list[str]) -> int:
     from ..report.sensitivity import require_matplotlib
     from ..report.sweep import plot_sweep, sweep_table
 
+    parser = build_sweep_parser()
+    argv = expand_recipe(parser, argv)
     _refuse_single_run_flags(argv)
-    args = build_sweep_parser().parse_args(argv)
+    with RawValues(parser) as raw:
+        args = parser.parse_args(argv)
     check_side_files(args.model, None, {"`json`": args.json, "`plot`": args.plot},
                      {"`data`": args.data, "`eval_data`": args.eval_data, "`ratios`": args.ratios})
     if args.plot:
@@ -87,7 +91,8 @@ def run_sweep(argv: list[str]) -> int:
     for message in result.warnings:
         print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
     if args.json:
-        record = {"command": ["onnxprune", "sweep", *argv], **result.to_json()}
+        record = {"command": ["onnxprune", "sweep", *argv], "recipe": recorded(parser, args, raw.raw),
+                  **result.to_json()}
         write_text_file(args.json, json.dumps(record, indent=1) + "\n")
     if args.plot:
         plot_sweep(result, args.plot)

@@ -10,6 +10,7 @@ modified.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import replace
@@ -79,6 +80,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.input = str(input_path)
     report.conversion = conversion and conversion.to_json()
     report.target = searched and searched.to_json()
+    report.recipe = out.recipe
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
     if out.plan_out:
@@ -89,6 +91,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
             _copy_model(input_path, model, output)
         else:
             pruned = result.model
+            if out.recipe is not None:
+                _record_recipe(pruned, out.recipe)
             result = model = None  # free the input model and its analysis before verification loads it again
             _write_verified(pruned, output, input_path, report, out.verify, options.seed,
                             options.analysis.input_shapes)
@@ -177,6 +181,17 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
                     raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
                 report.output_error = result.output_error
     report.add_warnings(caught)
+
+
+def _record_recipe(model: onnx.ModelProto, recipe: dict) -> None:
+    """The run's effective options in the written model's metadata, so the file says how it was made."""
+    from ..cli.recipe import METADATA_KEY
+
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(recipe, sort_keys=True)
 
 
 def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:

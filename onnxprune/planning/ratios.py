@@ -32,16 +32,16 @@ def load_ratios(path) -> dict[str, float]:
     return check_ratio_mapping(mapping, f"`ratios` {path}")
 
 
-def _parse_yaml(text: str, path: Path):
+def _parse_yaml(text: str, path: Path, what: str = "`ratios`"):
     try:
         import yaml
     except ImportError:
-        raise MissingDependency(f"`ratios` {path}: reading YAML needs PyYAML (pip install pyyaml); "
+        raise MissingDependency(f"{what} {path}: reading YAML needs PyYAML (pip install pyyaml); "
                                 "or write the file as JSON") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"`ratios` {path}: not valid YAML ({type(exc).__name__})") from None
+        raise UsageError(f"{what} {path}: not valid YAML ({type(exc).__name__})") from None
 
 
 def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") -> dict[str, float]:

@@ -131,6 +131,8 @@ class Report:
     modules: dict[str, str] = field(default_factory=dict)
     written: bool = False
     sparsity: SparsityReport | None = None
+    # the command line's effective options (cli/recipe.py): `--config` on this report reruns it
+    recipe: dict | None = None
     schema_version: int = REPORT_SCHEMA
 
     @property
