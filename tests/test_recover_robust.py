@@ -379,7 +379,7 @@ def test_progress_bar_shows_samples_per_second_and_eta_on_a_terminal(digits, pru
     small = digits.sample(256, 0)
     train(student, teacher, small, TrainOptions(**{**FAST, "epochs": 1, "quiet": False}))
     assert capsys.readouterr().err == ""  # not a terminal: silent
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     train(student, teacher, small, TrainOptions(**{**FAST, "epochs": 1, "quiet": True}))
     assert capsys.readouterr().err == ""  # quiet: silent
     train(student, teacher, small, TrainOptions(**{**FAST, "epochs": 1, "quiet": False}))

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
+from ..progress import start_stages
 from .options import (
     COMMON_FLAGS,
     _analysis_options,
@@ -156,7 +157,11 @@ def run_prune(argv: list[str]) -> int:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw)))
-    report = prune_file(args.model, args.output, options=options)
+    start_stages(not args.quiet and (args.verbose or sys.stderr.isatty()))
+    try:
+        report = prune_file(args.model, args.output, options=options)
+    finally:  # the library, called later in this process, prints no stage lines
+        start_stages(False)
     for w in report.warnings:
         print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
     if not args.quiet:

@@ -27,6 +27,7 @@ from ..options import PruneOptions
 from ..planning.allocation import choose_allocation
 from ..planning.plan import Plan, check_plan
 from ..planning.ratios import resolve_ratios
+from ..progress import stage_done
 from ..recovery.reconstruct import reconstruct
 from ..report.records import NO_STRUCTURED, BlockedGroup, GroupReport, Report
 from . import steps
@@ -76,10 +77,13 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = steps.analyse(model, options.analysis)
+        stage_done("analyse")
         if measured is not None:
             stats = measured.stats
         else:
             stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet)
+            if stats is not None:
+                stage_done("measure")
         if planned:
             plan, scores, allocation = widths.plan, {}, None
             check_plan(plan, analysis.groups)
@@ -88,6 +92,7 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
                                                                               stats)
             per_group, allocation = _group_ratios(model, analysis, scores, stats, calib, options)
             plan = steps.choose(analysis, scores, widths, per_group)
+        stage_done("allocate" if allocation else "plan")
     report = _report(analysis, plan, scores, widths.ratio, criterion or "plan")
     report.allocation = allocation and allocation.to_json()
     report.add_warnings(caught)
@@ -101,6 +106,7 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     pruned = model
     if plan.keep:
         cut = steps.cut(model, analysis, plan, stats if compensate else None)
+        stage_done("cut")
         pruned = cut.model
         if cut.changes:
             report.io_changes = iochange.describe(cut.changes, _declared_shapes(model))
@@ -114,8 +120,10 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
                 if cut.compensation is not None:
                     report.compensation = _compensation_effect(model, pruned, plan, cut.compensation, reference,
                                                                options)
+                    stage_done("compensate")
                 if reconstruct:
                     pruned, report.reconstruction = _reconstructed(model, cut, calib, reference, options)
+                    stage_done("reconstruct")
             report.add_warnings(caught)
     report.seconds = time.perf_counter() - started
     return PruneResult(pruned, plan, report, analysis, Measured(scores, stats))

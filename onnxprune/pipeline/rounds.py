@@ -16,6 +16,7 @@ import onnx
 from ..cut import iochange
 from ..cut.surgery import positions
 from ..options import PruneOptions
+from ..progress import stage_done
 from ..recovery.train import FeaturePoint, train
 from ..scoring.calibration import read_points
 from .prune import PruneResult, prune_model
@@ -48,6 +49,7 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
         if training is not None and result.model is not current:
             features = feature_points(result) if steps == 1 and training.feature_weight > 0 else ()
             result.model, trained = train(result.model, model, data, training, groups=None, features=features)
+            stage_done("train")
             result.report.training = trained.to_json()
         rounds.append({"round": step + 1, "ratio": per_round, "params_after": result.report.params_after,
                        "macs_after": result.report.macs_after, "training": result.report.training})

@@ -33,6 +33,7 @@ from ..model.save import (
 )
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
+from ..progress import muted_stages, stage_done
 from ..report.records import Report
 from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
@@ -59,12 +60,15 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
+    stage_done("load")
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
     if options.target is not None and options.widths.allocate != "sensitivity":
-        searched = find_ratio(model, options.target, input_path, options)
+        with muted_stages():  # its candidates' stages: one line for the whole search
+            searched = find_ratio(model, options.target, input_path, options)
+        stage_done("search")
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
     widths = options.widths
     if options.sparsity is not None and widths.ratio is None and widths.plan is None and not widths.ratios:
@@ -73,9 +77,11 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         result = prune_rounds(model, options)
     if options.sparsity is not None:
         result = _sparsified(result, options)
+        stage_done("sparsity")
     if options.gate is not None and (options.gate.max_accuracy_drop is not None
                                      or options.gate.max_output_error is not None):
         _quality_gate(result, model, options)
+        stage_done("gate")
     report = result.report
     report.input = str(input_path)
     report.conversion = conversion and conversion.to_json()
@@ -100,6 +106,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.seconds = time.perf_counter() - started
     if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
         report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
+        stage_done("bench")
     if out.report_path:
         report.save(out.report_path)
     return report
@@ -172,10 +179,13 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)
+            stage_done("reference")
         with AtomicModelWriter(output) as writer:
             tmp = writer.write(pruned)
+            stage_done("write")
             if verify:
                 result = verify_file(tmp, feeds, reference)
+                stage_done("verify")
                 bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
                 if bad:
                     raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
