@@ -308,10 +308,13 @@ def test_reference_llama_with_kv_cache(tmp_path, exporter):
 
 @torch_needed
 @pytest.mark.slow
-@pytest.mark.parametrize("family, kv_heads", [("Qwen2", 2), ("Mistral", 2)], ids=["qwen2", "mistral"])
+@pytest.mark.parametrize("family, kv_heads", [("Qwen2", 2), ("Mistral", 2), ("Llama", 1)],
+                         ids=["qwen2", "mistral", "llama-mqa"])
 def test_relatives(tmp_path, family, kv_heads):
     model = export_decoder(tmp_path / f"{family}.onnx", "legacy", family, kv_heads)
     result, _ = prune_masked(model, 0.3, feeds=decoder_feeds(model))
     heads = [g for g in result.report.groups if g.kind == "heads"]
     assert len(heads) == LAYERS and all(g.channels_after < g.channels_before for g in heads)
     assert macs_ratio(model, result.model) > 1.33
+    if kv_heads == 1:  # MQA: 8 single query heads in every layer (the K/V head's group, on head_dim,
+        assert all((g.units_before, g.units_after) == (8, 6) for g in heads)  # spreads through RoPE tables)
