@@ -33,7 +33,7 @@ HEADS = HIDDEN // HEAD_DIM  # 4 query heads
 def gqa_graph(kv_heads: int = 2, repeat: str = "expand") -> onnx.ModelProto:
     """One attention block, heads=4 over ``kv_heads`` key/value heads, K and V repeated as
     transformers' ``repeat_kv`` is exported: (1, kv, T, d) -> Unsqueeze(2) -> Expand/Tile to
-    (1, kv, n_rep, T, d) -> Reshape (1, heads, T, d)."""
+    (1, kv, n_rep, T, d) -> Reshape (1, heads, T, d); or as ``k[:, [0, 0, 1, 1]]`` (Gather)."""
     n_rep = HEADS // kv_heads
     g = GraphBuilder()
     x = g.input("x", (1, T, HIDDEN))
@@ -43,6 +43,8 @@ def gqa_graph(kv_heads: int = 2, repeat: str = "expand") -> onnx.ModelProto:
         return g.op("Transpose", [t], perm=[0, 2, 1, 3])
 
     def repeated(t, name):
+        if repeat == "gather":
+            return g.op("Gather", [t, g.ints(np.arange(HEADS) // n_rep)], name=f"{name}_repeat", axis=1)
         t = g.op("Unsqueeze", [t, g.ints([2])])
         if repeat == "expand":
             t = g.op("Expand", [t, g.ints([1, kv_heads, n_rep, T, HEAD_DIM])], name=f"{name}_expand")
@@ -123,6 +125,18 @@ def test_repeat_written_with_tile(kv_groups):
     assert len(heads_group(analysis).unit_members()) == 2
     # within groups: one query head per group, repeated once; whole groups: one group, repeated twice
     assert input_value(result.model, "k_tile", 1).tolist() == [1, 1, 2 if kv_groups else 1, 1, 1]
+    assert input_value(result.model, "k_proj", 1).shape == (HIDDEN, (1 if kv_groups else 2) * HEAD_DIM)
+
+
+@pytest.mark.parametrize("kv_groups", [False, True], ids=["within-groups", "kv-groups"])
+def test_repeat_written_with_gather(kv_groups):
+    model = gqa_graph(repeat="gather")
+    analysis = onnxprune.analyse(model, prune_kv_groups=kv_groups)
+    assert len(heads_group(analysis).unit_members()) == 2  # r-th query head of each group, or a group
+    keep = {"k_repeat": [0, 0], "v_repeat": [0, 0]} if kv_groups else {"k_repeat": [0, 1], "v_repeat": [0, 1]}
+    result, _ = prune_masked(model, 0.5, prune_kv_groups=kv_groups)
+    for name, indices in keep.items():
+        assert sorted(input_value(result.model, name, 1).tolist()) == indices
     assert input_value(result.model, "k_proj", 1).shape == (HIDDEN, (1 if kv_groups else 2) * HEAD_DIM)
 
 
