@@ -198,8 +198,9 @@ def test_cli_prune_kv_groups(tmp_path, capsys):
     source, out = tmp_path / "gqa.onnx", tmp_path / "out.onnx"
     onnx.save(gqa_graph(), source)
     for flags, kv_width in (((), 2 * HEAD_DIM), (("--prune-kv-groups",), HEAD_DIM)):
-        code, _, err = run_main(capsys, source, "-o", out, "--force", "--structured", "0.5", *flags)
+        code, summary, err = run_main(capsys, source, "-o", out, "--force", "--structured", "0.5", *flags)
         assert code == 0, err
+        assert "(4 -> 2 heads)" in summary  # query heads, whichever way they go
         pruned = onnx.load(out)
         assert input_value(pruned, "k_proj", 1).shape == (HIDDEN, kv_width)
         assert input_value(pruned, "q_proj", 1).shape == (HIDDEN, HIDDEN // 2)
@@ -282,7 +283,7 @@ def macs_ratio(model, pruned) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_reference_llama_at_0_3(tmp_path, exporter):
-    """Default: 8 query heads in 4 units (one per position in a group of 4) -> 6 heads per layer
+    """Default: 8 query heads in 4 units (the r-th head of both groups) -> 6 heads per layer
     (0.3 of 4 units rounds to 1), MLP 688 -> 482: 1.34x fewer MACs, against 1.30x for the MLPs
     alone. ``prune_kv_groups``: 2 units (KV heads) -> 1: 1.47x. ``head_ratio`` 0.5 in the default
     mode: 8 -> 4 query heads per layer, K/V whole: 1.43x."""
@@ -290,12 +291,13 @@ def test_reference_llama_at_0_3(tmp_path, exporter):
     feeds = decoder_feeds(model)
     result, _ = prune_masked(model, 0.3, feeds=feeds)
     heads = [g for g in result.report.groups if g.kind == "heads"]
-    assert len(heads) == LAYERS and all((g.units_before, g.units_after) == (4, 3) for g in heads)
+    assert len(heads) == LAYERS and all((g.units_before, g.units_after) == (8, 6) for g in heads)  # query heads
     assert macs_ratio(model, result.model) > 1.33
 
     result, _ = prune_masked(model, 0.3, feeds=feeds, prune_kv_groups=True)
     heads = [g for g in result.report.groups if g.kind == "heads"]
     assert len(heads) == LAYERS and all((g.channels_before, g.channels_after) == (256, 128) for g in heads)
+    assert all((g.units_before, g.units_after) == (8, 4) for g in heads)
     assert macs_ratio(model, result.model) >= 1.4
 
     result, _ = prune_masked(model, 0.3, feeds=feeds, head_ratio=0.5)

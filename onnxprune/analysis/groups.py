@@ -66,6 +66,9 @@ class Group:
     blocked: list[str] = field(default_factory=list)
     units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
     kind: str = "channels"  # or "heads": units are attention heads (see --head-ratio)
+    # kind "heads": a slot whose axis is the heads of an attention product, one position per head (a unit
+    # may hold several: grouped-query attention's r-th query head of every key/value group)
+    head_slot: tuple[str, int] | None = None
     modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
     _members: list | None = field(default=None, repr=False)
 
@@ -230,6 +233,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             return
         if relation.kind:
             group.kind = relation.kind
+            group.head_slot = group.head_slot or (at.name, reached.axis)
         for positions in relation.ties:
             chans = reached.owner[positions]
             if (chans < 0).any() and (chans >= 0).any():
