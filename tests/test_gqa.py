@@ -344,3 +344,25 @@ def test_relatives(tmp_path, family, kv_heads):
     assert macs_ratio(model, result.model) > 1.33
     if kv_heads == 1:  # MQA: 8 single query heads in every layer (the K/V head's group, on head_dim,
         assert all((g.units_before, g.units_after) == (8, 6) for g in heads)  # spreads through RoPE tables)
+
+
+def test_a_whole_axis_tiled_goes_with_all_its_copies_only_with_prune_kv_groups():
+    """``k.repeat(1, 2, 1, 1)``: query head h reads KV head h % 2; a copy cannot go alone."""
+    g = GraphBuilder()
+    x = g.input("x", (1, T, HIDDEN))
+    q = g.op("Transpose", [g.op("Reshape", [g.matmul(x, HIDDEN, HIDDEN, name="q_proj"),
+                                            g.ints([1, T, HEADS, HEAD_DIM])])], perm=[0, 2, 1, 3])
+    k = g.op("Transpose", [g.op("Reshape", [g.matmul(x, HIDDEN, 2 * HEAD_DIM, name="k_proj"),
+                                            g.ints([1, T, 2, HEAD_DIM])])], perm=[0, 2, 1, 3])
+    k = g.op("Tile", [k, g.ints([1, 2, 1, 1])], name="k_tile")
+    att = g.op("MatMul", [g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1),
+                          k])
+    merged = g.op("Reshape", [g.op("Transpose", [att], perm=[0, 2, 1, 3]), g.ints([1, T, HIDDEN])])
+    model = g.build(g.matmul(merged, HIDDEN, HIDDEN, name="o_proj"))
+    blocked = heads_group(onnxprune.analyse(model)).blocked
+    assert any("repeats the whole channel axis" in r for r in blocked), blocked
+    result, analysis = prune_masked(model, 0.5, prune_kv_groups=True)
+    units = [sorted({int(c) // HEAD_DIM for c in m if c < HIDDEN}) for m in heads_group(analysis).unit_members()]
+    assert sorted(units) == [[0, 2], [1, 3]]
+    assert input_value(result.model, "k_proj", 1).shape == (HIDDEN, HEAD_DIM)
+    assert input_value(result.model, "k_tile", 1).tolist() == [1, 2, 1, 1]

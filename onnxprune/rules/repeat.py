@@ -12,7 +12,7 @@ Concat); one computed at run time passes only where it is 1 or the input's
 own channel count at any width (checked by evaluating it, as Resize's
 sizes), so it stays right after the cut by itself. Tile repeats from size 1
 as Expand does (its count rewritten); a whole axis tiled n times carries each
-channel n times, position i of every copy tied. ConstantOfShape's output
+channel n times, position i of every copy tied (with ``prune_kv_groups``). ConstantOfShape's output
 carries channels where its shape is a constant entry, rewritten likewise.
 """
 
@@ -152,7 +152,8 @@ def tile_rewrite(node, view, cut):
 @rule("Tile", rewrite=tile_rewrite)
 def tile(node, view, r: Reached):
     """A repeat from size 1 (``repeat_kv`` written as Unsqueeze -> Tile -> Reshape) as Expand's; the
-    whole axis repeated n times: each channel appears n times (position i of every copy goes together)."""
+    whole axis repeated n times: each channel appears n times, so it goes with all its copies (position
+    i of every copy together), with ``prune_kv_groups`` only."""
     if r.side == "in" and r.index != 0:
         return barrier("channels reach the repeat counts")
     repeats = view.int_values(node.inputs[1])
@@ -162,8 +163,11 @@ def tile(node, view, r: Reached):
     n = repeats[r.axis]
     if n == 1:
         return related(Link(other_side(r), 0, r.axis, r.owner))
+    if size == 1 and r.side == "out":
+        return Relation()
+    if not view.prune_kv_groups:  # a copy can only lose what every copy loses: the channel itself
+        return barrier("repeats the whole channel axis (key/value heads as k.repeat(1, n, 1, 1)): they stay "
+                       "whole (`prune_kv_groups` cuts each with all its copies)")
     if r.side == "in":
         return related(Link("out", 0, r.axis, np.tile(r.owner, n)))
-    if size == 1:
-        return Relation()
     return related(Link("in", 0, r.axis, r.owner[:size].copy()), ties=strided(size * n, size))
