@@ -38,9 +38,10 @@ _ROUNDS = (*_ONE_PRUNE, "training", "steps")
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict | None = None, ignore=(), prune_hidden: bool = False,
-            allow_io_change: bool = False) -> Analysis:
+            allow_io_change: bool = False, prune_kv_groups: bool = False) -> Analysis:
     """Channel groups of ``model`` (which is not modified)."""
-    return analyse_model(model, AnalysisOptions(input_shapes, tuple(ignore), prune_hidden, allow_io_change))
+    return analyse_model(model, AnalysisOptions(input_shapes, tuple(ignore), prune_hidden, allow_io_change,
+                                                prune_kv_groups))
 
 
 def prune(model: onnx.ModelProto | str | Path, ratio: float | None = None, *, options: PruneOptions | None = None,
@@ -55,6 +56,8 @@ def prune(model: onnx.ModelProto | str | Path, ratio: float | None = None, *, op
     ``allocate="sensitivity"`` chooses them from measured output error.
     ``allow_io_change`` lets attention heads that reach graph inputs and outputs
     (a KV cache) be pruned: those tensors' head axis shrinks (cut/iochange.py).
+    In grouped-query attention the query heads are cut within each key/value
+    group (as many in every group); ``prune_kv_groups`` removes whole groups.
     """
     options = validate(_options(ratio, options, keywords, _ONE_PRUNE), whole_run=False)
     if isinstance(model, onnx.ModelProto):

@@ -49,6 +49,9 @@ class AnalysisOptions:
     ignore: tuple[str, ...] = ()  # node or weight name globs left alone
     prune_hidden: bool = False  # the hidden size of transformers too (through LayerNorm)
     allow_io_change: bool = False  # attention heads may reshape graph inputs/outputs (a KV cache)
+    # grouped-query attention: remove whole key/value heads with their query heads (default: query
+    # heads within each group, as many in every group; the key/value projections stay whole)
+    prune_kv_groups: bool = False
 
 
 @dataclass

@@ -38,15 +38,11 @@ KNOWN_WITHOUT_RULE = {
     "ArgMax": "reduces an axis to indices into it, which a cut on that axis would renumber",
     "ArgMin": "reduces an axis to indices into it, which a cut on that axis would renumber",
     "Constant": "normalised into constant tensors before the rules run (graph/normalise.py)",
-    "ConstantOfShape": "fills a tensor whose shape is an input value: no channels come in, and "
-                       "constant shapes are folded before the rules run (graph/fold.py)",
     "CumSum": "a running sum: along the summed axis every position depends on all before it, "
               "so a channel there cannot be removed alone",
     "DepthToSpace": "each output channel is built from blocksize^2 input channels spread over space; "
                     "input channels could only go in those strided sets, which no rule ties yet",
     "Einsum": "which axes are kept or contracted is in the equation string, which no rule parses yet",
-    "Expand": "repeats along axes (grouped-query attention repeats key/value heads this way); "
-              "a barrier until grouped-query attention gets a rule",
     "GatherElements": "reads elements at computed indices along an axis: where a channel ends up is data",
     "GatherND": "reads slices at computed coordinate tuples: where a channel ends up is data",
     "If": "subgraphs are barriers (Loop/Scan are not run at all)",
@@ -61,8 +57,7 @@ KNOWN_WITHOUT_RULE = {
     "Size": "returns the element count as a scalar: no axis carries channels, and a cut changes the count",
     "SpaceToDepth": "each input channel becomes blocksize^2 output channels (one per block offset), "
                     "so output channels could only go in those sets, which no rule ties yet",
-    "Tile": "repeats the whole tensor along axes (also used to repeat key/value heads), so one channel "
-            "appears several times; a barrier like Expand",
+
     "TopK": "selects by value along an axis and returns the positions: which channel lands where is data",
     "Trilu": "keeps a triangle of the last two axes by index (causal masks): removing a row or column "
              "would move the diagonal for the ones after it",

@@ -244,8 +244,8 @@ class GroupedQueryAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_grouped_query_attention_is_pruned_safely(tmp_path, exporter):
-    """GQA: the repetition of key/value heads (Tile / Expand) is a barrier, so the attention is left whole
-    with that reason; the MLP still prunes, exactly (mask equivalence)."""
+    """GQA (repeat_interleave: Tile in the legacy export, Expand in dynamo's): the query heads are cut
+    within each key/value group, K/V stay whole (tests/test_gqa.py); exact (mask equivalence)."""
     torch.manual_seed(0)
     path = tmp_path / "gqa.onnx"
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -257,8 +257,10 @@ def test_grouped_query_attention_is_pruned_safely(tmp_path, exporter):
                               external_data=False, input_names=["x"], output_names=["y"])
     model = onnx.load(str(path))
     analysis = onnxprune.analyse(model)
-    repeat = [g for g in analysis.groups if any("Tile" in r or "Expand" in r for r in g.blocked)]
-    assert len(repeat) == 2  # queries and keys/values: left whole where the K/V heads are repeated
+    heads = [g for g in analysis.prunable if g.kind == "heads"]
+    assert len(heads) == 1 and len(heads[0].unit_members()) == 2  # 4 query heads, the r-th of each group tied
+    kv = [g for g in analysis.groups if any("prune_kv_groups" in r for r in g.blocked)]
+    assert len(kv) == 1  # the fused K/V projection: left whole
     result = onnxprune.prune(model, 0.5)
     check_valid(model, result.model)
     x = {"x": np.random.default_rng(0).random((2, 5, HIDDEN), dtype=np.float32)}

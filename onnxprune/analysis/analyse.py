@@ -56,4 +56,5 @@ def analyse(model: onnx.ModelProto, options: AnalysisOptions | None = None) -> A
     shapes = analyse_shapes(model, options.input_shapes)
     view = GraphView.from_model(model, shapes)
     view.prune_hidden = options.prune_hidden
+    view.prune_kv_groups = options.prune_kv_groups
     return Analysis(model, shapes, view, find_groups(view, tuple(options.ignore), options.allow_io_change))

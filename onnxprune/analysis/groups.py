@@ -66,6 +66,9 @@ class Group:
     blocked: list[str] = field(default_factory=list)
     units: np.ndarray | None = None  # unit id per channel: channels of one unit go together
     kind: str = "channels"  # or "heads": units are attention heads (see --head-ratio)
+    # kind "heads": a slot whose axis is the heads of an attention product, one position per head (a unit
+    # may hold several: grouped-query attention's r-th query head of every key/value group)
+    head_slot: tuple[str, int] | None = None
     modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
     _members: list | None = field(default=None, repr=False)
 
@@ -101,8 +104,19 @@ class _UnionFind:
 
 
 def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: bool = False) -> list[Group]:
-    """All channel groups of the graph, in topological order of their sources."""
+    """All channel groups of the graph, in topological order of their sources.
+
+    A source whose channels a blocked group has already taken gets a group of its own when that one
+    can be cut: which slots a group takes depends on where it starts (a Reshape to heads is followed
+    on the head axis from a query projection, on head_dim from a multi-query attention's single
+    key/value head, whose group then spreads through the RoPE tables shared by every layer), and a
+    blocked group is never cut, so it constrains nothing. A regrown group that is blocked too is
+    dropped, and the slots that hold its channels one to one are not tried again (a start there
+    would grow the same group: the residual stream of every layer, blocked by its LayerNorms).
+    """
     claims: dict[tuple[str, int], np.ndarray] = {}  # slot -> owning group index per position
+    cuttable: dict[tuple[str, int], np.ndarray] = {}  # the same, by groups that are not blocked
+    tried: set[tuple[str, int]] = set()  # slots of dropped regrown groups
     groups: list[Group] = []
     ignored = _ignored_nodes(view, ignore)
     for node in view.nodes:
@@ -119,14 +133,30 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: 
                 continue
             taken = claims.get((tensor.name, axis))
             free = np.ones(size, bool) if taken is None else taken < 0
-            if not free.any():
-                continue
+            regrown = not free.any()
+            if regrown:
+                taken = cuttable.get((tensor.name, axis))
+                free = np.ones(size, bool) if taken is None else taken < 0
+                if (tensor.name, axis) in tried or not free.any():
+                    continue
             owner = np.full(size, -1)
             owner[free] = np.arange(int(free.sum()))
-            group = _grow(view, node, tensor, axis, owner, len(groups), claims, ignored, allow_io_change)
+            group = _grow(view, node, tensor, axis, owner, len(groups), cuttable if regrown else claims, ignored,
+                          allow_io_change)
+            if regrown and not group.prunable:
+                tried.update(_one_to_one(group))
+                continue
             groups.append(group)
             _claim(group, len(groups) - 1, claims, view)
+            if not group.blocked:
+                _claim(group, len(groups) - 1, cuttable, view)
     return groups
+
+
+def _one_to_one(group: Group) -> list[tuple[str, int]]:
+    """Slots of ``group`` whose positions are each one of its channels, all distinct."""
+    return [key for key, slot in group.dims.items()
+            if (slot.owner >= 0).all() and len(np.unique(slot.owner)) == len(slot.owner)]
 
 
 def _ignored_nodes(view: GraphView, patterns: tuple[str, ...]) -> set[str]:
@@ -203,6 +233,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             return
         if relation.kind:
             group.kind = relation.kind
+            group.head_slot = group.head_slot or (at.name, reached.axis)
         for positions in relation.ties:
             chans = reached.owner[positions]
             if (chans < 0).any() and (chans >= 0).any():

@@ -13,6 +13,7 @@ from ..errors import UsageError
 COMMON_FLAGS = {
     "input_shapes": "--input-shape", "ignore": "--ignore", "prune_hidden": "--prune-hidden",
     "allow_io_change": "--allow-io-change", "importance": "--importance", "round_to": "--round-to",
+    "prune_kv_groups": "--prune-kv-groups",
     "min_channels": "--min-channels", "seed": "--seed", "data": "--data", "calib_samples": "--calib-samples",
     "batch_size": "--batch-size", "compensate": "--compensate", "reconstruct": "--reconstruct",
     "size": "--image-size", "mean": "--mean",
@@ -125,6 +126,10 @@ def _analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-io-change", action="store_true",
                    help="let attention heads that reach graph inputs/outputs (a decoder's KV cache) be pruned: "
                         "those tensors' head axis shrinks; the report lists their new shapes")
+    p.add_argument("--prune-kv-groups", action="store_true",
+                   help="grouped-query attention: remove whole key/value heads with their query heads (default: "
+                        "query heads within each key/value group, as many in every group; the key/value "
+                        "projections and the KV cache stay whole)")
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -215,7 +220,7 @@ def analysis_options(args):
     from ..options import AnalysisOptions
 
     return AnalysisOptions(parse_input_shapes(args.input_shape), tuple(args.ignore), args.prune_hidden,
-                           args.allow_io_change)
+                           args.allow_io_change, args.prune_kv_groups)
 
 
 def data_options(args):

@@ -43,6 +43,7 @@ class GraphView:
     # (surgery.export stores the pruned weight in that dtype again, behind a Cast).
     cast_weights: dict = None
     prune_hidden: bool = False  # rules let the hidden size through LayerNorm (--prune-hidden)
+    prune_kv_groups: bool = False  # grouped-query attention loses whole key/value groups (--prune-kv-groups)
     memo: dict = field(default_factory=dict)  # rules' costly findings about a node, computed once
     # node name -> the module path its exporter recorded (names.py); onnx-graphsurgeon drops
     # node metadata, so it is read off the model here

@@ -184,6 +184,18 @@ def _compensation_effect(model, pruned, plan, folded, reference: Reference, opti
     return {**folded.to_json(), "output_error": errors}
 
 
+def _heads_kept(group, kept) -> tuple[int, int]:
+    """(heads, heads kept): the positions of the group's head slot (a unit of grouped-query attention
+    holds several query heads), or its units where there is none."""
+    kept_set = set(kept)
+    slot = group.dims.get(group.head_slot) if group.head_slot else None
+    if slot is None:
+        members = group.unit_members()
+        return len(members), sum(1 for m in members if int(m[0]) in kept_set)
+    owned = slot.owner[slot.owner >= 0]
+    return len(owned), sum(1 for o in owned if int(o) in kept_set)
+
+
 def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference,
                    options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
     """The cut model with its readers refitted (recovery/reconstruct.py) if that brings the
@@ -249,9 +261,7 @@ def _report(analysis: Analysis, plan: Plan, scores, ratio, importance: str) -> R
                 info["removed_mean"] = float(scores[g.id][removed].mean())
         report = GroupReport(g.id, g.sources, g.nodes, g.size, len(kept), info, g.kind, modules=g.modules)
         if g.kind == "heads":
-            kept_set = set(kept)
-            report.units_before = len(g.unit_members())
-            report.units_after = sum(1 for m in g.unit_members() if int(m[0]) in kept_set)
+            report.units_before, report.units_after = _heads_kept(g, kept)
         groups.append(report)
     params = count_params(model)
     macs = total_macs(per_output)

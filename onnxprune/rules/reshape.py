@@ -35,13 +35,18 @@ def _prefix_products(shape) -> list[int]:
     return out
 
 
-def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int], picked_apart=lambda j: False):
+def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int], picked_apart=lambda j: False,
+                fixed: frozenset[int] = frozenset()):
     """Map channel ``axis`` of a tensor of shape ``src`` onto the same data in shape ``dst``.
 
     An axis split in two, C -> (G, C/G), is tracked on G with each block of C/G
     tied (heads) unless ``picked_apart(G's axis)``: a fused projection split into
-    (3, E) whose q, k, v are then taken apart along the 3; then it is tracked on
-    E with the positions equal modulo E tied (q_e, k_e, v_e go together).
+    (3, E) whose q, k, v are then taken apart along the 3, or query heads split
+    into (key/value heads, repeats) whose repeats are cut within each group;
+    then it is tracked on E with the positions equal modulo E tied (q_e, k_e, v_e
+    go together; the r-th query head of every group). Source axes merged into a
+    destination axis in ``fixed`` (the target spells its size as a constant) are
+    not dynamic, whatever inference said of them.
     Returns (dst axis, owner on it, ties on the source axis) or a barrier reason.
     """
     if None in src or None in dst or 0 in src or 0 in dst:
@@ -85,7 +90,8 @@ def map_reshape(src, dst, axis: int, owner: np.ndarray, dynamic: set[int], picke
     a0 = max(i for i, p in enumerate(ps) if p == pd[j] and i <= axis)
     a1 = min(i for i, p in enumerate(ps) if p == pd[j + 1] and i > axis)
     merged = [a for a in range(a0, a1) if a != axis]
-    if any(a in dynamic and src[a] != 1 for a in merged) or any(a in dynamic for a in merged if a < axis):
+    varies = any(a in dynamic and src[a] != 1 for a in merged) or any(a in dynamic for a in merged if a < axis)
+    if varies and j not in fixed:
         return "reshape merges the channel axis with a dynamic axis"
     outer, inner = before // pd[j], pd[j + 1] // after
     return j, np.tile(np.repeat(owner, inner), outer), []
@@ -208,16 +214,15 @@ def _picked_entry(view, picker) -> int | None:
 _SHAPE_STEPS = _ONE_ELEMENT_OPS | {"Gather", "Slice", "Concat", "Add", "Sub", "Mul", "Div"}
 # (op, input) that may size the op's output from its own data's shape (torch's F.interpolate(x,
 # size=skip.shape[2:]) reads x's N and C): the op's rule, reached on the same channel axis of that
-# data, checks that the entry keeps the channel count (rules/pool.py's Resize). Expand is not
-# here: it has no rule yet, so nothing would check its channel entry.
-_SIZED_BY_OWN_SHAPE = {("Resize", 2), ("Resize", 3), ("Upsample", 1)}
+# data, checks that the entry keeps the channel count (rules/pool.py's Resize, rules/repeat.py's Expand).
+_SIZED_BY_OWN_SHAPE = {("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Expand", 1)}
 
 
 def _width_read_stays_right(view, shape_node, reader, axis: int) -> bool:
     """Whether what ``reader`` computes from the Shape's output (the channel count) reaches nothing
     but shape arithmetic that stays right after the cut: the target of a Reshape of the same tensor
     at the entry that carries ``axis``, the bounds of a chunk of it (see _chunk_of), or the sizes,
-    scales of a Resize or Upsample of it (see _SIZED_BY_OWN_SHAPE)."""
+    scales of a Resize or Upsample of it, the shape of an Expand of it (see _SIZED_BY_OWN_SHAPE)."""
     data = shape_node.inputs[0]
     queue, seen = list(reader.outputs), set()
     while queue:
@@ -316,17 +321,36 @@ def reshape(node, view, r: Reached):
     if src is None or dst is None:
         return barrier("shape unknown")
     dynamic = {a for a in range(len(src)) if view.is_dynamic(src_t, a)}
-    if r.side == "out" and node.op == "Reshape":  # dims the target spells as constants are fixed
-        dynamic = {a for a in dynamic if (_shape_entry(view, node.inputs[1], a) or 0) <= 0}
+    spelled = {a for a in range(len(view.shape(node.outputs[0])))
+               if node.op == "Reshape" and (_shape_entry(view, node.inputs[1], a) or 0) > 0}
+    if r.side == "out":  # dims the target spells as constants are fixed
+        dynamic -= spelled
     mapped = map_reshape(src, dst, r.axis, r.owner, dynamic,
-                         lambda j: r.side == "in" and _picked_apart(view, node.outputs[0], j))
+                         lambda j: _picked_apart(view, node.outputs[0], j) if r.side == "in"
+                         else not view.prune_kv_groups and _repeated(view, node.inputs[0], j + 1),
+                         frozenset(spelled) if r.side == "in" else frozenset())
     if isinstance(mapped, str):
         return barrier(mapped)
     axis, owner, ties = mapped
+    if r.side == "in" and dst[axis] != src[r.axis] and not view.prune_kv_groups \
+            and _repeated(view, node.inputs[0], r.axis + 1):
+        return barrier("key/value heads merged with their repeats for the query heads (grouped-query attention): "
+                       "they stay whole, the query heads are cut within each group (`prune_kv_groups` cuts "
+                       "whole groups)")
     problem = _reshape_target_ok(node, view, *((axis, r.axis) if r.side == "in" else (r.axis, axis)))
     if problem:
         return barrier(problem)
     return related(Link("out" if r.side == "in" else "in", 0, axis, owner), ties=ties)
+
+
+def _repeated(view, tensor, axis: int) -> bool:
+    """Whether ``axis`` of ``tensor`` repeats one slice: an Expand's (or Tile's) output where its input
+    has size 1 (or no axis), as ``repeat_kv`` repeats each key/value head for its group of query heads."""
+    node = view.producer(tensor)
+    if node is None or node.op not in ("Expand", "Tile") or (view.dim(tensor, axis) or 0) <= 1:
+        return False
+    in_axis = axis - ((view.rank(tensor) or 0) - (view.rank(node.inputs[0]) or 0))
+    return in_axis < 0 or view.dim(node.inputs[0], in_axis) == 1
 
 
 # --- Shape: reading a tensor's dims ---------------------------------------------------

@@ -2,7 +2,9 @@
 
 Index mappings are exact: Concat and Split offset positions, Slice keeps a
 range (also a chunk whose bounds are computed from the width), Gather with
-distinct constant indices reorders. Reshape and its family, and Shape
+distinct constant indices reorders; with repeated ones (key/value heads
+repeated for grouped-query attention) the positions read are cut alone, or
+with ``prune_kv_groups`` each channel with all that read it. Reshape and its family, and Shape
 (shape arithmetic), are in reshape.py.
 """
 
@@ -280,29 +282,58 @@ def transpose(node, view, r: Reached):
 
 # --- Gather (indexing along another axis) ------------------------------------------
 
-def _reordering(node, view) -> np.ndarray | None:
-    """A Gather's indices when they are constant, 1-D and distinct: a reordering (or a
-    selection) of positions along its axis, such as a channel shuffle (see graph.py)."""
+def _indices_along(node, view) -> np.ndarray | None:
+    """A Gather's indices when they are constant and 1-D, made non-negative."""
     indices = view.value(node.inputs[1])
     size = view.dim(node.inputs[0], _axis(node, view, node.inputs[0]))
     if indices is None or np.ndim(indices) != 1 or not size:
         return None
-    indices = np.where(indices < 0, indices + size, indices).astype(np.int64)
-    return indices if len(np.unique(indices)) == len(indices) else None
+    return np.where(indices < 0, indices + size, indices).astype(np.int64)
+
+
+def _reordering(node, view) -> np.ndarray | None:
+    """A Gather's indices when they are constant, 1-D and distinct: a reordering (or a
+    selection) of positions along its axis, such as a channel shuffle (see graph.py)."""
+    indices = _indices_along(node, view)
+    return indices if indices is not None and len(np.unique(indices)) == len(indices) else None
 
 
 def gather_rewrite(node, view, cut):
-    """A reordering keeps the order of the channels that remain, renumbered."""
+    """The positions read keep their order, renumbered; the cut ones (read from removed channels,
+    or removed from the output: a repeat of key/value heads losing query heads) go."""
     data = node.inputs[0]
     g = _axis(node, view, data)
-    removed = cut.removed(data, g)
-    indices = _reordering(node, view) if len(removed) else None
-    if indices is None:
+    indices = _indices_along(node, view)
+    removed, dropped = cut.removed(data, g), cut.removed(node.outputs[0], g)
+    if indices is None or not len(removed) and not len(dropped):
         return
     kept = np.setdiff1d(np.arange(view.dim(data, g)), removed)
     renumbered = np.full(view.dim(data, g), -1)
     renumbered[kept] = np.arange(len(kept))
-    cut.replace_constant(node, 1, renumbered[indices][renumbered[indices] >= 0].astype(np.int64))
+    read = np.setdiff1d(np.arange(len(indices)), dropped)
+    new = renumbered[indices[read]]
+    cut.replace_constant(node, 1, new[new >= 0].astype(np.int64))
+
+
+def _repeat_relation(view, r: Reached, indices: np.ndarray, size: int) -> Relation:
+    """Constant indices that read positions more than once (``k[:, [0, 0, 1, 1]]``, grouped-query
+    attention's key/value heads repeated for their query heads). By default the positions read are
+    cut, the input stays whole (a smaller selection), as many readers of every channel where each has
+    as many (the r-th query head of every group goes together); with ``prune_kv_groups`` an input
+    channel goes with every position that reads it."""
+    read = np.unique(indices)
+    readers = [np.nonzero(indices == i)[0] for i in read]
+    if not view.prune_kv_groups:
+        if r.side == "out":  # the r-th reader of every channel together, when each is read as often
+            even = len({len(p) for p in readers}) == 1
+            return Relation(ties=[np.array([p[k] for p in readers]) for k in range(len(readers[0]))] if even else [])
+        return barrier("reads the channels repeatedly (key/value heads repeated for their query heads): they stay "
+                       "whole, the positions read are cut (`prune_kv_groups` cuts whole groups)")
+    if r.side == "in":
+        return related(Link("out", 0, r.axis, r.owner[indices]))
+    whole = np.full(size, -1)
+    whole[read] = r.owner[[p[0] for p in readers]]  # each input position: the owner of its first reader
+    return related(Link("in", 0, r.axis, whole), ties=readers)
 
 
 @rule("Gather", rewrite=gather_rewrite)
@@ -316,6 +347,8 @@ def gather(node, view, r: Reached):
         return barrier("channels reach the gathered indices")
     if r.axis == g and (r.side == "in" or idx_rank == 1):  # along the gathered axis itself
         order = _reordering(node, view)
+        if order is None and _indices_along(node, view) is not None:
+            return _repeat_relation(view, r, _indices_along(node, view), view.dim(data, g))
         if order is None:
             return barrier("gathers along the channel axis")
         if r.side == "in":
