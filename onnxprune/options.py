@@ -235,6 +235,7 @@ class OutputOptions:
     report_path: str | Path | None = None
     verify: bool = True  # run the written model against the original before it takes its name
     recipe: dict | None = None  # the command line's effective options (cli/recipe.py): report + metadata
+    command: list[str] | None = None  # the command line, for the report
 
 
 @dataclass

@@ -74,9 +74,14 @@ class _Stages:
         self.muted = 0
         self.started = self.last = 0.0
         self.held: list[str] = []
+        self.times: list[dict] = []  # every stage of the run, shown or not: the report's `stages`
 
     def start(self, show: bool) -> None:
-        self.on, self.muted, self.held = show, 0, []
+        self.on = show
+        self.reset()
+
+    def reset(self) -> None:
+        self.muted, self.held, self.times = 0, [], []
         self.started = self.last = time.perf_counter()
 
     def done(self, name: str) -> None:
@@ -84,6 +89,7 @@ class _Stages:
             return
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
+        self.times.append({"stage": name, "seconds": round(seconds, 4)})
         if not self.on:
             return
         self.held.append(f"onnxprune: {name:<12} {seconds:7.2f} s")
@@ -99,6 +105,16 @@ _STAGES = _Stages()
 def start_stages(show: bool) -> None:
     """Start the stage clock of a command line run; ``show``: print its stage lines."""
     _STAGES.start(show)
+
+
+def restart_stage_clock() -> None:
+    """A run begins (pipeline/run.py): its stage times start from here; shown as the command set."""
+    _STAGES.reset()
+
+
+def stage_times() -> list[dict]:
+    """The stages of the run so far, each with its seconds."""
+    return list(_STAGES.times)
 
 
 def stage_done(name: str) -> None:

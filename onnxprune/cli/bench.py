@@ -8,6 +8,7 @@ from .options import _batches, _count, _Parser, _positive, render
 
 FLAGS = {"input_shapes": "--input-shape", "provider": "--provider", "batches": "--batch", "threads": "--threads",
          "warmup": "--warmup", "iters": "--iters", "json": "--json"}
+BENCH_SCHEMA = 1
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
                    help="untimed runs per model and batch (default 10)")
     p.add_argument("--iters", type=_positive, default=100, metavar="N",
                    help="timed runs per model and batch (default 100)")
-    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON (- for stdout)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
                    help="pin a dynamic input's other dims (dim 0 comes from --batch; repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -35,19 +36,18 @@ def build_bench_parser() -> argparse.ArgumentParser:
 
 
 def run_bench(argv: list[str]) -> int:
-    import json
-
     from ..model.inputs import parse_input_shapes
-    from ..model.save import ensure_writable, write_text_file
+    from ..model.save import check_side_files
     from ..runtime.bench import bench, format_table
+    from .output import emit_json, file_path, human_stream, stamped
 
     args = build_bench_parser().parse_args(argv)
-    if args.json:
-        ensure_writable(args.json, "`json`")
+    check_side_files(args.models[0], None, {"`json`": file_path(args.json)},
+                     {f"model {i + 1}": m for i, m in enumerate(args.models[1:])})
     result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
                    warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
-    if args.json:
-        write_text_file(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
     if not args.quiet:
-        print(render(format_table(result), FLAGS))
+        print(render(format_table(result), FLAGS), file=human_stream(args.json))
+    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
+        emit_json(args.json, stamped(result.to_dict(), ["onnxprune", "bench", *argv], BENCH_SCHEMA))
     return 0

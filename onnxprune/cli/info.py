@@ -14,19 +14,19 @@ from .options import (
 )
 
 FLAGS = {**COMMON_FLAGS, "json": "--json"}
+INFO_SCHEMA = 1
 
 
 def build_info_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune info", description="Params, MACs and channel groups of a model.")
     p.add_argument("model")
     _analysis_options(p)
-    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON (- for stdout)")
     _common(p)
     return p
 
 
 def run_info(argv: list[str]) -> int:
-    import json
     import sys
     import warnings
 
@@ -34,11 +34,12 @@ def run_info(argv: list[str]) -> int:
     from ..analysis.groups import named_modules
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
-    from ..model.save import check_side_files, write_text_file
+    from ..model.save import check_side_files
     from ..report.text import conversion_line, dynamic_line, labelled_reason, node_labels, worth_a_line
+    from .output import emit_json, file_path, human_stream, stamped
 
     args = build_info_parser().parse_args(argv)
-    check_side_files(args.model, None, {"`json`": args.json})
+    check_side_files(args.model, None, {"`json`": file_path(args.json)})
     loaded = read_model(args.model)
     model = loaded.model
     with warnings.catch_warnings(record=True) as caught:  # an --ignore glob that matches nothing
@@ -63,23 +64,25 @@ def run_info(argv: list[str]) -> int:
         "modules": named_modules(analysis.groups, analysis.view.modules),
         "warnings": notes,
     }
-    if args.json:
-        write_text_file(args.json, json.dumps(info, indent=1) + "\n")
+    out = human_stream(args.json)
     if not args.quiet:
         if info["conversion"]:
-            print(conversion_line(info["conversion"]))
+            print(conversion_line(info["conversion"]), file=out)
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
-        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
+        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}", file=out)
         if worth_a_line(info["dynamic_dims"]):
-            print(render(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS))
-        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
+            print(render(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS), file=out)
+        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels", file=out)
         labels = node_labels(info["modules"])
         for g in prunable:
             unit = "heads" if g.kind == "heads" else "units"
             tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
-            print(f"  {g.size:>5} ch{tied:<12} {', '.join(labels.get(s, s) for s in g.sources)}")
-        print(f"{len(blocked)} blocked group(s)")
+            print(f"  {g.size:>5} ch{tied:<12} {', '.join(labels.get(s, s) for s in g.sources)}", file=out)
+        print(f"{len(blocked)} blocked group(s)", file=out)
         for g in blocked:
             reason = labelled_reason("; ".join(g.blocked), labels)
-            print(render(f"  {g.size:>5} ch  {', '.join(labels.get(s, s) for s in g.sources)}: {reason}", FLAGS))
+            print(render(f"  {g.size:>5} ch  {', '.join(labels.get(s, s) for s in g.sources)}: {reason}", FLAGS),
+                  file=out)
+    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
+        emit_json(args.json, stamped(info, ["onnxprune", "info", *argv], INFO_SCHEMA))
     return 0

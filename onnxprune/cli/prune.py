@@ -31,6 +31,7 @@ from .options import (
     render,
     training_options,
 )
+from .output import STDOUT, emit_json, file_path, human_stream, one_stdout
 from .recipe import RawValues, add_config_option, expand_recipe, recorded
 
 
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
                    help="with --global: remove at most R of any one group (default 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")
-    p.add_argument("--report", metavar="FILE.json", help="write a JSON report")
+    p.add_argument("--report", metavar="FILE.json", help="write a JSON report (- for stdout; the summary then goes "
+                   "to stderr)")
     p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
     p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
@@ -149,14 +151,19 @@ def _given(argv, *flags: str) -> bool:
 def run_prune(argv: list[str]) -> int:
     from ..api import prune_file
 
+    typed = ["onnxprune", *argv]
     parser = build_parser()
     argv = expand_recipe(parser, argv)
     with RawValues(parser) as raw:
         args = parser.parse_args(argv)
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
+    one_stdout({"--report": args.report, "--plan-out": args.plan_out})
+    if args.plan_out == STDOUT:
+        raise UsageError("--plan-out writes a plan file for --plan-in; give a path (the report is what goes to -)")
     options = prune_options(args, argv)
-    options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw)))
+    options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
+                                              report_path=file_path(args.report)))
     start_stages(not args.quiet and (args.verbose or sys.stderr.isatty()))
     try:
         report = prune_file(args.model, args.output, options=options)
@@ -164,20 +171,23 @@ def run_prune(argv: list[str]) -> int:
         start_stages(False)
     for w in report.warnings:
         print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
+    human = human_stream(args.report)
     if not args.quiet:
-        print(render(report.summary(verbose=args.verbose), FLAGS))
+        print(render(report.summary(verbose=args.verbose), FLAGS), file=human)
         if args.verbose and report.allocation:
             from ..report.text import format_allocation
 
-            print(format_allocation(report.allocation))
+            print(format_allocation(report.allocation), file=human)
         if report.written:
-            print(f"wrote   {report.output}")
+            print(f"wrote   {report.output}", file=human)
         elif args.dry_run:
-            print("dry run: nothing written")
+            print("dry run: nothing written", file=human)
         if report.bench is not None:
             from ..runtime.bench import format_table
 
-            print(render(format_table(report.bench), FLAGS))
+            print(render(format_table(report.bench), FLAGS), file=human)
+    if args.report == STDOUT:  # last, and only on success: stdout holds the JSON alone
+        emit_json(STDOUT, report.to_json())
     return 0
 
 

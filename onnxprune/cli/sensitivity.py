@@ -21,6 +21,7 @@ from .options import (
 )
 
 FLAGS = {**COMMON_FLAGS, "ratios": "--ratios-to-try", "json": "--json", "plot": "--plot"}
+SENSITIVITY_SCHEMA = 1
 
 
 def _ratio_list(text: str) -> list[float]:
@@ -42,7 +43,7 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
     _importance_option(p, data_note=False)
     _width_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
-    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON (- for stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
     _analysis_options(p)
     _data_options(p)
@@ -51,23 +52,22 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
 
 
 def run_sensitivity(argv: list[str]) -> int:
-    import json
     import warnings
 
     from ..model.load import read_model
-    from ..model.save import ensure_writable, write_text_file
+    from ..model.save import check_side_files
     from ..options import PruneOptions, WidthOptions
     from ..pipeline import steps
     from ..pipeline.sensitivity import measure_sensitivity
     from ..report.sensitivity import plot, require_matplotlib
     from ..report.text import conversion_line
+    from .output import emit_json, file_path, human_stream, stamped
 
     args = build_sensitivity_parser().parse_args(argv)
     if not args.data:
         raise UsageError("sensitivity measures output error on data: give --data FILE")
-    for path, flag in ((args.json, "`json`"), (args.plot, "`plot`")):
-        if path:
-            ensure_writable(path, flag)
+    check_side_files(args.model, None, {"`json`": file_path(args.json), "`plot`": args.plot},
+                     {"`data`": args.data})
     if args.plot:
         require_matplotlib()  # before minutes of measuring, not after
     options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
@@ -82,13 +82,14 @@ def run_sensitivity(argv: list[str]) -> int:
         result = measure_sensitivity(model, data, args.ratios_to_try, options=options)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
         print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
-    if args.json:
-        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, "conversion": conversion,
-                                               **result.to_json()}, indent=1) + "\n")
     if args.plot:
         plot(result, args.plot)
     if not args.quiet:
+        out = human_stream(args.json)
         if conversion:
-            print(conversion_line(conversion))
-        print(result.table())
+            print(conversion_line(conversion), file=out)
+        print(result.table(), file=out)
+    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
+        emit_json(args.json, stamped({"model": args.model, "data": args.data, "conversion": conversion,
+                                      **result.to_json()}, ["onnxprune", "sensitivity", *argv], SENSITIVITY_SCHEMA))
     return 0

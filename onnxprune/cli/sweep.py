@@ -41,7 +41,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", metavar="PATH",
                    help="held-out data to measure each pruned model on (as --data; default: the --val-fraction "
                         "split of --data, which calibration also reads)")
-    p.add_argument("--json", metavar="FILE.json", help="write the sweep as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the sweep as JSON (- for stdout)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="plot accuracy (or output error) and the --bench speedup against MACs (needs matplotlib)")
     return p
@@ -56,23 +56,24 @@ def _refuse_single_run_flags(argv: list[str]) -> None:
 
 
 def run_sweep(argv: list[str]) -> int:
-    import json
     from dataclasses import replace
 
     from ..data import load_data
     from ..model.load import read_model
-    from ..model.save import check_side_files, write_text_file
+    from ..model.save import check_side_files
     from ..pipeline import steps
-    from ..pipeline.sweep import sweep_file
+    from ..pipeline.sweep import SWEEP_SCHEMA, sweep_file
     from ..report.sensitivity import require_matplotlib
     from ..report.sweep import plot_sweep, sweep_table
+    from .output import emit_json, file_path, human_stream, stamped
 
+    typed = list(argv)
     parser = build_sweep_parser()
     argv = expand_recipe(parser, argv)
     _refuse_single_run_flags(argv)
     with RawValues(parser) as raw:
         args = parser.parse_args(argv)
-    check_side_files(args.model, None, {"`json`": args.json, "`plot`": args.plot},
+    check_side_files(args.model, None, {"`json`": file_path(args.json), "`plot`": args.plot},
                      {"`data`": args.data, "`eval_data`": args.eval_data, "`ratios`": args.ratios})
     if args.plot:
         require_matplotlib()  # before minutes of pruning, not after
@@ -90,12 +91,11 @@ def run_sweep(argv: list[str]) -> int:
     result = sweep_file(args.model, args.ratios_to_try, options, evaluation, evaluated_on)
     for message in result.warnings:
         print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
-    if args.json:
-        record = {"command": ["onnxprune", "sweep", *argv], "recipe": recorded(parser, args, raw.raw),
-                  **result.to_json()}
-        write_text_file(args.json, json.dumps(record, indent=1) + "\n")
     if args.plot:
         plot_sweep(result, args.plot)
     if not args.quiet:
-        print(render(sweep_table(result), FLAGS))
+        print(render(sweep_table(result), FLAGS), file=human_stream(args.json))
+    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
+        record = {"recipe": recorded(parser, args, raw.raw), **result.to_json()}
+        emit_json(args.json, stamped(record, ["onnxprune", "sweep", *typed], SWEEP_SCHEMA))
     return 0

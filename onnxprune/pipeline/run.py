@@ -33,8 +33,8 @@ from ..model.save import (
 )
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
-from ..progress import muted_stages, stage_done
-from ..report.records import Report
+from ..progress import muted_stages, restart_stage_clock, stage_done, stage_times
+from ..report.records import Report, run_environment
 from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
@@ -48,6 +48,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     """Prune the file ``input_path`` as ``options`` say and write the verified result to
     ``output_path`` (default: MODEL.pruned.onnx beside it) atomically, unless a dry run."""
     started = time.perf_counter()
+    restart_stage_clock()
     options = validate(options)
     out = options.output
     input_path = Path(input_path)
@@ -86,7 +87,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.input = str(input_path)
     report.conversion = conversion and conversion.to_json()
     report.target = searched and searched.to_json()
-    report.recipe = out.recipe
+    report.recipe, report.command = out.recipe, out.command
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
     if out.plan_out:
@@ -107,6 +108,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
         report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
         stage_done("bench")
+    report.stages, report.environment = stage_times(), run_environment()
     if out.report_path:
         report.save(out.report_path)
     return report

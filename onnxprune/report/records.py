@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
 from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line, worth_a_line
 
 REPORT_SCHEMA = 1
+# the JSON Schema of Report.to_json, shipped in the package (tests/test_json_output.py checks real reports)
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
+
+
+def run_environment() -> dict:
+    """The versions a run used: onnxprune, Python, onnx, onnxruntime, and torch when it was loaded."""
+    import platform
+    import sys
+
+    from .. import __version__
+
+    versions = {"onnxprune": __version__, "python": platform.python_version()}
+    for name in ("onnx", "onnxruntime", "torch"):
+        module = sys.modules.get(name)
+        if module is None and name != "torch":  # torch only when the run used it
+            try:
+                module = __import__(name)
+            except ImportError:
+                continue
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "unknown")
+    return versions
 
 
 @dataclass
@@ -133,6 +156,9 @@ class Report:
     sparsity: SparsityReport | None = None
     # the command line's effective options (cli/recipe.py): `--config` on this report reruns it
     recipe: dict | None = None
+    command: list[str] | None = None  # the command line, when the run came from one
+    environment: dict = field(default_factory=dict)  # versions of onnxprune and the runtimes (run_environment)
+    stages: list[dict] = field(default_factory=list)  # each stage of the run and its seconds (progress.py)
     schema_version: int = REPORT_SCHEMA
 
     @property
