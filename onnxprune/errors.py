@@ -79,3 +79,27 @@ EXIT_CODES = {
     7: "reduction too small (MACs fell less than --min-reduction asks; nothing written)",
     130: "interrupted (Ctrl-C); nothing written",
 }
+
+
+QUOTE_LIMIT = 80  # characters of an offending value a message quotes
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message names a bad value, it does not print
+    it (a value read from a file can be megabytes long)."""
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def escape(text: str, keep_newlines: bool = False) -> str:
+    """``text`` safe for a terminal: every non-printable character (escape sequences, carriage
+    returns, other controls, and newlines unless ``keep_newlines``) shown as ``\\xNN`` (``\\uNNNN``
+    above 0xff). Names come from models and file systems, which allow anything."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

@@ -16,9 +16,9 @@ import threading
 import traceback
 import warnings
 
-from ..errors import OnnxPruneError, first_line
+from ..errors import OnnxPruneError, escape, first_line
 from . import bench, info, prune, sensitivity
-from .options import render
+from .options import message_line, warn
 from .prune import build_parser, run_prune
 
 run_bench, run_info, run_sensitivity = bench.run_bench, info.run_info, sensitivity.run_sensitivity
@@ -30,7 +30,7 @@ __all__ = ["main", "build_parser", "run_prune", "run_info", "run_bench", "run_se
 
 def _one_line_warnings(flags: dict[str, str]):
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"onnxprune: warning: {render(str(message), flags)}", file=sys.stderr)
+        warn(str(message), flags)
     return show
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxPruneError as exc:
         if debug:
             traceback.print_exc()
-        print(f"onnxprune: error: {render(str(exc), flags)}", file=sys.stderr)
+        print(f"onnxprune: error: {message_line(str(exc), flags)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxprune: interrupted; nothing written", file=sys.stderr)
@@ -80,6 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: keep it to one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"onnxprune: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)",
+        print(f"onnxprune: internal error: {type(exc).__name__}: {escape(first_line(exc))} (rerun with --debug)",
               file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import _batches, _count, _Parser, _positive, render
+from .options import _batches, _count, _Parser, _positive, show
 
 FLAGS = {"input_shapes": "--input-shape", "provider": "--provider", "batches": "--batch", "threads": "--threads",
          "warmup": "--warmup", "iters": "--iters", "json": "--json"}
@@ -49,5 +49,5 @@ def run_bench(argv: list[str]) -> int:
     if args.json:
         write_text_file(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
     if not args.quiet:
-        print(render(format_table(result), FLAGS))
+        show(format_table(result), FLAGS)
     return 0

@@ -10,7 +10,8 @@ from .options import (
     _common,
     _Parser,
     analysis_options,
-    render,
+    show,
+    warn,
 )
 
 FLAGS = {**COMMON_FLAGS, "json": "--json"}
@@ -27,7 +28,6 @@ def build_info_parser() -> argparse.ArgumentParser:
 
 def run_info(argv: list[str]) -> int:
     import json
-    import sys
     import warnings
 
     from ..analysis.analyse import analyse
@@ -35,7 +35,7 @@ def run_info(argv: list[str]) -> int:
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
     from ..model.save import check_side_files, write_text_file
-    from ..report.text import conversion_line, dynamic_line, labelled_reason, node_labels, worth_a_line
+    from ..report.text import conversion_line, dynamic_line, label_of, labelled_reason, node_labels, worth_a_line
 
     args = build_info_parser().parse_args(argv)
     check_side_files(args.model, None, {"`json`": args.json})
@@ -46,7 +46,7 @@ def run_info(argv: list[str]) -> int:
         analysis = analyse(model, analysis_options(args))
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     for message in notes:
-        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
+        warn(message, FLAGS)
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
@@ -67,19 +67,19 @@ def run_info(argv: list[str]) -> int:
         write_text_file(args.json, json.dumps(info, indent=1) + "\n")
     if not args.quiet:
         if info["conversion"]:
-            print(conversion_line(info["conversion"]))
+            show(conversion_line(info["conversion"]))
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
-        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
+        show(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}")
         if worth_a_line(info["dynamic_dims"]):
-            print(render(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS))
-        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
+            show(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS)
+        show(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels")
         labels = node_labels(info["modules"])
         for g in prunable:
             unit = "heads" if g.kind == "heads" else "units"
             tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
-            print(f"  {g.size:>5} ch{tied:<12} {', '.join(labels.get(s, s) for s in g.sources)}")
-        print(f"{len(blocked)} blocked group(s)")
+            show(f"  {g.size:>5} ch{tied:<12} {', '.join(label_of(s, labels) for s in g.sources)}")
+        show(f"{len(blocked)} blocked group(s)")
         for g in blocked:
             reason = labelled_reason("; ".join(g.blocked), labels)
-            print(render(f"  {g.size:>5} ch  {', '.join(labels.get(s, s) for s in g.sources)}: {reason}", FLAGS))
+            show(f"  {g.size:>5} ch  {', '.join(label_of(s, labels) for s in g.sources)}: {reason}", FLAGS)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
@@ -21,13 +20,15 @@ from .options import (
     _positive,
     _ratio,
     _reduction,
+    _seed,
     _speedup,
     _training_options,
     _width_options,
     analysis_options,
     data_options,
-    render,
+    show,
     training_options,
+    warn,
 )
 
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _width_options(p)
     p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
                    help="with --global: remove at most R of any one group (default 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --importance random and generated inputs")
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
     p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
@@ -149,21 +150,21 @@ def run_prune(argv: list[str]) -> int:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
     report = prune_file(args.model, args.output, options=prune_options(args, argv))
     for w in report.warnings:
-        print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
+        warn(w, FLAGS)
     if not args.quiet:
-        print(render(report.summary(verbose=args.verbose), FLAGS))
+        show(report.summary(verbose=args.verbose), FLAGS)
         if args.verbose and report.allocation:
             from ..report.text import format_allocation
 
-            print(format_allocation(report.allocation))
+            show(format_allocation(report.allocation))
         if report.written:
-            print(f"wrote   {report.output}")
+            show(f"wrote   {report.output}")
         elif args.dry_run:
-            print("dry run: nothing written")
+            show("dry run: nothing written")
         if report.bench is not None:
             from ..runtime.bench import format_table
 
-            print(render(format_table(report.bench), FLAGS))
+            show(format_table(report.bench), FLAGS)
     return 0
 
 

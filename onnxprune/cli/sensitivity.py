@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import UsageError
 from .options import (
@@ -14,10 +13,12 @@ from .options import (
     _importance_option,
     _Parser,
     _ratio,
+    _seed,
     _width_options,
     analysis_options,
     data_options,
-    render,
+    show,
+    warn,
 )
 
 FLAGS = {**COMMON_FLAGS, "ratios": "--ratios-to-try", "json": "--json", "plot": "--plot"}
@@ -41,7 +42,7 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
                    help=f"ratios to cut each group at (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
     _importance_option(p, data_note=False)
     _width_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --calib-samples and --importance random")
     p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
     _analysis_options(p)
@@ -81,7 +82,7 @@ def run_sensitivity(argv: list[str]) -> int:
         warnings.simplefilter("always")
         result = measure_sensitivity(model, data, args.ratios_to_try, options=options)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
-        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
+        warn(message, FLAGS)
     if args.json:
         write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, "conversion": conversion,
                                                **result.to_json()}, indent=1) + "\n")
@@ -89,6 +90,6 @@ def run_sensitivity(argv: list[str]) -> int:
         plot(result, args.plot)
     if not args.quiet:
         if conversion:
-            print(conversion_line(conversion))
-        print(result.table())
+            show(conversion_line(conversion))
+        show(result.table())
     return 0
