@@ -70,8 +70,8 @@ def first_line(exc: BaseException) -> str:
 EXIT_CODES = {
     0: "success (also when nothing was prunable: an unchanged copy is written)",
     1: "internal error (a bug: please report it with --debug output)",
-    2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output, "
-       "onnxruntime not installed)",
+    2: "usage error (bad flags, bad plan or ratios file, output exists without --force or would replace an "
+       "input, unwritable output, onnxruntime not installed)",
     3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
     4: "unsupported model (opset < 7, or one onnx.version_converter cannot upgrade, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",

@@ -226,11 +226,12 @@ class Target:
 class OutputOptions:
     """What a file run writes besides the model."""
 
-    force: bool = False  # overwrite an existing output (or the input)
+    force: bool = False  # replace an existing output file (never one the run reads)
     dry_run: bool = False  # plan and report only
     plan_out: str | Path | None = None
-    report_path: str | Path | None = None
+    report_path: str | Path | None = None  # "-": standard output
     verify: bool = True  # run the written model against the original before it takes its name
+    reads: tuple = ()  # other files the run read (the command line's --ratios): never overwritten
 
 
 @dataclass

@@ -238,23 +238,24 @@ def test_bad_input(tmp_path, capsys, build, code):
     assert snapshot(tmp_path) == before  # no output, no temp file, every input as it was
 
 
-def test_check_side_files_refuses_every_clash(tmp_path):
-    """What api.prune_file and cli.run_info call: one clash per flag, then a clean set."""
-    from onnxprune.model.save import check_side_files
+def test_check_outputs_refuses_every_clash(tmp_path):
+    """What api.prune_file and the commands call: one clash per output, then a clean set."""
+    from onnxprune.model.save import check_outputs
 
     model = save(small_cnn(), tmp_path / "model.onnx")
     out, plan = tmp_path / "out.onnx", tmp_path / "plan.json"
     plan.write_text("{}")
+    reads = {"the input model": model, "--plan-in": plan}
     clashes = [
-        ({"--report": model}, {}), ({"--plan-out": tmp_path / "." / "model.onnx"}, {}),
-        ({"--report": out}, {}), ({"--report": tmp_path / "r.json", "--plan-out": tmp_path / "r.json"}, {}),
-        ({"--plan-out": plan}, {"--plan-in": plan}),
+        {"--report": model}, {"--plan-out": tmp_path / "." / "model.onnx"},
+        {"-o": out, "--report": out}, {"--report": tmp_path / "r.json", "--plan-out": tmp_path / "r.json"},
+        {"--plan-out": plan},
     ]
-    for writes, reads in clashes:
-        with pytest.raises(onnxprune.UsageError, match="would overwrite"):
-            check_side_files(model, out, writes, reads)
-    check_side_files(model, None, {"--report": tmp_path / "r.json", "--plan-out": tmp_path / "p.json"},
-                     {"--plan-in": plan})
+    for writes in clashes:
+        for force in (False, True):
+            with pytest.raises(onnxprune.UsageError, match="would overwrite"):
+                check_outputs(writes, reads, force)
+    check_outputs({"--report": tmp_path / "r.json", "--plan-out": tmp_path / "p.json"}, reads)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "plan.json"]
 
 

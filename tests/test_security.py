@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -337,3 +338,122 @@ def test_the_library_checks_the_seed_too(tmp_path, model):
         with pytest.raises(onnxprune.UsageError, match="`seed`"):
             onnxprune.prune_file(model, tmp_path / "out.onnx", 0.5, seed=seed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+# ---------------------------------------------------------------- outputs never replace inputs
+
+def _external(tmp_path: Path) -> tuple[Path, Path]:
+    path = tmp_path / "ext.onnx"
+    onnx.save(small_cnn(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    return path, tmp_path / "ext.data"
+
+
+def _data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
+    return path
+
+
+def _data_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
+    return folder
+
+
+CLASHES = {  # name -> builder(tmp_path, model) -> command line (each also tried with --force)
+    "report-onto-ratios": lambda t, m: (t / "r.json").write_text('{"conv": 0.5}') and
+    [m, "--ratios", t / "r.json", "--report", t / "r.json", "-o", t / "out.onnx"],
+    "report-onto-data": lambda t, m: [m, "--structured", "0.5", "--data", _data_file(t), "--report", t / "data.npz",
+                                      "-o", t / "out.onnx"],
+    "plan-out-onto-a-file-of-the-data-folder": lambda t, m: [
+        m, "--structured", "0.5", "--data", _data_folder(t), "--plan-out", t / "npy" / "x.npy", "-o", t / "out.onnx"],
+    "report-onto-external-data": lambda t, m: [_external(t)[0], "--structured", "0.5", "--report", t / "ext.data",
+                                               "-o", t / "out.onnx"],
+    "output-onto-external-data": lambda t, m: [_external(t)[0], "--structured", "0.5", "-o", t / "ext.data"],
+    "output-onto-input": lambda t, m: [m, "--structured", "0.5", "-o", m],
+    "bench-json-onto-model": lambda t, m: ["bench", m, "--json", m, "--iters", "1", "--warmup", "0"],
+    "sensitivity-json-onto-model": lambda t, m: ["sensitivity", m, "--data", _data_file(t), "--json", m],
+    "sensitivity-json-onto-data": lambda t, m: ["sensitivity", m, "--data", _data_file(t), "--json", t / "data.npz"],
+    "info-json-through-a-hard-link": lambda t, m: os.link(m, t / "link.json") or ["info", m, "--json", t / "link.json"],
+}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("name", list(CLASHES))
+def test_an_output_never_replaces_an_input(tmp_path, capsys, model, name, force):
+    args = CLASHES[name](tmp_path, model) + (["--force"] if force and args_take_force(name) else [])
+    line = refused(capsys, tmp_path, 2, *args)
+    assert "would overwrite" in line, line
+
+
+def args_take_force(name: str) -> bool:
+    return not name.startswith(("bench", "sensitivity", "info"))
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _symlink(path: Path) -> Path:
+    (path.parent / "elsewhere.json").write_text("precious")
+    path.symlink_to(path.parent / "elsewhere.json")
+    return path
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report", "--plan-out"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dangling-symlink", "directory"])
+def test_non_regular_destinations_are_refused_even_with_force(tmp_path, capsys, model, flag, kind):
+    target = tmp_path / "target"
+    {"fifo": _fifo, "symlink": _symlink, "dangling-symlink": lambda p: p.symlink_to(tmp_path / "nowhere") or p,
+     "directory": lambda p: p.mkdir() or p}[kind](target)
+    extra = [] if flag == "-o" else ["-o", tmp_path / "out.onnx"]
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", flag, target, *extra, "--force")
+    assert "link" in line or "regular file" in line or "directory" in line
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_device_is_never_a_destination(tmp_path, capsys, model):
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "-o", "/dev/null", "--force")
+    assert "regular file" in line
+
+
+def test_force_replaces_an_existing_regular_output(tmp_path, capsys, model):
+    (tmp_path / "r.json").write_text("old")
+    code, _, err = run_main(capsys, model, "--structured", "0.5", "-o", tmp_path / "out.onnx", "--report",
+                            tmp_path / "r.json")
+    assert code == 2 and "exists" in one_error_line(err) and (tmp_path / "r.json").read_text() == "old"
+    code, _, err = run_main(capsys, model, "--structured", "0.5", "-o", tmp_path / "out.onnx", "--report",
+                            tmp_path / "r.json", "--force")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["output"] == str(tmp_path / "out.onnx")
+
+
+def test_a_dash_writes_json_to_stdout(tmp_path, capsys, model):
+    code, out, err = run_main(capsys, model, "--structured", "0.5", "-o", tmp_path / "out.onnx", "--report", "-")
+    assert code == 0, err
+    assert json.loads(out)["output"] == str(tmp_path / "out.onnx")  # the JSON alone: no summary mixed in
+    code, out, err = run_main(capsys, "info", model, "--json", "-")
+    assert code == 0 and "prunable" in json.loads(out)
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+
+
+def test_a_dash_is_not_a_model_destination(tmp_path, capsys, model):
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "-o", "-")
+    assert "JSON only" in line
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "--report", "-", "--plan-out", "-")
+    assert "standard output" in line
+
+
+def test_a_failed_verification_leaves_no_plan_and_no_model(tmp_path, capsys, model, monkeypatch):
+    import onnxprune.pipeline.run
+    from onnxprune.errors import VerificationFailed
+
+    def failing(*args, **kwargs):
+        raise VerificationFailed("the pruned model deviates (simulated)")
+
+    monkeypatch.setattr(onnxprune.pipeline.run, "verify_file", failing)
+    refused(capsys, tmp_path, 5, model, "--structured", "0.5", "-o", tmp_path / "out.onnx",
+            "--plan-out", tmp_path / "plan.json", "--report", tmp_path / "r.json")

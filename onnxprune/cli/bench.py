@@ -26,7 +26,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
                    help="untimed runs per model and batch (default 10)")
     p.add_argument("--iters", type=_positive, default=100, metavar="N",
                    help="timed runs per model and batch (default 100)")
-    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the timings as JSON (- for standard output)")
     p.add_argument("--input-shape", action="append", metavar="NAME:D0,D1,...",
                    help="pin a dynamic input's other dims (dim 0 comes from --batch; repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -38,16 +38,17 @@ def run_bench(argv: list[str]) -> int:
     import json
 
     from ..model.inputs import parse_input_shapes
-    from ..model.save import ensure_writable, write_text_file
+    from ..model.save import STDOUT, check_outputs, model_files, write_text_file
     from ..runtime.bench import bench, format_table
 
     args = build_bench_parser().parse_args(argv)
-    if args.json:
-        ensure_writable(args.json, "`json`")
+    # The JSON replaces an existing file, as it always did (no --force here), but never a model read.
+    check_outputs({"`json`": args.json}, {f"the model {m}": model_files(m) for m in args.models}, force=True,
+                  stdout_ok=("`json`",))
     result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
                    warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
     if args.json:
         write_text_file(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
-    if not args.quiet:
+    if not args.quiet and args.json != STDOUT:  # stdout holds the JSON
         show(format_table(result), FLAGS)
     return 0

@@ -21,7 +21,7 @@ def build_info_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxprune info", description="Params, MACs and channel groups of a model.")
     p.add_argument("model")
     _analysis_options(p)
-    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the description as JSON (- for standard output)")
     _common(p)
     return p
 
@@ -34,11 +34,13 @@ def run_info(argv: list[str]) -> int:
     from ..analysis.groups import named_modules
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
-    from ..model.save import check_side_files, write_text_file
+    from ..model.save import STDOUT, check_outputs, model_files, write_text_file
     from ..report.text import conversion_line, dynamic_line, label_of, labelled_reason, node_labels, worth_a_line
 
     args = build_info_parser().parse_args(argv)
-    check_side_files(args.model, None, {"`json`": args.json})
+    # Replaced when it exists, as it always was (no --force here); never a file read.
+    check_outputs({"`json`": args.json}, {"the input model": model_files(args.model)}, force=True,
+                  stdout_ok=("`json`",))
     loaded = read_model(args.model)
     model = loaded.model
     with warnings.catch_warnings(record=True) as caught:  # an --ignore glob that matches nothing
@@ -65,7 +67,7 @@ def run_info(argv: list[str]) -> int:
     }
     if args.json:
         write_text_file(args.json, json.dumps(info, indent=1) + "\n")
-    if not args.quiet:
+    if not args.quiet and args.json != STDOUT:  # stdout holds the JSON
         if info["conversion"]:
             show(conversion_line(info["conversion"]))
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())

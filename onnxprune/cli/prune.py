@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
     p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never a file the run reads, a link, a device or a FIFO)")
     _importance_option(p)
     p.add_argument("--head-ratio", type=_ratio, metavar="R",
                    help="fraction of attention heads to remove (default: the --structured ratio)")
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
                    help="with --global: remove at most R of any one group (default 0.9)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for --importance random and generated inputs")
-    p.add_argument("--report", metavar="FILE.json", help="write a JSON report")
+    p.add_argument("--report", metavar="FILE.json", help="write a JSON report (- for standard output)")
     p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
-    p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
+    p.add_argument("--plan-out", metavar="FILE.json",
+                   help="save the kept channel indices per group (- for standard output)")
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
     _group_ratio_options(p)
@@ -151,7 +153,7 @@ def run_prune(argv: list[str]) -> int:
     report = prune_file(args.model, args.output, options=prune_options(args, argv))
     for w in report.warnings:
         warn(w, FLAGS)
-    if not args.quiet:
+    if not args.quiet and "-" not in (args.report, args.plan_out):  # stdout holds the JSON (model/save.STDOUT)
         show(report.summary(verbose=args.verbose), FLAGS)
         if args.verbose and report.allocation:
             from ..report.text import format_allocation
@@ -195,7 +197,8 @@ def prune_options(args, argv):
         gate=GateOptions(args.max_accuracy_drop, args.max_output_error, args.min_reduction) if gated else None,
         target=target,
         bench=bench,
-        output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report),
+        output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report,
+                             reads=(args.ratios,) if args.ratios else ()),
         seed=args.seed,
         quiet=args.quiet,
     )

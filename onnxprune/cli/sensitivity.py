@@ -43,7 +43,7 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
     _importance_option(p, data_note=False)
     _width_options(p)
     p.add_argument("--seed", type=_seed, default=0, help="seed for --calib-samples and --importance random")
-    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON")
+    p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON (- for standard output)")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
     _analysis_options(p)
     _data_options(p)
@@ -56,7 +56,7 @@ def run_sensitivity(argv: list[str]) -> int:
     import warnings
 
     from ..model.load import read_model
-    from ..model.save import ensure_writable, write_text_file
+    from ..model.save import STDOUT, check_outputs, model_files, write_text_file
     from ..options import PruneOptions, WidthOptions
     from ..pipeline import steps
     from ..pipeline.sensitivity import measure_sensitivity
@@ -66,9 +66,9 @@ def run_sensitivity(argv: list[str]) -> int:
     args = build_sensitivity_parser().parse_args(argv)
     if not args.data:
         raise UsageError("sensitivity measures output error on data: give --data FILE")
-    for path, flag in ((args.json, "`json`"), (args.plot, "`plot`")):
-        if path:
-            ensure_writable(path, flag)
+    # Replaced when they exist, as they always were (no --force here); never a file read.
+    check_outputs({"`json`": args.json, "`plot`": args.plot},
+                  {"the input model": model_files(args.model), "`data`": args.data}, force=True, stdout_ok=("`json`",))
     if args.plot:
         require_matplotlib()  # before minutes of measuring, not after
     options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
@@ -88,7 +88,7 @@ def run_sensitivity(argv: list[str]) -> int:
                                                **result.to_json()}, indent=1) + "\n")
     if args.plot:
         plot(result, args.plot)
-    if not args.quiet:
+    if not args.quiet and args.json != STDOUT:  # stdout holds the JSON
         if conversion:
             show(conversion_line(conversion))
         show(result.table())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,41 +22,111 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".pruned.onnx")
 
 
-def check_output_path(input_path, output_path, force: bool) -> Path:
-    """Refuse to overwrite without --force, and fail early on an unwritable location."""
-    out = Path(output_path)
-    if out.exists() and out.is_dir():
-        raise UsageError(f"{out}: is a directory")
-    same = out.exists() and Path(input_path).exists() and os.path.samefile(input_path, out)
-    if same and not force:
-        raise UsageError(f"{out}: output would overwrite the input; pass `force` to allow it")
-    if out.exists() and not force and not same:
-        raise UsageError(f"{out}: exists; pass `force` to overwrite it")
-    return ensure_writable(out)
+STDOUT = "-"  # as a JSON destination: standard output
 
 
-def check_side_files(model_path, output_path, writes: dict[str, object],
-                     reads: dict[str, object] | None = None) -> None:
-    """Side files to write (flag -> path, e.g. ``{"--report": ...}``) must be writable and
-    overwrite nothing else of the run: the input model, the output model
-    (``None`` for a dry run), a file read (``--plan-in``) or each other.
+def check_outputs(writes: dict[str, object], reads: dict[str, object], force: bool = False,
+                  stdout_ok: tuple[str, ...] = ()) -> None:
+    """Before any work: every output of a run (option -> path; None: not written) against every
+    input (what -> path or paths; a folder stands for the files in it, a model for its external
+    data too) by real path and inode, and against each other. A clash is a usage error whatever
+    ``force`` says: ``force`` only lets a run replace an existing regular file that it does not
+    read. A link, a directory, a device or a FIFO is never a destination. ``stdout_ok``: the
+    options for which ``-`` means standard output.
     """
-    taken = {"the input model": model_path, "the output model": output_path, **(reads or {})}
-    for flag, path in writes.items():
-        if not path:
+    read = _identities(reads)
+    taken: dict[str, str] = {}
+    for option, path in writes.items():
+        if path is None or path == "":
             continue
-        ensure_writable(path, flag)
-        clash = next((what for what, other in taken.items() if other and _same_path(path, other)), None)
+        if str(path) == STDOUT and option in stdout_ok:
+            if STDOUT in taken:
+                raise UsageError(f"{option} and {taken[STDOUT]} cannot both be written to standard output")
+            taken[STDOUT] = option
+            continue
+        if str(path) == STDOUT:
+            raise UsageError(f"{option} {STDOUT}: standard output takes JSON only; name a file (./- for one named -)")
+        path = Path(path)
+        real = os.path.realpath(path)
+        clash = read.get(real) or read.get(_inode(path)) or taken.get(real)
         if clash:
-            raise UsageError(f"{path}: {flag} would overwrite {clash}")
-        taken[flag] = path
+            raise UsageError(f"{path}: {option} would overwrite {clash} (`force` does not allow that)")
+        _check_destination(path, option, force)
+        ensure_writable(path, option)
+        taken[real] = option
 
 
-def _same_path(a, b) -> bool:
-    a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)  # also through links
-    return a.resolve() == b.resolve()
+def _check_destination(path: Path, option: str, force: bool) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"{path}: {option} cannot be checked ({exc.strerror})") from None
+    if stat.S_ISLNK(mode):
+        raise UsageError(f"{path}: {option} is a symbolic link; outputs are not written through links")
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{path}: {option} path is a directory")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path}: {option} is not a regular file (a device, FIFO or socket); "
+                         "outputs replace regular files only")
+    if not force:
+        raise UsageError(f"{path}: exists; pass `force` to overwrite it")
+
+
+def _inode(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities(reads: dict[str, object]) -> dict:
+    """Real path and (device, inode) of every file read -> what it is (for messages)."""
+    found: dict = {}
+    for what, paths in reads.items():
+        for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths or ()):
+            for f in _files_at(Path(path)):
+                found.setdefault(os.path.realpath(f), what)
+                inode = _inode(f)
+                if inode is not None:
+                    found.setdefault(inode, what)
+    return found
+
+
+def _files_at(path: Path) -> list[Path]:
+    if path.is_dir():
+        return [path, *(p for p in path.rglob("*") if p.is_file())]
+    return [path]
+
+
+def model_files(path) -> list[Path]:
+    """A model file and the external data files it names (read from the file without its
+    data); only the model where it cannot be parsed (loading says why, later)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return [path]
+    found = dict.fromkeys([path])
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                found.setdefault(path.parent / location)
+    return list(found)
+
+
+def _tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for body in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(body)
 
 
 def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
@@ -75,6 +147,10 @@ def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 def write_text_file(path: str | os.PathLike, text: str) -> None:
     """Write a side file (report, plan) atomically; an OS failure is a usage error."""
+    if str(path) == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     path = Path(path)
     try:
         with AtomicModelWriter(path) as writer:

@@ -26,9 +26,9 @@ from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
 from ..model.save import (
     AtomicModelWriter,
-    check_output_path,
-    check_side_files,
+    check_outputs,
     default_output_path,
+    model_files,
 )
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
@@ -50,11 +50,13 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     out = options.output
     input_path = Path(input_path)
     output = Path(output_path) if output_path else default_output_path(input_path)
-    if not out.dry_run:
-        check_output_path(input_path, output, out.force)
     plan_file = options.widths.plan if isinstance(options.widths.plan, (str, Path)) else None
-    check_side_files(input_path, None if out.dry_run else output,
-                     {"`report_path`": out.report_path, "`plan_out`": out.plan_out}, {"`plan`": plan_file})
+    data_path = options.data.data if isinstance(options.data.data, (str, Path)) else None
+    check_outputs({"`output`": None if out.dry_run else output, "`report_path`": out.report_path,
+                   "`plan_out`": out.plan_out},
+                  {"the input model": model_files(input_path), "`plan`": plan_file, "`data`": data_path,
+                   "a file it reads": list(out.reads)},
+                  out.force, stdout_ok=("`report_path`", "`plan_out`"))
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
@@ -81,8 +83,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.target = searched and searched.to_json()
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
-    if out.plan_out:
-        result.plan.save(out.plan_out)
+    plan = result.plan  # saved once the model is: a run that fails verification leaves no plan behind
     if not out.dry_run:
         report.output = str(output)
         if result.model is model:  # nothing prunable: an unchanged copy
@@ -93,6 +94,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
             _write_verified(pruned, output, input_path, report, out.verify, options.seed,
                             options.analysis.input_shapes)
         report.written = True
+    if out.plan_out:
+        plan.save(out.plan_out)
     report.seconds = time.perf_counter() - started
     if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
         report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
