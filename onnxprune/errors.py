@@ -77,7 +77,9 @@ EXIT_CODES = {
     5: "verification failed (the pruned model did not pass the checks; nothing written)",
     6: "quality gate failed (--max-accuracy-drop / --max-output-error exceeded; nothing written)",
     7: "reduction too small (MACs fell less than --min-reduction asks; nothing written)",
+    129: "hung up (SIGHUP); nothing written",
     130: "interrupted (Ctrl-C); nothing written",
+    143: "terminated (SIGTERM); nothing written",
 }
 
 

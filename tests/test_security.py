@@ -457,3 +457,151 @@ def test_a_failed_verification_leaves_no_plan_and_no_model(tmp_path, capsys, mod
     monkeypatch.setattr(onnxprune.pipeline.run, "verify_file", failing)
     refused(capsys, tmp_path, 5, model, "--structured", "0.5", "-o", tmp_path / "out.onnx",
             "--plan-out", tmp_path / "plan.json", "--report", tmp_path / "r.json")
+
+
+# ---------------------------------------------------------------- staged outputs
+
+def _prune_args(model: Path, tmp_path: Path, report: str = "r.json") -> list:
+    return [model, "--structured", "0.5", "-o", tmp_path / "out.onnx", "--report", tmp_path / report,
+            "--plan-out", tmp_path / f"plan-{report}"]
+
+
+@pytest.mark.parametrize("swapped_file, code", [("r.json", 2), ("out.onnx", 5)])
+def test_a_name_swapped_for_a_symlink_while_staged_writes_nothing_through_it(tmp_path, capsys, model,
+                                                                             monkeypatch, swapped_file, code):
+    """The race made deterministic: right after a staged file is created, its name is swapped
+    for a link to a victim file. Writes go through the descriptor, so the victim keeps its
+    bytes; the model is then verified from its staged name, which reads the victim (exit 5),
+    and a swapped side file is refused when published (exit 2)."""
+    from onnxprune.model import publish
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    create = publish.Staging._create
+
+    def swapped(self, final, name=None, rank=0):
+        staged, f = create(self, final, name, rank)
+        if staged.name == swapped_file:
+            os.rename(staged, staged.with_name("moved-away"))
+            staged.symlink_to(victim)
+        return staged, f
+
+    monkeypatch.setattr(publish.Staging, "_create", swapped)
+    line = refused(capsys, tmp_path, code, *_prune_args(model, tmp_path))
+    assert victim.read_text() == "precious"
+    assert code != 2 or "replaced while staged" in line
+
+
+def test_two_runs_onto_one_new_path_the_second_is_refused(tmp_path, capsys, model, monkeypatch):
+    """The concurrent no-clobber race made deterministic: a second run to the same new output
+    starts after the first has checked its paths and finishes before the first publishes."""
+    from onnxprune.cli import main
+    from onnxprune.model import publish
+
+    publish_all, raced = publish.Staging.publish, []
+
+    def racing(self):
+        if not raced:
+            raced.append(None)  # (before the second run, which publishes through here too)
+            raced[0] = main([str(a) for a in _prune_args(model, tmp_path, "second.json")] + ["-q"])
+        return publish_all(self)
+
+    monkeypatch.setattr(publish.Staging, "publish", racing)
+    code, _, err = run_main(capsys, *_prune_args(model, tmp_path, "first.json"))
+    assert raced == [0] and code == 2, err
+    assert "appeared while this run worked" in one_error_line(err)
+    report = json.loads((tmp_path / "second.json").read_text())  # the second run's files, whole
+    assert report["output"] == str(tmp_path / "out.onnx")
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["model.onnx", "out.onnx", "plan-second.json", "second.json"]  # none of the first's
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_writing_the_report_leaves_no_model(tmp_path, capsys, model, monkeypatch):
+    from onnxprune.model import publish
+
+    create = publish.Staging._create
+
+    def full_for_the_report(self, final, name=None, rank=0):
+        staged, f = create(self, final, name, rank)
+        return staged, (_FullDisk(f) if Path(final).name == "r.json" else f)
+
+    monkeypatch.setattr(publish.Staging, "_create", full_for_the_report)
+    line = refused(capsys, tmp_path, 2, *_prune_args(model, tmp_path))
+    assert "No space left" in line
+
+
+def test_a_failure_part_way_through_publishing_puts_replaced_files_back(tmp_path, monkeypatch):
+    from onnxprune.model import publish
+
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "b.onnx").write_text("old b")
+    place, calls = publish.Staging._place, []
+
+    def failing_second(self, final, staged):
+        calls.append(final.name)
+        if len(calls) == 2:
+            raise OSError("simulated failure")
+        return place(self, final, staged)
+
+    monkeypatch.setattr(publish.Staging, "_place", failing_second)
+    with pytest.raises(OSError, match="simulated"):
+        with publish.Staging(force=True) as stage:
+            stage.text(tmp_path / "a.json", "new a")
+            stage.bytes(tmp_path / "b.onnx", b"new b", rank=2)
+    assert calls == ["a.json", "b.onnx"]  # side files first, the model last
+    assert (tmp_path / "a.json").read_text() == "old a" and (tmp_path / "b.onnx").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.onnx"]  # no staging folder
+
+
+def test_staged_files_are_published_together_and_the_staging_folder_removed(tmp_path):
+    from onnxprune.model import publish
+
+    with publish.Staging() as stage:
+        stage.text(tmp_path / "a.json", "a")
+        stage.bytes(tmp_path / "b.bin", b"b")
+        staging = stage.staged(tmp_path / "a.json").parent
+        assert staging.name.startswith(".onnxprune-") and oct(staging.stat().st_mode & 0o777) == "0o700"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [staging.name]  # nothing under a final name yet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]
+    assert (tmp_path / "a.json").read_text() == "a" and (tmp_path / "b.bin").read_bytes() == b"b"
+
+
+def test_sigterm_in_process_unwinds_like_ctrl_c(tmp_path, capsys, model, monkeypatch):
+    """SIGTERM raised during verification: exit 143, nothing written, no staging folder."""
+    import signal
+
+    import onnxprune.pipeline.run
+
+    verify = onnxprune.pipeline.run.verify_file
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(onnxprune.pipeline.run, "verify_file", terminated)
+    before = snapshot(tmp_path)
+    code, _, err = run_main(capsys, *_prune_args(model, tmp_path))
+    assert code == 143 and err.strip() == "onnxprune: stopped by SIGTERM; nothing written", err
+    assert snapshot(tmp_path) == before

@@ -34,20 +34,48 @@ def _one_line_warnings(flags: dict[str, str]):
     return show
 
 
+# Signals that stop a run the way Ctrl-C does: the exception unwinds through the staged outputs
+# (model/publish.Staging), which removes them; the exit status is 128 + the signal's number.
+STOPPING = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
+class Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def _load_pipeline() -> None:
-    """Import numpy, onnx and the pipeline with Ctrl-C held back until they are loaded: an
-    interrupt raised inside a C extension's initialisation can crash the interpreter."""
+    """Import numpy, onnx and the pipeline with the stopping signals held back until they are
+    loaded: an interrupt raised inside a C extension's initialisation can crash the interpreter."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
         importlib.import_module("onnxprune.api")
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOPPING}
     try:
         importlib.import_module("onnxprune.api")
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Stopped(received[0])
+
+
+def _stop_on_signals() -> dict:
+    """SIGTERM and SIGHUP raise Stopped (SIGINT already raises KeyboardInterrupt), unless ignored
+    (nohup): the previous handlers, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for s in STOPPING[1:]:
+        if signal.getsignal(s) != signal.SIG_IGN:
+            previous[s] = signal.signal(s, _raise_stopped)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = (command or prune).FLAGS
     if not debug:  # warnings not collected into a report: one line each, like the errors
         warnings.showwarning = _one_line_warnings(flags)
+    handlers = _stop_on_signals()
     try:
         _load_pipeline()
         if debug:  # onnxruntime's own log lines too
@@ -71,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onnxprune: error: {message_line(str(exc), flags)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxprune: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"onnxprune: {what}; nothing written", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # stdout closed early (| head): the work is done, stay quiet
         sys.stdout = open(os.devnull, "w")
         return 0
@@ -83,3 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxprune: internal error: {type(exc).__name__}: {escape(first_line(exc))} (rerun with --debug)",
               file=sys.stderr)
         return 1
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

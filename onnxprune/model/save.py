@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import onnx
 
 from ..errors import UsageError
-from .proto import needs_external_data
+from .publish import STDOUT, Staging
 
 
 def default_output_path(input_path: str | os.PathLike) -> Path:
@@ -22,7 +19,6 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".pruned.onnx")
 
 
-STDOUT = "-"  # as a JSON destination: standard output
 
 
 def check_outputs(writes: dict[str, object], reads: dict[str, object], force: bool = False,
@@ -146,88 +142,33 @@ def ensure_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 def write_text_file(path: str | os.PathLike, text: str) -> None:
-    """Write a side file (report, plan) atomically; an OS failure is a usage error."""
-    if str(path) == STDOUT:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    path = Path(path)
-    try:
-        with AtomicModelWriter(path) as writer:
-            writer.write_bytes(text.encode())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    """Write a side file (a command's JSON) on its own, staged; ``-`` is standard output."""
+    with Staging(force=True) as stage:
+        stage.text(path, text)
 
 
 class AtomicModelWriter:
-    """Write a model beside its final path, let the caller verify it, then rename.
+    """One file written beside its final path, checked by the caller, then put in place (a run
+    with several outputs stages them together: model/publish.Staging).
 
     with AtomicModelWriter(out) as w:
-        tmp = w.write(model)      # a complete model file under a temporary name
+        tmp = w.write(model)      # a complete model file, staged
         verify(tmp)               # raise to abandon: nothing is left behind
-    # renamed into place here
+    # in place here (replacing a regular file that was there: the checks were made before)
     """
 
     def __init__(self, final_path: str | os.PathLike):
         self.final = Path(final_path)
-        self.tmp: Path | None = None
-        self.data_file: Path | None = None
+        self.stage = Staging(force=True)
 
     def __enter__(self) -> AtomicModelWriter:
         return self
 
-    def _temporary(self) -> Path:
-        """A fresh ``.NAME.XXXXXXXX.tmp`` beside the final path (never the final name itself).
-
-        The name is recorded before the file exists (``mkstemp`` would create
-        it first): a Ctrl-C at any instant still finds what to remove.
-        """
-        while True:
-            self.tmp = self.final.parent / f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp"
-            try:  # 0o666 less the umask, like any file the user writes
-                os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                return self.tmp
-            except FileExistsError:
-                continue
-
     def write_bytes(self, data: bytes) -> Path:
-        self._temporary().write_bytes(data)
-        return self.tmp
+        return self.stage.bytes(self.final, data)
 
     def write(self, model: onnx.ModelProto) -> Path:
-        try:
-            return self._write(model)
-        except OSError as exc:
-            raise UsageError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
-
-    def _write(self, model: onnx.ModelProto) -> Path:
-        directory = self.final.parent
-        self._temporary()
-        if needs_external_data(model):
-            # A fresh name: never clobber a data file another model refers to.
-            self.data_file = directory / f"{self.final.name}.{uuid.uuid4().hex[:8]}.data"
-            onnx.save_model(
-                model,
-                str(self.tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=self.data_file.name,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(self.tmp))
-        return self.tmp
+        return self.stage.model(self.final, model)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None and self.tmp is not None:
-            try:
-                os.replace(self.tmp, self.final)
-                return False
-            except OSError as err:
-                self.tmp.unlink(missing_ok=True)
-                raise UsageError(f"{self.final}: cannot write ({err.strerror})") from None
-        for p in (self.tmp, self.data_file):
-            if p is not None:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-        return False
+        return self.stage.__exit__(exc_type, exc, tb)

@@ -10,6 +10,7 @@ modified.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import replace
@@ -24,12 +25,8 @@ from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..metrics import evaluate
 from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
-from ..model.save import (
-    AtomicModelWriter,
-    check_outputs,
-    default_output_path,
-    model_files,
-)
+from ..model.publish import Staging
+from ..model.save import check_outputs, default_output_path, model_files
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..report.records import Report
@@ -83,25 +80,46 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.target = searched and searched.to_json()
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
-    plan = result.plan  # saved once the model is: a run that fails verification leaves no plan behind
-    if not out.dry_run:
-        report.output = str(output)
-        if result.model is model:  # nothing prunable: an unchanged copy
-            _copy_model(input_path, model, output)
-        else:
-            pruned = result.model
-            result = model = None  # free the input model and its analysis before verification loads it again
-            _write_verified(pruned, output, input_path, report, out.verify, options.seed,
-                            options.analysis.input_shapes)
-        report.written = True
-    if out.plan_out:
-        plan.save(out.plan_out)
-    report.seconds = time.perf_counter() - started
-    if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
-        report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
-    if out.report_path:
-        report.save(out.report_path)
+    plan, pruned, unchanged = result.plan, result.model, result.model is model
+    result = model = None  # free the input model and its analysis before verification loads it again
+    with Staging(out.force) as stage:  # every output appears together, once all are written
+        if not out.dry_run:
+            _stage_model(stage, pruned, unchanged, input_path, output, report, options)
+        report.seconds = time.perf_counter() - started  # the benchmark is not part of it
+        if not out.dry_run and options.bench is not None:
+            bench = options.bench.time([input_path, stage.staged(output)], options.analysis.input_shapes)
+            report.bench = _renamed(bench, str(stage.staged(output)), str(output))
+        if out.plan_out:
+            stage.text(out.plan_out, _json(plan.to_json()))
+        if out.report_path:
+            stage.text(out.report_path, _json(report.to_json()))
     return report
+
+
+def _stage_model(stage: Staging, pruned, unchanged: bool, input_path: Path, output: Path, report: Report,
+                 options: PruneOptions) -> None:
+    """The pruned model (or, ``unchanged``, a copy of the input) staged and verified there."""
+    report.output = str(output)
+    if unchanged:  # nothing prunable
+        stage.model(output, pruned)
+    else:
+        _write_verified(stage, pruned, output, input_path, report, options.output.verify, options.seed,
+                        options.analysis.input_shapes)
+    report.written = True  # as it will be once the stage is published
+
+
+def _renamed(bench, staged: str, output: str):
+    """Benchmark results of the staged model under the name it is published as."""
+    for timing in bench.timings:
+        if timing.model == staged:
+            timing.model = output
+    if staged in bench.dynamic_dims:
+        bench.dynamic_dims[output] = bench.dynamic_dims.pop(staged)
+    return bench
+
+
+def _json(data) -> str:
+    return json.dumps(data, indent=1) + "\n"
 
 
 def _allocated(target, report: Report) -> dict:
@@ -159,7 +177,9 @@ def _quality_gate(result: PruneResult, model: onnx.ModelProto, options: PruneOpt
             f"exceeds `max_output_error` {max_error}; nothing written")
 
 
-def _write_verified(pruned, output: Path, input_path: Path, report: Report, verify: bool, seed, input_shapes):
+def _write_verified(stage: Staging, pruned, output: Path, input_path: Path, report: Report, verify: bool, seed,
+                    input_shapes) -> Path:
+    """``pruned`` staged as ``output`` and run there against the original; its staged path."""
     feeds = reference = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. bfloat16: no onnxruntime run to compare
         warnings.simplefilter("always")
@@ -171,19 +191,12 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)
-        with AtomicModelWriter(output) as writer:
-            tmp = writer.write(pruned)
-            if verify:
-                result = verify_file(tmp, feeds, reference)
-                bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
-                if bad:
-                    raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
-                report.output_error = result.output_error
+        staged = stage.model(output, pruned)
+        if verify:
+            result = verify_file(staged, feeds, reference)
+            bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
+            if bad:
+                raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
+            report.output_error = result.output_error
     report.add_warnings(caught)
-
-
-def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:
-    if output.exists() and output.samefile(input_path):
-        return  # --force onto itself with nothing to cut: leave the input untouched
-    with AtomicModelWriter(output) as writer:
-        writer.write(model)
+    return staged
