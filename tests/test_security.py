@@ -605,3 +605,69 @@ def test_sigterm_in_process_unwinds_like_ctrl_c(tmp_path, capsys, model, monkeyp
     code, _, err = run_main(capsys, *_prune_args(model, tmp_path))
     assert code == 143 and err.strip() == "onnxprune: stopped by SIGTERM; nothing written", err
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- fuzzing the graph's structure
+
+def _structural_mutation(model: onnx.ModelProto, rng: np.random.Generator) -> tuple[onnx.ModelProto, str]:
+    """One of: a node input renamed to nothing that exists, a node output duplicated, a node
+    removed, an initializer's dims changed (data kept), a graph input's rank or dtype changed, a
+    node made to read its own output (a cycle), an op type renamed to an unknown one, a weight
+    dropped, or two nodes swapped (topological order broken)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    kind = int(rng.integers(9))
+    node = g.node[int(rng.integers(len(g.node)))]
+    if kind == 0 and node.input:
+        node.input[int(rng.integers(len(node.input)))] = "nowhere"
+    elif kind == 1:
+        other = g.node[int(rng.integers(len(g.node)))]
+        node.output[0] = other.output[0]
+    elif kind == 2:
+        g.node.remove(node)
+    elif kind == 3:
+        t = g.initializer[int(rng.integers(len(g.initializer)))]
+        dims = list(t.dims)
+        dims[int(rng.integers(len(dims)))] = int(rng.choice([0, 1, 3, 2**31, 2**40]))
+        del t.dims[:]
+        t.dims.extend(dims)
+    elif kind == 4:
+        shape = g.input[0].type.tensor_type.shape
+        if rng.random() < 0.5:
+            shape.dim.add().dim_value = 2
+        else:
+            g.input[0].type.tensor_type.elem_type = int(rng.choice([onnx.TensorProto.INT64, onnx.TensorProto.STRING]))
+    elif kind == 5 and node.input:
+        node.input[0] = node.output[0]
+    elif kind == 6:
+        node.op_type = "NoSuchOp"
+    elif kind == 7:
+        g.initializer.remove(g.initializer[int(rng.integers(len(g.initializer)))])
+    else:
+        i, j = sorted(rng.choice(len(g.node), 2, replace=False))
+        a, b = onnx.NodeProto(), onnx.NodeProto()
+        a.CopyFrom(g.node[i])
+        b.CopyFrom(g.node[j])
+        g.node[i].CopyFrom(b)
+        g.node[j].CopyFrom(a)
+    return m, f"mutation {kind} at {node.name or node.op_type}"
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_fuzzed_graph_structure_ends_in_a_documented_outcome(tmp_path, capsys, case):
+    """Property: a documented exit code other than 1, no traceback, the input unchanged, and
+    nothing written unless the run succeeded (then a model that passes the full check)."""
+    mutated, change = _structural_mutation(small_cnn(), np.random.default_rng(5000 + case))
+    path = tmp_path / "fuzzed.onnx"
+    path.write_bytes(mutated.SerializeToString())
+    before = snapshot(tmp_path)
+    code, _, err = run_main(capsys, *_prune_args(path, tmp_path))
+    assert "Traceback" not in err and "internal error" not in err, (change, err)
+    assert code in (0, 2, 3, 4, 5), (change, err)
+    if code == 0:
+        onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+        assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before, change
+    else:
+        one_error_line(err)
+        assert snapshot(tmp_path) == before, change
