@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .errors import escape
+
 
 def _shown(quiet: bool):
     """tqdm, when a bar should be shown (a terminal, not `quiet`, tqdm installed); else None."""
@@ -21,7 +23,7 @@ def progress(iterable, total: int, desc: str, quiet: bool, unit: str = "batch"):
     tqdm = _shown(quiet)
     if tqdm is None:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
+    return tqdm(iterable, total=total, desc=escape(desc), unit=unit, leave=False)
 
 
 class _Silent:
@@ -50,4 +52,4 @@ def counter(total: int, desc: str, quiet: bool, unit: str = " samples"):
     tqdm = _shown(quiet)
     if tqdm is None:
         return _Silent()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False)
+    return tqdm(total=total, desc=escape(desc), unit=unit, unit_scale=True, leave=False)

@@ -671,3 +671,10 @@ def test_fuzzed_graph_structure_ends_in_a_documented_outcome(tmp_path, capsys, c
     else:
         one_error_line(err)
         assert snapshot(tmp_path) == before, change
+
+
+def test_a_pickled_data_file_is_refused_unloaded(tmp_path, capsys, model):
+    """np.load runs without allow_pickle: an object array (a pickle) is not unpickled."""
+    np.savez(tmp_path / "data.npz", x=np.array([{"a": 1}] * 4, dtype=object))
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "--data", tmp_path / "data.npz")
+    assert "not a readable .npz file" in line or "numeric" in line

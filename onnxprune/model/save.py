@@ -1,4 +1,6 @@
-"""Writing: outputs appear atomically and only on success; side files never overwrite an input."""
+"""Writing: every output path checked against every input before any work (never replaced,
+whatever `force` says); one file written on its own (the staging of a run's outputs together
+is model/publish.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     p = Path(input_path)
     stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
     return p.with_name(stem + ".pruned.onnx")
-
-
 
 
 def check_outputs(writes: dict[str, object], reads: dict[str, object], force: bool = False,
