@@ -325,10 +325,11 @@ def test_numeric_options_out_of_range_are_usage_errors(tmp_path, capsys, model, 
     assert named in line
 
 
-def test_sensitivity_seed_out_of_range_is_a_usage_error(tmp_path, capsys, model):
+@pytest.mark.parametrize("flags", [["--seed", "-1"], ["--mean", "nan,0,0"], ["--std", "0,1,1"]])
+def test_sensitivity_numeric_options_out_of_range_are_usage_errors(tmp_path, capsys, model, flags):
     np.savez(tmp_path / "data.npz", x=np.zeros((4, 4, 8, 8), np.float32))
-    line = refused(capsys, tmp_path, 2, "sensitivity", model, "--data", tmp_path / "data.npz", "--seed", "-1")
-    assert "--seed" in line
+    line = refused(capsys, tmp_path, 2, "sensitivity", model, "--data", tmp_path / "data.npz", *flags)
+    assert flags[0] in line
 
 
 def test_the_library_checks_the_seed_too(tmp_path, model):

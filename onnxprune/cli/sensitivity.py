@@ -56,11 +56,12 @@ def run_sensitivity(argv: list[str]) -> int:
     import warnings
 
     from ..model.load import read_model
-    from ..model.save import STDOUT, check_outputs, model_files, write_text_file
-    from ..options import PruneOptions, WidthOptions
+    from ..model.publish import Staging
+    from ..model.save import STDOUT, check_outputs, model_files
+    from ..options import PruneOptions, WidthOptions, validate_data
     from ..pipeline import steps
     from ..pipeline.sensitivity import measure_sensitivity
-    from ..report.sensitivity import plot, require_matplotlib
+    from ..report.sensitivity import plot_png, require_matplotlib
     from ..report.text import conversion_line
 
     args = build_sensitivity_parser().parse_args(argv)
@@ -74,6 +75,7 @@ def run_sensitivity(argv: list[str]) -> int:
     options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
                            widths=WidthOptions(importance=args.importance, round_to=args.round_to,
                                                min_channels=args.min_channels))
+    validate_data(options.data)
     loaded = read_model(args.model)
     model = loaded.model
     conversion = loaded.conversion and loaded.conversion.to_json()
@@ -83,11 +85,12 @@ def run_sensitivity(argv: list[str]) -> int:
         result = measure_sensitivity(model, data, args.ratios_to_try, options=options)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
         warn(message, FLAGS)
-    if args.json:
-        write_text_file(args.json, json.dumps({"model": args.model, "data": args.data, "conversion": conversion,
-                                               **result.to_json()}, indent=1) + "\n")
-    if args.plot:
-        plot(result, args.plot)
+    with Staging(force=True) as stage:  # both or neither; replaced when they exist, as they always were
+        if args.json:
+            stage.text(args.json, json.dumps({"model": args.model, "data": args.data, "conversion": conversion,
+                                              **result.to_json()}, indent=1) + "\n")
+        if args.plot:
+            stage.bytes(args.plot, plot_png(result))
     if not args.quiet and args.json != STDOUT:  # stdout holds the JSON
         if conversion:
             show(conversion_line(conversion))

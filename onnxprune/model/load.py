@@ -2,10 +2,8 @@
 
 Loading accepts external data and keeps the model's opset, except that opsets 7 to
 10 are upgraded in memory to CONVERTED_OPSET with onnx.version_converter (the file is
-not touched; a model written from the result has the new opset). Saving is atomic:
-external data goes to a fresh file name first, the .onnx is written under a
-temporary name and renamed last, so an interrupted run never leaves a
-half-written model behind.
+not touched; a model written from the result has the new opset). Saving is staged
+(model/publish.py): a run's files appear together, and only when it succeeds.
 """
 
 from __future__ import annotations

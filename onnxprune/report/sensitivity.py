@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import MissingDependency, UsageError
-from ..model.save import AtomicModelWriter
+from ..errors import MissingDependency
 from .text import clipped_label, dynamic_line, source_labels, worth_a_line
 
 
@@ -86,8 +85,8 @@ def require_matplotlib():
     return plt
 
 
-def plot(sensitivity: Sensitivity, path) -> None:
-    """Error (and top-1 accuracy, when measured) against ratio, one line per group, as a PNG."""
+def plot_png(sensitivity: Sensitivity) -> bytes:
+    """Error (and top-1 accuracy, when measured) against ratio, one line per group: a PNG's bytes."""
     plt = require_matplotlib()
     panels = 2 if sensitivity.baseline_accuracy is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
@@ -110,8 +109,4 @@ def plot(sensitivity: Sensitivity, path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    try:
-        with AtomicModelWriter(path) as writer:
-            writer.write_bytes(buffer.getvalue())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return buffer.getvalue()
