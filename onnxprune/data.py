@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import MissingDependency, UsageError
+from .errors import MissingDependency, UsageError, quoted
 from .memory import available_memory, describe_bytes, nbytes_of
 from .model.inputs import declared_dim, fixed_batch, graph_inputs
 
@@ -272,20 +272,26 @@ def _read_image(Image, path: Path, mode: str, size: tuple[int, int]) -> np.ndarr
         raise UsageError(f"`data` {path}: cannot read image ({type(exc).__name__})") from None
 
 
+def _listed(names: list[str], shown: int = 8) -> str:
+    """Names from a file, for a message: the first few, each quoted within bounds."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(quoted(n, 40) for n in names[:shown]) + more
+
+
 def _match_inputs(arrays: dict[str, np.ndarray], specs: dict, source: str) -> Dataset:
     labels = arrays.pop(LABELS, None)
     missing = [n for n in specs if n not in arrays]
     extra = [n for n in arrays if n not in specs]
     notes = []
     if missing and len(specs) == 1 and len(extra) == 1:  # one input, one array: no need to match names
-        notes.append(f"array {extra[0]!r} used as input {missing[0]!r}")
+        notes.append(f"array {quoted(extra[0])} used as input {quoted(missing[0])}")
         arrays = {missing[0]: arrays[extra[0]]}
         missing, extra = [], []
     if missing:
-        raise UsageError(f"`data` {source}: no array for model input {missing[0]!r} "
-                         f"(the file holds: {', '.join(sorted(arrays)) or 'nothing'})")
+        raise UsageError(f"`data` {source}: no array for model input {quoted(missing[0])} "
+                         f"(the file holds: {_listed(sorted(arrays)) or 'nothing'})")
     if extra:
-        raise UsageError(f"`data` {source}: array {extra[0]!r} is not a model input "
+        raise UsageError(f"`data` {source}: array {quoted(extra[0])} is not a model input "
                          f"(inputs: {', '.join(specs)}; labels go in {LABELS!r})")
     if labels is not None:
         labels = np.asarray(labels)

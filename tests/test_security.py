@@ -679,3 +679,10 @@ def test_a_pickled_data_file_is_refused_unloaded(tmp_path, capsys, model):
     np.savez(tmp_path / "data.npz", x=np.array([{"a": 1}] * 4, dtype=object))
     line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "--data", tmp_path / "data.npz")
     assert "not a readable .npz file" in line or "numeric" in line
+
+
+def test_array_names_from_a_data_file_are_quoted_within_bounds(tmp_path, capsys, model):
+    arrays = {f"{'n' * 5000}{i}": np.zeros((2, 4, 8, 8), np.float32) for i in range(50)}
+    np.savez(tmp_path / "data.npz", **arrays)
+    line = refused(capsys, tmp_path, 2, model, "--structured", "0.5", "--data", tmp_path / "data.npz")
+    assert "no array for model input 'x'" in line and "and 42 more" in line and len(line) < 1000, line
