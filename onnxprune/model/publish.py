@@ -171,11 +171,14 @@ class Staging:
                                  "to overwrite it") from None
         except OSError as exc:
             raise UsageError(f"{final}: cannot write ({exc.strerror})") from None
-        if not stat.S_ISREG(os.lstat(final).st_mode):
-            raise UsageError(f"{final}: is not a regular file (any more); outputs replace regular files only")
-        aside = staged.with_name(f"{staged.name}.replaced")
-        os.link(final, aside, follow_symlinks=False)
-        os.rename(staged, final)
+        try:
+            if not stat.S_ISREG(os.lstat(final).st_mode):
+                raise UsageError(f"{final}: is not a regular file (any more); outputs replace regular files only")
+            aside = staged.with_name(f"{staged.name}.replaced")
+            os.link(final, aside, follow_symlinks=False)
+            os.rename(staged, final)
+        except OSError as exc:  # e.g. removed or swapped meanwhile
+            raise UsageError(f"{final}: cannot replace ({exc.strerror or exc})") from None
         return aside
 
     def discard(self) -> None:
