@@ -22,14 +22,17 @@ raises a one-line ``UsageError``.
 
 from __future__ import annotations
 
+import math
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import MissingDependency, UsageError
+from .errors import MissingDependency, UsageError, quoted
+from .memory import available_memory, describe_bytes, nbytes_of
 from .model.inputs import declared_dim, fixed_batch, graph_inputs
 
 LABELS = "labels"
@@ -43,6 +46,13 @@ class ImageOptions:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     channel_order: str = "rgb"  # or "bgr"
     layout: str | None = None  # "nchw" | "nhwc"; default: guessed from the model input
+
+    def check(self) -> None:
+        """Finite means, positive finite stds (a NaN would pass a ``<= 0`` test and poison every sample)."""
+        if not all(math.isfinite(m) for m in self.mean):
+            raise UsageError(f"`mean` values must be finite numbers, got {tuple(self.mean)}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise UsageError(f"`std` values must be positive finite numbers, got {tuple(self.std)}")
 
 
 @dataclass
@@ -108,6 +118,7 @@ def load_data(path: str | Path, model: onnx.ModelProto, images: ImageOptions | N
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    _check_npz_headers(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -117,9 +128,43 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            _check_claim(_npy_header(f), path, path.name)
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise UsageError(f"`data` {path}: not a readable .npy file ({type(exc).__name__})") from None
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) an .npy stream's header claims, read without reading the array."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_claim(header: tuple[tuple[int, ...], np.dtype], path: Path, member: str, already: int = 0) -> int:
+    """The bytes an array header claims (plus ``already``, the file's arrays before it), refused
+    beyond the memory available: np.load would allocate them before reading a byte of data."""
+    shape, dtype = header
+    total = already + nbytes_of(shape, dtype.itemsize)
+    available = available_memory()
+    if total > available:
+        raise UsageError(f"`data` {path}: {member} claims shape {list(shape)} of {dtype} "
+                         f"({describe_bytes(total)}), more than the {describe_bytes(available)} of memory available")
+    return total
+
+
+def _check_npz_headers(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = 0
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    with archive.open(member) as f:
+                        total = _check_claim(_npy_header(f), path, member, total)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"`data` {path}: not a readable .npz file ({type(exc).__name__})") from None
 
 
 def _read_folder(path: Path, specs: dict, images: ImageOptions) -> tuple[dict[str, np.ndarray], str | None]:
@@ -191,13 +236,11 @@ def _read_images(path: Path, files: list[Path], specs: dict,
         raise UsageError(f"`data` {path}: {name} has no fixed height/width; give `size` H,W")
     channels = dims[3] if layout == "nhwc" else dims[1]
     mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                arrays.append(np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR)))
-        except OSError as exc:
-            raise UsageError(f"`data` {f}: cannot read image ({type(exc).__name__})") from None
+    stacked = nbytes_of((len(files), height, width, 3 if mode == "RGB" else 1), 4)
+    if stacked > available_memory():
+        raise UsageError(f"`data` {path}: {len(files)} images at {height}x{width} take {describe_bytes(stacked)}, "
+                         f"more than the {describe_bytes(available_memory())} of memory available")
+    arrays = [_read_image(Image, f, mode, (width, height)) for f in files]
     x = np.stack(arrays).astype(np.float32) / 255.0
     if x.ndim == 3:
         x = x[..., None]
@@ -214,20 +257,41 @@ def _read_images(path: Path, files: list[Path], specs: dict,
     return result, layout
 
 
+def _read_image(Image, path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One image, resized. More pixels than Pillow's MAX_IMAGE_PIXELS is an error, not Pillow's
+    warning: a header may claim 30000 x 30000 and decoding it allocates them all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return np.asarray(img.convert(mode).resize(size, Image.BILINEAR))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UsageError(f"`data` {path}: the image claims more than {Image.MAX_IMAGE_PIXELS} pixels "
+                         "(Pillow's decompression-bomb limit)") from None
+    except OSError as exc:
+        raise UsageError(f"`data` {path}: cannot read image ({type(exc).__name__})") from None
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    """Names from a file, for a message: the first few, each quoted within bounds."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(quoted(n, 40) for n in names[:shown]) + more
+
+
 def _match_inputs(arrays: dict[str, np.ndarray], specs: dict, source: str) -> Dataset:
     labels = arrays.pop(LABELS, None)
     missing = [n for n in specs if n not in arrays]
     extra = [n for n in arrays if n not in specs]
     notes = []
     if missing and len(specs) == 1 and len(extra) == 1:  # one input, one array: no need to match names
-        notes.append(f"array {extra[0]!r} used as input {missing[0]!r}")
+        notes.append(f"array {quoted(extra[0])} used as input {quoted(missing[0])}")
         arrays = {missing[0]: arrays[extra[0]]}
         missing, extra = [], []
     if missing:
-        raise UsageError(f"`data` {source}: no array for model input {missing[0]!r} "
-                         f"(the file holds: {', '.join(sorted(arrays)) or 'nothing'})")
+        raise UsageError(f"`data` {source}: no array for model input {quoted(missing[0])} "
+                         f"(the file holds: {_listed(sorted(arrays)) or 'nothing'})")
     if extra:
-        raise UsageError(f"`data` {source}: array {extra[0]!r} is not a model input "
+        raise UsageError(f"`data` {source}: array {quoted(extra[0])} is not a model input "
                          f"(inputs: {', '.join(specs)}; labels go in {LABELS!r})")
     if labels is not None:
         labels = np.asarray(labels)
@@ -262,7 +326,13 @@ def _checked(array: np.ndarray, spec: onnx.ValueInfoProto, source: str) -> np.nd
             raise UsageError(f"`data` {source}: {name} dim {axis} is {size}, the model expects {fixed}")
     if not len(array):
         raise UsageError(f"`data` {source}: {name} holds no samples")
-    return np.ascontiguousarray(array, dtype=expected)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as the non-finite value it makes
+        array = np.ascontiguousarray(array, dtype=expected)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():  # also what the cast made infinite
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise UsageError(f"`data` {source}: {name} holds {bad} NaN or infinite value(s) of {array.size} "
+                         f"(as {array.dtype}); calibration data must be finite")
+    return array
 
 
 def _check_counts(dataset: Dataset, source: str) -> None:

@@ -70,12 +70,38 @@ def first_line(exc: BaseException) -> str:
 EXIT_CODES = {
     0: "success (also when nothing was prunable: an unchanged copy is written)",
     1: "internal error (a bug: please report it with --debug output)",
-    2: "usage error (bad flags, bad plan file, output exists without --force, unwritable output, "
-       "onnxruntime not installed)",
+    2: "usage error (bad flags, bad plan or ratios file, output exists without --force or would replace an "
+       "input, unwritable output, onnxruntime not installed)",
     3: "invalid input model (missing, unreadable, not ONNX, fails onnx.checker)",
     4: "unsupported model (opset < 7, or one onnx.version_converter cannot upgrade, or onnxruntime cannot run it)",
     5: "verification failed (the pruned model did not pass the checks; nothing written)",
     6: "quality gate failed (--max-accuracy-drop / --max-output-error exceeded; nothing written)",
     7: "reduction too small (MACs fell less than --min-reduction asks; nothing written)",
+    129: "hung up (SIGHUP); nothing written",
     130: "interrupted (Ctrl-C); nothing written",
+    143: "terminated (SIGTERM); nothing written",
 }
+
+
+QUOTE_LIMIT = 80  # characters of an offending value a message quotes
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message names a bad value, it does not print
+    it (a value read from a file can be megabytes long)."""
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def escape(text: str, keep_newlines: bool = False) -> str:
+    """``text`` safe for a terminal: every non-printable character (escape sequences, carriage
+    returns, other controls, and newlines unless ``keep_newlines``) shown as ``\\xNN`` (``\\uNNNN``
+    above 0xff). Names come from models and file systems, which allow anything."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, quoted
 
 DEFAULT_IMPORTANCE = "l1"
 # The default where ratios are allocated by measured sensitivity (with data). Measured with
@@ -229,13 +229,14 @@ class Target:
 class OutputOptions:
     """What a file run writes besides the model."""
 
-    force: bool = False  # overwrite an existing output (or the input)
+    force: bool = False  # replace an existing output file (never one the run reads)
     dry_run: bool = False  # plan and report only
     plan_out: str | Path | None = None
-    report_path: str | Path | None = None
+    report_path: str | Path | None = None  # "-": standard output
     verify: bool = True  # run the written model against the original before it takes its name
     recipe: dict | None = None  # the command line's effective options (cli/recipe.py): report + metadata
     command: list[str] | None = None  # the command line, for the report
+    reads: tuple = ()  # other files the run read (the command line's --ratios): never overwritten
 
 
 @dataclass
@@ -316,9 +317,9 @@ def check_ratio_mapping(mapping, what: str = "`ratios`") -> dict[str, float]:
     checked = {}
     for key, ratio in mapping.items():
         if not isinstance(key, str):
-            raise UsageError(f"{what}: key {key!r} is not a group id or a glob")
+            raise UsageError(f"{what}: key {quoted(key)} is not a group id or a glob")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise UsageError(f"{what}: ratio for {key!r} must be a number in [0, 1), got {ratio!r}")
+            raise UsageError(f"{what}: ratio for {quoted(key)} must be a number in [0, 1), got {quoted(ratio)}")
         checked[key] = float(ratio)
     return checked
 
@@ -401,10 +402,12 @@ def validate_data(data: DataOptions) -> DataOptions:
         raise UsageError(f"`calib_samples` must be at least 1, got {data.calib_samples}")
     if data.batch_size is not None and data.batch_size < 1:
         raise UsageError(f"`batch_size` must be at least 1, got {data.batch_size}")
-    images = data.images
-    if images is not None and any(s <= 0 for s in getattr(images, "std", ())):
-        raise UsageError(f"`std` values must be positive, got {tuple(images.std)}")
+    if data.images is not None:
+        data.images.check()
     return data
+
+
+MAX_SEED = 2**32 - 1  # what every generator seeded from it takes (numpy's, torch's)
 
 
 def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
@@ -415,6 +418,9 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     where sparsity or a budget may stand in for the ratio; else of one prune.
     """
     has_data = options.data.data is not None
+    seed = options.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"`seed` must be an integer in [0, {MAX_SEED}], got {quoted(seed)}")
     sparsity = options.sparsity
     if sparsity is not None:
         sparsity.check()

@@ -15,8 +15,9 @@ import contextlib
 import sys
 import time
 
-SHOW_AFTER_S = 1.0  # stage lines of a run that ends sooner are not worth the noise
+from .errors import escape
 
+SHOW_AFTER_S = 1.0  # stage lines of a run that ends sooner are not worth the noise
 
 def _shown(quiet: bool):
     """tqdm, when a bar should be shown (stderr a terminal, not `quiet`, tqdm installed); else None."""
@@ -34,7 +35,7 @@ def progress(iterable, total: int, desc: str, quiet: bool, unit: str = "batch"):
     tqdm = _shown(quiet)
     if tqdm is None:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)
+    return tqdm(iterable, total=total, desc=escape(desc), unit=unit, leave=False)
 
 
 class _Silent:
@@ -63,7 +64,7 @@ def counter(total: int, desc: str, quiet: bool, unit: str = " samples"):
     tqdm = _shown(quiet)
     if tqdm is None:
         return _Silent()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False)
+    return tqdm(total=total, desc=escape(desc), unit=unit, unit_scale=True, leave=False)
 
 
 class _Stages:
@@ -92,7 +93,7 @@ class _Stages:
         self.times.append({"stage": name, "seconds": round(seconds, 4)})
         if not self.on:
             return
-        self.held.append(f"onnxprune: {name:<12} {seconds:7.2f} s")
+        self.held.append(f"onnxprune: {escape(name):<12} {seconds:7.2f} s")
         if now - self.started >= SHOW_AFTER_S:
             for line in self.held:
                 print(line, file=sys.stderr, flush=True)

@@ -70,3 +70,20 @@ def test_perplexity_is_the_exponent_of_the_mean_next_byte_cross_entropy(tmp_path
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, text.VOCAB),
                                                  torch.from_numpy(data["labels"]).reshape(-1))
     assert text.perplexity(path, data, batch_size=2) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_the_scaling_benchmark_model_couples_every_block_into_one_group():
+    """tools/bench_analysis_scaling.py: the chain it times is what its docstring says (the
+    residual Adds tie every conv's output channels together), and its table prints."""
+    import onnx
+
+    import onnxprune
+    from tools import bench_analysis_scaling as scaling
+
+    model = scaling.residual_chain(300)
+    onnx.checker.check_model(model, full_check=True)
+    assert len(model.graph.node) == 300
+    groups = onnxprune.analyse(model).groups
+    coupled = max(groups, key=lambda g: len(g.sources))
+    assert len(coupled.sources) == 100 and coupled.size == 4
+    assert scaling.time_analysis(model, repeat=1) > 0

@@ -139,9 +139,9 @@ def test_matching_globs_warn_nothing(cnn_file, capsys, tmp_path):
     # by node name, and by the name of a weight (conv2's: it blocks conv2's group and conv1's)
     for glob in ("head", "conv2.W*"):
         code, _, err = run_main(capsys, cnn_file, "--structured", "0.5", "--ignore", glob, "--dry-run",
-                                "--report", tmp_path / "r.json")
+                                "--report", tmp_path / f"{glob}.json")
         assert code == 0, err
-        report = json.loads((tmp_path / "r.json").read_text())
+        report = json.loads((tmp_path / f"{glob}.json").read_text())
         assert not ignore_warnings(err) and not [w for w in report["warnings"] if "matches no" in w]
         assert any("ignored" in b["reason"] for b in report["blocked"])
 

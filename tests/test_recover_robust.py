@@ -351,13 +351,25 @@ def nan_npz(tmp_path, digits):
     return path
 
 
-def test_cli_exits_5_and_writes_nothing_when_no_finite_state_exists(tmp_path, nan_npz, capsys):
+def test_cli_refuses_data_holding_nan_before_any_work(tmp_path, nan_npz, capsys):
+    """Since issue 18 the data is checked on load (exit 2), before training could find no finite
+    state (exit 5: the library's path, given a Dataset, tested below)."""
     out = tmp_path / "o.onnx"
     code = main([str(DIGITS), "--structured", "0.5", "--distill", "--data", str(nan_npz), "--epochs", "1",
                  "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 5 and len(err) == 1 and not out.exists(), err
-    assert "validation loss is nan before training" in err[0] and "--data input 'input' holds non-finite" in err[0]
+    assert code == 2 and len(err) == 1 and not out.exists(), err
+    assert "--data" in err[0] and "NaN or infinite" in err[0] and "must be finite" in err[0]
+
+
+def test_a_dataset_with_nan_exits_5_and_writes_nothing_when_no_finite_state_exists(tmp_path, nan_npz):
+    """A Dataset handed to the library is not re-checked: training finds no finite state."""
+    arrays = np.load(nan_npz)
+    data = Dataset({"input": arrays["input"]}, arrays["labels"], "nan.npz")
+    out = tmp_path / "o.onnx"
+    with pytest.raises(onnxprune.errors.VerificationFailed, match="validation loss is nan before training") as caught:
+        onnxprune.prune_file(DIGITS, out, 0.5, data=data, train=TrainOptions(distill=True, epochs=1))
+    assert "`data` input 'input' holds non-finite" in str(caught.value) and not out.exists()
 
 
 def test_cli_warns_in_one_line_with_the_flag_and_records_why(tmp_path, digits, capsys):

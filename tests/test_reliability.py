@@ -10,15 +10,17 @@
   out-of-range values, wrong lengths, removal). Every outcome is success, with
   an output that passes onnx.checker's full check, or a documented typed
   error; never an internal error (exit 1).
-- Interrupts: the CLI in a subprocess on a ~200 MB model, stopped with SIGINT
-  at several points of its work (exit 130, nothing left behind) and with
-  SIGKILL (the output is absent or complete; only a temp file may remain).
+- Interrupts: the CLI in a subprocess on a ~200 MB model, stopped with SIGINT,
+  SIGTERM or SIGHUP at several points of its work (exit 128 + the signal, nothing
+  left behind) and with SIGKILL (the output is absent or complete; only a
+  staging folder may remain).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,23 +240,24 @@ def test_bad_input(tmp_path, capsys, build, code):
     assert snapshot(tmp_path) == before  # no output, no temp file, every input as it was
 
 
-def test_check_side_files_refuses_every_clash(tmp_path):
-    """What api.prune_file and cli.run_info call: one clash per flag, then a clean set."""
-    from onnxprune.model.save import check_side_files
+def test_check_outputs_refuses_every_clash(tmp_path):
+    """What api.prune_file and the commands call: one clash per output, then a clean set."""
+    from onnxprune.model.save import check_outputs
 
     model = save(small_cnn(), tmp_path / "model.onnx")
     out, plan = tmp_path / "out.onnx", tmp_path / "plan.json"
     plan.write_text("{}")
+    reads = {"the input model": model, "--plan-in": plan}
     clashes = [
-        ({"--report": model}, {}), ({"--plan-out": tmp_path / "." / "model.onnx"}, {}),
-        ({"--report": out}, {}), ({"--report": tmp_path / "r.json", "--plan-out": tmp_path / "r.json"}, {}),
-        ({"--plan-out": plan}, {"--plan-in": plan}),
+        {"--report": model}, {"--plan-out": tmp_path / "." / "model.onnx"},
+        {"-o": out, "--report": out}, {"--report": tmp_path / "r.json", "--plan-out": tmp_path / "r.json"},
+        {"--plan-out": plan},
     ]
-    for writes, reads in clashes:
-        with pytest.raises(onnxprune.UsageError, match="would overwrite"):
-            check_side_files(model, out, writes, reads)
-    check_side_files(model, None, {"--report": tmp_path / "r.json", "--plan-out": tmp_path / "p.json"},
-                     {"--plan-in": plan})
+    for writes in clashes:
+        for force in (False, True):
+            with pytest.raises(onnxprune.UsageError, match="would overwrite"):
+                check_outputs(writes, reads, force)
+    check_outputs({"--report": tmp_path / "r.json", "--plan-out": tmp_path / "p.json"}, reads)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "plan.json"]
 
 
@@ -400,9 +403,9 @@ def _loading_numpy(pid: int) -> bool:
 
 
 def _temps(directory: Path) -> list[Path]:
-    # AtomicModelWriter writes ".<final name>.XXXXXXXX.tmp" beside the output and
-    # renames it into place last: a temp never carries the final name.
-    return sorted(directory.glob(".out.onnx.*.tmp"))
+    # model/publish.Staging writes the output under its name in a ".onnxprune-XXXXXXXX" folder
+    # beside it and links it into place last: nothing carries the final name before that.
+    return sorted(directory.glob(".onnxprune-*/out.onnx"))
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -430,7 +433,8 @@ def _default_sigint() -> None:
     """In the child before it starts: SIGINT back to its default. A suite run in the background
     by a shell without job control inherits SIGINT ignored, and Python (so the CLI) keeps an
     ignored SIGINT ignored: the runs would finish and exit 0."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a nohup run ignores SIGHUP)
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _interrupted_run(model: Path, size: int, out_dir: Path, moment: str, sig: int) -> tuple[int, str]:
@@ -458,14 +462,21 @@ def _assert_absent_or_complete(path: Path) -> None:
         onnx.load(str(path))
 
 
+STOPS = [(moment, signal.SIGINT) for moment in MOMENTS] + [
+    ("analysing", signal.SIGTERM), ("writing", signal.SIGTERM), ("verifying", signal.SIGTERM),
+    ("verifying", signal.SIGHUP)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", list(MOMENTS))
-def test_sigint_leaves_nothing_half_written(mlp_200mb, tmp_path, moment):
+@pytest.mark.parametrize("moment, sig", STOPS, ids=[f"{m}-{s.name}" for m, s in STOPS])
+def test_a_stopping_signal_leaves_nothing_half_written(mlp_200mb, tmp_path, moment, sig):
     model, size = mlp_200mb
     before = hashlib.sha256(model.read_bytes()).hexdigest()
-    code, err = _interrupted_run(model, size, tmp_path, moment, signal.SIGINT)
-    assert code == 130, err
-    assert err.strip() == "onnxprune: interrupted; nothing written", err
+    code, err = _interrupted_run(model, size, tmp_path, moment, sig)
+    assert code == 128 + sig, err
+    what = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
+    assert err.strip() == f"onnxprune: {what}; nothing written", err
+    assert not list(tmp_path.glob(".onnxprune-*"))  # no staging folder either
     assert not _temps(tmp_path)
     _assert_absent_or_complete(tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["out.onnx"])
@@ -480,8 +491,8 @@ def test_sigkill_never_leaves_a_partial_output(mlp_200mb, tmp_path, moment):
     assert code == -signal.SIGKILL
     _assert_absent_or_complete(tmp_path / "out.onnx")
     leftovers = {p.name for p in tmp_path.iterdir()} - {"out.onnx"}
-    assert leftovers == {t.name for t in _temps(tmp_path)}  # only temps, never under the final name
+    assert leftovers == {t.parent.name for t in _temps(tmp_path)}  # only staging, never the final name
     if moment != "cutting":
         assert leftovers, "killed while writing: the temp file is expected to remain"
     for p in tmp_path.iterdir():  # up to 100 MB each: pytest keeps old tmp dirs
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

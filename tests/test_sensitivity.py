@@ -223,7 +223,7 @@ def test_cli_ratios_file_is_applied_exactly(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({A1: 0.5, "b1": 0.25}))
     for extra, whole in (([], 5), (["--structured", "0.4"], 3)):
         code = main([str(path), "--ratios", str(tmp_path / "r.json"), "--plan-out", str(tmp_path / "p.json"),
-                     "--dry-run", "-q"] + extra)
+                     "--dry-run", "-q", "--force"] + extra)  # --force: the second run replaces the first's plan
         assert code == 0, capsys.readouterr().err
         kept = {gid: len(k) for gid, k in Plan.load(tmp_path / "p.json").keep.items()}
         assert kept == {A1: 4, B1: 6, SUM: whole}

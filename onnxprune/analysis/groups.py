@@ -303,15 +303,15 @@ def named_modules(groups: list[Group], modules: dict[str, str]) -> dict[str, str
 
 def _sources(view: GraphView, group: Group) -> list[str]:
     """Nodes whose own output channels are (part of) this group."""
-    found = []
+    found: dict[str, None] = {}  # in order, each once (a list's `in` made this quadratic in sources)
     for slot in group.dims.values():
         node = view.producer(slot.tensor)
         rule = lookup(node) if node is not None else None
-        if rule is not None and rule.source is not None:
+        if rule is not None and rule.source is not None and node.name not in found:
             index = _index_of(node.outputs, slot.tensor)
-            if (index, slot.axis) in rule.source(node, view) and node.name not in found:
-                found.append(node.name)
-    return found
+            if (index, slot.axis) in rule.source(node, view):
+                found[node.name] = None
+    return list(found)
 
 
 def _index_of(tensors, t) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import _batches, _count, _Parser, _positive, render
+from .options import _batches, _count, _Parser, _positive, show
 
 FLAGS = {"input_shapes": "--input-shape", "provider": "--provider", "batches": "--batch", "threads": "--threads",
          "warmup": "--warmup", "iters": "--iters", "json": "--json"}
@@ -37,17 +37,18 @@ def build_bench_parser() -> argparse.ArgumentParser:
 
 def run_bench(argv: list[str]) -> int:
     from ..model.inputs import parse_input_shapes
-    from ..model.save import check_side_files
+    from ..model.save import check_outputs, model_files
     from ..runtime.bench import bench, format_table
-    from .output import emit_json, file_path, human_stream, stamped
+    from .output import emit_json, human_stream, stamped
 
     args = build_bench_parser().parse_args(argv)
-    check_side_files(args.models[0], None, {"`json`": file_path(args.json)},
-                     {f"model {i + 1}": m for i, m in enumerate(args.models[1:])})
+    # The JSON replaces an existing file, as it always did (no --force here), but never a model read.
+    check_outputs({"`json`": args.json}, {f"the model {m}": model_files(m) for m in args.models}, force=True,
+                  stdout_ok=("`json`",))
     result = bench(args.models, args.batch, provider=args.provider, threads=args.threads,
                    warmup=args.warmup, iters=args.iters, input_shapes=parse_input_shapes(args.input_shape))
     if not args.quiet:
-        print(render(format_table(result), FLAGS), file=human_stream(args.json))
+        show(format_table(result), FLAGS, file=human_stream(args.json))
     if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
         emit_json(args.json, stamped(result.to_dict(), ["onnxprune", "bench", *argv], BENCH_SCHEMA))
     return 0

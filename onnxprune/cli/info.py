@@ -10,7 +10,8 @@ from .options import (
     _common,
     _Parser,
     analysis_options,
-    render,
+    show,
+    warn,
 )
 
 FLAGS = {**COMMON_FLAGS, "json": "--json"}
@@ -27,19 +28,20 @@ def build_info_parser() -> argparse.ArgumentParser:
 
 
 def run_info(argv: list[str]) -> int:
-    import sys
     import warnings
 
     from ..analysis.analyse import analyse
     from ..analysis.groups import named_modules
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
-    from ..model.save import check_side_files
-    from ..report.text import conversion_line, dynamic_line, labelled_reason, node_labels, worth_a_line
-    from .output import emit_json, file_path, human_stream, stamped
+    from ..model.save import check_outputs, model_files
+    from ..report.text import conversion_line, dynamic_line, label_of, labelled_reason, node_labels, worth_a_line
+    from .output import emit_json, human_stream, stamped
 
     args = build_info_parser().parse_args(argv)
-    check_side_files(args.model, None, {"`json`": file_path(args.json)})
+    # Replaced when it exists, as it always was (no --force here); never a file read.
+    check_outputs({"`json`": args.json}, {"the input model": model_files(args.model)}, force=True,
+                  stdout_ok=("`json`",))
     loaded = read_model(args.model)
     model = loaded.model
     with warnings.catch_warnings(record=True) as caught:  # an --ignore glob that matches nothing
@@ -47,7 +49,7 @@ def run_info(argv: list[str]) -> int:
         analysis = analyse(model, analysis_options(args))
     notes = list(dict.fromkeys(str(w.message) for w in caught))
     for message in notes:
-        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
+        warn(message, FLAGS)
     macs = count_macs(model, shapes=analysis.shapes.static)
     prunable = analysis.prunable
     blocked = [g for g in analysis.groups if g.blocked]
@@ -67,22 +69,21 @@ def run_info(argv: list[str]) -> int:
     out = human_stream(args.json)
     if not args.quiet:
         if info["conversion"]:
-            print(conversion_line(info["conversion"]), file=out)
+            show(conversion_line(info["conversion"]), file=out)
         shapes = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in info["inputs"].items())
-        print(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}", file=out)
+        show(f"params {format_count(info['params'])}, MACs {format_count(macs)} at {shapes}", file=out)
         if worth_a_line(info["dynamic_dims"]):
-            print(render(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS), file=out)
-        print(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels", file=out)
+            show(dynamic_line(info["dynamic_dims"], info["inputs"]), FLAGS, file=out)
+        show(f"{len(prunable)} prunable group(s), {sum(g.size for g in prunable)} channels", file=out)
         labels = node_labels(info["modules"])
         for g in prunable:
             unit = "heads" if g.kind == "heads" else "units"
             tied = f", {len(g.unit_members())} {unit}" if len(g.unit_members()) != g.size else ""
-            print(f"  {g.size:>5} ch{tied:<12} {', '.join(labels.get(s, s) for s in g.sources)}", file=out)
-        print(f"{len(blocked)} blocked group(s)", file=out)
+            show(f"  {g.size:>5} ch{tied:<12} {', '.join(label_of(s, labels) for s in g.sources)}", file=out)
+        show(f"{len(blocked)} blocked group(s)", file=out)
         for g in blocked:
             reason = labelled_reason("; ".join(g.blocked), labels)
-            print(render(f"  {g.size:>5} ch  {', '.join(labels.get(s, s) for s in g.sources)}: {reason}", FLAGS),
-                  file=out)
+            show(f"  {g.size:>5} ch  {', '.join(label_of(s, labels) for s in g.sources)}: {reason}", FLAGS, file=out)
     if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
         emit_json(args.json, stamped(info, ["onnxprune", "info", *argv], INFO_SCHEMA))
     return 0

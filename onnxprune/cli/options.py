@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
-from ..errors import UsageError
+from ..errors import UsageError, escape
 
 # option (as options.py and the library's messages name it) -> flag, shared by the commands that have it
 COMMON_FLAGS = {
@@ -24,6 +25,23 @@ COMMON_FLAGS = {
 def render(text: str, flags: dict[str, str]) -> str:
     """``text`` with each `option` the command has a flag for shown as that flag."""
     return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), text)
+
+
+def message_line(message: str, flags: dict[str, str]) -> str:
+    """A message as the one line the terminal gets: flags for options, and every non-printable
+    character escaped (a model's node names and a folder's file names may hold any)."""
+    return escape(render(message, flags))
+
+
+def warn(message: str, flags: dict[str, str]) -> None:
+    print(f"onnxprune: warning: {message_line(message, flags)}", file=sys.stderr)
+
+
+def show(text: str, flags: dict[str, str] | None = None, file=None) -> None:
+    """Print ``text`` (a summary, a table: lines) on stdout (or ``file``: stderr when a JSON takes
+    stdout), escaped like messages, newlines kept. Every command prints through here and ``warn``;
+    files get the real names."""
+    print(escape(render(text, flags or {}), keep_newlines=True), file=file)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +68,7 @@ def _number(convert, valid, requirement: str):
 _ratio = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 _positive = _number(int, lambda v: v >= 1, "must be at least 1")
 _count = _number(int, lambda v: v >= 0, "must be at least 0")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "must be in [0, 2^32)")
 _nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 _fraction = _number(float, lambda v: 0 < v <= 1, "the fraction kept must be in (0, 1]")
 _speedup = _number(float, lambda v: 0 < v < float("inf"), "must be a positive number")

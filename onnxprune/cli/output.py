@@ -21,7 +21,7 @@ def one_stdout(paths: dict[str, str | None]) -> None:
     """At most one output may be stdout (flag -> path)."""
     dashes = [flag for flag, path in paths.items() if path == STDOUT]
     if len(dashes) > 1:
-        raise UsageError(f"only one output can go to stdout (-): {' and '.join(dashes)} both ask for it")
+        raise UsageError(f"only one output can go to standard output (-): {' and '.join(dashes)} both ask for it")
 
 
 def file_path(path: str | None) -> str | None:

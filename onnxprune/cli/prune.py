@@ -23,13 +23,15 @@ from .options import (
     _positive,
     _ratio,
     _reduction,
+    _seed,
     _speedup,
     _training_options,
     _width_options,
     analysis_options,
     data_options,
-    render,
+    show,
     training_options,
+    warn,
 )
 from .output import STDOUT, emit_json, file_path, human_stream, one_stdout
 from .recipe import RawValues, add_config_option, expand_recipe, recorded
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_option(p)
     p.add_argument("--structured", type=_ratio, metavar="R", help="fraction of each group's channels to remove")
     p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output (or the input)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never a file the run reads, a link, a device or a FIFO)")
     _importance_option(p)
     p.add_argument("--head-ratio", type=_ratio, metavar="R",
                    help="fraction of attention heads to remove (default: the --structured ratio)")
@@ -60,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     _width_options(p)
     p.add_argument("--max-group-ratio", type=_ratio, default=0.9, metavar="R",
                    help="with --global: remove at most R of any one group (default 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --importance random and generated inputs")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --importance random and generated inputs")
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report (- for stdout; the summary then goes "
                    "to stderr)")
     p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
-    p.add_argument("--plan-out", metavar="FILE.json", help="save the kept channel indices per group")
+    p.add_argument("--plan-out", metavar="FILE.json",
+                   help="save the kept channel indices per group (- for standard output)")
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
     _group_ratio_options(p)
@@ -159,8 +163,6 @@ def run_prune(argv: list[str]) -> int:
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
     one_stdout({"--report": args.report, "--plan-out": args.plan_out})
-    if args.plan_out == STDOUT:
-        raise UsageError("--plan-out writes a plan file for --plan-in; give a path (the report is what goes to -)")
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
                                               report_path=file_path(args.report)))
@@ -170,22 +172,22 @@ def run_prune(argv: list[str]) -> int:
     finally:  # the library, called later in this process, prints no stage lines
         start_stages(False)
     for w in report.warnings:
-        print(f"onnxprune: warning: {render(w, FLAGS)}", file=sys.stderr)
-    human = human_stream(args.report)
+        warn(w, FLAGS)
+    human = human_stream(args.report, args.plan_out)
     if not args.quiet:
-        print(render(report.summary(verbose=args.verbose), FLAGS), file=human)
+        show(report.summary(verbose=args.verbose), FLAGS, file=human)
         if args.verbose and report.allocation:
             from ..report.text import format_allocation
 
-            print(format_allocation(report.allocation), file=human)
+            show(format_allocation(report.allocation), file=human)
         if report.written:
-            print(f"wrote   {report.output}", file=human)
+            show(f"wrote   {report.output}", file=human)
         elif args.dry_run:
-            print("dry run: nothing written", file=human)
+            show("dry run: nothing written", file=human)
         if report.bench is not None:
             from ..runtime.bench import format_table
 
-            print(render(format_table(report.bench), FLAGS), file=human)
+            show(format_table(report.bench), FLAGS, file=human)
     if args.report == STDOUT:  # last, and only on success: stdout holds the JSON alone
         emit_json(STDOUT, report.to_json())
     return 0
@@ -218,7 +220,8 @@ def prune_options(args, argv):
         gate=GateOptions(args.max_accuracy_drop, args.max_output_error, args.min_reduction) if gated else None,
         target=target,
         bench=bench,
-        output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report),
+        output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report,
+                             reads=tuple(p for p in (args.ratios, args.config) if p)),
         seed=args.seed,
         quiet=args.quiet,
     )

@@ -51,20 +51,11 @@ def config_path(argv: list[str]) -> str | None:
 
 
 def read_recipe(path: str) -> dict:
-    from ..planning.ratios import _parse_yaml
+    from ..planning.reading import parse_json, parse_yaml, read_text
 
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{CONFIG_FLAG} {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    if file.suffix.lower() in (".yaml", ".yml"):
-        mapping = _parse_yaml(text, file, CONFIG_FLAG)
-    else:
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{CONFIG_FLAG} {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    text = read_text(path, CONFIG_FLAG)  # bounded: size, nesting and YAML aliases (planning/reading.py)
+    parse = parse_yaml if Path(path).suffix.lower() in (".yaml", ".yml") else parse_json
+    mapping = parse(text, path, CONFIG_FLAG)
     if isinstance(mapping, dict) and isinstance(mapping.get("recipe"), dict):
         mapping = mapping["recipe"]  # a report: its effective recipe reproduces the run
     if not isinstance(mapping, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import UsageError
 from .options import (
@@ -14,10 +13,12 @@ from .options import (
     _importance_option,
     _Parser,
     _ratio,
+    _seed,
     _width_options,
     analysis_options,
     data_options,
-    render,
+    show,
+    warn,
 )
 
 FLAGS = {**COMMON_FLAGS, "ratios": "--ratios-to-try", "json": "--json", "plot": "--plot"}
@@ -42,7 +43,7 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
                    help=f"ratios to cut each group at (default {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
     _importance_option(p, data_note=False)
     _width_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for --calib-samples and --importance random")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --calib-samples and --importance random")
     p.add_argument("--json", metavar="FILE.json", help="write the measurements as JSON (- for stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="plot error against ratio per group (needs matplotlib)")
     _analysis_options(p)
@@ -52,27 +53,31 @@ def build_sensitivity_parser() -> argparse.ArgumentParser:
 
 
 def run_sensitivity(argv: list[str]) -> int:
+    import json
     import warnings
 
     from ..model.load import read_model
-    from ..model.save import check_side_files
-    from ..options import PruneOptions, WidthOptions
+    from ..model.publish import Staging
+    from ..model.save import check_outputs, model_files
+    from ..options import PruneOptions, WidthOptions, validate_data
     from ..pipeline import steps
     from ..pipeline.sensitivity import measure_sensitivity
-    from ..report.sensitivity import plot, require_matplotlib
+    from ..report.sensitivity import plot_png, require_matplotlib
     from ..report.text import conversion_line
-    from .output import emit_json, file_path, human_stream, stamped
+    from .output import human_stream, stamped
 
     args = build_sensitivity_parser().parse_args(argv)
     if not args.data:
         raise UsageError("sensitivity measures output error on data: give --data FILE")
-    check_side_files(args.model, None, {"`json`": file_path(args.json), "`plot`": args.plot},
-                     {"`data`": args.data})
+    # Replaced when they exist, as they always were (no --force here); never a file read.
+    check_outputs({"`json`": args.json, "`plot`": args.plot},
+                  {"the input model": model_files(args.model), "`data`": args.data}, force=True, stdout_ok=("`json`",))
     if args.plot:
         require_matplotlib()  # before minutes of measuring, not after
     options = PruneOptions(analysis=analysis_options(args), data=data_options(args), seed=args.seed, quiet=args.quiet,
                            widths=WidthOptions(importance=args.importance, round_to=args.round_to,
                                                min_channels=args.min_channels))
+    validate_data(options.data)
     loaded = read_model(args.model)
     model = loaded.model
     conversion = loaded.conversion and loaded.conversion.to_json()
@@ -81,15 +86,17 @@ def run_sensitivity(argv: list[str]) -> int:
         warnings.simplefilter("always")
         result = measure_sensitivity(model, data, args.ratios_to_try, options=options)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once each
-        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
-    if args.plot:
-        plot(result, args.plot)
-    if not args.quiet:
+        warn(message, FLAGS)
+    record = stamped({"model": args.model, "data": args.data, "conversion": conversion, **result.to_json()},
+                     ["onnxprune", "sensitivity", *argv], SENSITIVITY_SCHEMA)
+    with Staging(force=True) as stage:  # both or neither; replaced when they exist, as they always were
+        if args.json:
+            stage.text(args.json, json.dumps(record, indent=1) + "\n")
+        if args.plot:
+            stage.bytes(args.plot, plot_png(result))
+    if not args.quiet:  # on stderr when stdout holds the JSON
         out = human_stream(args.json)
         if conversion:
-            print(conversion_line(conversion), file=out)
-        print(result.table(), file=out)
-    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
-        emit_json(args.json, stamped({"model": args.model, "data": args.data, "conversion": conversion,
-                                      **result.to_json()}, ["onnxprune", "sensitivity", *argv], SENSITIVITY_SCHEMA))
+            show(conversion_line(conversion), file=out)
+        show(result.table(), file=out)
     return 0

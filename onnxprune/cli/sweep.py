@@ -8,10 +8,9 @@ ratio and writes no model.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import UsageError
-from .options import render
+from .options import show, warn
 from .prune import FLAGS as PRUNE_FLAGS
 from .prune import build_parser, prune_options
 from .recipe import RawValues, expand_recipe, recorded
@@ -56,16 +55,18 @@ def _refuse_single_run_flags(argv: list[str]) -> None:
 
 
 def run_sweep(argv: list[str]) -> int:
+    import json
     from dataclasses import replace
 
     from ..data import load_data
     from ..model.load import read_model
-    from ..model.save import check_side_files
+    from ..model.publish import Staging
+    from ..model.save import check_outputs, model_files
     from ..pipeline import steps
     from ..pipeline.sweep import SWEEP_SCHEMA, sweep_file
     from ..report.sensitivity import require_matplotlib
-    from ..report.sweep import plot_sweep, sweep_table
-    from .output import emit_json, file_path, human_stream, stamped
+    from ..report.sweep import sweep_png, sweep_table
+    from .output import human_stream, stamped
 
     typed = list(argv)
     parser = build_sweep_parser()
@@ -73,8 +74,10 @@ def run_sweep(argv: list[str]) -> int:
     _refuse_single_run_flags(argv)
     with RawValues(parser) as raw:
         args = parser.parse_args(argv)
-    check_side_files(args.model, None, {"`json`": file_path(args.json), "`plot`": args.plot},
-                     {"`data`": args.data, "`eval_data`": args.eval_data, "`ratios`": args.ratios})
+    # Replaced when they exist, as the other commands' JSON and plots are; never a file read.
+    check_outputs({"`json`": args.json, "`plot`": args.plot},
+                  {"the input model": model_files(args.model), "`data`": args.data, "`eval_data`": args.eval_data,
+                   "`ratios`": args.ratios, "`config`": args.config}, force=True, stdout_ok=("`json`",))
     if args.plot:
         require_matplotlib()  # before minutes of pruning, not after
     options = prune_options(args, argv)
@@ -90,12 +93,14 @@ def run_sweep(argv: list[str]) -> int:
         evaluated_on = f"the {args.val_fraction:g} validation split of --data"
     result = sweep_file(args.model, args.ratios_to_try, options, evaluation, evaluated_on)
     for message in result.warnings:
-        print(f"onnxprune: warning: {render(message, FLAGS)}", file=sys.stderr)
-    if args.plot:
-        plot_sweep(result, args.plot)
-    if not args.quiet:
-        print(render(sweep_table(result), FLAGS), file=human_stream(args.json))
-    if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
-        record = {"recipe": recorded(parser, args, raw.raw), **result.to_json()}
-        emit_json(args.json, stamped(record, ["onnxprune", "sweep", *typed], SWEEP_SCHEMA))
+        warn(message, FLAGS)
+    record = stamped({"recipe": recorded(parser, args, raw.raw), **result.to_json()}, ["onnxprune", "sweep", *typed],
+                     SWEEP_SCHEMA)
+    with Staging(force=True) as stage:  # both or neither
+        if args.json:
+            stage.text(args.json, json.dumps(record, indent=1) + "\n")
+        if args.plot:
+            stage.bytes(args.plot, sweep_png(result))
+    if not args.quiet:  # on stderr when stdout holds the JSON
+        show(sweep_table(result), FLAGS, file=human_stream(args.json))
     return 0

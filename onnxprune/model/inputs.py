@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import UsageError
+from ..errors import UnsupportedModel, UsageError, quoted
+from ..memory import available_memory, describe_bytes, nbytes_of
 from .dynamic import DimChoice, InputSpec, choose_dims
 
 
@@ -104,7 +105,32 @@ def resolve_with_choices(
         else:
             result[spec.name] = tuple(fixed if fixed is not None else chosen[spec.name, axis]
                                       for axis, (fixed, _) in enumerate(spec.dims))
+    check_input_sizes(result, set(pinned))
     return result, choices
+
+
+# Generated inputs are drawn as float64 (numpy's normal) before their cast: 8 bytes an element.
+GENERATED_ITEMSIZE = 8
+
+
+def check_input_sizes(shapes: dict[str, tuple[int, ...]], pinned: set[str]) -> None:
+    """The inputs that verification, sensitivity and benchmarks generate at ``shapes`` must fit in
+    the memory available: a model (or `input_shapes`) may claim a dim of 2^40. The error blames
+    the flag when the shape was pinned, the model when it declared it."""
+    available = available_memory()
+    total = 0
+    for name, shape in shapes.items():
+        size = nbytes_of(shape, GENERATED_ITEMSIZE)
+        total += size
+        if total <= available:
+            continue
+        need = f"{describe_bytes(size)} for an input of shape {list(shape)}"
+        if name in pinned:
+            raise UsageError(f"`input_shapes` {name}: {need}, more than the {describe_bytes(available)} "
+                             "of memory available")
+        raise UnsupportedModel(f"model input {quoted(name)} declares {need}, more than the "
+                               f"{describe_bytes(available)} of memory available: pin smaller sizes with "
+                               "`input_shapes`")
 
 
 def _check_pinned(name: str, dims, values: tuple[int, ...]) -> None:

@@ -2,14 +2,13 @@
 
 Loading accepts external data and keeps the model's opset, except that opsets 7 to
 10 are upgraded in memory to CONVERTED_OPSET with onnx.version_converter (the file is
-not touched; a model written from the result has the new opset). Saving is atomic:
-external data goes to a fresh file name first, the .onnx is written under a
-temporary name and renamed last, so an interrupted run never leaves a
-half-written model behind.
+not touched; a model written from the result has the new opset). Saving is staged
+(model/publish.py): a run's files appear together, and only when it succeeds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from ..errors import InvalidModel, UnsupportedModel, first_line
+from ..errors import InvalidModel, UnsupportedModel, first_line, quoted
 from ..rules.weights import WEIGHTS, group_problem
 from .inputs import declared_dim, name_negative_dims
 from .proto import light_copy, needs_external_data, opset_of
@@ -117,6 +116,7 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     if opset < MIN_OPSET:
         model, conversion = upgrade_opset(model, opset, where)
     check_text(model.graph, where)
+    check_initializer_sizes(model.graph, where)
     try:
         inferred = onnx.shape_inference.infer_shapes(light_copy(model), check_type=True, strict_mode=True)
     except Exception as exc:
@@ -202,3 +202,41 @@ def check_text(graph: onnx.GraphProto, where: str = "") -> None:
                 check_text(body, where)
 
 
+
+
+# Element types packed two to a byte (and two to an int32_data entry).
+_PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, name)}
+
+
+def check_initializer_sizes(graph: onnx.GraphProto, where: str = "") -> None:
+    """Every initializer holds exactly the data its dtype and shape say (onnx.checker does not
+    check it): a tensor whose raw data is longer or shorter would be cut and counted wrong, or
+    read past its end by onnxruntime."""
+    for t in graph.initializer:
+        problem = _size_problem(t)
+        if problem:
+            raise InvalidModel(f"{where}initializer {quoted(t.name)}: {problem}")
+
+
+def _size_problem(t: onnx.TensorProto) -> str | None:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.UNDEFINED:
+        return None  # not loaded here: onnx reads external data with its own checks
+    elements = math.prod(t.dims)
+    shape = f"shape {list(t.dims)}"
+    packed = t.data_type in _PACKED_4BIT
+    if t.HasField("raw_data"):
+        if t.data_type == onnx.TensorProto.STRING:
+            return "holds strings as raw data"
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        expected = (elements + 1) // 2 if packed else elements * itemsize
+        if len(t.raw_data) != expected:
+            return f"{len(t.raw_data)} bytes of data, its dtype and {shape} need {expected}"
+        return None
+    field = onnx.helper.tensor_dtype_to_field(t.data_type)
+    complex_types = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+    expected = (elements + 1) // 2 if packed else elements * (2 if t.data_type in complex_types else 1)
+    held = len(getattr(t, field))
+    if held != expected and (held or elements):
+        return f"{held} values in {field}, its dtype and {shape} need {expected}"
+    return None

@@ -25,12 +25,8 @@ from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..metrics import evaluate
 from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
-from ..model.save import (
-    AtomicModelWriter,
-    check_output_path,
-    check_side_files,
-    default_output_path,
-)
+from ..model.publish import Staging
+from ..model.save import check_outputs, default_output_path, model_files
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..progress import muted_stages, restart_stage_clock, stage_done, stage_times
@@ -53,11 +49,13 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     out = options.output
     input_path = Path(input_path)
     output = Path(output_path) if output_path else default_output_path(input_path)
-    if not out.dry_run:
-        check_output_path(input_path, output, out.force)
     plan_file = options.widths.plan if isinstance(options.widths.plan, (str, Path)) else None
-    check_side_files(input_path, None if out.dry_run else output,
-                     {"`report_path`": out.report_path, "`plan_out`": out.plan_out}, {"`plan`": plan_file})
+    data_path = options.data.data if isinstance(options.data.data, (str, Path)) else None
+    check_outputs({"`output`": None if out.dry_run else output, "`report_path`": out.report_path,
+                   "`plan_out`": out.plan_out},
+                  {"the input model": model_files(input_path), "`plan`": plan_file, "`data`": data_path,
+                   "a file it reads": list(out.reads)},
+                  out.force, stdout_ok=("`report_path`", "`plan_out`"))
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
@@ -90,28 +88,50 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.recipe, report.command = out.recipe, out.command
     if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
         report.target = _allocated(options.target, report)
-    if out.plan_out:
-        result.plan.save(out.plan_out)
-    if not out.dry_run:
-        report.output = str(output)
-        if result.model is model:  # nothing prunable: an unchanged copy
-            _copy_model(input_path, model, output)
-        else:
-            pruned = result.model
-            if out.recipe is not None:
-                _record_recipe(pruned, out.recipe)
-            result = model = None  # free the input model and its analysis before verification loads it again
-            _write_verified(pruned, output, input_path, report, out.verify, options.seed,
-                            options.analysis.input_shapes)
-        report.written = True
-    report.seconds = time.perf_counter() - started
-    if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
-        report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
-        stage_done("bench")
-    report.stages, report.environment = stage_times(), run_environment()
-    if out.report_path:
-        report.save(out.report_path)
+    plan, pruned, unchanged = result.plan, result.model, result.model is model
+    result = model = None  # free the input model and its analysis before verification loads it again
+    if out.recipe is not None and not unchanged:
+        _record_recipe(pruned, out.recipe)
+    with Staging(out.force) as stage:  # every output appears together, once all are written
+        if not out.dry_run:
+            _stage_model(stage, pruned, unchanged, input_path, output, report, options)
+        report.seconds = time.perf_counter() - started  # the benchmark is not part of it
+        if not out.dry_run and options.bench is not None:
+            bench = options.bench.time([input_path, stage.staged(output)], options.analysis.input_shapes)
+            report.bench = _renamed(bench, str(stage.staged(output)), str(output))
+            stage_done("bench")
+        if out.plan_out:
+            stage.text(out.plan_out, _json(plan.to_json()))
+        report.stages, report.environment = stage_times(), run_environment()
+        if out.report_path:
+            stage.text(out.report_path, _json(report.to_json()))
     return report
+
+
+def _stage_model(stage: Staging, pruned, unchanged: bool, input_path: Path, output: Path, report: Report,
+                 options: PruneOptions) -> None:
+    """The pruned model (or, ``unchanged``, a copy of the input) staged and verified there."""
+    report.output = str(output)
+    if unchanged:  # nothing prunable
+        stage.model(output, pruned)
+    else:
+        _write_verified(stage, pruned, output, input_path, report, options.output.verify, options.seed,
+                        options.analysis.input_shapes)
+    report.written = True  # as it will be once the stage is published
+
+
+def _renamed(bench, staged: str, output: str):
+    """Benchmark results of the staged model under the name it is published as."""
+    for timing in bench.timings:
+        if timing.model == staged:
+            timing.model = output
+    if staged in bench.dynamic_dims:
+        bench.dynamic_dims[output] = bench.dynamic_dims.pop(staged)
+    return bench
+
+
+def _json(data) -> str:
+    return json.dumps(data, indent=1) + "\n"
 
 
 def _allocated(target, report: Report) -> dict:
@@ -169,7 +189,9 @@ def _quality_gate(result: PruneResult, model: onnx.ModelProto, options: PruneOpt
             f"exceeds `max_output_error` {max_error}; nothing written")
 
 
-def _write_verified(pruned, output: Path, input_path: Path, report: Report, verify: bool, seed, input_shapes):
+def _write_verified(stage: Staging, pruned, output: Path, input_path: Path, report: Report, verify: bool, seed,
+                    input_shapes) -> Path:
+    """``pruned`` staged as ``output`` and run there against the original; its staged path."""
     feeds = reference = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. bfloat16: no onnxruntime run to compare
         warnings.simplefilter("always")
@@ -182,17 +204,17 @@ def _write_verified(pruned, output: Path, input_path: Path, report: Report, veri
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)
             stage_done("reference")
-        with AtomicModelWriter(output) as writer:
-            tmp = writer.write(pruned)
-            stage_done("write")
-            if verify:
-                result = verify_file(tmp, feeds, reference)
-                stage_done("verify")
-                bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
-                if bad:
-                    raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
-                report.output_error = result.output_error
+        staged = stage.model(output, pruned)
+        stage_done("write")
+        if verify:
+            result = verify_file(staged, feeds, reference)
+            stage_done("verify")
+            bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
+            if bad:
+                raise VerificationFailed(f"pruned model produces non-finite values in output {bad[0]}")
+            report.output_error = result.output_error
     report.add_warnings(caught)
+    return staged
 
 
 def _record_recipe(model: onnx.ModelProto, recipe: dict) -> None:
@@ -204,10 +226,3 @@ def _record_recipe(model: onnx.ModelProto, recipe: dict) -> None:
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(recipe, sort_keys=True)
-
-
-def _copy_model(input_path: Path, model: onnx.ModelProto, output: Path) -> None:
-    if output.exists() and output.samefile(input_path):
-        return  # --force onto itself with nothing to cut: leave the input untouched
-    with AtomicModelWriter(output) as writer:
-        writer.write(model)

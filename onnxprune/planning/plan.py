@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import PlanMismatch, UsageError
+from ..errors import PlanMismatch, quoted
 from ..model.save import write_text_file
+from .reading import parse_json, read_text
 
 PLAN_SCHEMA = 1
 
@@ -45,20 +45,44 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-            if data.get("schema_version") != PLAN_SCHEMA:
-                raise PlanMismatch(f"{path}: plan schema_version {data.get('schema_version')!r}, "
-                                   f"expected {PLAN_SCHEMA}")
-            plan = cls()
-            for g in data["groups"]:
-                plan.keep[str(g["id"])] = sorted(int(k) for k in g["keep"])
-                plan.sizes[str(g["id"])] = int(g["channels"])
-            return plan
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read plan ({exc.strerror})") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PlanMismatch(f"{path}: not a valid onnxprune plan ({exc})") from None
+        data = parse_json(read_text(path, "plan"), path, "plan")
+        if not isinstance(data, dict) or data.get("schema_version") != PLAN_SCHEMA:
+            version = data.get("schema_version") if isinstance(data, dict) else None
+            raise PlanMismatch(f"{path}: plan schema_version {quoted(version)}, expected {PLAN_SCHEMA}")
+        groups = data.get("groups")
+        if not isinstance(groups, list):
+            raise PlanMismatch(f"{path}: not a valid onnxprune plan (no list of groups)")
+        plan = cls()
+        for entry in groups:
+            gid, channels, keep = _plan_entry(entry, path)
+            if gid in plan.keep:
+                raise PlanMismatch(f"{path}: plan group {quoted(gid)} is listed twice")
+            plan.keep[gid], plan.sizes[gid] = keep, channels
+        return plan
+
+
+def _plan_entry(entry, path) -> tuple[str, int, list[int]]:
+    """(id, channels, sorted kept indices) of one group of a plan file: integers only, no repeats.
+    (A float index would be truncated by int(), 1.7 keeping channel 1; 1e400 is infinite.)"""
+    if not isinstance(entry, dict) or not {"id", "channels", "keep"} <= set(entry):
+        raise PlanMismatch(f"{path}: not a valid onnxprune plan (a group without id, channels and keep)")
+    gid, channels, keep = entry["id"], entry["channels"], entry["keep"]
+    if not isinstance(gid, str):
+        raise PlanMismatch(f"{path}: plan group id {quoted(gid)} is not a string")
+    if not _is_int(channels) or channels < 1:
+        raise PlanMismatch(f"{path}: plan group {quoted(gid)}: channels {quoted(channels)} is not a positive integer")
+    if not isinstance(keep, list):
+        raise PlanMismatch(f"{path}: plan group {quoted(gid)}: keep is not a list of channel indices")
+    bad = next((k for k in keep if not _is_int(k)), None)
+    if bad is not None:
+        raise PlanMismatch(f"{path}: plan group {quoted(gid)}: kept index {quoted(bad)} is not an integer")
+    if len(set(keep)) != len(keep):
+        raise PlanMismatch(f"{path}: plan group {quoted(gid)}: a kept index is listed twice")
+    return gid, channels, sorted(keep)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_plan(plan: Plan, groups) -> None:
@@ -67,7 +91,7 @@ def check_plan(plan: Plan, groups) -> None:
     for gid, keep in plan.keep.items():
         group = by_id.get(gid)
         if group is None:
-            raise PlanMismatch(f"plan group {gid!r} does not exist in this model")
+            raise PlanMismatch(f"plan group {quoted(gid)} does not exist in this model")
         if not group.prunable:
             raise PlanMismatch(f"plan group {gid!r} is not prunable here: {'; '.join(group.blocked) or 'too narrow'}")
         if plan.sizes[gid] != group.size:

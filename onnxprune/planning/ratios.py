@@ -8,40 +8,19 @@ earlier ones.
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 
-from ..errors import MissingDependency, UsageError
+from ..errors import UsageError, quoted
 from ..options import check_ratio_mapping
+from .reading import parse_json, parse_yaml, read_text
 
 
 def load_ratios(path) -> dict[str, float]:
     """A ``--ratios`` file: JSON, or YAML (.yaml/.yml) when PyYAML is installed."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"`ratios` {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        mapping = _parse_yaml(text, path)
-    else:
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"`ratios` {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    return check_ratio_mapping(mapping, f"`ratios` {path}")
-
-
-def _parse_yaml(text: str, path: Path, what: str = "`ratios`"):
-    try:
-        import yaml
-    except ImportError:
-        raise MissingDependency(f"{what} {path}: reading YAML needs PyYAML (pip install pyyaml); "
-                                "or write the file as JSON") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{what} {path}: not valid YAML ({type(exc).__name__})") from None
+    text = read_text(path, "`ratios`")
+    parse = parse_yaml if path.suffix.lower() in (".yaml", ".yml") else parse_json
+    return check_ratio_mapping(parse(text, path, "`ratios`"), f"`ratios` {path}")
 
 
 def resolve_ratios(groups, mapping: dict[str, float], what: str = "`ratios`") -> dict[str, float]:
@@ -66,6 +45,6 @@ def _no_match(groups, key: str, what: str) -> str:
     unprunable = next((g for g in groups if not g.prunable and (g.id == key or _glob_matches(g, key))), None)
     if unprunable is not None:
         why = "; ".join(unprunable.blocked) or "too narrow to prune"
-        return f"{what}: {key!r} names a group that cannot be pruned ({why})"
-    return (f"{what}: {key!r} matches no group id or source node name or module path "
+        return f"{what}: {quoted(key)} names a group that cannot be pruned ({why})"
+    return (f"{what}: {quoted(key)} matches no group id or source node name or module path "
             "(ids: onnxprune info --json, or onnxprune.analyse)")

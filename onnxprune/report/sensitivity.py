@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import MissingDependency, UsageError
-from ..model.save import AtomicModelWriter
+from ..errors import MissingDependency
 from .text import clipped_label, dynamic_line, source_labels, worth_a_line
 
 
@@ -86,8 +85,8 @@ def require_matplotlib():
     return plt
 
 
-def plot(sensitivity: Sensitivity, path) -> None:
-    """Error (and top-1 accuracy, when measured) against ratio, one line per group, as a PNG."""
+def plot_png(sensitivity: Sensitivity) -> bytes:
+    """Error (and top-1 accuracy, when measured) against ratio, one line per group: a PNG's bytes."""
     plt = require_matplotlib()
     panels = 2 if sensitivity.baseline_accuracy is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
@@ -106,18 +105,14 @@ def plot(sensitivity: Sensitivity, path) -> None:
                        title="top-1 accuracy")
     if len(sensitivity.groups) <= 24:
         axes[0][-1].legend(fontsize=6, loc="best")
-    save_figure(fig, path, dpi=120)
+    return figure_png(fig, dpi=120)
 
 
-def save_figure(fig, path, dpi: int) -> None:
-    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+def figure_png(fig, dpi: int) -> bytes:
+    """``fig`` as a PNG's bytes; the figure is closed."""
     plt = require_matplotlib()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    try:
-        with AtomicModelWriter(path) as writer:
-            writer.write_bytes(buffer.getvalue())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return buffer.getvalue()

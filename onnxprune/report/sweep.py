@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..analysis.stats import format_count
-from .sensitivity import require_matplotlib, save_figure
+from .sensitivity import figure_png, require_matplotlib
 
 
 def _ratio_of(before: int | None, after: int | None) -> str:
@@ -61,8 +61,8 @@ def sweep_table(sweep) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(sweep, path) -> None:
-    """Accuracy (or output error) and speedup against MACs, one point per ratio, as a PNG."""
+def sweep_png(sweep) -> bytes:
+    """Accuracy (or output error) and speedup against MACs, one point per ratio: a PNG's bytes."""
     plt = require_matplotlib()
     done = [p for p in sweep.points if not p.failed and p.macs]
     panels = 2 if sweep.latency_ms is not None else 1
@@ -89,4 +89,4 @@ def plot_sweep(sweep, path) -> None:
         axes[0][1].plot(x, [1.0] + [p.speedup for p in done], marker="o")
         axes[0][1].set(xlabel=xlabel, ylabel="speedup (input median / pruned median)",
                        title=f"speedup on {sweep.bench['provider']}, batch {sweep.bench['batch']}")
-    save_figure(fig, path, dpi=110)
+    return figure_png(fig, dpi=110)

@@ -7,6 +7,13 @@ from __future__ import annotations
 from collections import Counter
 
 from ..analysis.stats import format_count
+from ..errors import escape
+
+
+def label_of(name: str, labels: dict[str, str] | None = None) -> str:
+    """How a summary shows the node ``name``: its label, every non-printable character escaped, so
+    that a name holding a newline or a terminal escape stays on its line and prints as text."""
+    return escape((labels or {}).get(name, name))
 
 
 def node_labels(modules: dict[str, str]) -> dict[str, str]:
@@ -25,13 +32,13 @@ def source_labels(groups) -> dict[str, str]:
 
 def group_label(sources: list[str], gid: str, labels: dict[str, str] | None = None) -> str:
     """A group by its first two source nodes (its id when it has none)."""
-    shown = [(labels or {}).get(s, s) for s in sources[:2]]
+    shown = [label_of(s, labels) for s in sources[:2]]
     return ", ".join(shown) + (" ..." if len(sources) > 2 else "") if sources else gid
 
 
 def clipped_label(sources: list[str], gid: str, limit: int = 48, labels: dict[str, str] | None = None) -> str:
     """A group by all its source nodes, cut to ``limit`` characters (for table columns)."""
-    text = ", ".join((labels or {}).get(s, s) for s in sources) if sources else gid
+    text = ", ".join(label_of(s, labels) for s in sources) if sources else gid
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -43,7 +50,7 @@ def labelled_reason(reason: str, labels: dict[str, str]) -> str:
         head, sep, message = part.partition(": ")
         op, space, node = head.partition(" ")
         parts.append(f"{op} {labels[node]}{sep}{message}" if sep and space and node in labels else part)
-    return "; ".join(parts)
+    return escape("; ".join(parts))
 
 
 def format_allocation(allocation: dict) -> str:
@@ -62,7 +69,7 @@ def format_allocation(allocation: dict) -> str:
 def barrier_label(barrier: dict, labels: dict[str, str] | None = None) -> str:
     """A barrier (an entry of ``Report.barriers``) with the nodes it was met at:
     "ReduceMean ln/mean, ln/var: ReduceMean reduces over the channel axis ..."."""
-    nodes = [(labels or {}).get(n, n) for n in barrier["nodes"]]
+    nodes = [label_of(n, labels) for n in barrier["nodes"]]
     if not nodes:
         return barrier["barrier"]
     where = ", ".join(nodes[:2]) + (f" and {len(nodes) - 2} more" if len(nodes) > 2 else "")

@@ -75,7 +75,7 @@ def batch_shapes(
         if not dims:
             continue  # a scalar input has no batch dim
         first = declared_dim(dims[0])
-        if first and first != batch:
+        if first is not None and first != batch:
             raise UsageError(f"`batches` {batch}: {label} input {vi.name!r} has a fixed batch dim {first}")
         wanted[vi.name] = (batch,) + tuple(chosen[vi.name][1:])
     return resolve_input_shapes(model, wanted)
