@@ -302,6 +302,8 @@ def consumer_side(slot) -> bool:
         return i == 1 and axis == (1 if node.attrs.get("transB", 0) else 0)
     if node.op == "MatMul":
         return (i == 1 and axis == ndim - 2) or (i == 0 and axis == ndim - 1)
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return i in (1, 2) and axis == 2  # W's input columns, R's hidden columns (the units read back)
     return False
 
 
