@@ -1,7 +1,8 @@
 """LSTM, GRU and RNN (issue 17): the rule (hidden units cut gate by gate, both directions alike,
 layouts 0 and 1, the input size through W, hidden_size rewritten), the executor's torch
 implementations against onnxruntime, and torch exports of a conv + BiLSTM (CRNN-like) and of a
-GRU sequence model, with both exporters, pruned at 0.4.
+GRU sequence model, with both exporters, pruned at 0.4; and the executor's Loop and Scan (a Loop
+with a conv in its body) against onnxruntime.
 
 Tolerances: single ops 1e-5 of the output scale (test_executor.py's figure), whole models 1e-4.
 """
@@ -486,3 +487,80 @@ def test_importance_from_data_scores_the_hidden_units(tmp_path, importance):
     layer = next(n.name for n in model.graph.node if n.op_type == "LSTM")
     (node,) = nodes_of(result.model, "LSTM")
     assert attr_of(node, "hidden_size") < 32 and node.name == layer
+
+
+# --- Loop and Scan in the executor --------------------------------------------------------------------
+
+def vi(name, dtype=F32, shape=None):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def control_model(nodes, inputs, outputs, inits, opset=17):
+    graph = helper.make_graph(nodes, "control", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def loop_with_a_conv(trip=3):
+    """h <- relu(conv(h)) ``trip`` times (the conv's weights read from the outer scope); the
+    iterates are stacked as a scan output."""
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["h", "conv.W", "conv.B"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["h_next"]),
+         helper.make_node("Identity", ["cond"], ["cond_next"]),
+         helper.make_node("Identity", ["h_next"], ["h_seen"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []), vi("h", F32, [1, 3, 6, 6])],
+        [vi("cond_next", TensorProto.BOOL, []), vi("h_next", F32, [1, 3, 6, 6]), vi("h_seen", F32, [1, 3, 6, 6])])
+    inits = [numpy_helper.from_array(rng_array((3, 3, 3, 3), 1), "conv.W"),
+             numpy_helper.from_array(rng_array((3,), 2), "conv.B"),
+             numpy_helper.from_array(np.array(trip, np.int64), "trip"),
+             numpy_helper.from_array(np.array(True), "go")]
+    loop = helper.make_node("Loop", ["trip", "go", "x"], ["h_final", "h_all"], name="loop", body=body)
+    return control_model([loop], [vi("x", F32, [1, 3, 6, 6])],
+                         [vi("h_final", F32, [1, 3, 6, 6]), vi("h_all", F32, [trip, 1, 3, 6, 6])], inits)
+
+
+def test_a_loop_with_a_conv_in_its_body_runs_as_in_onnxruntime_and_trains():
+    model = loop_with_a_conv()
+    feeds = {"x": rng_array((1, 3, 6, 6), 0, 1.0)}
+    assert_executor_matches(model, feeds)
+    tg = TorchGraph(model)
+    final, stacked = tg(torch.from_numpy(feeds["x"]))
+    assert stacked.shape == (3, 1, 3, 6, 6)
+    final.sum().backward()
+    assert tg.parameter("conv.W").grad.abs().sum() > 0  # through every iteration
+
+
+def test_a_loop_ends_when_its_body_says_so():
+    """No trip count: the body's condition (iteration < 3) ends it; s doubles each time."""
+    body = helper.make_graph(
+        [helper.make_node("Less", ["i", "three"], ["cond_next"]),
+         helper.make_node("Add", ["s", "s"], ["s_next"]),
+         helper.make_node("Cast", ["i"], ["i_float"], to=F32),
+         helper.make_node("Mul", ["s_next", "i_float"], ["seen"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []), vi("s", F32, [2])],
+        [vi("cond_next", TensorProto.BOOL, []), vi("s_next", F32, [2]), vi("seen", F32, [2])])
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "three"),
+             numpy_helper.from_array(np.array(True), "go")]
+    loop = helper.make_node("Loop", ["", "go", "s0"], ["s", "all"], name="loop", body=body)
+    model = control_model([loop], [vi("s0", F32, [2])], [vi("s", F32, [2]), vi("all", F32, ["n", 2])], inits)
+    assert_executor_matches(model, {"s0": np.array([1.0, -2.0], np.float32)})
+
+
+@pytest.mark.parametrize("axes", [dict(), dict(scan_input_axes=[1], scan_input_directions=[1],
+                                                scan_output_axes=[1], scan_output_directions=[1])])
+def test_scan_runs_as_in_onnxruntime(axes):
+    """A running sum s <- s + x_t with y_t = tanh(s) W, along either axis and direction."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s", "x_t"], ["s_next"]), helper.make_node("Tanh", ["s_next"], ["t"]),
+         helper.make_node("MatMul", ["t", "w"], ["y_t"])],
+        "body", [vi("s", F32, [2, 3]), vi("x_t", F32, [2, 3])], [vi("s_next", F32, [2, 3]), vi("y_t", F32, [2, 4])])
+    scan = helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1, **axes)
+    xs_shape = (2, 5, 3) if axes else (5, 2, 3)
+    ys_shape = [2, 5, 4] if axes else [5, 2, 4]
+    model = control_model([scan], [vi("s0", F32, [2, 3]), vi("xs", F32, list(xs_shape))],
+                          [vi("s", F32, [2, 3]), vi("ys", F32, ys_shape)],
+                          [numpy_helper.from_array(rng_array((3, 4), 3), "w")])
+    assert_executor_matches(model, {"s0": rng_array((2, 3), 4), "xs": rng_array(xs_shape, 5, 1.0)})

@@ -21,6 +21,9 @@ from ..rules.weights import learned_role
 from .ops import HOST_INPUTS, OPS, PREPARE
 from .tensors import FLOAT_TYPES, constant_value, tensor_from_proto
 
+# Ops the compiler handles itself: Constant nodes become values, the others run subgraphs.
+CONTROL_FLOW = ("Constant", "If", "Loop", "Scan")
+
 EMPTY, TRASH = 0, 1  # slots of a missing input (always None) and of an unused output
 
 # Value kinds.
@@ -101,13 +104,11 @@ def check_supported(graph: onnx.GraphProto) -> None:
     """UnsupportedModel naming every op type without an implementation, in one line."""
     missing: dict[str, str] = {}
     for node in _all_nodes(graph):
-        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in ("Constant", "If"))
+        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in CONTROL_FLOW)
         if not known:
             missing.setdefault(_label(node), node.name or node.output[0])
     if missing:
         listed = ", ".join(f"{op} (node {name})" for op, name in missing.items())
-        if any(op in ("Loop", "Scan") for op in missing):
-            listed += "; Loop and Scan are not supported: only If is"
         raise UnsupportedModel(f"no PyTorch implementation for op {listed}")
 
 
@@ -220,7 +221,9 @@ class Step:
     moves: tuple[int, ...]      # input positions holding host values to move to the data's device
     uses: frozenset[int]        # every slot read, subgraphs included (for freeing and pruning)
     label: str
-    branches: tuple | None = None  # If: ((then steps, then output slots), (else ...))
+    # If: ((then steps, output slots, host outputs), (else ...)); Loop, Scan: ((body ...),), with
+    # attrs["_control"] naming the op and attrs["_body_inputs"] the slots of the body's inputs
+    branches: tuple | None = None
 
 
 class Compiler:
@@ -286,6 +289,8 @@ class Compiler:
                     self.add_const(node.output[0], constant_value(node))
             elif node.op_type == "If":
                 steps.append(self.compile_if(node))
+            elif node.op_type in ("Loop", "Scan"):
+                steps.append(self.compile_body(node))
             else:
                 step = self.compile_node(node)
                 if step is not None:
@@ -317,12 +322,8 @@ class Compiler:
     def compile_if(self, node: onnx.NodeProto) -> Step:
         for name in _reads(node):
             self.kind_of(name, node)
-        branches = []
-        for attr in ("then_branch", "else_branch"):
-            sub = helper.get_attribute_value(next(a for a in node.attribute if a.name == attr))
-            steps = self.compile(sub, top=False)
-            branches.append((steps, tuple(self.device_slot(o.name) for o in sub.output),
-                             tuple(i for i, o in enumerate(sub.output) if self.kind.get(o.name) == HOST)))
+        branches = [self.compile_branch(helper.get_attribute_value(next(a for a in node.attribute if a.name == attr)))
+                    for attr in ("then_branch", "else_branch")]
         for o in node.output:
             if o:
                 self.kind[o] = DEVICE
@@ -331,6 +332,38 @@ class Compiler:
                          | {s for steps, _, _ in branches for step in steps for s in step.uses})
         return Step(None, {}, (cond,), self.output_slots(node), (), uses,
                     f"If node {node.name or node.output[0]!r}", tuple(branches))
+
+    def compile_branch(self, sub: onnx.GraphProto) -> tuple:
+        """(steps, slots of the subgraph's outputs, positions of outputs computed on the host)."""
+        steps = self.compile(sub, top=False)
+        return (steps, tuple(self.device_slot(o.name) for o in sub.output),
+                tuple(i for i, o in enumerate(sub.output) if self.kind.get(o.name) == HOST))
+
+    def compile_body(self, node: onnx.NodeProto) -> Step:
+        """Loop or Scan: the body runs once per iteration on the same values (outer scope visible),
+        its inputs set each time: Loop's iteration number and condition (host numbers), then the
+        carried values; Scan's states, then one slice of each scan input."""
+        if node.op_type == "Scan" and self.opset < 9:
+            raise UnsupportedModel(f"Scan node {node.name or node.output[0]!r}: opset {self.opset} Scan "
+                                   "(with a batch axis) is not supported; opset 9 and later are")
+        for name in _reads(node):
+            self.kind_of(name, node)
+        body = helper.get_attribute_value(next(a for a in node.attribute if a.name == "body"))
+        numbers = 2 if node.op_type == "Loop" else 0  # Loop's trip count and condition
+        body_inputs = []
+        for i, vi in enumerate(body.input):
+            self.kind[vi.name] = HOST if i < numbers else DEVICE
+            body_inputs.append(self.slot(vi.name))
+        branch = self.compile_branch(body)
+        for o in node.output:
+            if o:
+                self.kind[o] = DEVICE
+        inputs = tuple(self.slot(n) if i < numbers or not n else self.device_slot(n) for i, n in enumerate(node.input))
+        attrs = {**_attributes(node, self.opset), "_control": node.op_type, "_body_inputs": tuple(body_inputs)}
+        steps, outs, _ = branch
+        uses = frozenset(set(inputs) | set(outs) | {s for step in steps for s in step.uses})
+        return Step(None, attrs, inputs, self.output_slots(node), (), uses,
+                    f"{node.op_type} node {node.name or node.output[0]!r}", (branch,))
 
     def output_slots(self, node: onnx.NodeProto) -> tuple[int, ...]:
         return tuple(self.slot(o) if o else TRASH for o in node.output)
