@@ -314,10 +314,19 @@ def removed_positions(owner: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.nonzero(hit)[0]
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of its subgraphs (If branches, Loop and Scan bodies)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from all_nodes(sub)
+
+
 def masked_reference(model: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
     """The original model with removed channels zeroed at their consumers' weights."""
     ref = copy.deepcopy(model)
-    by_name = {n.name: n for n in ref.graph.node}
+    by_name = {n.name: n for n in all_nodes(ref.graph)}  # subgraph nodes too
     masked: dict[tuple[str, int], np.ndarray] = {}
     for group in analysis.groups:
         if group.id not in plan.keep:

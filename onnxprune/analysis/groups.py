@@ -9,8 +9,10 @@ positions to the group's channel indices (-1: not this group's), which
 expresses Concat offsets, Flatten repeats and Split ranges exactly.
 
 A group is blocked when it reaches a barrier: a graph input or output, an op
-without a rule, an ignored node, a tensor read by a subgraph, or a rule that
-says no. Blocked groups are reported, never pruned. The one exception is
+without a rule, an ignored node, a subgraph's own input or output, or a rule
+that says no. Subgraph nodes (If branches, Loop and Scan bodies) take part
+like the others: a body's conv creates a group, and a tensor of an outer
+scope leads into the body nodes that read it. Blocked groups are reported, never pruned. The one exception is
 opt-in: with ``allow_io_change``, attention heads may reach graph inputs and
 outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
 """
@@ -105,7 +107,7 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: 
     claims: dict[tuple[str, int], np.ndarray] = {}  # slot -> owning group index per position
     groups: list[Group] = []
     ignored = _ignored_nodes(view, ignore)
-    for node in view.nodes:
+    for node in view.all_nodes:  # subgraph nodes too: a conv in an If branch or a Loop body
         rule = lookup(node)
         if rule is None or rule.source is None:
             continue
@@ -133,7 +135,8 @@ def _ignored_nodes(view: GraphView, patterns: tuple[str, ...]) -> set[str]:
     """Nodes an ``ignore`` glob matches (GraphView.names_of: by name, module path or the name of a
     constant input); a warning for each glob that matches none."""
     view.warn_unmatched(patterns)
-    return {node.name for node in view.nodes if patterns and any(matches(n, patterns) for n in view.names_of(node))}
+    return {node.name for node in view.all_nodes
+            if patterns and any(matches(n, patterns) for n in view.names_of(node))}
 
 
 def _claim(group: Group, index: int, claims, view: GraphView) -> None:
@@ -193,13 +196,15 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             block(f"{node.op} {node.name}: ignored (`ignore`)")
             return
         rule = lookup(node)
+        scope = view.scopes.get(node.name)
+        where = f" (in {scope})" if scope else ""
         if rule is None:
             domain = f"{node.domain}::" if node.domain else ""
-            block(f"{domain}{node.op} {node.name}: no pruning rule for this op")
+            block(f"{domain}{node.op} {node.name}: no pruning rule for this op{where}")
             return
         relation = rule.relate(node, view, reached)
         if relation.barrier:
-            block(f"{node.op} {node.name}: {relation.barrier}")
+            block(f"{node.op} {node.name}: {relation.barrier}{where}")
             return
         if relation.kind:
             group.kind = relation.kind
@@ -228,8 +233,8 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             io_reasons.append(f"reaches graph output {t.name}")
         if view.is_graph_input(t):
             io_reasons.append(f"reaches graph input {t.name}")
-        if t.name in view.subgraph_refs:
-            block(f"{t.name} is read inside a subgraph (If/Loop/Scan)")
+        if t.name in view.boundaries:  # the body's own inputs and outputs: no rule maps them yet
+            block(f"{t.name} is {view.boundaries[t.name]}: channels do not cross a subgraph's inputs or outputs")
         producer = view.producer(t)
         if producer is not None:
             visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)

@@ -214,8 +214,14 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
     from .obs import measure_grams, obs_scores
 
     stats = {g.id: GroupStats(g.size) for g in groups}
+    # Groups with channels on tensors inside a subgraph cannot be measured (onnxruntime hands out
+    # outer tensors only): they keep empty statistics, so their criterion falls back to l2
+    # (criteria.score_groups says so) and compensation leaves them alone.
+    groups = [g for g in groups if not any(name in view.inner_tensors for name, _ in g.dims)]
+    if not groups:
+        return stats
     if activations:
-        stats = activation_stats(model, groups, view, data, batch_size, quiet)
+        stats.update(activation_stats(model, groups, view, data, batch_size, quiet))
     if gradients:
         for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
             stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher

@@ -1,0 +1,175 @@
+"""Channels in subgraphs (issue 17, point 3): groups inside If branches and Loop bodies, channels of
+an outer tensor flowing into the bodies that read it, and barriers that name the subgraph; graphs
+built with onnx.helper, checked for validity and mask equivalence with onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+
+from graphs import all_nodes, group_of, prune_checked, run, run_main
+
+F32 = TensorProto.FLOAT
+X = [1, 3, 8, 8]
+
+
+def weight(shape, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def conv(name, x, out, w, b=None):
+    inputs = [x, w] + ([b] if b else [])
+    return helper.make_node("Conv", inputs, [out], name=name, pads=[1, 1, 1, 1])
+
+
+def vi(name, shape=None, dtype=F32):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def init(name, shape, seed):
+    return numpy_helper.from_array(weight(shape, seed), name)
+
+
+def model_of(nodes, inputs, outputs, inits):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def branch(prefix, source, out_channels, inits, seed, cin=None):
+    """source -> conv(->8) -> relu -> conv(->out_channels): a prunable 8-channel group inside."""
+    nodes = [conv(f"{prefix}.conv1", source, f"{prefix}.h", f"{prefix}.W1", f"{prefix}.B1"),
+             helper.make_node("Relu", [f"{prefix}.h"], [f"{prefix}.r"], name=f"{prefix}.relu"),
+             conv(f"{prefix}.conv2", f"{prefix}.r", f"{prefix}.out", f"{prefix}.W2")]
+    cin = cin or (3 if source == "x" else 8)
+    inits += [init(f"{prefix}.W1", (8, cin, 3, 3), seed), init(f"{prefix}.B1", (8,), seed + 1),
+              init(f"{prefix}.W2", (out_channels, 8, 3, 3), seed + 2)]
+    return nodes
+
+
+def if_with_convs_in_both_branches(source="x"):
+    """y = If(cond, then: conv-relu-conv(source), else: the same with other weights). The then
+    branch keeps its weights in the outer graph, the else branch in its own initializers."""
+    outer, own = [], []
+    then = helper.make_graph(branch("then", source, 4, outer, 1), "then", [], [vi("then.out", [1, 4, 8, 8])])
+    els = helper.make_graph(branch("else", source, 4, own, 7), "else", [], [vi("else.out", [1, 4, 8, 8])], own)
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=els)]
+    if source != "x":  # an outer conv whose channels the branches read
+        nodes.insert(0, conv("outer", "x", "outer.h", "outer.W", "outer.B"))
+        nodes.insert(1, helper.make_node("Relu", ["outer.h"], [source], name="outer.relu"))
+        outer += [init("outer.W", (8, 3, 3, 3), 20), init("outer.B", (8,), 21)]
+    return model_of(nodes, [vi("x", X), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 4, 8, 8])], outer)
+
+
+def feeds_with(cond: bool) -> dict:
+    return {"x": np.random.default_rng(0).standard_normal(X).astype(np.float32), "cond": np.array(cond)}
+
+
+def body_weight(model, node_name: str, index: int) -> np.ndarray:
+    """The constant input ``index`` of a node anywhere in the model (outer or subgraph initializer)."""
+    found = next(n for n in all_nodes(model.graph) if n.name == node_name)
+    name = found.input[index]
+    graphs = [model.graph] + [a.g for n in all_nodes(model.graph) for a in n.attribute
+                              if a.type == onnx.AttributeProto.GRAPH]
+    return next(numpy_helper.to_array(t) for g in graphs for t in g.initializer if t.name == name)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_convs_inside_both_if_branches_are_pruned(cond):
+    model = if_with_convs_in_both_branches()
+    analysis = onnxprune.analyse(model)
+    assert group_of(analysis, "then.conv1").prunable and group_of(analysis, "else.conv1").prunable
+    result, _, _ = prune_checked(model, 0.5, feeds=feeds_with(cond), macs_drop=False)
+    for prefix in ("then", "else"):
+        assert body_weight(result.model, f"{prefix}.conv1", 1).shape[0] == 4
+        assert body_weight(result.model, f"{prefix}.conv2", 1).shape[1] == 4
+    assert onnxprune.count_params(result.model) < onnxprune.count_params(model)
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_an_outer_tensor_leads_its_channels_into_both_branches(cond):
+    """The outer conv's channels are read by the first conv of each branch: one group, whose cut
+    takes the same input channels out of both."""
+    model = if_with_convs_in_both_branches(source="outer.r")
+    group = group_of(onnxprune.analyse(model), "outer")
+    assert group.prunable and {"then.conv1", "else.conv1"} <= set(group.nodes)
+    result, _, _ = prune_checked(model, 0.5, feeds=feeds_with(cond), macs_drop=False)
+    widths = {body_weight(result.model, f"{prefix}.conv1", 1).shape[1] for prefix in ("then", "else")}
+    assert widths == {4}
+
+
+def test_a_barrier_in_a_branch_names_the_subgraph():
+    model = if_with_convs_in_both_branches(source="outer.r")
+    then = next(a.g for a in model.graph.node[-1].attribute if a.name == "then_branch")
+    then.node.insert(0, helper.make_node("LRN", ["outer.r"], ["then.lrn"], name="then.lrn", size=3))
+    then.node[1].input[0] = "then.lrn"
+    onnx.checker.check_model(model, full_check=True)
+    group = group_of(onnxprune.analyse(model), "outer")
+    assert "LRN then.lrn: no pruning rule for this op (in then_branch of If if)" in group.blocked
+
+
+def test_channels_stop_at_a_subgraph_output():
+    """An If output is a branch's output: channels made inside do not leave (no rule maps them)."""
+    nodes = [conv("then.conv", "x", "then.out", "then.W")]
+    then = helper.make_graph(nodes, "then", [], [vi("then.out", [1, 8, 8, 8])])
+    els = helper.make_graph([conv("else.conv", "x", "else.out", "else.W")], "else", [], [vi("else.out", [1, 8, 8, 8])])
+    model = model_of([helper.make_node("If", ["cond"], ["h"], name="if", then_branch=then, else_branch=els),
+                      conv("head", "h", "y", "head.W")],
+                     [vi("x", X), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 2, 8, 8])],
+                     [init("then.W", (8, 3, 3, 3), 1), init("else.W", (8, 3, 3, 3), 2),
+                      init("head.W", (2, 8, 3, 3), 3)])
+    group = group_of(onnxprune.analyse(model), "then.conv")
+    assert not group.prunable
+    assert any("then.out is an output of then_branch of If if" in r for r in group.blocked)
+
+
+def loop_with_convs(trip=3):
+    """h <- h + conv2(relu(conv1(h))) ``trip`` times: an 8-channel group inside the body."""
+    inits = []
+    nodes = branch("body", "h", 3, inits, 3, cin=3)
+    nodes += [helper.make_node("Add", ["h", "body.out"], ["h_next"], name="body.add"),
+              helper.make_node("Identity", ["cond"], ["cond_next"], name="body.cond")]
+    body = helper.make_graph(nodes, "body", [vi("i", [], TensorProto.INT64), vi("cond", [], TensorProto.BOOL),
+                                             vi("h", X)],
+                             [vi("cond_next", [], TensorProto.BOOL), vi("h_next", X)])
+    inits += [numpy_helper.from_array(np.array(trip, np.int64), "trip"), numpy_helper.from_array(np.array(True), "go")]
+    loop = helper.make_node("Loop", ["trip", "go", "x"], ["y"], name="loop", body=body)
+    return model_of([loop], [vi("x", X)], [vi("y", X)], inits)
+
+
+def test_a_conv_in_a_loop_body_is_pruned():
+    model = loop_with_convs()
+    group = group_of(onnxprune.analyse(model), "body.conv1")
+    assert group.prunable and group.size == 8
+    result, _, _ = prune_checked(model, 0.5, macs_drop=False)
+    assert body_weight(result.model, "body.conv1", 1).shape[0] == 4
+    assert body_weight(result.model, "body.conv2", 1).shape[1] == 4
+    # the carried value is the body's input and output: its channels stay
+    assert not any("h" in g.dims and g.prunable for g in onnxprune.analyse(model).groups)
+    assert run(result.model, {"x": np.ones(X, np.float32)})[0].shape == tuple(X)
+
+
+def test_data_criteria_score_groups_inside_a_body_by_l2_with_a_warning():
+    model = loop_with_convs()
+    data = onnxprune.Dataset({"x": np.random.default_rng(1).standard_normal((4, *X[1:])).astype(np.float32)})
+    result = onnxprune.prune(model, 0.5, data=data, importance="activation")
+    assert any("importance 'activation': 1 group(s) cannot be measured this way; used l2" in w
+               for w in result.report.warnings)
+    assert body_weight(result.model, "body.conv1", 1).shape[0] == 4
+
+
+def test_the_command_line_prunes_inside_both_branches(tmp_path, capsys):
+    """Verification feeds the If's boolean condition as an array (a numpy scalar was refused)."""
+    path, out = tmp_path / "if.onnx", tmp_path / "out.onnx"
+    onnx.save(if_with_convs_in_both_branches(), str(path))
+    code, printed, err = run_main(capsys, path, "--structured", "0.5", "-o", out)
+    assert code == 0, err
+    assert "then.conv1" in printed and "else.conv1" in printed and "(2.00x fewer)" in printed
+    onnx.checker.check_model(str(out), full_check=True)
