@@ -16,6 +16,8 @@ from graphs import all_nodes, group_of, prune_checked, run, run_main
 F32 = TensorProto.FLOAT
 X = [1, 3, 8, 8]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def weight(shape, seed):
     rng = np.random.default_rng(seed)
@@ -173,3 +175,17 @@ def test_the_command_line_prunes_inside_both_branches(tmp_path, capsys):
     assert code == 0, err
     assert "then.conv1" in printed and "else.conv1" in printed and "(2.00x fewer)" in printed
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_recovery_trains_the_weights_of_a_loop_body():
+    """After the cut the body's sliced weights live in the body: the executor trains them too and
+    writes them back there."""
+    model = loop_with_convs()
+    pruned = onnxprune.prune(model, 0.5).model
+    data = onnxprune.Dataset({"x": np.random.default_rng(2).standard_normal((4, *X[1:])).astype(np.float32)})
+    trained, report = onnxprune.distill(pruned, model, data, epochs=1, batch_size=1, lr=0.01, val_fraction=0.25)
+    assert len(report.epochs) == 1
+    onnx.checker.check_model(trained, full_check=True)
+    for name in ("body.conv1", "body.conv2"):
+        before, after = body_weight(pruned, name, 1), body_weight(trained, name, 1)
+        assert before.shape == after.shape and not np.array_equal(before, after)

@@ -140,14 +140,22 @@ _PASS_THROUGH = frozenset({"Identity", "Cast", "CastLike", "Transpose", "Reshape
 
 
 def _float_tensors(graph: onnx.GraphProto) -> dict[str, int]:
-    """The graph's float initializers and float Constant nodes: name -> number of elements."""
-    found = {t.name: math.prod(t.dims) for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    """The float initializers (subgraphs' too) and float Constant nodes: name -> number of elements."""
+    found = {t.name: math.prod(t.dims) for g in _all_graphs(graph) for t in g.initializer
+             if t.data_type in FLOAT_TYPES}
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             t = node.attribute[0].t
             if t.data_type in FLOAT_TYPES:
                 found[node.output[0]] = math.prod(t.dims)
     return found
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _all_graphs(sub)
 
 
 def _activations(graph: onnx.GraphProto) -> set[str]:
@@ -167,6 +175,7 @@ def _activations(graph: onnx.GraphProto) -> set[str]:
             reads += [name for sub in _subgraphs(node) for name in _outer_references(sub)]
             if any(name in found for name in reads):
                 found.update(o for o in node.output if o)
+                found.update(v.name for sub in _subgraphs(node) for v in sub.input)  # a Loop's carried values
                 grew = True
     return found
 
@@ -268,10 +277,11 @@ class Compiler:
         host_only = _host_only_names(graph)
         for t in graph.initializer:
             value = tensor_from_proto(t)
-            if top and t.data_type in FLOAT_TYPES and t.name not in host_only \
+            # subgraph weights too: the cut moves a sliced weight of a branch or body into it
+            if t.data_type in FLOAT_TYPES and t.name not in host_only \
                     and (t.name in self.learned or not self.learned_only):
                 self.add_param(t.name, value, "initializer")
-            else:  # also subgraph initializers: write_back looks at the main graph only
+            else:
                 self.add_const(t.name, value)
 
     # nodes

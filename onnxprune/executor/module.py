@@ -32,7 +32,9 @@ Design
   accelerator). Constants used as data are buffers and follow ``.to(device)``.
 - ``write_back`` stores each parameter in its own initializer (or Constant
   node) of a copy of the model: same name, dtype and shape; a parameter whose
-  value did not change keeps its original bytes.
+  value did not change keeps its original bytes. The initializers of
+  subgraphs are parameters too (a cut If branch or Loop body holds its sliced
+  weights itself), written back where they are.
 
 Semantics: inference everywhere (Dropout is the identity and
 BatchNormalization uses its stored statistics, also in ``train()``), so a
@@ -63,6 +65,15 @@ from .compile import CONST, HOST, INPUT, Compiler, Plan, check_supported, needed
 from .tensors import store_tensor, tensor_from_proto
 
 __all__ = ["TorchGraph", "tensor_from_proto"]
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from _graphs(sub)
 
 
 def _key(name: str, taken: set[str], reserved: nn.Module) -> str:
@@ -317,7 +328,7 @@ class TorchGraph(nn.Module):
         """A copy of ``model`` holding the parameters' current values in the same tensors."""
         new = onnx.ModelProto()
         new.CopyFrom(model)
-        initializers = {t.name: t for t in new.graph.initializer}
+        initializers = {t.name: t for g in _graphs(new.graph) for t in g.initializer}  # subgraphs' too
         constants = {n.output[0]: n for n in new.graph.node if n.op_type == "Constant"}
         for name, key in self._param_keys.items():
             value = self.params[key].detach()
