@@ -50,8 +50,6 @@ KNOWN_WITHOUT_RULE = {
               "a barrier until grouped-query attention gets a rule",
     "GatherElements": "reads elements at computed indices along an axis: where a channel ends up is data",
     "GatherND": "reads slices at computed coordinate tuples: where a channel ends up is data",
-    "If": "its results are its branches' outputs, which no rule maps yet (channels flow into the "
-          "branches along the outer tensors they read, and groups inside a branch are pruned)",
     "Loop": "its carried values and scan outputs are the body's inputs and outputs, which no rule maps yet",
     "Scan": "its states and scan slices are the body's inputs and outputs, which no rule maps yet",
     "LRN": "sums over neighbouring channels, so a channel cannot be removed alone",

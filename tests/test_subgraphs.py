@@ -117,19 +117,42 @@ def test_a_barrier_in_a_branch_names_the_subgraph():
     assert "LRN then.lrn: no pruning rule for this op (in then_branch of If if)" in group.blocked
 
 
-def test_channels_stop_at_a_subgraph_output():
-    """An If output is a branch's output: channels made inside do not leave (no rule maps them)."""
-    nodes = [conv("then.conv", "x", "then.out", "then.W")]
-    then = helper.make_graph(nodes, "then", [], [vi("then.out", [1, 8, 8, 8])])
+def if_choosing_a_conv():
+    """h = If(cond, then: conv_a(x), else: conv_b(x)); y = head(relu(h))."""
+    then = helper.make_graph([conv("then.conv", "x", "then.out", "then.W", "then.B")], "then", [],
+                             [vi("then.out", [1, 8, 8, 8])])
     els = helper.make_graph([conv("else.conv", "x", "else.out", "else.W")], "else", [], [vi("else.out", [1, 8, 8, 8])])
-    model = model_of([helper.make_node("If", ["cond"], ["h"], name="if", then_branch=then, else_branch=els),
-                      conv("head", "h", "y", "head.W")],
-                     [vi("x", X), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 2, 8, 8])],
-                     [init("then.W", (8, 3, 3, 3), 1), init("else.W", (8, 3, 3, 3), 2),
-                      init("head.W", (2, 8, 3, 3), 3)])
+    return model_of([helper.make_node("If", ["cond"], ["h"], name="if", then_branch=then, else_branch=els),
+                     helper.make_node("Relu", ["h"], ["r"], name="relu"), conv("head", "r", "y", "head.W")],
+                    [vi("x", X), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 2, 8, 8])],
+                    [init("then.W", (8, 3, 3, 3), 1), init("then.B", (8,), 4), init("else.W", (8, 3, 3, 3), 2),
+                     init("head.W", (2, 8, 3, 3), 3)])
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_channels_cross_an_if_result_into_both_branches(cond):
+    """The If's result is either branch's output: one group with both branch convs as sources,
+    cut alike, and the head reading the result."""
+    model = if_choosing_a_conv()
+    group = group_of(onnxprune.analyse(model), "then.conv")
+    assert group.prunable and set(group.sources) == {"then.conv", "else.conv"}
+    result, _, _ = prune_checked(model, 0.5, feeds=feeds_with(cond), macs_drop=False)
+    assert body_weight(result.model, "then.conv", 1).shape[0] == body_weight(result.model, "else.conv", 1).shape[0] == 4
+    assert body_weight(result.model, "then.conv", 2).shape == (4,)
+    assert body_weight(result.model, "head", 1).shape[1] == 4
+
+
+def test_a_branch_whose_result_cannot_be_cut_blocks_both():
+    """The else branch's result comes through an LRN (no rule): the then branch's conv, whose
+    channels are the same result's, keeps its width too."""
+    model = if_choosing_a_conv()
+    els = next(a.g for a in model.graph.node[0].attribute if a.name == "else_branch")
+    els.node[0].output[0] = "else.h"
+    els.node.append(helper.make_node("LRN", ["else.h"], ["else.out"], name="else.lrn", size=3))
+    onnx.checker.check_model(model, full_check=True)
     group = group_of(onnxprune.analyse(model), "then.conv")
     assert not group.prunable
-    assert any("then.out is an output of then_branch of If if" in r for r in group.blocked)
+    assert "LRN else.lrn: no pruning rule for this op (in else_branch of If if)" in group.blocked
 
 
 def loop_with_convs(trip=3):
@@ -191,12 +214,13 @@ def test_recovery_trains_the_weights_of_a_loop_body():
         assert before.shape == after.shape and not np.array_equal(before, after)
 
 
-@pytest.mark.parametrize("make", [if_with_convs_in_both_branches, loop_with_convs], ids=["if", "loop"])
+@pytest.mark.parametrize("make", [if_with_convs_in_both_branches, if_choosing_a_conv, loop_with_convs],
+                         ids=["if", "if_result", "loop"])
 def test_shapes_recorded_inside_subgraphs_are_not_left_stale(make):
-    """Exporters (and shape inference) record the shapes of body tensors: after the cut they
-    would contradict the sliced convs (the full check fails), so they are inferred again."""
+    """Exporters (and shape inference) record the shapes of body tensors and outputs: after the
+    cut they would contradict the sliced convs (the full check fails), so they are inferred again."""
     model = onnx.shape_inference.infer_shapes(make())
-    assert all(len(a.g.value_info) for n in model.graph.node for a in n.attribute
-               if a.type == onnx.AttributeProto.GRAPH)
+    bodies = [a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert all(len(g.value_info) or g.output[0].type.tensor_type.HasField("shape") for g in bodies)
     feeds = feeds_with(True) if len(model.graph.input) > 1 else {"x": feeds_with(True)["x"]}
     prune_checked(model, 0.5, feeds=feeds, macs_drop=False)

@@ -216,7 +216,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             if (chans >= 0).any():
                 uf.union(chans)
         for link in relation.links:
-            tensors = node.inputs if link.side == "in" else node.outputs
+            tensors = {"in": node.inputs, "out": node.outputs}.get(link.side) or _subgraph_outputs(node, link.side)
             t = tensors[link.index] if link.index < len(tensors) else None
             if t is None or t.name == "" or not (link.owner >= 0).any():
                 continue
@@ -238,6 +238,8 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
         producer = view.producer(t)
         if producer is not None:
             visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)
+        for owner_node, branch, index in view.subgraph_results.get(t.name, ()):  # an If's branch result
+            visit(owner_node, Reached(branch, index, ax, own), t)
         for node, i in view.consumers(t):
             visit(node, Reached("in", i, ax, own), t)
     if io_reasons and not (allow_io_change and group.kind == "heads"):
@@ -286,6 +288,11 @@ def _sources(view: GraphView, group: Group) -> list[str]:
             if (index, slot.axis) in rule.source(node, view) and node.name not in found:
                 found.append(node.name)
     return found
+
+
+def _subgraph_outputs(node, name: str) -> list:
+    body = node.attrs.get(name)
+    return list(body.outputs) if body is not None and hasattr(body, "outputs") else []
 
 
 def _index_of(tensors, t) -> int:

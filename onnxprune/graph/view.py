@@ -81,8 +81,20 @@ class GraphView:
                 scope = f"{name} of {node.op} {node.name}"
                 for t in body.inputs:
                     found.setdefault(t.name, f"an input of {scope}")
-                for t in body.outputs:
+                for t in body.outputs if node.op != "If" else ():  # an If's results: its rule maps them
                     found.setdefault(t.name, f"an output of {scope}")
+        return found
+
+    @cached_property
+    def subgraph_results(self) -> dict[str, list[tuple[gs.Node, str, int]]]:
+        """Tensor name -> (If node, branch, output index) for each If branch output it is: the
+        grower visits the If from there (rules/control.py maps its results)."""
+        found: dict[str, list] = {}
+        for _, node in _scoped_nodes(self.graph, None):
+            if node.op == "If" and node.domain in (None, "", "ai.onnx"):
+                for name, body in _subgraphs(node):
+                    for i, t in enumerate(body.outputs):
+                        found.setdefault(t.name, []).append((node, name, i))
         return found
 
     @cached_property
