@@ -224,3 +224,39 @@ def test_shapes_recorded_inside_subgraphs_are_not_left_stale(make):
     assert all(len(g.value_info) or g.output[0].type.tensor_type.HasField("shape") for g in bodies)
     feeds = feeds_with(True) if len(model.graph.input) > 1 else {"x": feeds_with(True)["x"]}
     prune_checked(model, 0.5, feeds=feeds, macs_drop=False)
+
+
+@pytest.mark.slow  # the dynamo export: about 10 s on a loaded machine
+def test_a_torch_cond_export_prunes_inside_both_branches(tmp_path):
+    """torch.cond exported by the dynamo exporter (the TorchScript exporter cannot export it): an
+    If whose branches hold conv-relu-conv with weights of their own."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a1, self.a2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.b1, self.b2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.cond(x.mean() > 0, lambda x: self.a2(torch.relu(self.a1(x))),
+                              lambda x: self.b2(torch.relu(self.b1(x))), (x,))
+
+    torch.manual_seed(0)
+    path = tmp_path / "cond.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(Branches().eval(), (torch.randn(*X),), str(path), dynamo=True, external_data=False)
+        except Exception as exc:  # an exporter that cannot run here is not what is tested
+            pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}: {exc}")
+    model = onnx.load(str(path))
+    x = np.abs(np.random.default_rng(0).standard_normal(X)).astype(np.float32)
+    for sign in (1, -1):  # the mean's sign picks the branch
+        result, analysis, _ = prune_checked(model, 0.5, feeds={model.graph.input[0].name: sign * x}, macs_drop=False)
+    inner = [g for g in analysis.groups if g.prunable]
+    assert len(inner) == 2 and all(len(result.plan.keep[g.id]) == 4 for g in inner)
+    assert onnxprune.count_params(result.model) < onnxprune.count_params(model)
