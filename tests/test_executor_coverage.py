@@ -50,8 +50,6 @@ KNOWN_WITHOUT_RULE = {
               "a barrier until grouped-query attention gets a rule",
     "GatherElements": "reads elements at computed indices along an axis: where a channel ends up is data",
     "GatherND": "reads slices at computed coordinate tuples: where a channel ends up is data",
-    "Loop": "its carried values and scan outputs are the body's inputs and outputs, which no rule maps yet",
-    "Scan": "its states and scan slices are the body's inputs and outputs, which no rule maps yet",
     "LRN": "sums over neighbouring channels, so a channel cannot be removed alone",
     "NonZero": "outputs coordinates of the nonzero elements: a data-dependent count, no channel axis",
     "OneHot": "creates a class axis from integer labels: there are no channels to follow in",

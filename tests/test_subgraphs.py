@@ -1,6 +1,7 @@
 """Channels in subgraphs (issue 17, point 3): groups inside If branches and Loop bodies, channels of
-an outer tensor flowing into the bodies that read it, and barriers that name the subgraph; graphs
-built with onnx.helper, checked for validity and mask equivalence with onnxruntime."""
+an outer tensor flowing into the bodies that read it, through an If's results, round a Loop's
+carried values and through a Scan, and barriers that name the subgraph; graphs built with
+onnx.helper (and a torch.cond export), checked for validity and mask equivalence with onnxruntime."""
 
 from __future__ import annotations
 
@@ -176,8 +177,9 @@ def test_a_conv_in_a_loop_body_is_pruned():
     result, _, _ = prune_checked(model, 0.5, macs_drop=False)
     assert body_weight(result.model, "body.conv1", 1).shape[0] == 4
     assert body_weight(result.model, "body.conv2", 1).shape[1] == 4
-    # the carried value is the body's input and output: its channels stay
-    assert not any("h" in g.dims and g.prunable for g in onnxprune.analyse(model).groups)
+    # the carried value starts as the graph input: its channels (conv2's filters) stay
+    carried = group_of(onnxprune.analyse(model), "body.conv2")
+    assert ("h", 1) in carried.dims and "reaches graph input x" in carried.blocked
     assert run(result.model, {"x": np.ones(X, np.float32)})[0].shape == tuple(X)
 
 
@@ -260,3 +262,70 @@ def test_a_torch_cond_export_prunes_inside_both_branches(tmp_path):
     inner = [g for g in analysis.groups if g.prunable]
     assert len(inner) == 2 and all(len(result.plan.keep[g.id]) == 4 for g in inner)
     assert onnxprune.count_params(result.model) < onnxprune.count_params(model)
+
+
+# --- channels through Loop and Scan bodies ---------------------------------------------------------
+
+def loop_carrying_conv_features(trip=3):
+    """h0 = conv0(x); h <- h + conv2(relu(conv1(h))) ``trip`` times, each h stacked; y = head(h_final),
+    s = head2(mean of the stacked h over the iterations)."""
+    inits = [init("conv0.W", (6, 3, 3, 3), 30), init("head.W", (2, 6, 3, 3), 31), init("head2.W", (2, 6, 3, 3), 32)]
+    nodes = branch("body", "h", 6, inits, 3, cin=6)
+    nodes += [helper.make_node("Add", ["h", "body.out"], ["h_next"], name="body.add"),
+              helper.make_node("Identity", ["cond"], ["cond_next"], name="body.cond"),
+              helper.make_node("Identity", ["h_next"], ["h_seen"], name="body.seen")]
+    shape = [1, 6, 8, 8]
+    body = helper.make_graph(nodes, "body", [vi("i", [], TensorProto.INT64), vi("cond", [], TensorProto.BOOL),
+                                             vi("h", shape)],
+                             [vi("cond_next", [], TensorProto.BOOL), vi("h_next", shape), vi("h_seen", shape)])
+    inits += [numpy_helper.from_array(np.array(trip, np.int64), "trip"), numpy_helper.from_array(np.array(True), "go")]
+    outer = [conv("conv0", "x", "h0", "conv0.W"),
+             helper.make_node("Loop", ["trip", "go", "h0"], ["h_final", "h_all"], name="loop", body=body),
+             conv("head", "h_final", "y", "head.W"),
+             helper.make_node("ReduceMean", ["h_all"], ["h_mean"], name="mean", axes=[0], keepdims=0),
+             conv("head2", "h_mean", "s", "head2.W")]
+    return model_of(outer, [vi("x", X)], [vi("y", [1, 2, 8, 8]), vi("s", [1, 2, 8, 8])], inits)
+
+
+def test_channels_go_round_a_loop():
+    """The carried features are one group: conv0's filters (the initial value), conv2's (added in
+    the body), conv1's inputs, and the heads reading the final value and the stacked iterates."""
+    model = loop_carrying_conv_features()
+    analysis = onnxprune.analyse(model)
+    carried = group_of(analysis, "conv0")
+    assert carried.prunable and set(carried.sources) == {"conv0", "body.conv2"}
+    assert group_of(analysis, "body.conv1").prunable
+    result, _, _ = prune_checked(model, 0.5, macs_drop=False)
+    assert body_weight(result.model, "conv0", 1).shape[0] == body_weight(result.model, "body.conv2", 1).shape[0] == 3
+    assert body_weight(result.model, "body.conv1", 1).shape == (4, 3, 3, 3)
+    assert body_weight(result.model, "head", 1).shape[1] == body_weight(result.model, "head2", 1).shape[1] == 3
+
+
+@pytest.mark.parametrize("axes", [{}, dict(scan_input_axes=[1], scan_output_axes=[1])])
+def test_channels_go_through_a_scan(axes):
+    """xs = embed(x) (features on the last axis) scanned over time: s <- s + relu(x_t) W_s (a state
+    from a constant), y_t = relu(x_t) W_y; the outer head reads the stacked y."""
+    x_shape = [2, 5, 4] if axes else [5, 2, 4]
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["x_t"], ["r_t"], name="body.relu"),
+         helper.make_node("MatMul", ["r_t", "ws"], ["d_t"], name="body.state"),
+         helper.make_node("Add", ["s", "d_t"], ["s_next"], name="body.add"),
+         helper.make_node("MatMul", ["r_t", "wy"], ["y_t"], name="body.out")],
+        "body", [vi("s", [2, 6]), vi("x_t", [2, 6])], [vi("s_next", [2, 6]), vi("y_t", [2, 3])])
+    y_shape = [2, 5, 3] if axes else [5, 2, 3]
+    nodes = [helper.make_node("MatMul", ["x", "embed.W"], ["xs"], name="embed"),
+             helper.make_node("Scan", ["s0", "xs"], ["s_final", "ys"], name="scan", body=body, num_scan_inputs=1,
+                              **axes),
+             helper.make_node("MatMul", ["ys", "head.W"], ["y"], name="head"),
+             helper.make_node("MatMul", ["s_final", "last.W"], ["z"], name="last")]
+    inits = [init("embed.W", (4, 6), 40), init("ws", (6, 6), 41), init("wy", (6, 3), 42), init("head.W", (3, 2), 43),
+             init("last.W", (6, 2), 44), numpy_helper.from_array(np.zeros((2, 6), np.float32), "s0")]
+    model = model_of(nodes, [vi("x", x_shape)], [vi("y", y_shape[:2] + [2]), vi("z", [2, 2])], inits)
+    analysis = onnxprune.analyse(model)
+    for source in ("embed", "body.out", "body.state"):
+        assert group_of(analysis, source).prunable, source
+    result, _, _ = prune_checked(model, 0.5, macs_drop=False)
+    assert body_weight(result.model, "embed", 1).shape == (4, 3)
+    assert body_weight(result.model, "body.out", 1).shape == (3, 2)
+    assert body_weight(result.model, "head", 1).shape == (2, 2)
+    assert body_weight(result.model, "last", 1).shape == (3, 2) and body_weight(result.model, "scan", 0).shape == (2, 3)

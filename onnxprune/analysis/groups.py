@@ -216,7 +216,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             if (chans >= 0).any():
                 uf.union(chans)
         for link in relation.links:
-            tensors = {"in": node.inputs, "out": node.outputs}.get(link.side) or _subgraph_outputs(node, link.side)
+            tensors = {"in": node.inputs, "out": node.outputs}.get(link.side) or _subgraph_side(node, link.side)
             t = tensors[link.index] if link.index < len(tensors) else None
             if t is None or t.name == "" or not (link.owner >= 0).any():
                 continue
@@ -238,8 +238,8 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
         producer = view.producer(t)
         if producer is not None:
             visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)
-        for owner_node, branch, index in view.subgraph_results.get(t.name, ()):  # an If's branch result
-            visit(owner_node, Reached(branch, index, ax, own), t)
+        for owner_node, side, index in view.subgraph_ends.get(t.name, ()):  # an input or output of a body
+            visit(owner_node, Reached(side, index, ax, own), t)
         for node, i in view.consumers(t):
             visit(node, Reached("in", i, ax, own), t)
     if io_reasons and not (allow_io_change and group.kind == "heads"):
@@ -290,9 +290,13 @@ def _sources(view: GraphView, group: Group) -> list[str]:
     return found
 
 
-def _subgraph_outputs(node, name: str) -> list:
+def _subgraph_side(node, side: str) -> list:
+    """The tensors a link's side names: "body" a subgraph's outputs, "body:in" its inputs."""
+    name, _, which = side.partition(":")
     body = node.attrs.get(name)
-    return list(body.outputs) if body is not None and hasattr(body, "outputs") else []
+    if body is None or not hasattr(body, "outputs"):
+        return []
+    return list(body.inputs if which == "in" else body.outputs)
 
 
 def _index_of(tensors, t) -> int:

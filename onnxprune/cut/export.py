@@ -50,20 +50,21 @@ def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.Mo
 
 def _forget_subgraph_shapes(graph: gs.Graph, io: set[int]) -> None:
     """Shapes inside If branches and Loop/Scan bodies are stale after a cut there too: they are
-    dropped (inference finds them again). An If branch's outputs keep their dtype only (channels
-    cross them into the If's results); the inputs and outputs of Loop and Scan bodies keep their
-    types (channels do not cross them), and so does the outer graph's interface."""
+    dropped (inference finds them again). A subgraph's own inputs and outputs keep their dtype
+    only (channels cross them, rules/control.py); the outer graph's interface keeps its type."""
     for node in graph.nodes:
         for value in node.attrs.values():
             for body in value if isinstance(value, list) else [value]:
                 if not isinstance(body, gs.Graph):
                     continue
-                outputs = {id(t) for t in body.outputs}
-                kept = io | {id(t) for t in body.inputs} | (set() if node.op == "If" else outputs)
+                ends = {id(t) for t in (*body.inputs, *body.outputs)}  # channels may cross them
+                kept = io
                 for tensor in body.tensors().values():
                     if isinstance(tensor, gs.Variable) and id(tensor) not in kept:
+                        if id(tensor) in ends and tensor.shape is not None and len(tensor.shape) == 0:
+                            continue  # a scalar (a Loop's iteration number, its condition) carries no channels
                         tensor.shape = None
-                        if id(tensor) not in outputs:
+                        if id(tensor) not in ends:  # a subgraph's inputs and outputs need their dtype
                             tensor.dtype = None
                 _forget_subgraph_shapes(body, kept)
 

@@ -79,22 +79,28 @@ class GraphView:
         for _, node in _scoped_nodes(self.graph, None):
             for name, body in _subgraphs(node):
                 scope = f"{name} of {node.op} {node.name}"
+                if _mapped(node):  # If, Loop, Scan: their rules (rules/control.py) map them
+                    continue
                 for t in body.inputs:
                     found.setdefault(t.name, f"an input of {scope}")
-                for t in body.outputs if node.op != "If" else ():  # an If's results: its rule maps them
+                for t in body.outputs:
                     found.setdefault(t.name, f"an output of {scope}")
         return found
 
     @cached_property
-    def subgraph_results(self) -> dict[str, list[tuple[gs.Node, str, int]]]:
-        """Tensor name -> (If node, branch, output index) for each If branch output it is: the
-        grower visits the If from there (rules/control.py maps its results)."""
+    def subgraph_ends(self) -> dict[str, list[tuple[gs.Node, str, int]]]:
+        """Tensor name -> (node, side, index) for each input or output of an If branch or a Loop or
+        Scan body it is: side "then_branch" for that branch's outputs, "body:in" for the body's
+        inputs. The grower visits the node from there (rules/control.py maps them)."""
         found: dict[str, list] = {}
         for _, node in _scoped_nodes(self.graph, None):
-            if node.op == "If" and node.domain in (None, "", "ai.onnx"):
-                for name, body in _subgraphs(node):
-                    for i, t in enumerate(body.outputs):
-                        found.setdefault(t.name, []).append((node, name, i))
+            if not _mapped(node):
+                continue
+            for name, body in _subgraphs(node):
+                for i, t in enumerate(body.outputs):
+                    found.setdefault(t.name, []).append((node, name, i))
+                for i, t in enumerate(body.inputs):
+                    found.setdefault(t.name, []).append((node, f"{name}:in", i))
         return found
 
     @cached_property
@@ -189,6 +195,11 @@ class GraphView:
         if isinstance(tensor, gs.Constant):
             return False
         return axis in self.shapes.dynamic.get(tensor.name, set())
+
+
+def _mapped(node: gs.Node) -> bool:
+    """Does a rule map this node's subgraph inputs and outputs to its own (rules/control.py)?"""
+    return node.op in ("If", "Loop", "Scan") and node.domain in (None, "", "ai.onnx")
 
 
 def _subgraphs(node: gs.Node) -> list[tuple[str, gs.Graph]]:
