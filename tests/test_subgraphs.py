@@ -329,3 +329,9 @@ def test_channels_go_through_a_scan(axes):
     assert body_weight(result.model, "body.out", 1).shape == (3, 2)
     assert body_weight(result.model, "head", 1).shape == (2, 2)
     assert body_weight(result.model, "last", 1).shape == (3, 2) and body_weight(result.model, "scan", 0).shape == (2, 3)
+
+
+def test_ignore_leaves_a_branch_node_alone():
+    model = if_with_convs_in_both_branches()
+    analysis = onnxprune.analyse(model, ignore=("then.conv1",))
+    assert not group_of(analysis, "then.conv1").prunable and group_of(analysis, "else.conv1").prunable

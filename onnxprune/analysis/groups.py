@@ -8,13 +8,18 @@ channels that must be pruned together. ``owner`` arrays map a slot's
 positions to the group's channel indices (-1: not this group's), which
 expresses Concat offsets, Flatten repeats and Split ranges exactly.
 
+Subgraph nodes (If branches, Loop and Scan bodies) take part like the
+others: a body's conv creates a group, a tensor of an outer scope leads into
+the body nodes that read it, and a body's inputs and outputs lead to the node
+that owns the body (``GraphView.subgraph_ends``), whose rule maps them to its
+own inputs and outputs (rules/control.py).
+
 A group is blocked when it reaches a barrier: a graph input or output, an op
-without a rule, an ignored node, a subgraph's own input or output, or a rule
-that says no. Subgraph nodes (If branches, Loop and Scan bodies) take part
-like the others: a body's conv creates a group, and a tensor of an outer
-scope leads into the body nodes that read it. Blocked groups are reported, never pruned. The one exception is
-opt-in: with ``allow_io_change``, attention heads may reach graph inputs and
-outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
+without a rule, an ignored node, the input or output of a subgraph that no
+rule maps (a custom op's), or a rule that says no. Blocked groups are
+reported, never pruned. The one exception is opt-in: with
+``allow_io_change``, attention heads may reach graph inputs and outputs (a
+decoder's KV cache), whose head axis then shrinks (iochange.py).
 """
 
 from __future__ import annotations
@@ -233,7 +238,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             io_reasons.append(f"reaches graph output {t.name}")
         if view.is_graph_input(t):
             io_reasons.append(f"reaches graph input {t.name}")
-        if t.name in view.boundaries:  # the body's own inputs and outputs: no rule maps them yet
+        if t.name in view.boundaries:  # a subgraph of an op no rule knows (a custom op's)
             block(f"{t.name} is {view.boundaries[t.name]}: channels do not cross a subgraph's inputs or outputs")
         producer = view.producer(t)
         if producer is not None:

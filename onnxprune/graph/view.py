@@ -73,8 +73,9 @@ class GraphView:
 
     @cached_property
     def boundaries(self) -> dict[str, str]:
-        """Tensor name -> what it is for the subgraph whose input or output it is ("an output of
-        then_branch of If cond_if"): channels do not cross a subgraph's own inputs and outputs."""
+        """Tensor name -> what it is for a subgraph whose input or output it is ("an output of body of
+        com.example::Repeat r"), for subgraphs of ops no rule maps (If, Loop and Scan have rules):
+        channels do not cross those."""
         found: dict[str, str] = {}
         for _, node in _scoped_nodes(self.graph, None):
             for name, body in _subgraphs(node):
@@ -143,11 +144,11 @@ class GraphView:
     def warn_unmatched(self, patterns) -> None:
         """A warning for each ``ignore`` glob that matches no node by ``names_of``."""
         left = dict.fromkeys(patterns)
-        for node in self.nodes if left else ():
+        for node in self.all_nodes if left else ():
             for name in self.names_of(node):
                 for pattern in matches(name, left):
                     del left[pattern]
-        known = [n.name for n in self.nodes] + list(self.modules.values())
+        known = [n.name for n in self.all_nodes] + list(self.modules.values())
         for pattern in left:
             warnings.warn(unmatched_ignore_message(pattern, known), stacklevel=3)
 
