@@ -5,19 +5,21 @@ A link's side may name a subgraph: "then_branch" is that branch's outputs,
 (analysis/groups.py), and channels reach the subgraphs' nodes along the
 outer tensors they read.
 
-- If: result i is output i of whichever branch runs, so its channels are
-  those of output i of both branches: one group, cut alike whichever branch
-  runs (a branch whose output cannot be cut blocks both). The condition
-  carries no channels.
-- Loop: carried value j is the same tensor in four places, its initial value
-  (input 2 + j), the body's input 2 + j and output 1 + j, and the final
-  value (output j); scan output k of the body (output 1 + N + k) is stacked
-  along a new first axis of the node's output N + k. The trip count, the
-  condition and the iteration number carry none.
-- Scan: state j likewise (input j, body input and output j, output j); scan
-  input m is sliced along its scan axis into the body's input N + m, and the
-  body's scan output k is stacked along its scan output axis into output
-  N + k: the other axes map across, the scan axis carries no channels.
+If: result i is output i of whichever branch runs, so its channels are those
+of output i of both branches: one group, cut alike whichever branch runs (a
+branch whose output cannot be cut blocks both). The condition carries no
+channels.
+
+Loop: carried value j is the same tensor in four places, its initial value
+(input 2 + j), the body's input 2 + j and output 1 + j, and the final value
+(output j); scan output k of the body (output 1 + N + k) is stacked along a
+new first axis of the node's output N + k. The trip count, the condition and
+the iteration number carry none.
+
+Scan: state j likewise (input j, body input and output j, output j); scan
+input m is sliced along its scan axis into the body's input N + m, and the
+body's scan output k is stacked along its scan output axis into output
+N + k: the other axes map across, the scan axis carries no channels.
 """
 
 from __future__ import annotations
