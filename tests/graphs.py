@@ -302,6 +302,8 @@ def consumer_side(slot) -> bool:
         return i == 1 and axis == (1 if node.attrs.get("transB", 0) else 0)
     if node.op == "MatMul":
         return (i == 1 and axis == ndim - 2) or (i == 0 and axis == ndim - 1)
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return i in (1, 2) and axis == 2  # W's input columns, R's hidden columns (the units read back)
     return False
 
 
@@ -312,10 +314,19 @@ def removed_positions(owner: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.nonzero(hit)[0]
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of its subgraphs (If branches, Loop and Scan bodies)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from all_nodes(sub)
+
+
 def masked_reference(model: onnx.ModelProto, analysis, plan) -> onnx.ModelProto:
     """The original model with removed channels zeroed at their consumers' weights."""
     ref = copy.deepcopy(model)
-    by_name = {n.name: n for n in ref.graph.node}
+    by_name = {n.name: n for n in all_nodes(ref.graph)}  # subgraph nodes too
     masked: dict[tuple[str, int], np.ndarray] = {}
     for group in analysis.groups:
         if group.id not in plan.keep:

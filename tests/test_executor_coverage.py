@@ -19,6 +19,7 @@ from onnx import helper
 torch = pytest.importorskip("torch")
 
 import onnxprune.rules  # noqa: E402
+from onnxprune.executor.compile import CONTROL_FLOW  # noqa: E402
 from onnxprune.executor.module import TorchGraph  # noqa: E402
 from onnxprune.executor.ops import OPS  # noqa: E402
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Ops the compiler handles itself rather than through the op table.
-COMPILED = {"Constant", "If"}
+COMPILED = set(CONTROL_FLOW)
 
 # Ops with a channel rule but no torch implementation: op -> why it is acceptable for now.
 KNOWN_WITHOUT_TORCH: dict[str, str] = {}
@@ -45,7 +46,6 @@ KNOWN_WITHOUT_RULE = {
     "Einsum": "which axes are kept or contracted is in the equation string, which no rule parses yet",
     "GatherElements": "reads elements at computed indices along an axis: where a channel ends up is data",
     "GatherND": "reads slices at computed coordinate tuples: where a channel ends up is data",
-    "If": "subgraphs are barriers (Loop/Scan are not run at all)",
     "LRN": "sums over neighbouring channels, so a channel cannot be removed alone",
     "NonZero": "outputs coordinates of the nonzero elements: a data-dependent count, no channel axis",
     "OneHot": "creates a class axis from integer labels: there are no channels to follow in",

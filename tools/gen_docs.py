@@ -48,11 +48,12 @@ def cli_page() -> str:
 
 
 def ops_page() -> str:
+    from onnxprune.executor.compile import CONTROL_FLOW
     from onnxprune.executor.ops import OPS
     from onnxprune.rules import RULES
     from onnxprune.rules.weights import WEIGHTS
 
-    runs = set(OPS) | {"Constant", "If"}
+    runs = set(OPS) | set(CONTROL_FLOW)
     families: dict[str, list[str]] = {}
     for op, rule in RULES.items():
         families.setdefault(rule.relate.__module__, []).append(op)

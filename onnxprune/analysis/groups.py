@@ -8,11 +8,18 @@ channels that must be pruned together. ``owner`` arrays map a slot's
 positions to the group's channel indices (-1: not this group's), which
 expresses Concat offsets, Flatten repeats and Split ranges exactly.
 
+Subgraph nodes (If branches, Loop and Scan bodies) take part like the
+others: a body's conv creates a group, a tensor of an outer scope leads into
+the body nodes that read it, and a body's inputs and outputs lead to the node
+that owns the body (``GraphView.subgraph_ends``), whose rule maps them to its
+own inputs and outputs (rules/control.py).
+
 A group is blocked when it reaches a barrier: a graph input or output, an op
-without a rule, an ignored node, a tensor read by a subgraph, or a rule that
-says no. Blocked groups are reported, never pruned. The one exception is
-opt-in: with ``allow_io_change``, attention heads may reach graph inputs and
-outputs (a decoder's KV cache), whose head axis then shrinks (iochange.py).
+without a rule, an ignored node, the input or output of a subgraph that no
+rule maps (a custom op's), or a rule that says no. Blocked groups are
+reported, never pruned. The one exception is opt-in: with
+``allow_io_change``, attention heads may reach graph inputs and outputs (a
+decoder's KV cache), whose head axis then shrinks (iochange.py).
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ def find_groups(view: GraphView, ignore: tuple[str, ...] = (), allow_io_change: 
     tried: set[tuple[str, int]] = set()  # slots of dropped regrown groups
     groups: list[Group] = []
     ignored = _ignored_nodes(view, ignore)
-    for node in view.nodes:
+    for node in view.all_nodes:  # subgraph nodes too: a conv in an If branch or a Loop body
         rule = lookup(node)
         if rule is None or rule.source is None:
             continue
@@ -163,7 +170,8 @@ def _ignored_nodes(view: GraphView, patterns: tuple[str, ...]) -> set[str]:
     """Nodes an ``ignore`` glob matches (GraphView.names_of: by name, module path or the name of a
     constant input); a warning for each glob that matches none."""
     view.warn_unmatched(patterns)
-    return {node.name for node in view.nodes if patterns and any(matches(n, patterns) for n in view.names_of(node))}
+    return {node.name for node in view.all_nodes
+            if patterns and any(matches(n, patterns) for n in view.names_of(node))}
 
 
 def _claim(group: Group, index: int, claims, view: GraphView) -> None:
@@ -223,13 +231,15 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             block(f"{node.op} {node.name}: ignored (`ignore`)")
             return
         rule = lookup(node)
+        scope = view.scopes.get(node.name)
+        where = f" (in {scope})" if scope else ""
         if rule is None:
             domain = f"{node.domain}::" if node.domain else ""
-            block(f"{domain}{node.op} {node.name}: no pruning rule for this op")
+            block(f"{domain}{node.op} {node.name}: no pruning rule for this op{where}")
             return
         relation = rule.relate(node, view, reached)
         if relation.barrier:
-            block(f"{node.op} {node.name}: {relation.barrier}")
+            block(f"{node.op} {node.name}: {relation.barrier}{where}")
             return
         if relation.kind:
             group.kind = relation.kind
@@ -242,7 +252,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             if (chans >= 0).any():
                 uf.union(chans)
         for link in relation.links:
-            tensors = node.inputs if link.side == "in" else node.outputs
+            tensors = {"in": node.inputs, "out": node.outputs}.get(link.side) or _subgraph_side(node, link.side)
             t = tensors[link.index] if link.index < len(tensors) else None
             if t is None or t.name == "" or not (link.owner >= 0).any():
                 continue
@@ -259,11 +269,13 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             io_reasons.append(f"reaches graph output {t.name}")
         if view.is_graph_input(t):
             io_reasons.append(f"reaches graph input {t.name}")
-        if t.name in view.subgraph_refs:
-            block(f"{t.name} is read inside a subgraph (If/Loop/Scan)")
+        if t.name in view.boundaries:  # a subgraph of an op no rule knows (a custom op's)
+            block(f"{t.name} is {view.boundaries[t.name]}: channels do not cross a subgraph's inputs or outputs")
         producer = view.producer(t)
         if producer is not None:
             visit(producer, Reached("out", _index_of(producer.outputs, t), ax, own), t)
+        for owner_node, side, index in view.subgraph_ends.get(t.name, ()):  # an input or output of a body
+            visit(owner_node, Reached(side, index, ax, own), t)
         for node, i in view.consumers(t):
             visit(node, Reached("in", i, ax, own), t)
     if io_reasons and not (allow_io_change and group.kind == "heads"):
@@ -312,6 +324,15 @@ def _sources(view: GraphView, group: Group) -> list[str]:
             if (index, slot.axis) in rule.source(node, view):
                 found[node.name] = None
     return list(found)
+
+
+def _subgraph_side(node, side: str) -> list:
+    """The tensors a link's side names: "body" a subgraph's outputs, "body:in" its inputs."""
+    name, _, which = side.partition(":")
+    body = node.attrs.get(name)
+    if body is None or not hasattr(body, "outputs"):
+        return []
+    return list(body.inputs if which == "in" else body.outputs)
 
 
 def _index_of(tensors, t) -> int:

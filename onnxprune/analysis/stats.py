@@ -14,21 +14,24 @@ import math
 
 import onnx
 
-from ..graph.shapes import static_shapes
+from ..graph.shapes import graphs, static_shapes
 from ..model.inputs import resolve_input_shapes
 from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of all float initializers and float Constant-node tensors."""
+    """Elements of all float initializers and float Constant-node tensors, subgraphs' included (the
+    cut moves a sliced weight of a branch or loop body into that subgraph)."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type in floats:
-                    total += math.prod(a.t.dims)
+    total = 0
+    for graph in graphs(model.graph):
+        total += sum(math.prod(t.dims) for t in graph.initializer if t.data_type in floats)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value" and a.t.data_type in floats:
+                        total += math.prod(a.t.dims)
     return int(total)
 
 

@@ -29,6 +29,7 @@ def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.Mo
         if isinstance(tensor, gs.Variable) and id(tensor) not in io:
             tensor.shape = None  # stale after the cut: re-inferred below
             tensor.dtype = None
+    _forget_subgraph_shapes(graph, io)
     graph.cleanup(remove_unused_graph_inputs=False)
     _store_cast_weights_as_before(graph, view.cast_weights or {})
     graph.toposort()
@@ -45,6 +46,27 @@ def export(view: GraphView, original: onnx.ModelProto, io_changes=()) -> onnx.Mo
     _restore_io(model, original, io_changes)
     _restore_node_metadata(model, original)
     return refresh_value_info(model)
+
+
+def _forget_subgraph_shapes(graph: gs.Graph, io: set[int]) -> None:
+    """Shapes inside If branches and Loop/Scan bodies are stale after a cut there too: they are
+    dropped (inference finds them again). A subgraph's own inputs and outputs keep their dtype
+    only (channels cross them, rules/control.py); the outer graph's interface keeps its type."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for body in value if isinstance(value, list) else [value]:
+                if not isinstance(body, gs.Graph):
+                    continue
+                ends = {id(t) for t in (*body.inputs, *body.outputs)}  # channels may cross them
+                kept = io
+                for tensor in body.tensors().values():
+                    if isinstance(tensor, gs.Variable) and id(tensor) not in kept:
+                        if id(tensor) in ends and tensor.shape is not None and len(tensor.shape) == 0:
+                            continue  # a scalar (a Loop's iteration number, its condition) carries no channels
+                        tensor.shape = None
+                        if id(tensor) not in ends:  # a subgraph's inputs and outputs need their dtype
+                            tensor.dtype = None
+                _forget_subgraph_shapes(body, kept)
 
 
 def _restore_node_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

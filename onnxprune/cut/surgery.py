@@ -100,7 +100,7 @@ def positions(owner: np.ndarray, removed: np.ndarray) -> np.ndarray:
 def apply_plan(view: GraphView, groups, plan: Plan) -> Cut:
     """Edit ``view.graph`` in place according to ``plan``."""
     cut = Cut(view, groups, plan)
-    for node in list(view.nodes):  # rewrites read the original constants: before slicing
+    for node in list(view.all_nodes):  # rewrites read the original constants: before slicing
         rule = lookup(node)
         if rule is not None and rule.rewrite is not None and cut.touches(node):
             rule.rewrite(node, view, cut)

@@ -21,6 +21,9 @@ from ..rules.weights import learned_role
 from .ops import HOST_INPUTS, OPS, PREPARE
 from .tensors import FLOAT_TYPES, constant_value, tensor_from_proto
 
+# Ops the compiler handles itself: Constant nodes become values, the others run subgraphs.
+CONTROL_FLOW = ("Constant", "If", "Loop", "Scan")
+
 EMPTY, TRASH = 0, 1  # slots of a missing input (always None) and of an unused output
 
 # Value kinds.
@@ -101,13 +104,11 @@ def check_supported(graph: onnx.GraphProto) -> None:
     """UnsupportedModel naming every op type without an implementation, in one line."""
     missing: dict[str, str] = {}
     for node in _all_nodes(graph):
-        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in ("Constant", "If"))
+        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in CONTROL_FLOW)
         if not known:
             missing.setdefault(_label(node), node.name or node.output[0])
     if missing:
         listed = ", ".join(f"{op} (node {name})" for op, name in missing.items())
-        if any(op in ("Loop", "Scan") for op in missing):
-            listed += "; Loop and Scan are not supported: only If is"
         raise UnsupportedModel(f"no PyTorch implementation for op {listed}")
 
 
@@ -139,14 +140,22 @@ _PASS_THROUGH = frozenset({"Identity", "Cast", "CastLike", "Transpose", "Reshape
 
 
 def _float_tensors(graph: onnx.GraphProto) -> dict[str, int]:
-    """The graph's float initializers and float Constant nodes: name -> number of elements."""
-    found = {t.name: math.prod(t.dims) for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    """The float initializers (subgraphs' too) and float Constant nodes: name -> number of elements."""
+    found = {t.name: math.prod(t.dims) for g in _all_graphs(graph) for t in g.initializer
+             if t.data_type in FLOAT_TYPES}
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             t = node.attribute[0].t
             if t.data_type in FLOAT_TYPES:
                 found[node.output[0]] = math.prod(t.dims)
     return found
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _all_graphs(sub)
 
 
 def _activations(graph: onnx.GraphProto) -> set[str]:
@@ -166,6 +175,7 @@ def _activations(graph: onnx.GraphProto) -> set[str]:
             reads += [name for sub in _subgraphs(node) for name in _outer_references(sub)]
             if any(name in found for name in reads):
                 found.update(o for o in node.output if o)
+                found.update(v.name for sub in _subgraphs(node) for v in sub.input)  # a Loop's carried values
                 grew = True
     return found
 
@@ -220,7 +230,9 @@ class Step:
     moves: tuple[int, ...]      # input positions holding host values to move to the data's device
     uses: frozenset[int]        # every slot read, subgraphs included (for freeing and pruning)
     label: str
-    branches: tuple | None = None  # If: ((then steps, then output slots), (else ...))
+    # If: ((then steps, output slots, host outputs), (else ...)); Loop, Scan: ((body ...),), with
+    # attrs["_control"] naming the op and attrs["_body_inputs"] the slots of the body's inputs
+    branches: tuple | None = None
 
 
 class Compiler:
@@ -265,10 +277,11 @@ class Compiler:
         host_only = _host_only_names(graph)
         for t in graph.initializer:
             value = tensor_from_proto(t)
-            if top and t.data_type in FLOAT_TYPES and t.name not in host_only \
+            # subgraph weights too: the cut moves a sliced weight of a branch or body into it
+            if t.data_type in FLOAT_TYPES and t.name not in host_only \
                     and (t.name in self.learned or not self.learned_only):
                 self.add_param(t.name, value, "initializer")
-            else:  # also subgraph initializers: write_back looks at the main graph only
+            else:
                 self.add_const(t.name, value)
 
     # nodes
@@ -286,6 +299,8 @@ class Compiler:
                     self.add_const(node.output[0], constant_value(node))
             elif node.op_type == "If":
                 steps.append(self.compile_if(node))
+            elif node.op_type in ("Loop", "Scan"):
+                steps.append(self.compile_body(node))
             else:
                 step = self.compile_node(node)
                 if step is not None:
@@ -317,12 +332,8 @@ class Compiler:
     def compile_if(self, node: onnx.NodeProto) -> Step:
         for name in _reads(node):
             self.kind_of(name, node)
-        branches = []
-        for attr in ("then_branch", "else_branch"):
-            sub = helper.get_attribute_value(next(a for a in node.attribute if a.name == attr))
-            steps = self.compile(sub, top=False)
-            branches.append((steps, tuple(self.device_slot(o.name) for o in sub.output),
-                             tuple(i for i, o in enumerate(sub.output) if self.kind.get(o.name) == HOST)))
+        branches = [self.compile_branch(helper.get_attribute_value(next(a for a in node.attribute if a.name == attr)))
+                    for attr in ("then_branch", "else_branch")]
         for o in node.output:
             if o:
                 self.kind[o] = DEVICE
@@ -331,6 +342,38 @@ class Compiler:
                          | {s for steps, _, _ in branches for step in steps for s in step.uses})
         return Step(None, {}, (cond,), self.output_slots(node), (), uses,
                     f"If node {node.name or node.output[0]!r}", tuple(branches))
+
+    def compile_branch(self, sub: onnx.GraphProto) -> tuple:
+        """(steps, slots of the subgraph's outputs, positions of outputs computed on the host)."""
+        steps = self.compile(sub, top=False)
+        return (steps, tuple(self.device_slot(o.name) for o in sub.output),
+                tuple(i for i, o in enumerate(sub.output) if self.kind.get(o.name) == HOST))
+
+    def compile_body(self, node: onnx.NodeProto) -> Step:
+        """Loop or Scan: the body runs once per iteration on the same values (outer scope visible),
+        its inputs set each time: Loop's iteration number and condition (host numbers), then the
+        carried values; Scan's states, then one slice of each scan input."""
+        if node.op_type == "Scan" and self.opset < 9:
+            raise UnsupportedModel(f"Scan node {node.name or node.output[0]!r}: opset {self.opset} Scan "
+                                   "(with a batch axis) is not supported; opset 9 and later are")
+        for name in _reads(node):
+            self.kind_of(name, node)
+        body = helper.get_attribute_value(next(a for a in node.attribute if a.name == "body"))
+        numbers = 2 if node.op_type == "Loop" else 0  # Loop's trip count and condition
+        body_inputs = []
+        for i, vi in enumerate(body.input):
+            self.kind[vi.name] = HOST if i < numbers else DEVICE
+            body_inputs.append(self.slot(vi.name))
+        branch = self.compile_branch(body)
+        for o in node.output:
+            if o:
+                self.kind[o] = DEVICE
+        inputs = tuple(self.slot(n) if i < numbers or not n else self.device_slot(n) for i, n in enumerate(node.input))
+        attrs = {**_attributes(node, self.opset), "_control": node.op_type, "_body_inputs": tuple(body_inputs)}
+        steps, outs, _ = branch
+        uses = frozenset(set(inputs) | set(outs) | {s for step in steps for s in step.uses})
+        return Step(None, attrs, inputs, self.output_slots(node), (), uses,
+                    f"{node.op_type} node {node.name or node.output[0]!r}", (branch,))
 
     def output_slots(self, node: onnx.NodeProto) -> tuple[int, ...]:
         return tuple(self.slot(o) if o else TRASH for o in node.output)

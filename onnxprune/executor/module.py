@@ -32,12 +32,15 @@ Design
   accelerator). Constants used as data are buffers and follow ``.to(device)``.
 - ``write_back`` stores each parameter in its own initializer (or Constant
   node) of a copy of the model: same name, dtype and shape; a parameter whose
-  value did not change keeps its original bytes.
+  value did not change keeps its original bytes. The initializers of
+  subgraphs are parameters too (a cut If branch or Loop body holds its sliced
+  weights itself), written back where they are.
 
 Semantics: inference everywhere (Dropout is the identity and
 BatchNormalization uses its stored statistics, also in ``train()``), so a
 fine-tuned graph is the graph that gets exported. ``If`` runs the branch its
-condition picks; Loop and Scan are not supported.
+condition picks; ``Loop`` and ``Scan`` run their body once per iteration (in
+Python: gradients flow through every iteration), on the same value table.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ from .compile import CONST, HOST, INPUT, Compiler, Plan, check_supported, needed
 from .tensors import store_tensor, tensor_from_proto
 
 __all__ = ["TorchGraph", "tensor_from_proto"]
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from _graphs(sub)
 
 
 def _key(name: str, taken: set[str], reserved: nn.Module) -> str:
@@ -225,7 +237,7 @@ class TorchGraph(nn.Module):
             args = [env[i] for i in ins]
             try:
                 if branches is not None:
-                    result = self._branch(branches, args[0], env, device)
+                    result = self._control(attrs, branches, args, env, device)
                 else:
                     for i in moves:
                         args[i] = args[i].to(device)
@@ -243,11 +255,67 @@ class TorchGraph(nn.Module):
             for s in frees:
                 env[s] = None
 
-    def _branch(self, branches, cond, env: list, device) -> tuple:
-        """If: run the branch the condition picks, on the same values (outer scope visible)."""
-        schedule, outs, moves = branches[0] if bool(cond.reshape(-1)[0]) else branches[1]
+    def _control(self, attrs: dict, branches, args: list, env: list, device) -> tuple:
+        control = attrs.get("_control", "If")
+        if control == "If":
+            return self._run_body(branches[0] if bool(args[0].reshape(-1)[0]) else branches[1], env, device)
+        if control == "Loop":
+            return self._repeat(attrs, branches[0], args, env, device)
+        return self._scan(attrs, branches[0], args, env, device)
+
+    def _run_body(self, branch, env: list, device, inputs=(), values=()) -> list:
+        """Run a subgraph on the same values (outer scope visible), its inputs set first."""
+        schedule, outs, moves = branch
+        for slot, value in zip(inputs, values):
+            env[slot] = value
         self._loop(schedule, env, device)
-        return tuple(env[s].to(device) if i in moves else env[s] for i, s in enumerate(outs))
+        return [env[s].to(device) if i in moves else env[s] for i, s in enumerate(outs)]
+
+    def _repeat(self, attrs: dict, body, args: list, env: list, device) -> tuple:
+        """Loop: while the iteration count is below M (if given) and the condition holds (if
+        given), run the body on (iteration, condition, carried values); the carried values go
+        round, each scan output is stacked along a new first axis."""
+        trip, cond, carried = args[0], args[1], list(args[2:])
+        limit = None if trip is None else int(trip.reshape(-1)[0])
+        going = True if cond is None else bool(cond.reshape(-1)[0])
+        scans: list[list] = []
+        i = 0
+        while going and (limit is None or i < limit):
+            values = [torch.tensor(i, dtype=torch.int64), torch.tensor(going), *carried]
+            results = self._run_body(body, env, device, attrs["_body_inputs"], values)
+            going = bool(results[0].reshape(-1)[0])
+            carried = results[1:1 + len(carried)]
+            scans.append(results[1 + len(carried):])
+            i += 1
+        outputs = len(body[1]) - 1 - len(carried)
+        if outputs and not scans:
+            raise UnsupportedModel("a Loop that runs no iteration has scan outputs of unknown shape")
+        return (*carried, *(torch.stack([s[k] for s in scans]) for k in range(outputs)))
+
+    def _scan(self, attrs: dict, body, args: list, env: list, device) -> tuple:
+        """Scan: the body runs on the states and one slice of each scan input (along its axis,
+        forwards or backwards); the states go round, the scan outputs are stacked along theirs."""
+        count = attrs["num_scan_inputs"]
+        states, xs = list(args[:len(args) - count]), args[len(args) - count:]
+        in_axes = attrs.get("scan_input_axes", [0] * count)
+        in_reverse = attrs.get("scan_input_directions", [0] * count)
+        xs = [x.movedim(a % x.dim(), 0) for x, a in zip(xs, in_axes)]
+        xs = [x.flip(0) if back else x for x, back in zip(xs, in_reverse)]
+        produced = len(body[1]) - len(states)
+        out_axes = attrs.get("scan_output_axes", [0] * produced)
+        out_reverse = attrs.get("scan_output_directions", [0] * produced)
+        slices: list[list] = [[] for _ in range(produced)]
+        for t in range(xs[0].shape[0]):
+            results = self._run_body(body, env, device, attrs["_body_inputs"], [*states, *(x[t] for x in xs)])
+            states = results[:len(states)]
+            for k, y in enumerate(results[len(states):]):
+                slices[k].append(y)
+        ys = []
+        for k, parts in enumerate(slices):
+            y = torch.stack(parts)
+            y = y.flip(0) if out_reverse[k] else y
+            ys.append(y.movedim(0, out_axes[k] % y.dim()))
+        return (*states, *ys)
 
     # parameters
     def parameter(self, onnx_name: str) -> nn.Parameter:
@@ -260,7 +328,7 @@ class TorchGraph(nn.Module):
         """A copy of ``model`` holding the parameters' current values in the same tensors."""
         new = onnx.ModelProto()
         new.CopyFrom(model)
-        initializers = {t.name: t for t in new.graph.initializer}
+        initializers = {t.name: t for g in _graphs(new.graph) for t in g.initializer}  # subgraphs' too
         constants = {n.output[0]: n for n in new.graph.node if n.op_type == "Constant"}
         for name, key in self._param_keys.items():
             value = self.params[key].detach()

@@ -6,7 +6,9 @@ constant (the torch exporter does this for some biases) are bypassed,
 Cast(weight) becomes the weight, constant arithmetic is folded, and two
 multi-op spellings of one op become that op: a transpose done as
 flatten -> Transpose -> unflatten (one Transpose) and a channel shuffle
-(one Gather). These rewrites reach the pruned model, which computes the same.
+(one Gather). A recurrent layer's zero initial state (the torch exporter
+expands zeros to the batch size) becomes the absent input, which means zeros.
+These rewrites reach the pruned model, which computes the same.
 """
 
 from __future__ import annotations
@@ -232,6 +234,35 @@ def _channel_shuffle(transpose: gs.Node, shapes: Shapes):
     return x, axis, order.astype(np.int64), unsplit
 
 
+_INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h[, initial_c]
+
+
+def _is_zero_constant(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant) and not np.any(np.asarray(t.values))
+
+
+def _drop_zero_initial_states(graph: gs.Graph) -> None:
+    """An LSTM/GRU/RNN initial state of zeros, a constant or an Expand of one (the torch exporter's
+    default h0: zeros expanded to [directions, batch, hidden] read from the input's shape), is the
+    absent input, which the op reads as zeros. Absent, it carries no hidden size the rules would
+    have to cut or recompute, and the shape arithmetic for the batch goes with it."""
+    dropped = 0
+    for node in graph.nodes:
+        if node.domain not in (None, "", "ai.onnx"):
+            continue
+        for i in _INITIAL_STATES.get(node.op, ()):
+            state = node.inputs[i] if i < len(node.inputs) else None
+            if state is None or state.name == "":
+                continue
+            producer = state.inputs[0] if not isinstance(state, gs.Constant) and state.inputs else None
+            if _is_zero_constant(state) or (producer is not None and producer.op == "Expand"
+                                            and _is_zero_constant(producer.inputs[0])):
+                node.inputs[i] = gs.Variable.empty()
+                dropped += 1
+    if dropped:
+        graph.cleanup(remove_unused_graph_inputs=False)
+
+
 def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
     """Every consumer of ``old`` reads ``new`` instead."""
     for consumer in list(old.outputs):
@@ -266,4 +297,5 @@ def import_graph(model: onnx.ModelProto, shapes: Shapes) -> tuple[gs.Graph, dict
     _fold_constant_arithmetic(graph, model.opset_import)
     _fold_flattened_transposes(graph, shapes)
     _fold_channel_shuffles(graph, shapes)
+    _drop_zero_initial_states(graph)
     return graph, cast_weights, frozenset(_subgraph_references(graph))

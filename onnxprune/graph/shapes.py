@@ -72,7 +72,24 @@ def _run_inference(light: onnx.ModelProto) -> dict[str, tuple]:
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    for sub in list(graphs(graph))[1:]:  # subgraphs too: channels can flow into If/Loop/Scan bodies
+        for vi in list(sub.value_info) + list(sub.input) + list(sub.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                shapes.setdefault(vi.name, tuple(d.dim_value if d.HasField("dim_value") else None
+                                                 for d in t.shape.dim))
+        for init in sub.initializer:
+            shapes.setdefault(init.name, tuple(init.dims))
     return shapes
+
+
+def graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it, outer first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from graphs(sub)
 
 
 def fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -59,6 +60,63 @@ class GraphView:
     def nodes(self) -> list[gs.Node]:
         return self.graph.nodes
 
+    @cached_property
+    def all_nodes(self) -> list[gs.Node]:
+        """The graph's nodes and those of every subgraph (If branches, Loop and Scan bodies), outer
+        first. onnx-graphsurgeon gives a tensor of an outer scope one object, whose consumers
+        include the subgraph nodes that read it, so channels flow into a body along it."""
+        return [node for _, node in _scoped_nodes(self.graph, None)]
+
+    @cached_property
+    def scopes(self) -> dict[str, str]:
+        """Node name -> the subgraph it is in ("then_branch of If cond_if"), for nodes of subgraphs."""
+        return {node.name: scope for scope, node in _scoped_nodes(self.graph, None) if scope}
+
+    @cached_property
+    def boundaries(self) -> dict[str, str]:
+        """Tensor name -> what it is for a subgraph whose input or output it is ("an output of body of
+        com.example::Repeat r"), for subgraphs of ops no rule maps (If, Loop and Scan have rules):
+        channels do not cross those."""
+        found: dict[str, str] = {}
+        for _, node in _scoped_nodes(self.graph, None):
+            for name, body in _subgraphs(node):
+                scope = f"{name} of {node.op} {node.name}"
+                if _mapped(node):  # If, Loop, Scan: their rules (rules/control.py) map them
+                    continue
+                for t in body.inputs:
+                    found.setdefault(t.name, f"an input of {scope}")
+                for t in body.outputs:
+                    found.setdefault(t.name, f"an output of {scope}")
+        return found
+
+    @cached_property
+    def subgraph_ends(self) -> dict[str, list[tuple[gs.Node, str, int]]]:
+        """Tensor name -> (node, side, index) for each input or output of an If branch or a Loop or
+        Scan body it is: side "then_branch" for that branch's outputs, "body:in" for the body's
+        inputs. The grower visits the node from there (rules/control.py maps them)."""
+        found: dict[str, list] = {}
+        for _, node in _scoped_nodes(self.graph, None):
+            if not _mapped(node):
+                continue
+            for name, body in _subgraphs(node):
+                for i, t in enumerate(body.outputs):
+                    found.setdefault(t.name, []).append((node, name, i))
+                for i, t in enumerate(body.inputs):
+                    found.setdefault(t.name, []).append((node, f"{name}:in", i))
+        return found
+
+    @cached_property
+    def inner_tensors(self) -> frozenset[str]:
+        """Names of the tensors that exist only inside a subgraph (its inputs and what its nodes
+        compute): onnxruntime cannot hand them out as graph outputs to measure."""
+        names: set[str] = set()
+        for scope, node in _scoped_nodes(self.graph, None):
+            if scope:
+                names.update(t.name for t in node.outputs)
+            for _, body in _subgraphs(node):
+                names.update(t.name for t in body.inputs)
+        return frozenset(names)
+
     def producer(self, tensor: gs.Tensor) -> gs.Node | None:
         return tensor.inputs[0] if tensor.inputs else None
 
@@ -87,11 +145,11 @@ class GraphView:
     def warn_unmatched(self, patterns) -> None:
         """A warning for each ``ignore`` glob that matches no node by ``names_of``."""
         left = dict.fromkeys(patterns)
-        for node in self.nodes if left else ():
+        for node in self.all_nodes if left else ():
             for name in self.names_of(node):
                 for pattern in matches(name, left):
                     del left[pattern]
-        known = [n.name for n in self.nodes] + list(self.modules.values())
+        known = [n.name for n in self.all_nodes] + list(self.modules.values())
         for pattern in left:
             warnings.warn(unmatched_ignore_message(pattern, known), stacklevel=3)
 
@@ -139,6 +197,28 @@ class GraphView:
         if isinstance(tensor, gs.Constant):
             return False
         return axis in self.shapes.dynamic.get(tensor.name, set())
+
+
+def _mapped(node: gs.Node) -> bool:
+    """Does a rule map this node's subgraph inputs and outputs to its own (rules/control.py)?"""
+    return node.op in ("If", "Loop", "Scan") and node.domain in (None, "", "ai.onnx")
+
+
+def _subgraphs(node: gs.Node) -> list[tuple[str, gs.Graph]]:
+    found = []
+    for name, value in node.attrs.items():
+        for body in value if isinstance(value, list) else [value]:
+            if isinstance(body, gs.Graph):
+                found.append((name, body))
+    return found
+
+
+def _scoped_nodes(graph: gs.Graph, scope: str | None):
+    """(scope, node) for every node of ``graph`` and, after each node, of its subgraphs."""
+    for node in graph.nodes:
+        yield scope, node
+        for name, body in _subgraphs(node):
+            yield from _scoped_nodes(body, f"{name} of {node.op} {node.name}")
 
 
 def attr(node: gs.Node, name: str, default=None):

@@ -292,7 +292,7 @@ def _reason_kind(reason: str) -> str:
         if kind in reason:
             return {"graph output": "reaches a graph output", "graph input": "reaches a graph input",
                     "no pruning rule": "op without a rule", "ignored": "`ignore`",
-                    "subgraph": "read inside a subgraph"}[kind]
+                    "subgraph": "a subgraph's input or output"}[kind]
     return "rule barrier"
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Reached:
-    """Channels arrive at input (side="in") or output (side="out") ``index`` on ``axis``."""
+    """Channels arrive at input (side="in") or output (side="out") ``index`` on ``axis``; for a
+    node with subgraphs, side may also name one of them ("then_branch"): its output ``index``."""
 
     side: str
     index: int
@@ -24,7 +25,7 @@ class Reached:
 
 @dataclass
 class Link:
-    side: str
+    side: str  # "in", "out", or a subgraph attribute of the node ("then_branch"): that graph's outputs
     index: int
     axis: int
     owner: np.ndarray

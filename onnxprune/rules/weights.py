@@ -89,6 +89,11 @@ def _matmul_macs(attrs, dims):
     return math.prod(out) * a[-1] if _known(a, out) and a else None
 
 
+def _recurrent_macs(attrs, dims):
+    x, w, r = dims[0], dims[1], dims[2]  # X (T, B, I) or (B, T, I), W (D, G*H, I), R (D, G*H, H)
+    return math.prod(x[:2]) * (math.prod(w) + math.prod(r)) if _known(x, w, r) else None  # per step, row
+
+
 def _gemm_a(attrs, rank):  # A is (M, K), or (K, M) with transA
     return 0 if attrs.get("transA", 0) else 1
 
@@ -116,6 +121,10 @@ def _matmul_columns(attrs, rank):
 _NORM = Operand("norm", None, axis(0))
 _STATISTIC = Operand("statistic", None, axis(0))
 _COEFFICIENT = Operand("coefficient")
+# LSTM/GRU/RNN: W (D, G*H, I) and R (D, G*H, H) sum over their last axis; X is not listed (its
+# projection is no 2-D weight that compensation or a refit could fold into a bias).
+_RECURRENT = OpWeights({1: Operand("weight", axis(2), axis(1)), 2: Operand("weight", axis(2), axis(1)),
+                        3: Operand("bias")}, macs=_recurrent_macs)
 
 WEIGHTS: dict[str, OpWeights] = {
     "Conv": OpWeights({0: Operand("data", axis(1)), 1: Operand("weight", axis(1), axis(0)),
@@ -135,6 +144,9 @@ WEIGHTS: dict[str, OpWeights] = {
     "PRelu": OpWeights({1: _NORM}),
     "Add": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
     "Mul": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
+    "LSTM": OpWeights({**_RECURRENT.operands, 7: _NORM}, macs=_recurrent_macs),  # 7: the peepholes
+    "GRU": _RECURRENT,
+    "RNN": _RECURRENT,
 }
 MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
 LEARNED = ("weight", "operand", "bias", "norm", "table", "coefficient")  # roles a trainer may update

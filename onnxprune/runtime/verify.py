@@ -42,7 +42,7 @@ def make_inputs(sess, shapes: dict[str, tuple[int, ...]], bounds: dict[str, int]
             dtype = np.dtype(inp.type[len("tensor("):-1])
             feeds[inp.name] = rng.integers(0, bounds.get(inp.name, 2), size=shape).astype(dtype)
         elif inp.type == "tensor(bool)":
-            feeds[inp.name] = rng.random(shape) > 0.5
+            feeds[inp.name] = np.asarray(rng.random(shape) > 0.5)  # an array also for a scalar (an If's condition)
         else:
             dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(inp.type, np.float32)
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)

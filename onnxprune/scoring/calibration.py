@@ -125,7 +125,8 @@ def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphVie
     batches, steps = model_batches(data, model, batch_size)
     for feeds, _ in progress(batches, steps, "activations", quiet):
         values = dict(zip(names, sess.run(names, feeds)))
-        seen += len(next(iter(feeds.values())))
+        samples = len(next(iter(feeds.values())))
+        seen += samples
         for g in groups:
             for p in points[g.id]:
                 a = values[p.name]
@@ -134,7 +135,9 @@ def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphVie
                 per_pos = np.moveaxis(a, p.axis, 0).reshape(a.shape[p.axis], -1).sum(axis=1, dtype=np.float64)
                 key = (g.id, p.name)
                 per_pos /= np.prod(a.shape) / a.shape[p.axis]
-                mean_sums[key] = mean_sums.get(key, 0) + per_pos * len(a)
+                # weighted by the batch's samples, not len(a): a time-first tensor (T, B, ...), as
+                # recurrent layers read and write, has the batch on axis 1
+                mean_sums[key] = mean_sums.get(key, 0) + per_pos * samples
             for p in relus[g.id] or points[g.id]:
                 a = values[p.name]
                 zero_sums[g.id] += _per_channel((a == 0).astype(np.float32), p, g.size)
@@ -211,8 +214,14 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
     from .obs import measure_grams, obs_scores
 
     stats = {g.id: GroupStats(g.size) for g in groups}
+    # Groups with channels on tensors inside a subgraph cannot be measured (onnxruntime hands out
+    # outer tensors only): they keep empty statistics, so their criterion falls back to l2
+    # (criteria.score_groups says so) and compensation leaves them alone.
+    groups = [g for g in groups if not any(name in view.inner_tensors for name, _ in g.dims)]
+    if not groups:
+        return stats
     if activations:
-        stats = activation_stats(model, groups, view, data, batch_size, quiet)
+        stats.update(activation_stats(model, groups, view, data, batch_size, quiet))
     if gradients:
         for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
             stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher

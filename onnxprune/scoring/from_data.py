@@ -9,7 +9,9 @@
   that --global ranks channels by how active they are relative to their layer.
 - ``apoz``: 1 - average percentage of zeros after a ReLU-like op (channels
   that are mostly zero matter least). A group without such an op returns
-  None, and the caller falls back to l2 with a warning.
+  None, and the caller falls back to l2 with a warning; so does every
+  criterion for a group that could not be measured (channels inside a
+  subgraph, which onnxruntime does not hand out).
 - ``obs``: the fraction of each reader's output that removing the channel
   costs after the best least-squares refit of the reader (obs.py); the
   criterion that matches reconstruction.
@@ -27,6 +29,8 @@ def fisher(stats):
 
 
 def activation(stats):
+    if stats.abs_mean is None:  # not measured (channels inside a subgraph)
+        return None
     scale = float(stats.abs_mean.mean())
     return stats.abs_mean / scale if scale > 0 else stats.abs_mean.copy()
 
