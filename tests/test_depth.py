@@ -1,0 +1,277 @@
+"""Depth pruning: residual blocks found from the graph (analysis/blocks.py), removed whole (cut/depth.py).
+
+The properties (issue 14, point 7): removing a CNN or pre-norm block equals
+the original with that branch's output zeroed; removing a post-norm layer
+equals the original with that layer replaced by the identity.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune.analysis.blocks import POST_NORM, RESIDUAL, find_blocks
+from onnxprune.cut.depth import remove_blocks
+from onnxprune.graph.shapes import analyse_shapes
+
+from graphs import GraphBuilder, assert_close, check_valid, make_feeds, run
+
+
+def blocks_of(model):
+    return find_blocks(model, analyse_shapes(model, None).static)
+
+
+# --- generated residual graphs ----------------------------------------------------------------
+
+def resnet_like(blocks: int = 3, c: int = 8, seed: int = 0, projection: bool = False) -> onnx.ModelProto:
+    """stem conv -> ``blocks`` basic blocks (conv-relu-conv + x, relu) -> [a projection block] -> pool -> fc."""
+    b = GraphBuilder(seed=seed, name="resnet_like")
+    h = b.op("Relu", [b.conv(b.input("x", [2, 3, 8, 8]), 3, c, name="stem")])
+    for i in range(blocks):
+        f = b.conv(b.op("Relu", [b.conv(h, c, c, name=f"b{i}.conv1")]), c, c, name=f"b{i}.conv2")
+        h = b.op("Relu", [b.op("Add", [h, f], name=f"b{i}.add")])
+    if projection:  # a downsampling block: its skip is computed, so it is no identity residual
+        f = b.conv(b.op("Relu", [b.conv(h, c, 2 * c, stride=2, name="down.conv1")]), 2 * c, 2 * c,
+                   name="down.conv2")
+        h = b.op("Add", [b.conv(h, c, 2 * c, k=1, stride=2, name="down.proj"), f], name="down.add")
+        c *= 2
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])], axis=1)
+    return b.build(b.gemm(h, c, 5, name="fc"))
+
+
+def _layernorm(b: GraphBuilder, x, d: int, name: str):
+    return b.op("LayerNormalization", [x, b.weight((d,), f"{name}.g", offset=1.0), b.weight((d,), f"{name}.b")],
+                name=name, axis=-1, epsilon=1e-5)
+
+
+def _mlp(b: GraphBuilder, x, d: int, name: str):
+    h = b.op("Relu", [b.matmul(x, d, 2 * d, name=f"{name}.fc1")])
+    return b.matmul(h, 2 * d, d, name=f"{name}.fc2")
+
+
+def _mixer(b: GraphBuilder, x, d: int, t: int, name: str):
+    """A token mixer standing in for attention: softmax(x Wq (x Wk)^T) x Wv, over a (t, d) sequence."""
+    q, k, v = (b.matmul(x, d, d, name=f"{name}.{w}") for w in "qkv")
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])
+    return b.matmul(b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v]), d, d, name=f"{name}.out")
+
+
+def pre_norm(layers: int = 2, d: int = 8, t: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """x + mixer(LN(x)), then + MLP(LN(.)), per layer; a final LN and a head."""
+    b = GraphBuilder(seed=seed, name="pre_norm")
+    h = b.input("x", [2, t, d])
+    for i in range(layers):
+        h = b.op("Add", [h, _mixer(b, _layernorm(b, h, d, f"l{i}.ln1"), d, t, f"l{i}.attn")], name=f"l{i}.add1")
+        h = b.op("Add", [h, _mlp(b, _layernorm(b, h, d, f"l{i}.ln2"), d, f"l{i}.mlp")], name=f"l{i}.add2")
+    return b.build(b.matmul(_layernorm(b, h, d, "ln_f"), d, 3, name="head"))
+
+
+def post_norm(layers: int = 2, d: int = 8, t: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """BERT-style: LN(x + mixer(x)), then LN(h + MLP(h)), per layer, after an embedding LN."""
+    b = GraphBuilder(seed=seed, name="post_norm")
+    h = _layernorm(b, b.input("x", [2, t, d]), d, "emb.ln")
+    for i in range(layers):
+        h = _layernorm(b, b.op("Add", [h, _mixer(b, h, d, t, f"l{i}.attn")], name=f"l{i}.add1"), d, f"l{i}.ln1")
+        h = _layernorm(b, b.op("Add", [h, _mlp(b, h, d, f"l{i}.mlp")], name=f"l{i}.add2"), d, f"l{i}.ln2")
+    return b.build(b.matmul(h, d, 3, name="head"))
+
+
+# --- references -------------------------------------------------------------------------------
+
+def branch_zeroed(model: onnx.ModelProto, add_name: str, skip: str) -> onnx.ModelProto:
+    """The original with the residual Add ``add_name``'s branch operand (the one not ``skip``) times 0."""
+    zeroed = copy.deepcopy(model)
+    zero, out = f"{add_name}/zero", f"{add_name}/zeroed_branch"
+    zeroed.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+    add = next(n for n in zeroed.graph.node if n.name == add_name)
+    branch = 1 - list(add.input).index(skip)
+    zeroed.graph.node.append(helper.make_node("Mul", [add.input[branch], zero], [out]))
+    add.input[branch] = out
+    return _sorted(zeroed)
+
+
+def layer_bypassed(model: onnx.ModelProto, x: str, y: str) -> onnx.ModelProto:
+    """The original with every reader of ``y`` reading ``x`` (the layer's nodes left in, unread)."""
+    bypassed = copy.deepcopy(model)
+    for node in bypassed.graph.node:
+        for i, name in enumerate(node.input):
+            if name == y:
+                node.input[i] = x
+    return bypassed
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in topological order again (a node appended at the end may feed an earlier one)."""
+    nodes, ready = list(model.graph.node), {i.name for i in model.graph.input} | \
+        {t.name for t in model.graph.initializer}
+    order = []
+    while nodes:
+        for n in nodes:
+            if all(not i or i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+                nodes.remove(n)
+                break
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return model
+
+
+# --- discovery --------------------------------------------------------------------------------
+
+def test_resnet_blocks_found_and_a_projection_listed_with_its_reason():
+    blocks = blocks_of(resnet_like(3, projection=True))
+    assert [b.id for b in blocks] == ["block:0", "block:1", "block:2", "block:3"]
+    assert [b.output for b in blocks] == ["b0.add_out", "b1.add_out", "b2.add_out", "down.add_out"]
+    assert blocks[3].reason == "its skip is computed (Conv down.proj): a projection, not the identity"
+    blocks = blocks[:3]
+    assert all(b.kind == RESIDUAL and b.removable for b in blocks)
+    # conv1, relu, conv2 and the Add; the two convs' weights and biases
+    assert [len(b.nodes) for b in blocks] == [4, 4, 4] and all(len(b.weights) == 4 for b in blocks)
+    assert all(b.macs == 2 * 8 * 8 * 9 * 64 * 2 for b in blocks)  # two 3x3 8->8 convs at 8x8, batch 2
+
+
+def test_pre_norm_sub_blocks_count_separately():
+    blocks = blocks_of(pre_norm(2))
+    assert [b.output for b in blocks] == ["l0.add1_out", "l0.add2_out", "l1.add1_out", "l1.add2_out"]
+    assert all(b.kind == RESIDUAL and b.removable for b in blocks)
+    ln = [n for n in blocks[0].node_names if n.endswith("ln1")]
+    assert ln == ["l0.ln1"]  # the pre-norm LayerNorm belongs to its sub-block
+
+
+def test_post_norm_layers_are_whole_units():
+    blocks = blocks_of(post_norm(2))
+    assert [(b.kind, b.input, b.output) for b in blocks] == [
+        (POST_NORM, "emb.ln_out", "l0.ln2_out"), (POST_NORM, "l0.ln2_out", "l1.ln2_out")]
+    assert all(b.removable for b in blocks)
+    assert {"l0.ln1", "l0.ln2", "l0.add1", "l0.add2"} <= set(blocks[0].node_names)
+
+
+def test_a_lone_post_norm_sub_block_is_listed_with_its_reason():
+    b = GraphBuilder(name="lone")
+    h = _layernorm(b, b.input("x", [2, 4, 8]), 8, "emb.ln")
+    h = _layernorm(b, b.op("Add", [h, _mlp(b, h, 8, "mlp")]), 8, "ln")
+    blocks = blocks_of(b.build(b.matmul(h, 8, 3, name="head")))
+    assert len(blocks) == 1 and not blocks[0].removable
+    assert "LayerNorm(x), not x" in blocks[0].reason
+
+
+def test_a_branch_read_outside_or_returned_is_not_removable():
+    b = GraphBuilder(name="leaky")
+    x = b.op("Relu", [b.conv(b.input("x", [1, 4, 6, 6]), 4, 4, name="stem")])
+    mid = b.op("Relu", [b.conv(x, 4, 4, name="conv1")], name="mid")
+    y = b.op("Add", [x, b.conv(mid, 4, 4, name="conv2")], name="add")
+    model = b.build([y, mid])
+    (block,) = blocks_of(model)
+    assert block.reason == "its tensor mid_out is a graph output"
+    with pytest.raises(ValueError, match="not removable"):
+        remove_blocks(model, [block])
+
+
+def test_a_broadcast_sum_is_no_block():
+    """x + F(x) where F widens x (how an attention mask meets the scores): no residual."""
+    b = GraphBuilder(name="broadcast")
+    x = b.input("x", [2, 1, 8])
+    f = b.matmul(b.op("Expand", [x, b.ints([2, 4, 8])]), 8, 8, name="fc")
+    assert blocks_of(b.build(b.op("Add", [x, f], name="add"))) == []
+
+
+def test_shape_arithmetic_on_the_branch_goes_with_it_and_on_the_input_stays():
+    """A Reshape whose target is read off a branch tensor (Shape -> Reshape) goes with the branch;
+    a Shape of x read beyond the block (the legacy exporter's mask) does not tie it."""
+    b = GraphBuilder(name="shapes")
+    x = b.op("Relu", [b.matmul(b.input("x", [2, 4, 8]), 8, 8, name="stem")], name="stem_relu")
+    size = b.op("Shape", [x], name="x_shape")  # read by the head after the block
+    h = b.matmul(x, 8, 8, name="fc1")
+    h = b.op("Reshape", [b.op("Relu", [h]), b.op("Shape", [h], name="h_shape")], name="reshape")
+    y = b.op("Add", [x, b.matmul(h, 8, 8, name="fc2")], name="add")
+    out = b.op("Reshape", [b.matmul(y, 8, 3, name="head"), b.op("Concat", [b.op("Slice", [
+        size, b.ints([0]), b.ints([2])]), b.ints([3])], axis=0)])
+    model = b.build(out)
+    (block,) = blocks_of(model)
+    assert block.removable and "h_shape" in block.node_names and "x_shape" not in block.node_names
+    pruned = remove_blocks(model, [block])
+    check_valid(model, pruned)
+    feeds = make_feeds(model)
+    assert_close(run(branch_zeroed(model, "add", x), feeds), run(pruned, feeds), tol=1e-6)
+
+
+def test_module_paths_name_blocks():
+    model = pre_norm(1)
+    for node in model.graph.node:  # as the dynamo exporter records them: l0.attn.q -> h.0.attn
+        layer, _, rest = node.name.partition(".")
+        if layer.startswith("l") and layer[1:].isdigit():
+            part = rest.split(".")[0].replace("add1", "").replace("add2", "").replace("ln1", "attn")
+            path = f"h.{layer[1:]}" + (f".{part.replace('ln2', 'mlp')}" if part else "")
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=str(["", *_prefixes(path), "op"]))
+    assert [b.id for b in blocks_of(model)] == ["h.0.attn", "h.0.mlp"]
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+# --- the cut: point 7's properties ------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_removing_a_cnn_block_equals_zeroing_its_branch(seed):
+    model = resnet_like(3, seed=seed, projection=seed == 2)
+    feeds = make_feeds(model, seed)
+    blocks = blocks_of(model)
+    blocks = [b for b in blocks if b.removable]
+    for chosen in ([blocks[seed]], blocks[:2], blocks):
+        pruned = remove_blocks(model, chosen)
+        check_valid(model, pruned)
+        reference = model
+        for block in chosen:
+            reference = branch_zeroed(reference, block.output.removesuffix("_out"), block.input)
+        assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-5)
+        assert len(pruned.graph.initializer) == len(model.graph.initializer) - 4 * len(chosen)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_removing_pre_norm_sub_blocks_equals_zeroing_them(seed):
+    model = pre_norm(2, seed=seed)
+    feeds = make_feeds(model, seed)
+    blocks = blocks_of(model)
+    for chosen in ([blocks[1]], [blocks[0], blocks[3]], blocks[1:3]):
+        pruned = remove_blocks(model, chosen)
+        check_valid(model, pruned)
+        reference = model
+        for block in chosen:
+            reference = branch_zeroed(reference, block.output.removesuffix("_out"), block.input)
+        assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-5)
+        assert not {n.name for n in pruned.graph.node} & {n for b in chosen for n in b.node_names}
+
+
+@pytest.mark.parametrize("which", [[0], [1], [0, 1]])
+def test_removing_a_post_norm_layer_equals_the_identity(which):
+    model = post_norm(2)
+    feeds = make_feeds(model)
+    blocks = blocks_of(model)
+    chosen = [blocks[i] for i in which]
+    pruned = remove_blocks(model, chosen)
+    check_valid(model, pruned)
+    reference = model
+    for block in reversed(chosen):  # the later layer first: its input is still the earlier one's output
+        reference = layer_bypassed(reference, block.input, block.output)
+    assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-5)
+    expected = model.graph.initializer
+    assert len(pruned.graph.initializer) == len(expected) - sum(len(b.weights) for b in chosen)
+
+
+def test_a_removed_block_that_was_a_graph_output_keeps_its_name():
+    model = resnet_like(1)
+    b = GraphBuilder(name="last")
+    x = b.op("Relu", [b.conv(b.input("x", [1, 4, 6, 6]), 4, 4, name="stem")])
+    y = b.op("Add", [x, b.conv(b.op("Relu", [b.conv(x, 4, 4)]), 4, 4)], name="add")
+    model = b.build(y)
+    pruned = remove_blocks(model, blocks_of(model))
+    check_valid(model, pruned)
+    feeds = make_feeds(model)
+    assert_close(run(pruned, feeds), run(branch_zeroed(model, "add", x), feeds), tol=1e-6)
