@@ -8,17 +8,22 @@ equals the original with that layer replaced by the identity.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import onnxprune
 from onnxprune.analysis.blocks import POST_NORM, RESIDUAL, find_blocks
+from onnxprune.analysis.stats import count_macs
 from onnxprune.cut.depth import remove_blocks
 from onnxprune.graph.shapes import analyse_shapes
+from onnxprune.runtime.session import capture_model
+from onnxprune.scoring.blocks import block_scores, weight_scores
 
-from graphs import GraphBuilder, assert_close, check_valid, make_feeds, run
+from graphs import GraphBuilder, assert_close, check_valid, make_feeds, one_error_line, run, run_main, session
 
 
 def blocks_of(model):
@@ -275,3 +280,117 @@ def test_a_removed_block_that_was_a_graph_output_keeps_its_name():
     check_valid(model, pruned)
     feeds = make_feeds(model)
     assert_close(run(pruned, feeds), run(branch_zeroed(model, "add", x), feeds), tol=1e-6)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def _saved(tmp_path, model, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def test_info_lists_blocks_with_ids_and_reasons(tmp_path, capsys):
+    path = _saved(tmp_path, resnet_like(3, projection=True))
+    code, out, _ = run_main(capsys, "info", path, "--json", tmp_path / "info.json")
+    assert code == 0
+    assert "3 removable block(s) (--depth, --drop-blocks), 1 not removable" in out
+    assert "block:3" in out and "a projection, not the identity" in out
+    listed = json.loads((tmp_path / "info.json").read_text())["blocks"]
+    assert [b["id"] for b in listed if "reason" not in b] == ["block:0", "block:1", "block:2"]
+
+
+def test_depth_removes_the_fraction_by_weights_and_records_it(tmp_path, capsys):
+    model = resnet_like(4)
+    path = _saved(tmp_path, model)
+    out_path, plan, report = tmp_path / "out.onnx", tmp_path / "plan.json", tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.5", "-o", out_path, "--plan-out", plan, "--report", report)
+    assert code == 0, out
+    assert "depth   2 of 4 removable block(s) removed by weights" in out
+    pruned = onnx.load(out_path)
+    check_valid(model, pruned)
+    record = json.loads(report.read_text())
+    weights = weight_scores(model, blocks_of(model))
+    lowest = sorted(weights, key=weights.get)[:2]
+    assert sorted(b["id"] for b in record["depth"]["removed"]) == sorted(lowest)
+    assert sorted(json.loads(plan.read_text())["blocks"]) == sorted(lowest)
+    assert record["macs_after"] < record["macs_before"] == count_macs(model)
+    # the plan, applied again, removes the same blocks: the same model
+    again = tmp_path / "again.onnx"
+    assert run_main(capsys, path, "--plan-in", plan, "-o", again)[0] == 0
+    feeds = make_feeds(model)
+    assert_close(run(pruned, feeds), run(onnx.load(again), feeds), tol=0)
+
+
+def test_drop_blocks_by_glob_with_structured(tmp_path, capsys):
+    model = resnet_like(3)
+    path = _saved(tmp_path, model)
+    out_path, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--drop-blocks", "block:1", "--structured", "0.5", "-o", out_path,
+                            "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    assert [b["id"] for b in record["depth"]["removed"]] == ["block:1"]
+    assert any(g["channels_after"] < g["channels_before"] for g in record["groups"])
+    pruned = onnx.load(out_path)
+    check_valid(model, pruned)
+    assert record["macs_before"] == count_macs(model) and count_macs(pruned) == record["macs_after"]
+    assert not {n.name for n in pruned.graph.node} & {"b1.conv1", "b1.conv2"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--drop-blocks", "nope*"], "--drop-blocks 'nope*' matches no block (blocks: block:0, block:1, block:2"),
+    (["--drop-blocks", "block:3"], "block block:3 cannot be removed: its skip is computed"),
+    (["--depth", "0.5", "--block-importance", "removal"], "--block-importance removal measures on data: give --data"),
+    (["--block-importance", "weights", "--structured", "0.2"], "--block-importance scores blocks for --depth R"),
+    (["--depth", "0.3", "--target-macs", "0.5"], "--target-macs and --depth/--drop-blocks do not combine yet"),
+])
+def test_depth_errors_are_one_line(tmp_path, capsys, args, message):
+    path = _saved(tmp_path, resnet_like(3, projection=True))
+    code, _, err = run_main(capsys, path, *args, "-o", tmp_path / "out.onnx")
+    assert code == 2 and message in one_error_line(err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _calibration(tmp_path, model, samples=16):
+    feeds = [make_feeds(model, seed) for seed in range(samples)]
+    path = tmp_path / "calib.npz"
+    np.savez(path, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    return path
+
+
+@pytest.mark.parametrize("criterion", ["removal", "influence"])
+def test_data_criteria_score_blocks(tmp_path, criterion):
+    model = resnet_like(4)
+    data = onnxprune.load_data(_calibration(tmp_path, model), model)
+    blocks = blocks_of(model)
+    scores = block_scores(model, blocks, criterion, data)
+    assert set(scores) == {b.id for b in blocks} and all(s > 0 for s in scores.values())
+    if criterion == "removal":  # each score is the relative RMS output error with that block alone removed
+        batches = [{"x": data.inputs["x"][i:i + 2]} for i in range(0, len(data), 2)]  # batch fixed at 2
+        want = np.concatenate([run(model, f)[0] for f in batches]).astype(np.float64)
+        got = np.concatenate([run(remove_blocks(model, [blocks[2]]), f)[0] for f in batches]).astype(np.float64)
+        assert scores["block:2"] == pytest.approx(float(np.linalg.norm(want - got) / np.linalg.norm(want)), rel=1e-5)
+    else:  # 1 - cos(x_in, x_out), by hand on the whole calibration set
+        names = [blocks[1].input, blocks[1].output]
+        sess = session(capture_model(model, names))
+        ran = [sess.run(names, {"x": data.inputs["x"][i:i + 2]}) for i in range(0, len(data), 2)]  # batch fixed at 2
+        a, b = (np.concatenate([r[k] for r in ran]).reshape(len(data), -1).astype(np.float64) for k in (0, 1))
+        cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert scores["block:1"] == pytest.approx(float(np.mean(1 - cos)), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_depth_with_data_and_distillation_recovers(tmp_path, capsys):
+    """Recovery after a depth cut alone: the student is the smaller graph, the teacher the input."""
+    model = resnet_like(3)
+    path, data = _saved(tmp_path, model), _calibration(tmp_path, model, 32)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.34", "--data", data, "--distill", "--epochs", "2",
+                            "--lr", "1e-3", "-o", tmp_path / "out.onnx", "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    assert record["depth"]["criterion"] == "removal" and len(record["depth"]["removed"]) == 1
+    epochs = record["training"]["epochs"]
+    assert len(epochs) == 2 and epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    check_valid(model, onnx.load(tmp_path / "out.onnx"))

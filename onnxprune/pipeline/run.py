@@ -32,12 +32,15 @@ from ..model.save import (
 )
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
+from ..recovery.train import train
 from ..report.records import Report
 from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
+from .depth import DepthResult, prune_depth, record_depth
 from .prune import PruneResult, unpruned
+from .reduction import require_reduction
 from .rounds import prune_rounds
 from .target import find_ratio
 
@@ -65,11 +68,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if options.target is not None and options.widths.allocate != "sensitivity":
         searched = find_ratio(model, options.target, input_path, options)
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
-    widths = options.widths
-    if options.sparsity is not None and widths.ratio is None and widths.plan is None and not widths.ratios:
-        result = unpruned(model, options.analysis.input_shapes)
-    else:
-        result = prune_rounds(model, options)
+    depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
+    result = _prune(model, depth, options)
     if options.sparsity is not None:
         result = _sparsified(result, options)
     if options.gate is not None and (options.gate.max_accuracy_drop is not None
@@ -99,6 +99,35 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if out.report_path:
         report.save(out.report_path)
     return report
+
+
+def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOptions) -> PruneResult:
+    """The channels pruned (in rounds, recovering) on what the depth step left; after a depth cut
+    alone, recovery on it. Recovery's teacher is the input model either way."""
+    source = depth.model if depth is not None else model
+    widths = options.widths
+    channels = widths.ratio is not None or widths.plan is not None or bool(widths.ratios)
+    if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
+        options = replace(options, gate=replace(options.gate, min_reduction=None))
+    if channels:
+        result = prune_rounds(source, options, teacher=model)
+    else:
+        result = unpruned(source, options.analysis.input_shapes)
+        if depth is not None and options.training is not None and depth.removed:
+            result.model, trained = train(result.model, model, options.data.data, options.training)
+            result.report.training = trained.to_json()
+    if depth is not None:
+        record_depth(result.report, result.plan, depth)
+        report = result.report
+        gate = options.gate
+        require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
+                          report.barriers, report.modules)
+    return result
+
+
+def _planned_blocks(options: PruneOptions) -> bool:
+    plan = options.widths.plan
+    return isinstance(plan, Plan) and bool(plan.blocks)
 
 
 def _allocated(target, report: Report) -> dict:

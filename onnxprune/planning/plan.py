@@ -28,6 +28,7 @@ PLAN_SCHEMA = 1
 class Plan:
     keep: dict[str, list[int]] = field(default_factory=dict)  # group id -> kept channels
     sizes: dict[str, int] = field(default_factory=dict)  # group id -> channels before
+    blocks: list[str] = field(default_factory=list)  # residual blocks removed whole (analysis/blocks.py), first
 
     def removed(self, group_id: str) -> np.ndarray:
         kept = np.zeros(self.sizes[group_id], bool)
@@ -38,6 +39,7 @@ class Plan:
         return {
             "schema_version": PLAN_SCHEMA,
             "groups": [{"id": g, "channels": self.sizes[g], "keep": self.keep[g]} for g in self.keep],
+            **({"blocks": list(self.blocks)} if self.blocks else {}),
         }
 
     def save(self, path) -> None:
@@ -54,6 +56,7 @@ class Plan:
             for g in data["groups"]:
                 plan.keep[str(g["id"])] = sorted(int(k) for k in g["keep"])
                 plan.sizes[str(g["id"])] = int(g["channels"])
+            plan.blocks = [str(b) for b in data.get("blocks", [])]
             return plan
         except OSError as exc:
             raise UsageError(f"{path}: cannot read plan ({exc.strerror})") from None

@@ -1,0 +1,86 @@
+"""Depth pruning, the first step of a run: find the blocks -> score -> choose -> cut.
+
+    blocks = find_blocks(model, shapes)          # analysis/blocks.py
+    scores = block_scores(model, removable, ...) # scoring/blocks.py
+    chosen = choose_blocks(blocks, scores, R)    # planning/depth.py (or a plan's ids)
+    model = remove_blocks(model, chosen)         # cut/depth.py
+
+The channels are pruned after it, on the model it leaves (a plan's groups
+are those of that model). The record goes into the report (``Report.depth``)
+and the plan (``Plan.blocks``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import onnx
+
+from ..analysis.blocks import Block, find_blocks
+from ..analysis.stats import count_macs, count_params
+from ..cut.depth import remove_blocks
+from ..data import Dataset
+from ..graph.shapes import analyse_shapes
+from ..options import PruneOptions
+from ..planning.depth import choose_blocks, named_blocks, planned_blocks
+from ..planning.plan import Plan
+from ..report.records import Report
+from ..scoring.blocks import block_scores
+
+MEASURED_SAMPLES = 64  # calibration samples the data criteria score blocks on
+
+
+@dataclass
+class DepthResult:
+    model: onnx.ModelProto  # without the removed blocks (the input itself when none go)
+    removed: list[Block]
+    record: dict  # Report.depth
+    params_before: int
+    macs_before: int | None
+
+
+def prune_depth(model: onnx.ModelProto, options: PruneOptions) -> DepthResult:
+    """Remove the blocks that ``options.depth`` (or a plan's ``blocks``) names; validated options."""
+    started = time.perf_counter()
+    depth = options.depth
+    shapes = analyse_shapes(model, options.analysis.input_shapes)
+    blocks = find_blocks(model, shapes.static)
+    removable = [b for b in blocks if b.removable]
+    plan = options.widths.plan if isinstance(options.widths.plan, Plan) else None
+    scores, criterion = {}, None
+    if plan is not None and plan.blocks:
+        chosen = planned_blocks(blocks, plan.blocks)
+        criterion = "plan"
+    else:
+        named = named_blocks(blocks, depth.drop_blocks) if depth is not None and depth.drop_blocks else []
+        if depth is not None and depth.depth and removable:
+            criterion = depth.block_importance
+            scores = block_scores(model, removable, criterion, _calibration(options), options.data.batch_size)
+        chosen = choose_blocks(blocks, scores, depth.depth if depth is not None else None, named)
+    pruned = remove_blocks(model, chosen) if chosen else model
+    record = {
+        "criterion": criterion,
+        "ratio": depth.depth if depth is not None else None,
+        "blocks": len(blocks), "removable": len(removable),
+        "removed": [{**b.to_json(), **({"score": scores[b.id]} if b.id in scores else {})} for b in chosen],
+        "kept": [{"id": b.id, "kind": b.kind, **({"score": scores[b.id]} if b.id in scores else {})}
+                 for b in removable if b not in chosen],
+        "not_removable": [{"id": b.id, "kind": b.kind, "reason": b.reason} for b in blocks if not b.removable],
+        "seconds": 0.0,
+    }
+    record["seconds"] = time.perf_counter() - started
+    return DepthResult(pruned, chosen, record, count_params(model), count_macs(model, shapes=shapes.static))
+
+
+def _calibration(options: PruneOptions) -> Dataset | None:
+    data = options.data.data
+    return data.sample(min(MEASURED_SAMPLES, options.data.calib_samples or MEASURED_SAMPLES), options.seed) \
+        if isinstance(data, Dataset) else None
+
+
+def record_depth(report: Report, plan: Plan, depth: DepthResult) -> None:
+    """The depth step in the run's report and plan: what it removed, the counts from the input model."""
+    report.depth = depth.record
+    report.params_before, report.macs_before = depth.params_before, depth.macs_before
+    plan.blocks = [b.id for b in depth.removed]
