@@ -100,12 +100,18 @@ def branch_zeroed(model: onnx.ModelProto, add_name: str, skip: str) -> onnx.Mode
 
 
 def layer_bypassed(model: onnx.ModelProto, x: str, y: str) -> onnx.ModelProto:
-    """The original with every reader of ``y`` reading ``x`` (the layer's nodes left in, unread)."""
+    """The original with every reader of ``y`` reading ``x`` (the layer's nodes left in, unread); a
+    graph output ``y`` becomes Identity(x), the layer's last node writing elsewhere."""
     bypassed = copy.deepcopy(model)
-    for node in bypassed.graph.node:
+    returned = y in {o.name for o in bypassed.graph.output}
+    for node in list(bypassed.graph.node):
         for i, name in enumerate(node.input):
             if name == y:
                 node.input[i] = x
+        if returned and y in node.output:
+            node.output[list(node.output).index(y)] = f"{y}/bypassed"
+    if returned:
+        bypassed.graph.node.append(helper.make_node("Identity", [x], [y]))
     return bypassed
 
 
@@ -394,3 +400,55 @@ def test_depth_with_data_and_distillation_recovers(tmp_path, capsys):
     epochs = record["training"]["epochs"]
     assert len(epochs) == 2 and epochs[-1]["val_loss"] < epochs[0]["val_loss"]
     check_valid(model, onnx.load(tmp_path / "out.onnx"))
+
+
+# --- point 6's targets: real exports ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_bert_4_layers_at_depth_half_loses_2_whole_layers(tmp_path, capsys, exporter):
+    pytest.importorskip("transformers")
+    from test_transformers import LAYERS, bert, export, feeds_for
+
+    model = export(bert, exporter, tmp_path / "bert.onnx")
+    blocks = blocks_of(model)
+    assert [b.kind for b in blocks] == [POST_NORM] * LAYERS and all(b.removable for b in blocks)
+    assert [b.id for b in blocks] == [f"model.encoder.layer.{i}" for i in range(LAYERS)]
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, tmp_path / "bert.onnx", "--depth", "0.5", "-o", tmp_path / "out.onnx",
+                            "--report", report)
+    assert code == 0, out
+    removed = json.loads(report.read_text())["depth"]["removed"]
+    assert len(removed) == 2 and all(b["kind"] == POST_NORM for b in removed)
+    pruned = onnx.load(tmp_path / "out.onnx")
+    check_valid(model, pruned)
+    reference = model
+    for b in reversed(removed):
+        reference = layer_bypassed(reference, b["input"], b["output"])
+    feeds = feeds_for(model)
+    assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-5)
+    assert count_macs(pruned, {n: (2, 16) for n in feeds}) == count_macs(model, {n: (2, 16) for n in feeds}) // 2
+
+
+@pytest.mark.slow
+def test_resnet50_at_depth_quarter(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    from tools import zoo
+
+    path = zoo.export("resnet50", "legacy")
+    model = onnx.load(path)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.25", "-o", tmp_path / "out.onnx", "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    depth = record["depth"]
+    assert depth["removable"] == 12 and len(depth["not_removable"]) == 4 and len(depth["removed"]) == 3
+    pruned = onnx.load(tmp_path / "out.onnx")
+    check_valid(model, pruned)
+    feeds = make_feeds(model)
+    reference = model
+    for b in depth["removed"]:
+        add = next(n for n in reference.graph.node if n.output[0] == b["output"])
+        reference = branch_zeroed(reference, add.name, b["input"])
+    assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-4)
+    assert record["macs_after"] == count_macs(pruned) < record["macs_before"] == count_macs(model)
