@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 import onnxprune
 from onnxprune.analysis.blocks import POST_NORM, RESIDUAL, find_blocks
 from onnxprune.analysis.stats import count_macs
+from onnxprune.cut import iochange
 from onnxprune.cut.depth import remove_blocks
 from onnxprune.graph.shapes import analyse_shapes
 from onnxprune.runtime.session import capture_model
@@ -452,3 +453,71 @@ def test_resnet50_at_depth_quarter(tmp_path, capsys):
         reference = branch_zeroed(reference, add.name, b["input"])
     assert_close(run(reference, feeds), run(pruned, feeds), tol=1e-4)
     assert record["macs_after"] == count_macs(pruned) < record["macs_before"] == count_macs(model)
+
+
+# --- a decoder's KV cache (point 3) ---------------------------------------------------------------
+
+def cached_decoder(layers: int = 2, d: int = 8, t: int = 3, past: int = 2) -> onnx.ModelProto:
+    """Pre-norm layers whose attention concatenates a past cache input with its keys and returns
+    the result as a present output: the shape of a decoder exported with its cache."""
+    b = GraphBuilder(name="cached")
+    h = b.input("x", [1, t, d])
+    presents = []
+    for i in range(layers):
+        ln = _layernorm(b, h, d, f"l{i}.ln1")
+        k = b.op("Concat", [b.input(f"past_{i}", [1, past, d]), b.matmul(ln, d, d, name=f"l{i}.k")], axis=1)
+        presents.append(b.op("Identity", [k], name=f"present_{i}"))
+        scores = b.op("MatMul", [b.matmul(ln, d, d, name=f"l{i}.q"), b.op("Transpose", [k], perm=[0, 2, 1])])
+        attn = b.matmul(b.op("MatMul", [b.op("Softmax", [scores], axis=-1), k]), d, d, name=f"l{i}.out")
+        h = b.op("Add", [h, attn], name=f"l{i}.add1")
+        h = b.op("Add", [h, _mlp(b, _layernorm(b, h, d, f"l{i}.ln2"), d, f"l{i}.mlp")], name=f"l{i}.add2")
+    return b.build([h, *presents])
+
+
+def test_an_attention_block_with_its_cache_goes_only_with_allow_io_change(tmp_path, capsys):
+    model = cached_decoder()
+    blocks = blocks_of(model)
+    assert "a cache it reads from past_0: `allow_io_change` removes both" in blocks[0].reason
+    allowed = find_blocks(model, analyse_shapes(model, None).static, allow_io_change=True)
+    assert allowed[2].removable and allowed[2].io_outputs == ["present_1_out"]
+    assert allowed[2].io_inputs == {"past_1": [1, 2, 8]}
+    path = _saved(tmp_path, model)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--allow-io-change", "--drop-blocks", "block:2", "-o", tmp_path / "o.onnx",
+                            "--report", report)
+    assert code == 0, out
+    assert "output  present_1_out [1, 5, 8] removed" in out and "input   past_1 [1, 2, 8] removed" in out
+    pruned = onnx.load(tmp_path / "o.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == ["x", "past_0"]  # the others keep their names
+    assert [o.name for o in pruned.graph.output] == [model.graph.output[0].name, "present_0_out"]
+    assert {(c.name, c.role) for c in iochange.read(pruned)} == {("present_1_out", "output"), ("past_1", "input")}
+    feeds = make_feeds(model)
+    want = run(branch_zeroed(model, "l1.add1", "l0.add2_out"), feeds)
+    got = run(pruned, {k: v for k, v in feeds.items() if k != "past_1"})
+    assert_close(want[:2], got, tol=1e-5)
+    assert [c["name"] for c in json.loads(report.read_text())["io_changes"]] == ["present_1_out", "past_1"]
+
+
+@pytest.mark.slow
+def test_gpt2_with_its_cache_loses_the_removed_layers_cache(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from test_iochange import LAYERS, export_gpt2_with_cache
+
+    model = export_gpt2_with_cache(tmp_path / "gpt2.onnx", "dynamo", "eager")
+    code, out, _ = run_main(capsys, tmp_path / "gpt2.onnx", "--allow-io-change", "--depth", "0.5",
+                            "--input-shape", "input_ids:1,2", "-o", tmp_path / "o.onnx", "--report",
+                            tmp_path / "r.json")
+    assert code == 0, out
+    record = json.loads((tmp_path / "r.json").read_text())
+    removed = [b["id"] for b in record["depth"]["removed"]]
+    assert record["depth"]["removable"] == 2 * LAYERS and len(removed) == LAYERS  # attention and MLP per layer
+    assert any(b.endswith(".attn") for b in removed)
+    pruned = onnx.load(tmp_path / "o.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    gone = {c["name"] for c in record["io_changes"]}
+    for block in (b for b in record["depth"]["removed"] if b["id"].endswith(".attn")):
+        layer = block["id"].split(".")[-2]
+        assert {f"present_key_{layer}", f"present_value_{layer}"} <= gone
+    kept = [o.name for o in pruned.graph.output]
+    assert kept == [o.name for o in model.graph.output if o.name not in gone]

@@ -51,6 +51,10 @@ class Block:
     # the weight of each branch's last weighted node: what writes into the residual stream (scoring/blocks.py)
     writers: list[str] = field(default_factory=list)
     weighted: list[str] = field(default_factory=list)  # names of its nodes that have MACs
+    # with `allow_io_change`: the graph outputs it writes (a KV cache) and the graph inputs only it
+    # reads (their shapes), removed with it
+    io_outputs: list[str] = field(default_factory=list)
+    io_inputs: dict[str, list | None] = field(default_factory=dict)
 
     @property
     def removable(self) -> bool:
@@ -59,7 +63,8 @@ class Block:
     def to_json(self) -> dict:
         return {"id": self.id, "kind": self.kind, "input": self.input, "output": self.output,
                 "nodes": len(self.nodes), "macs": self.macs, "params": self.params,
-                **({"reason": self.reason} if self.reason else {})}
+                **({"reason": self.reason} if self.reason else {}),
+                **({"io_removed": [*self.io_inputs, *self.io_outputs]} if self.io_outputs else {})}
 
 
 @dataclass
@@ -94,9 +99,10 @@ class _Graph:
         return self.model.graph.node[i]
 
 
-def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[Block]:
+def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_change: bool = False) -> list[Block]:
     """Every residual block of ``model`` (its static ``shapes``: tensor -> dims), in graph order,
-    removable ones and the others with their reasons."""
+    removable ones and the others with their reasons. ``allow_io_change``: a block that writes a
+    KV cache may go with the cache's graph inputs and outputs."""
     graph = _Graph.of(model)
     per_output = macs_by_output(model, shapes=shapes)
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
@@ -124,7 +130,7 @@ def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple]) -> list[Block]
         block.params = int(sum(sizes[t] for t in block.weights))
         block.weighted = [n for out, n in zip(block.nodes, block.node_names) if per_output.get(out)]
         if block.reason is None:
-            block.reason = _shape_problem(shapes, block) or _leak(graph, block)
+            block.reason = _shape_problem(shapes, block) or _leak(graph, block, shapes, allow_io_change)
     _name(blocks, paths)
     return blocks
 
@@ -305,20 +311,33 @@ def _shape_problem(shapes: dict[str, tuple], block: Block) -> str | None:
     return None
 
 
-def _leak(graph: _Graph, block: Block) -> str | None:
+def _leak(graph: _Graph, block: Block, shapes: dict[str, tuple], allow_io_change: bool) -> str | None:
     """Why removing the block would change something outside it: one of its tensors (but its
-    output) is read by a node outside it or is a graph output (a decoder's KV cache)."""
+    output) is read by a node outside it or is a graph output. A decoder's attention writes its
+    KV cache so (``present`` out of the ``past`` in, which only it reads): with
+    ``allow_io_change`` those inputs and outputs go with the block (``io_inputs``, ``io_outputs``)."""
     inside = {graph.producer[name] for name in block.nodes}
+    returned = []
     for i in sorted(inside):
         for name in graph.node(i).output:
             if name == block.output or not name:
                 continue
             if name in graph.outputs:
-                return f"its tensor {name} is a graph output"
+                returned.append(name)
             outside = [j for j in graph.consumers.get(name, ()) if j not in inside]
             if outside:
                 reader = graph.node(outside[0])
                 return f"its tensor {name} is also read by {reader.op_type} {reader.name or '(unnamed)'}"
+    if not returned:
+        return None
+    own = [t for t in sorted(graph.inputs) if graph.consumers.get(t) and set(graph.consumers[t]) <= inside]
+    if not own:
+        return f"its tensor {returned[0]} is a graph output"
+    if not allow_io_change:
+        return (f"its tensor {returned[0]} is a graph output (a cache it reads from {own[0]}: `allow_io_change` "
+                "removes both with the block)")
+    block.io_outputs = returned
+    block.io_inputs = {t: list(shapes[t]) if shapes.get(t) is not None else None for t in own}
     return None
 
 

@@ -62,7 +62,7 @@ def run_info(argv: list[str]) -> int:
         "blocked": [{"id": g.id, "sources": g.sources, "modules": g.modules, "channels": g.size,
                      "reason": "; ".join(g.blocked)} for g in blocked],
         "modules": named_modules(analysis.groups, analysis.view.modules),
-        "blocks": [b.to_json() for b in find_blocks(model, analysis.shapes.static)],
+        "blocks": [b.to_json() for b in find_blocks(model, analysis.shapes.static, args.allow_io_change)],
         "warnings": notes,
     }
     if args.json:

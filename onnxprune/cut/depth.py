@@ -5,6 +5,11 @@ The block's nodes go; so do the nodes and initializers that only they used
 tensors that are gone. Every other tensor keeps its name and shape: a block
 is removable only where its input and output have one shape. Where the
 block's output is a graph output, an Identity keeps that name.
+
+A decoder's attention block found under ``allow_io_change`` takes its KV
+cache with it: the graph outputs it wrote and the graph inputs only it read
+go, recorded as removed in the model's metadata (cut/iochange.py), so that
+verification, output errors and training feed and compare the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import onnx
 from onnx import helper
 
 from ..analysis.blocks import Block
+from . import iochange
 
 
 def remove_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProto:
@@ -40,11 +46,35 @@ def remove_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProt
     keep += [helper.make_node("Identity", [resolved[name]], [name], name=f"{name}/identity")
              for name in resolved if name in outputs]
     used_before = _used(graph.node)
+    changes = _drop_cache_outputs(graph, [b for b in blocks if b.io_outputs])
+    outputs = {o.name for o in graph.output}
     keep = _live(keep, outputs)
     del graph.node[:]
     graph.node.extend(keep)
     _drop_unused(graph, used_before)
+    if changes:
+        changes += _drop_cache_inputs(graph, [b for b in blocks if b.io_outputs])
+        iochange.record(pruned, iochange.read(model) + changes)  # an earlier cut's record stays, extended
     return pruned
+
+
+def _drop_cache_outputs(graph: onnx.GraphProto, blocks: list[Block]) -> list[iochange.IOChange]:
+    """The graph outputs the removed blocks wrote (their KV cache, under `allow_io_change`)."""
+    gone = {name for b in blocks for name in b.io_outputs}
+    dropped = [o for o in graph.output if o.name in gone]
+    for o in dropped:
+        graph.output.remove(o)
+    return [iochange.removal(o.name, "output") for o in dropped]
+
+
+def _drop_cache_inputs(graph: onnx.GraphProto, blocks: list[Block]) -> list[iochange.IOChange]:
+    """The graph inputs only the removed blocks read (their past cache), now read by none."""
+    read = _used(graph.node) | _subgraph_reads(graph.node)
+    own = {name: shape for b in blocks for name, shape in b.io_inputs.items()}
+    dropped = [i for i in graph.input if i.name in own and i.name not in read]
+    for i in dropped:
+        graph.input.remove(i)
+    return [iochange.removal(i.name, "input", own[i.name]) for i in dropped]
 
 
 def _resolve(name: str, renamed: dict[str, str]) -> str:

@@ -19,6 +19,7 @@ import onnx
 
 from ..analysis.blocks import Block, find_blocks
 from ..analysis.stats import count_macs, count_params
+from ..cut import iochange
 from ..cut.depth import remove_blocks
 from ..data import Dataset
 from ..graph.shapes import analyse_shapes
@@ -39,13 +40,18 @@ class DepthResult:
     params_before: int
     macs_before: int | None
 
+    @property
+    def changes(self) -> list[iochange.IOChange]:
+        """The graph inputs and outputs the cut removed (a KV cache, with `allow_io_change`)."""
+        return iochange.read(self.model) if self.removed else []
+
 
 def prune_depth(model: onnx.ModelProto, options: PruneOptions) -> DepthResult:
     """Remove the blocks that ``options.depth`` (or a plan's ``blocks``) names; validated options."""
     started = time.perf_counter()
     depth = options.depth
     shapes = analyse_shapes(model, options.analysis.input_shapes)
-    blocks = find_blocks(model, shapes.static)
+    blocks = find_blocks(model, shapes.static, options.analysis.allow_io_change)
     removable = [b for b in blocks if b.removable]
     plan = options.widths.plan if isinstance(options.widths.plan, Plan) else None
     scores, criterion = {}, None

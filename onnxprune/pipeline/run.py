@@ -39,7 +39,7 @@ from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
 from .depth import DepthResult, prune_depth, record_depth
-from .prune import PruneResult, unpruned
+from .prune import PruneResult, declared_shapes, unpruned
 from .reduction import require_reduction
 from .rounds import prune_rounds
 from .target import find_ratio
@@ -109,8 +109,14 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
     channels = widths.ratio is not None or widths.plan is not None or bool(widths.ratios)
     if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
         options = replace(options, gate=replace(options.gate, min_reduction=None))
+    removed_io = depth.changes if depth is not None else []
     if channels:
+        if removed_io and options.data.data is not None:  # the data as the model without the cache takes it
+            options = replace(options, data=replace(options.data,
+                                                    data=iochange.candidate_data(options.data.data, removed_io)))
         result = prune_rounds(source, options, teacher=model)
+        if removed_io and result.model is not source:  # the channel cut recorded its changes relative to source
+            iochange.record(result.model, iochange.compose(removed_io, iochange.read(result.model)))
     else:
         result = unpruned(source, options.analysis.input_shapes)
         if depth is not None and options.training is not None and depth.removed:
@@ -118,6 +124,8 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
             result.report.training = trained.to_json()
     if depth is not None:
         record_depth(result.report, result.plan, depth)
+        if removed_io:
+            result.report.io_changes = iochange.describe(iochange.read(result.model), declared_shapes(model))
         report = result.report
         gate = options.gate
         require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,

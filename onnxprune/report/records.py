@@ -189,9 +189,13 @@ class Report:
                 f"{labelled_reason(example.reason, labels)})"
             )
         if self.io_changes:
-            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (`allow_io_change`):")
+            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped or removed "
+                         "(`allow_io_change`):")
         changed = (self.io_changes or []) if verbose else (self.io_changes or [])[:8]
         for c in changed:
+            if c["shape_after"] is None:  # removed with its block (depth pruning)
+                lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} removed")
+                continue
             kept = "; ".join(f"axis {a} keeps {_kept_positions(k)}" for a, k in c["kept"].items())
             lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
                          f"  ({kept})")
