@@ -21,10 +21,9 @@ class DepthOptions:
     block_importance: str | None = None
 
 
-def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None,
-                   steps: int = 1) -> DepthOptions | None:
+def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None) -> DepthOptions | None:
     """Check the depth options; a copy with the block criterion resolved (None: no depth pruning).
-    ``target``: the option of a budget given with them (`target_macs`), ``steps``: the rounds."""
+    ``target``: the option of a budget given with them (`target_macs`)."""
     from .scoring.blocks import BLOCK_CRITERIA, DATA_CRITERIA
 
     if depth is None:
@@ -46,6 +45,4 @@ def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | Non
     if target is not None:
         raise UsageError(f"{target} and `depth`/`drop_blocks` do not combine yet: the budget searches a channel "
                          "ratio only")
-    if steps > 1:
-        raise UsageError("`steps` prunes channels in rounds; with `depth`/`drop_blocks` give one round")
     return replace(depth, drop_blocks=drop, block_importance=criterion)

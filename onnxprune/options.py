@@ -431,7 +431,7 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     widths = _default_allocation(widths, has_data, budget)
     widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
     data = validate_data(options.data)
-    depth = validate_depth(options.depth, has_data, options.target and options.target.option, options.steps)
+    depth = validate_depth(options.depth, has_data, options.target and options.target.option)
     _check_rounds(options, has_data)
     _check_min_reduction(options.gate, structured or options.depth is not None)
     if options.bench is not None:
@@ -490,7 +490,8 @@ def _check_rounds(options: PruneOptions, has_data: bool) -> None:
     if options.steps < 1:
         raise UsageError(f"`steps` must be at least 1, got {options.steps}")
     widths = options.widths
-    if options.steps > 1 and (widths.ratio is None or widths.plan is not None):
+    if options.steps > 1 and (widths.ratio is None or widths.plan is not None) \
+            and not (options.depth is not None and options.depth.depth):  # blocks in rounds (pipeline/depth.py)
         raise UsageError("`steps` K prunes `ratio` R in K rounds: give `ratio` (not `plan`)")
     if options.steps > 1 and (widths.ratios or widths.allocate == "sensitivity"):
         raise UsageError("`ratios`/`allocate` choose per-group ratios once; they do not combine with `steps`")

@@ -521,3 +521,26 @@ def test_gpt2_with_its_cache_loses_the_removed_layers_cache(tmp_path, capsys):
         assert {f"present_key_{layer}", f"present_value_{layer}"} <= gone
     kept = [o.name for o in pruned.graph.output]
     assert kept == [o.name for o in model.graph.output if o.name not in gone]
+
+
+def test_steps_remove_blocks_in_rounds_scored_again(tmp_path, capsys):
+    """--steps 2: half the blocks in each round, scored again on what the first round left; the ids
+    stay those of the input model (block:N does not count again from 0)."""
+    model = resnet_like(4)
+    path, data = _saved(tmp_path, model), _calibration(tmp_path, model, 8)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.75", "--steps", "2", "--data", data, "-o",
+                            tmp_path / "out.onnx", "--report", report, "--no-reconstruct")
+    assert code == 0, out
+    depth = json.loads(report.read_text())["depth"]
+    assert [len(r["removed"]) for r in depth["rounds"]] == [2, 1]
+    first = onnxprune.load_data(data, model)
+    scores = block_scores(model, blocks_of(model), "removal", first)
+    assert sorted(depth["rounds"][0]["removed"]) == sorted(sorted(scores, key=scores.get)[:2])
+    rest = remove_blocks(model, [b for b in blocks_of(model) if b.id in depth["rounds"][0]["removed"]])
+    again = {b["id"]: b["score"] for b in depth["kept"]} | {b["id"]: b["score"] for b in depth["removed"]
+                                                             if b["id"] in depth["rounds"][1]["removed"]}
+    assert set(again) == {b.id for b in blocks_of(model)} - set(depth["rounds"][0]["removed"])
+    assert depth["rounds"][1]["removed"] == [min(again, key=again.get)]
+    check_valid(model, onnx.load(tmp_path / "out.onnx"))
+    assert len(blocks_of(rest)) == 2

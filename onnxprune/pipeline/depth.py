@@ -47,42 +47,71 @@ class DepthResult:
 
 
 def prune_depth(model: onnx.ModelProto, options: PruneOptions) -> DepthResult:
-    """Remove the blocks that ``options.depth`` (or a plan's ``blocks``) names; validated options."""
+    """Remove the blocks that ``options.depth`` (or a plan's ``blocks``) names; validated options.
+    With ``options.steps`` K > 1, the fraction goes in K rounds, the blocks found and scored again
+    on the model each round leaves (a block's importance changes once its neighbours are gone)."""
     started = time.perf_counter()
     depth = options.depth
     shapes = analyse_shapes(model, options.analysis.input_shapes)
     blocks = find_blocks(model, shapes.static, options.analysis.allow_io_change)
     removable = [b for b in blocks if b.removable]
     plan = options.widths.plan if isinstance(options.widths.plan, Plan) else None
-    scores, criterion = {}, None
+    scores, criterion, rounds = {}, None, []
     if plan is not None and plan.blocks:
-        chosen = planned_blocks(blocks, plan.blocks)
-        criterion = "plan"
+        chosen, criterion = planned_blocks(blocks, plan.blocks), "plan"
+        pruned = remove_blocks(model, chosen) if chosen else model
     else:
-        named = named_blocks(blocks, depth.drop_blocks) if depth is not None and depth.drop_blocks else []
-        if depth is not None and depth.depth and removable:
-            criterion = depth.block_importance
-            scores = block_scores(model, removable, criterion, _calibration(options), options.data.batch_size)
-        chosen = choose_blocks(blocks, scores, depth.depth if depth is not None else None, named)
-    pruned = remove_blocks(model, chosen) if chosen else model
+        named = named_blocks(blocks, depth.drop_blocks) if depth.drop_blocks else []
+        criterion = depth.block_importance if depth.depth else None
+        total = max(round((depth.depth or 0.0) * len(removable)), len(named))
+        pruned, chosen = model, []
+        steps = options.steps if depth.depth else 1
+        for step in range(steps):
+            count = -(-(total - len(chosen)) // (steps - step))  # what is left, over the rounds left
+            if count <= 0:
+                break
+            current = _same_ids(find_blocks(pruned, shapes.static, options.analysis.allow_io_change), blocks) \
+                if step else blocks
+            candidates = [b for b in current if b.removable]
+            if depth.depth and candidates:
+                data = _calibration(options, iochange.read(pruned) if step else [])
+                scores = block_scores(pruned, candidates, criterion, data, options.data.batch_size)
+            picked = choose_blocks(current, scores, None, named if step == 0 else [], count=count)
+            rounds.append({"round": step + 1, "removed": [b.id for b in picked]})
+            pruned = remove_blocks(pruned, picked) if picked else pruned
+            chosen += picked
+    kept_ids = {b.id for b in chosen}
     record = {
         "criterion": criterion,
         "ratio": depth.depth if depth is not None else None,
         "blocks": len(blocks), "removable": len(removable),
         "removed": [{**b.to_json(), **({"score": scores[b.id]} if b.id in scores else {})} for b in chosen],
         "kept": [{"id": b.id, "kind": b.kind, **({"score": scores[b.id]} if b.id in scores else {})}
-                 for b in removable if b not in chosen],
+                 for b in removable if b.id not in kept_ids],
         "not_removable": [{"id": b.id, "kind": b.kind, "reason": b.reason} for b in blocks if not b.removable],
+        **({"rounds": rounds} if len(rounds) > 1 else {}),
         "seconds": 0.0,
     }
     record["seconds"] = time.perf_counter() - started
     return DepthResult(pruned, chosen, record, count_params(model), count_macs(model, shapes=shapes.static))
 
 
-def _calibration(options: PruneOptions) -> Dataset | None:
+def _same_ids(found: list[Block], first: list[Block]) -> list[Block]:
+    """Blocks found again after a round, under the ids they had in the input model (a block's
+    output tensor keeps its name; a ``block:N`` id would otherwise count again from 0)."""
+    ids = {b.output: b.id for b in first}
+    for block in found:
+        block.id = ids.get(block.output, block.id)
+    return found
+
+
+def _calibration(options: PruneOptions, changes=()) -> Dataset | None:
+    """Up to MEASURED_SAMPLES of the data, as a model without the ``changes``' inputs takes them."""
     data = options.data.data
-    return data.sample(min(MEASURED_SAMPLES, options.data.calib_samples or MEASURED_SAMPLES), options.seed) \
-        if isinstance(data, Dataset) else None
+    if not isinstance(data, Dataset):
+        return None
+    data = iochange.candidate_data(data, list(changes))
+    return data.sample(min(MEASURED_SAMPLES, options.data.calib_samples or MEASURED_SAMPLES), options.seed)
 
 
 def record_depth(report: Report, plan: Plan, depth: DepthResult) -> None:

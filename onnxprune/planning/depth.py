@@ -30,11 +30,11 @@ def named_blocks(blocks: list[Block], patterns, option: str = "`drop_blocks`") -
 
 
 def choose_blocks(blocks: list[Block], scores: dict[str, float], depth: float | None,
-                  named: list[Block] = ()) -> list[Block]:
-    """``named`` and, up to round(depth x the removable blocks) in all, the lowest-scored others;
-    in graph order."""
+                  named: list[Block] = (), count: int | None = None) -> list[Block]:
+    """``named`` and, up to round(depth x the removable blocks) in all (or ``count``), the
+    lowest-scored others; in graph order."""
     removable = [b for b in blocks if b.removable]
-    count = max(round((depth or 0.0) * len(removable)), len(named))
+    count = max(round((depth or 0.0) * len(removable)) if count is None else count, len(named))
     chosen = {b.id for b in named}
     if len(chosen) >= count:
         return [b for b in removable if b.id in chosen]
