@@ -544,3 +544,12 @@ def test_steps_remove_blocks_in_rounds_scored_again(tmp_path, capsys):
     assert depth["rounds"][1]["removed"] == [min(again, key=again.get)]
     check_valid(model, onnx.load(tmp_path / "out.onnx"))
     assert len(blocks_of(rest)) == 2
+
+
+def test_python_api_prune_file_takes_depth_and_prune_refuses_it(tmp_path):
+    model = resnet_like(4)
+    path = _saved(tmp_path, model)
+    report = onnxprune.prune_file(path, tmp_path / "out.onnx", depth=0.5, drop_blocks=("block:0",))
+    assert "block:0" in [b["id"] for b in report.depth["removed"]] and len(report.depth["removed"]) == 2
+    with pytest.raises(onnxprune.UsageError, match="use prune_file, not prune"):
+        onnxprune.prune(model, 0.2, options=onnxprune.PruneOptions(depth=onnxprune.DepthOptions(depth=0.5)))
