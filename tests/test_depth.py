@@ -553,3 +553,18 @@ def test_python_api_prune_file_takes_depth_and_prune_refuses_it(tmp_path):
     assert "block:0" in [b["id"] for b in report.depth["removed"]] and len(report.depth["removed"]) == 2
     with pytest.raises(onnxprune.UsageError, match="use prune_file, not prune"):
         onnxprune.prune(model, 0.2, options=onnxprune.PruneOptions(depth=onnxprune.DepthOptions(depth=0.5)))
+
+
+def test_reconstruction_after_depth_and_channels(tmp_path, capsys):
+    """With data, the channel cut on the model the depth step left is reconstructed as any other."""
+    model = resnet_like(3)
+    path, data = _saved(tmp_path, model), _calibration(tmp_path, model, 8)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.34", "--structured", "0.25", "--data", data,
+                            "--block-importance", "influence", "-o", tmp_path / "out.onnx", "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    assert record["depth"]["criterion"] == "influence" and len(record["depth"]["removed"]) == 1
+    assert record["reconstruction"]["readers"] > 0
+    assert record["macs_before"] == count_macs(model) > record["macs_after"]
+    check_valid(model, onnx.load(tmp_path / "out.onnx"))
