@@ -568,3 +568,16 @@ def test_reconstruction_after_depth_and_channels(tmp_path, capsys):
     assert record["reconstruction"]["readers"] > 0
     assert record["macs_before"] == count_macs(model) > record["macs_after"]
     check_valid(model, onnx.load(tmp_path / "out.onnx"))
+
+
+def test_depth_on_a_model_without_blocks_warns_and_a_foreign_plan_is_refused(tmp_path, capsys):
+    from graphs import small_cnn
+
+    plain = _saved(tmp_path, small_cnn(), "plain.onnx")
+    code, out, err = run_main(capsys, plain, "--depth", "0.5", "-o", tmp_path / "out.onnx")
+    assert code == 0 and "warning: --depth 0.5 removed no block: it has no residual block" in err
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema_version": 1, "groups": [], "blocks": ["layer9.9"]}))
+    code, _, err = run_main(capsys, plain, "--plan-in", plan, "-o", tmp_path / "o2.onnx")
+    assert code == 2 and "plan block 'layer9.9' does not exist in this model" in one_error_line(err)
+    assert not (tmp_path / "o2.onnx").exists()

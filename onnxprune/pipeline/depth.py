@@ -117,5 +117,10 @@ def _calibration(options: PruneOptions, changes=()) -> Dataset | None:
 def record_depth(report: Report, plan: Plan, depth: DepthResult) -> None:
     """The depth step in the run's report and plan: what it removed, the counts from the input model."""
     report.depth = depth.record
+    record = depth.record
+    if not depth.removed and record["ratio"]:
+        why = (f"none of its {record['blocks']} block(s) can be removed (`info` says why)" if record["blocks"]
+               else "it has no residual block")
+        report.warnings.append(f"`depth` {record['ratio']:g} removed no block: {why}")
     report.params_before, report.macs_before = depth.params_before, depth.macs_before
     plan.blocks = [b.id for b in depth.removed]
