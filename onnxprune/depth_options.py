@@ -23,7 +23,8 @@ class DepthOptions:
 
 def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None) -> DepthOptions | None:
     """Check the depth options; a copy with the block criterion resolved (None: no depth pruning).
-    ``target``: the option of a budget given with them (`target_macs`)."""
+    ``target``: the option of a budget given with them (`target_macs`): a MACs or params budget
+    takes the blocks first, then the channels meet the rest of it."""
     from .scoring.blocks import BLOCK_CRITERIA, DATA_CRITERIA
 
     if depth is None:
@@ -42,7 +43,7 @@ def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | Non
         raise UsageError(f"unknown `block_importance` {criterion!r}; choose from {', '.join(BLOCK_CRITERIA)}")
     if criterion in DATA_CRITERIA and not has_data:
         raise UsageError(f"`block_importance` {criterion} measures on data: give `data` FILE (or use weights)")
-    if target is not None:
-        raise UsageError(f"{target} and `depth`/`drop_blocks` do not combine yet: the budget searches a channel "
-                         "ratio only")
+    if target == "`target_speedup`":
+        raise UsageError(f"{target} and `depth`/`drop_blocks` do not combine yet: the speedup search times "
+                         "channel ratios only")
     return replace(depth, drop_blocks=drop, block_importance=criterion)

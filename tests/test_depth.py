@@ -350,7 +350,8 @@ def test_drop_blocks_by_glob_with_structured(tmp_path, capsys):
     (["--drop-blocks", "block:3"], "block block:3 cannot be removed: its skip is computed"),
     (["--depth", "0.5", "--block-importance", "removal"], "--block-importance removal measures on data: give --data"),
     (["--block-importance", "weights", "--structured", "0.2"], "--block-importance scores blocks for --depth R"),
-    (["--depth", "0.3", "--target-macs", "0.5"], "--target-macs and --depth/--drop-blocks do not combine yet"),
+    (["--depth", "0.3", "--target-speedup", "1.5", "--provider", "cpu"],
+     "--target-speedup and --depth/--drop-blocks do not combine yet"),
 ])
 def test_depth_errors_are_one_line(tmp_path, capsys, args, message):
     path = _saved(tmp_path, resnet_like(3, projection=True))
@@ -581,3 +582,21 @@ def test_depth_on_a_model_without_blocks_warns_and_a_foreign_plan_is_refused(tmp
     code, _, err = run_main(capsys, plain, "--plan-in", plan, "-o", tmp_path / "o2.onnx")
     assert code == 2 and "plan block 'layer9.9' does not exist in this model" in one_error_line(err)
     assert not (tmp_path / "o2.onnx").exists()
+
+
+@pytest.mark.parametrize("budget", ["0.8", "0.4"])
+def test_a_macs_budget_takes_the_blocks_first_and_the_channels_meet_the_rest(tmp_path, capsys, budget):
+    """--depth 0.25 of 4 blocks removes 1 (about a quarter of the MACs): a budget of 0.8 is met by that
+    alone, 0.4 by the channels on top of it; both relative to the input model."""
+    model = resnet_like(4)
+    path = _saved(tmp_path, model)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.25", "--target-macs", budget, "-o", tmp_path / "o.onnx",
+                            "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    assert len(record["depth"]["removed"]) == 1
+    kept = count_macs(onnx.load(tmp_path / "o.onnx")) / count_macs(model)
+    assert kept <= float(budget) and record["macs_after"] / record["macs_before"] == pytest.approx(kept)
+    channels_cut = any(g["channels_after"] < g["channels_before"] for g in record["groups"])
+    assert channels_cut == (budget == "0.4")

@@ -92,6 +92,9 @@ def prune_depth(model: onnx.ModelProto, options: PruneOptions) -> DepthResult:
         **({"rounds": rounds} if len(rounds) > 1 else {}),
         "seconds": 0.0,
     }
+    record["params_after"] = count_params(pruned)
+    record["macs_after"] = count_macs(pruned, iochange.shrink_shapes(shapes.pinned_inputs, iochange.read(pruned))) \
+        if pruned is not model else count_macs(model, shapes=shapes.static)
     record["seconds"] = time.perf_counter() - started
     return DepthResult(pruned, chosen, record, count_params(model), count_macs(model, shapes=shapes.static))
 
@@ -119,7 +122,7 @@ def record_depth(report: Report, plan: Plan, depth: DepthResult) -> None:
     report.depth = depth.record
     record = depth.record
     if not depth.removed and record["ratio"]:
-        why = (f"none of its {record['blocks']} block(s) can be removed (`info` says why)" if record["blocks"]
+        why = (f"none of its {record['blocks']} block(s) can be removed (onnxprune info says why)" if record["blocks"]
                else "it has no residual block")
         report.warnings.append(f"`depth` {record['ratio']:g} removed no block: {why}")
     report.params_before, report.macs_before = depth.params_before, depth.macs_before

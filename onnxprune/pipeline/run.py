@@ -30,7 +30,7 @@ from ..model.save import (
     check_side_files,
     default_output_path,
 )
-from ..options import PruneOptions, TrainOptions, validate
+from ..options import PruneOptions, Target, TrainOptions, validate
 from ..planning.plan import Plan
 from ..recovery.train import train
 from ..report.records import Report
@@ -64,11 +64,14 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
-    searched = None
-    if options.target is not None and options.widths.allocate != "sensitivity":
-        searched = find_ratio(model, options.target, input_path, options)
-        options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
+    searched, budget = None, options.target
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
+    if depth is not None and budget is not None:  # the channels meet what the removed blocks left of it
+        options = replace(options, target=_rest_of_budget(budget, depth))
+    if options.target is not None and options.widths.allocate != "sensitivity":
+        searched = find_ratio(depth.model if depth is not None else model, options.target,
+                              input_path if depth is None else None, options)
+        options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
     result = _prune(model, depth, options)
     if options.sparsity is not None:
         result = _sparsified(result, options)
@@ -79,8 +82,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.input = str(input_path)
     report.conversion = conversion and conversion.to_json()
     report.target = searched and searched.to_json()
-    if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
-        report.target = _allocated(options.target, report)
+    if budget is not None and searched is None:  # allocated to the budget (pipeline/prune.py), or met by depth
+        report.target = _allocated(budget, report)
     if out.plan_out:
         result.plan.save(out.plan_out)
     if not out.dry_run:
@@ -106,7 +109,8 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
     alone, recovery on it. Recovery's teacher is the input model either way."""
     source = depth.model if depth is not None else model
     widths = options.widths
-    channels = widths.ratio is not None or widths.plan is not None or bool(widths.ratios)
+    # a budget allocated by sensitivity (pipeline/prune.py) sets no ratio here
+    channels = widths.ratio is not None or widths.plan is not None or bool(widths.ratios) or options.target is not None
     if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
         options = replace(options, gate=replace(options.gate, min_reduction=None))
     removed_io = depth.changes if depth is not None else []
@@ -131,6 +135,17 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
                           report.barriers, report.modules)
     return result
+
+
+def _rest_of_budget(target: Target, depth: DepthResult) -> Target | None:
+    """A MACs or params budget of the input model as one of the model the depth step left (the
+    fraction of it to keep); None when the removed blocks alone meet it."""
+    before = depth.macs_before if target.metric == "macs" else depth.params_before
+    left = depth.record["macs_after"] if target.metric == "macs" else depth.record["params_after"]
+    if not before or not left:
+        raise UsageError(f"{target.option} with `depth`: this model's {target.metric} cannot be counted")
+    value = target.value * before / left
+    return None if value >= 1 else replace(target, value=value)
 
 
 def _planned_blocks(options: PruneOptions) -> bool:
