@@ -21,10 +21,12 @@ class DepthOptions:
     block_importance: str | None = None
 
 
-def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None) -> DepthOptions | None:
+def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None,
+                   planned: bool = False) -> DepthOptions | None:
     """Check the depth options; a copy with the block criterion resolved (None: no depth pruning).
     ``target``: the option of a budget given with them (`target_macs`): a MACs or params budget
-    takes the blocks first, then the channels meet the rest of it."""
+    takes the blocks first, then the channels meet the rest of it. ``planned``: a plan is applied
+    (it names the blocks itself)."""
     from .scoring.blocks import BLOCK_CRITERIA, DATA_CRITERIA
 
     if depth is None:
@@ -36,6 +38,8 @@ def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | Non
     drop = (depth.drop_blocks,) if isinstance(depth.drop_blocks, str) else tuple(depth.drop_blocks or ())
     if not all(isinstance(g, str) and g for g in drop):
         raise UsageError(f"`drop_blocks` must be block id globs, got {depth.drop_blocks!r}")
+    if planned:
+        raise UsageError("`plan` and `depth`/`drop_blocks` are exclusive: a plan already says which blocks go")
     if ratio is None and not drop:
         raise UsageError("depth pruning needs `depth` R (a fraction of the removable blocks) or `drop_blocks`")
     criterion = depth.block_importance or ("removal" if has_data else "weights")

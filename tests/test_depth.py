@@ -350,11 +350,14 @@ def test_drop_blocks_by_glob_with_structured(tmp_path, capsys):
     (["--drop-blocks", "block:3"], "block block:3 cannot be removed: its skip is computed"),
     (["--depth", "0.5", "--block-importance", "removal"], "--block-importance removal measures on data: give --data"),
     (["--block-importance", "weights", "--structured", "0.2"], "--block-importance scores blocks for --depth R"),
+    (["--depth", "0.3", "--plan-in", "plan.json"], "--plan-in and --depth/--drop-blocks are exclusive"),
     (["--depth", "0.3", "--target-speedup", "1.5", "--provider", "cpu"],
      "--target-speedup and --depth/--drop-blocks do not combine yet"),
 ])
 def test_depth_errors_are_one_line(tmp_path, capsys, args, message):
     path = _saved(tmp_path, resnet_like(3, projection=True))
+    (tmp_path / "plan.json").write_text(json.dumps({"schema_version": 1, "groups": []}))
+    args = [str(tmp_path / a) if a == "plan.json" else a for a in args]
     code, _, err = run_main(capsys, path, *args, "-o", tmp_path / "out.onnx")
     assert code == 2 and message in one_error_line(err)
     assert not (tmp_path / "out.onnx").exists()
