@@ -603,3 +603,22 @@ def test_a_macs_budget_takes_the_blocks_first_and_the_channels_meet_the_rest(tmp
     assert kept <= float(budget) and record["macs_after"] / record["macs_before"] == pytest.approx(kept)
     channels_cut = any(g["channels_after"] < g["channels_before"] for g in record["groups"])
     assert channels_cut == (budget == "0.4")
+
+
+def test_with_data_a_budget_chooses_how_many_blocks_by_output_error(tmp_path, capsys):
+    """--depth 0.5 --target-macs 0.6 --data: 0, 1 and 2 of the 2 chosen blocks are tried, the channels
+    meeting the rest each time; the share with the least output error is the one cut."""
+    model = resnet_like(4)
+    path, data = _saved(tmp_path, model), _calibration(tmp_path, model, 8)
+    report = tmp_path / "report.json"
+    code, out, _ = run_main(capsys, path, "--depth", "0.5", "--target-macs", "0.6", "--data", data,
+                            "--allocate", "uniform", "--no-reconstruct", "--no-compensate", "-o",
+                            tmp_path / "o.onnx", "--report", report)
+    assert code == 0, out
+    record = json.loads(report.read_text())
+    budget = record["depth"]["budget"]
+    assert [t["blocks"] for t in budget["tried"]] == [0, 1, 2]
+    measured = [t for t in budget["tried"] if t["output_error"] is not None]
+    assert budget["blocks"] == min(measured, key=lambda t: t["output_error"])["blocks"]
+    assert len(record["depth"]["removed"]) == budget["blocks"]
+    assert count_macs(onnx.load(tmp_path / "o.onnx")) / count_macs(model) <= 0.6

@@ -13,7 +13,7 @@ and the plan (``Plan.blocks``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -22,8 +22,9 @@ from ..analysis.stats import count_macs, count_params
 from ..cut import iochange
 from ..cut.depth import remove_blocks
 from ..data import Dataset
+from ..errors import UsageError
 from ..graph.shapes import analyse_shapes
-from ..options import PruneOptions
+from ..options import PruneOptions, Target
 from ..planning.depth import choose_blocks, named_blocks, planned_blocks
 from ..planning.plan import Plan
 from ..report.records import Report
@@ -115,6 +116,17 @@ def _calibration(options: PruneOptions, changes=()) -> Dataset | None:
         return None
     data = iochange.candidate_data(data, list(changes))
     return data.sample(min(MEASURED_SAMPLES, options.data.calib_samples or MEASURED_SAMPLES), options.seed)
+
+
+def rest_of_budget(target: Target, depth: DepthResult) -> Target | None:
+    """A MACs or params budget of the input model as one of the model the depth step left (the
+    fraction of it to keep); None when the removed blocks alone meet it."""
+    before = depth.macs_before if target.metric == "macs" else depth.params_before
+    left = depth.record["macs_after"] if target.metric == "macs" else depth.record["params_after"]
+    if not before or not left:
+        raise UsageError(f"{target.option} with `depth`: this model's {target.metric} cannot be counted")
+    value = target.value * before / left
+    return None if value >= 1 else replace(target, value=value)
 
 
 def record_depth(report: Report, plan: Plan, depth: DepthResult) -> None:

@@ -30,7 +30,7 @@ from ..model.save import (
     check_side_files,
     default_output_path,
 )
-from ..options import PruneOptions, Target, TrainOptions, validate
+from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..recovery.train import train
 from ..report.records import Report
@@ -38,7 +38,8 @@ from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
-from .depth import DepthResult, prune_depth, record_depth
+from .budget_depth import depth_for_budget
+from .depth import DepthResult, prune_depth, record_depth, rest_of_budget
 from .prune import PruneResult, declared_shapes, unpruned
 from .reduction import require_reduction
 from .rounds import prune_rounds
@@ -67,7 +68,9 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     searched, budget = None, options.target
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
     if depth is not None and budget is not None:  # the channels meet what the removed blocks left of it
-        options = replace(options, target=_rest_of_budget(budget, depth))
+        if depth.removed and options.data.data is not None and options.depth is not None and options.depth.depth:
+            depth = depth_for_budget(model, options, budget, depth)  # how many of the blocks: by output error
+        options = replace(options, target=rest_of_budget(budget, depth))
     if options.target is not None and options.widths.allocate != "sensitivity":
         searched = find_ratio(depth.model if depth is not None else model, options.target,
                               input_path if depth is None else None, options)
@@ -135,17 +138,6 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
                           report.barriers, report.modules)
     return result
-
-
-def _rest_of_budget(target: Target, depth: DepthResult) -> Target | None:
-    """A MACs or params budget of the input model as one of the model the depth step left (the
-    fraction of it to keep); None when the removed blocks alone meet it."""
-    before = depth.macs_before if target.metric == "macs" else depth.params_before
-    left = depth.record["macs_after"] if target.metric == "macs" else depth.record["params_after"]
-    if not before or not left:
-        raise UsageError(f"{target.option} with `depth`: this model's {target.metric} cannot be counted")
-    value = target.value * before / left
-    return None if value >= 1 else replace(target, value=value)
 
 
 def _planned_blocks(options: PruneOptions) -> bool:
