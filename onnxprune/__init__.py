@@ -18,6 +18,7 @@ _PUBLIC = {
     "data": ["Dataset", "load_data"],
     "errors": ["InvalidModel", "OnnxPruneError", "QualityGateFailed", "ReductionTooSmall", "UnsupportedModel",
                "UsageError", "VerificationFailed"],
+    "depth_options": ["DepthOptions"],
     "planning.plan": ["Plan"],
     "cut.sparsity": ["SparsityResult", "sparsify"],
     "recovery.train": ["distill", "finetune"],

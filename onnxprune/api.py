@@ -22,6 +22,7 @@ import onnx
 
 from .analysis.analyse import Analysis
 from .analysis.analyse import analyse as analyse_model
+from .errors import UsageError
 from .model.load import read_model
 from .options import KEYWORDS, AnalysisOptions, PruneOptions, validate
 from .pipeline import steps
@@ -60,6 +61,7 @@ def prune(model: onnx.ModelProto | str | Path, ratio: float | None = None, *, op
     group (as many in every group); ``prune_kv_groups`` removes whole groups.
     """
     options = validate(_options(ratio, options, keywords, _ONE_PRUNE), whole_run=False)
+    _no_depth(options, "prune")
     if isinstance(model, onnx.ModelProto):
         return prune_model(model, _with_data(model, options))
     loaded = read_model(model)
@@ -73,6 +75,7 @@ def prune_rounds(model: onnx.ModelProto, ratio: float | None = None, *, options:
     """Prune in ``steps`` rounds, re-scoring each time, and recover after each round when ``train``
     (TrainOptions) is given; the teacher is always the original model."""
     options = validate(_options(ratio, options, keywords, _ROUNDS), whole_run=False)
+    _no_depth(options, "prune_rounds")
     return run_rounds(model, _with_data(model, options))
 
 
@@ -87,7 +90,9 @@ def prune_file(input_path: str | Path, output_path: str | Path | None = None, ra
     ``ratio``; ``bench`` (options.Latency) times the input and the written
     output side by side afterwards (``report.bench``); ``train``
     (options.TrainOptions) recovers accuracy; ``max_accuracy_drop`` and
-    ``max_output_error`` gate the result.
+    ``max_output_error`` gate the result; ``depth`` (a fraction of the removable
+    residual blocks) and ``drop_blocks`` (block id globs) remove whole blocks first
+    (docs/depth.md), ``block_importance`` ranks them.
     """
     return run_file(input_path, output_path, _options(ratio, options, keywords, None))
 
@@ -102,6 +107,12 @@ def _options(ratio, options: PruneOptions | None, keywords: dict, groups) -> Pru
         if groups is not None and group not in groups and field not in groups:
             raise TypeError(f"unexpected keyword argument {name!r}")
     return (options or PruneOptions()).with_keywords(**keywords)
+
+
+def _no_depth(options: PruneOptions, function: str) -> None:
+    """Depth pruning is a step of a file run (pipeline/run.py): options that ask for it here would be ignored."""
+    if options.depth is not None:
+        raise UsageError(f"`depth`/`drop_blocks` remove blocks in a file run: use prune_file, not {function}")
 
 
 def _with_data(model: onnx.ModelProto, options: PruneOptions) -> PruneOptions:

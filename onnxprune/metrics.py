@@ -111,10 +111,11 @@ class Reference:
         sess = session(candidate.SerializeToString())
         changes = iochange.read(candidate)
         error, predicted = ErrorSum(), []
+        names = [n for n in self.names if not any(c.removed and c.name == n for c in changes)]
         for (feeds, _), expected in zip(self.batches, self.expected):
-            got = dict(zip(self.names, sess.run(self.names, iochange.candidate_feeds(feeds, changes))))
+            got = dict(zip(names, sess.run(names, iochange.candidate_feeds(feeds, changes))))
             kept = iochange.comparable_outputs(expected, changes)
-            for name in self.names:
+            for name in names:
                 error.add(kept[name], got[name])
             if self.classes:
                 predicted.append(np.argmax(got[self.names[0]], axis=1))

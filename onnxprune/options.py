@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .depth_options import DepthOptions, validate_depth
 from .errors import UsageError, quoted
 
 DEFAULT_IMPORTANCE = "l1"
@@ -249,6 +250,7 @@ class PruneOptions:
     training: TrainOptions | None = None
     steps: int = 1  # prune in this many rounds, re-scoring (and recovering) between them
     sparsity: SparsityOptions | None = None
+    depth: DepthOptions | None = None  # residual blocks removed whole (before the channels)
     gate: GateOptions | None = None
     target: Target | None = None
     bench: Latency | None = None
@@ -280,7 +282,7 @@ class PruneOptions:
 
 
 GROUPS = {"analysis": AnalysisOptions, "widths": WidthOptions, "data": DataOptions,
-          "sparsity": SparsityOptions, "gate": GateOptions, "output": OutputOptions}
+          "sparsity": SparsityOptions, "gate": GateOptions, "output": OutputOptions, "depth": DepthOptions}
 # keyword -> (group, field); group None: a field of PruneOptions itself.
 KEYWORDS: dict[str, tuple[str | None, str]] = {
     **{f.name: (group, f.name) for group, kind in GROUPS.items() for f in fields(kind)},
@@ -428,8 +430,10 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     widths = options.widths
     if options.target is not None:
         _check_target(options)
-    elif whole_run and widths.ratio is None and widths.plan is None and not widths.ratios and not sparse:
-        raise UsageError("nothing to do: give `ratio` R, `target_macs` F, `plan` FILE, `unstructured` R or `nm` N:M")
+    elif whole_run and widths.ratio is None and widths.plan is None and not widths.ratios and not sparse \
+            and options.depth is None:
+        raise UsageError("nothing to do: give `ratio` R, `depth` R, `target_macs` F, `plan` FILE, `unstructured` R "
+                         "or `nm` N:M")
     if sparse and sparsity.nm is not None and widths.global_ranking and widths.ratio is None:
         raise UsageError("`global_ranking` ranks channels or `unstructured` weights; `nm` keeps N of every M in place")
     structured = options.target is not None or widths.ratio is not None or widths.plan is not None \
@@ -438,13 +442,15 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     widths = _default_allocation(widths, has_data, budget)
     widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
     data = validate_data(options.data)
+    depth = validate_depth(options.depth, has_data, options.target and options.target.option,
+                           options.widths.plan is not None)
     _check_rounds(options, has_data)
-    _check_min_reduction(options.gate, structured)
+    _check_min_reduction(options.gate, structured or options.depth is not None)
     if options.bench is not None:
         if options.output.dry_run:
             raise UsageError("`bench` times the written model: drop `dry_run`")
         options.bench.check()
-    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data)
+    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data, depth=depth)
 
 
 def _default_allocation(widths: WidthOptions, has_data: bool, budget: bool) -> WidthOptions:
@@ -496,7 +502,8 @@ def _check_rounds(options: PruneOptions, has_data: bool) -> None:
     if options.steps < 1:
         raise UsageError(f"`steps` must be at least 1, got {options.steps}")
     widths = options.widths
-    if options.steps > 1 and (widths.ratio is None or widths.plan is not None):
+    if options.steps > 1 and (widths.ratio is None or widths.plan is not None) \
+            and not (options.depth is not None and options.depth.depth):  # blocks in rounds (pipeline/depth.py)
         raise UsageError("`steps` K prunes `ratio` R in K rounds: give `ratio` (not `plan`)")
     if options.steps > 1 and (widths.ratios or widths.allocate == "sensitivity"):
         raise UsageError("`ratios`/`allocate` choose per-group ratios once; they do not combine with `steps`")

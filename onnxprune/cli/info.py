@@ -31,6 +31,7 @@ def run_info(argv: list[str]) -> int:
     import warnings
 
     from ..analysis.analyse import analyse
+    from ..analysis.blocks import find_blocks
     from ..analysis.groups import named_modules
     from ..analysis.stats import count_macs, count_params, format_count
     from ..model.load import read_model
@@ -64,6 +65,7 @@ def run_info(argv: list[str]) -> int:
         "blocked": [{"id": g.id, "sources": g.sources, "modules": g.modules, "channels": g.size,
                      "reason": "; ".join(g.blocked)} for g in blocked],
         "modules": named_modules(analysis.groups, analysis.view.modules),
+        "blocks": [b.to_json() for b in find_blocks(model, analysis.shapes.static, args.allow_io_change)],
         "warnings": notes,
     }
     out = human_stream(args.json)
@@ -84,6 +86,20 @@ def run_info(argv: list[str]) -> int:
         for g in blocked:
             reason = labelled_reason("; ".join(g.blocked), labels)
             show(f"  {g.size:>5} ch  {', '.join(label_of(s, labels) for s in g.sources)}: {reason}", FLAGS, file=out)
+        _print_blocks(info["blocks"], out)
     if args.json:  # last: on stdout (-), the JSON alone and only once the command has succeeded
         emit_json(args.json, stamped(info, ["onnxprune", "info", *argv], INFO_SCHEMA))
     return 0
+
+
+def _print_blocks(blocks: list[dict], out) -> None:
+    """The residual blocks --depth and --drop-blocks remove, by id, and why the others cannot go."""
+    from ..analysis.stats import format_count
+
+    removable = [b for b in blocks if "reason" not in b]
+    show(f"{len(removable)} removable block(s) (--depth, --drop-blocks), "
+         f"{len(blocks) - len(removable)} not removable", file=out)
+    for b in blocks:
+        reason = f": {b['reason']}" if "reason" in b else ""
+        macs = format_count(b["macs"]) if b["macs"] is not None else "?"
+        show(f"  {b['id']:<28} {b['kind']:<15} {macs:>8} MACs{reason}", FLAGS, file=out)

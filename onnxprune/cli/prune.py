@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-in", metavar="FILE.json", help="apply a saved plan exactly (instead of --structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every pruned group")
     _group_ratio_options(p)
+    _depth_options(p)
     _data_options(p)
     _training_options(p)
     _sparsity_options(p)
@@ -118,6 +119,22 @@ def _target_options(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads for --bench and --target-speedup (default: onnxruntime's)")
 
 
+def _depth_options(p: argparse.ArgumentParser) -> None:
+    from ..scoring.blocks import BLOCK_CRITERIA
+
+    g = p.add_argument_group("depth (remove whole residual blocks first; 'onnxprune info' lists them)")
+    g.add_argument("--depth", type=_ratio, metavar="R",
+                   help="remove the fraction R of the removable residual blocks (ResNet/MobileNet/ConvNeXt blocks, "
+                        "pre-norm attention and MLP sub-blocks, post-norm transformer layers), the least important "
+                        "first; combines with --structured (the channels are pruned after)")
+    g.add_argument("--drop-blocks", metavar="GLOB[,GLOB...]",
+                   help="remove these blocks (ids as 'onnxprune info' lists them: module paths, or block:N)")
+    g.add_argument("--block-importance", choices=BLOCK_CRITERIA, metavar="NAME",
+                   help=f"block importance: {', '.join(BLOCK_CRITERIA)} (removal: output error with the block "
+                        "removed; influence: 1 - cos(block input, output); both need --data; weights: the RMS of "
+                        "the weight that writes into the residual. Default: removal with --data, else weights)")
+
+
 def _group_ratio_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-group ratios")
     g.add_argument("--ratios", metavar="FILE", help="JSON (or YAML) mapping of group id or source-node glob (node "
@@ -144,7 +161,8 @@ FLAGS = {
     "target_speedup": "--target-speedup", "min_reduction": "--min-reduction", "provider": "--provider",
     "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
-    "augment": "--augment", "config": "--config",
+    "augment": "--augment", "config": "--config", "depth": "--depth", "drop_blocks": "--drop-blocks",
+    "block_importance": "--block-importance",
 }
 
 
@@ -217,6 +235,7 @@ def prune_options(args, argv):
         training=training_options(args),
         steps=args.steps,
         sparsity=SparsityOptions(args.unstructured, args.nm, args.min_elements) if sparse else None,
+        depth=_depth(args),
         gate=GateOptions(args.max_accuracy_drop, args.max_output_error, args.min_reduction) if gated else None,
         target=target,
         bench=bench,
@@ -249,6 +268,17 @@ def _target_and_bench(args, argv):
         target = Target(metric, value, latency)
     bench = Latency(args.bench, batches, args.threads, iters=args.bench_iters or 100) if args.bench else None
     return target, bench
+
+
+def _depth(args):
+    from ..options import DepthOptions
+
+    if args.depth is None and not args.drop_blocks:
+        if args.block_importance:
+            raise UsageError("--block-importance scores blocks for --depth R: add --depth")
+        return None
+    drop = tuple(g.strip() for g in (args.drop_blocks or "").split(",") if g.strip())
+    return DepthOptions(args.depth, drop, args.block_importance)
 
 
 def _ratios_file(args) -> dict | None:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 METADATA_KEY = "onnxprune.io_changes"
+REMOVED = -1  # IOChange.axis of a graph input or output removed whole (a removed block's KV cache)
 
 
 @dataclass
@@ -31,10 +32,15 @@ class IOChange:
     axis: int
     size_before: int
     kept: list[int]  # positions of the original's axis that remain, in order
+    shape: list[int] | None = None  # a removed input's shape at analysis: how the original is fed
 
     @property
     def size_after(self) -> int:
         return len(self.kept)
+
+    @property
+    def removed(self) -> bool:
+        return self.axis == REMOVED
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,6 +58,11 @@ def find_io_changes(view, cut) -> list[IOChange]:
                     kept = np.setdiff1d(np.arange(size), removed).tolist()
                     changes.append(IOChange(t.name, role, axis, size, kept))
     return changes
+
+
+def removal(name: str, role: str, shape: list[int] | None = None) -> IOChange:
+    """The change of a graph input or output that a cut removed whole (cut/depth.py)."""
+    return IOChange(name, role, REMOVED, 0, [], list(shape) if shape is not None else None)
 
 
 def compose(earlier: list[IOChange], later: list[IOChange]) -> list[IOChange]:
@@ -87,7 +98,7 @@ def apply_to_type(value_info: onnx.ValueInfoProto, changes: list[IOChange]) -> N
     """Set the changed dims in a graph input's or output's declared shape."""
     dims = value_info.type.tensor_type.shape.dim
     for c in changes:
-        if c.name == value_info.name and c.axis < len(dims):
+        if c.name == value_info.name and 0 <= c.axis < len(dims):
             dims[c.axis].Clear()
             dims[c.axis].dim_value = c.size_after
 
@@ -96,7 +107,10 @@ def _take(arrays: dict, changes: list[IOChange], role: str) -> dict:
     result = dict(arrays)
     for c in changes:
         if c.role == role and c.name in result:
-            result[c.name] = np.take(result[c.name], c.kept, axis=c.axis)
+            if c.removed:  # the changed model has no such input or output
+                del result[c.name]
+            else:
+                result[c.name] = np.take(result[c.name], c.kept, axis=c.axis)
     return result
 
 
@@ -122,8 +136,14 @@ def comparable_outputs(outputs: dict, changes: list[IOChange]) -> dict:
 def _resize(shapes: dict, changes: list[IOChange], before: str, after: str) -> dict:
     result = dict(shapes)
     for c in changes:
+        if c.removed and c.role == "input":  # the original takes it, the changed model does not
+            if before == "size_after" and c.shape is not None:
+                result.setdefault(c.name, tuple(c.shape))
+            elif before == "size_before":
+                result.pop(c.name, None)
+            continue
         dims = list(result.get(c.name, ()))
-        if c.role == "input" and c.axis < len(dims) and dims[c.axis] == getattr(c, before):
+        if c.role == "input" and 0 <= c.axis < len(dims) and dims[c.axis] == getattr(c, before):
             dims[c.axis] = getattr(c, after)
             result[c.name] = tuple(dims)
     return result
@@ -146,6 +166,9 @@ def describe(changes: list[IOChange], shapes_before: dict[str, list]) -> list[di
         before = list(shapes_before.get(c.name, []))
         entry = entries.setdefault(c.name, {"name": c.name, "role": c.role, "shape_before": before,
                                             "shape_after": list(before), "kept": {}})
+        if c.removed:
+            entry["shape_after"], entry["kept"] = None, {}
+            continue
         if c.axis < len(entry["shape_after"]):
             entry["shape_after"][c.axis] = c.size_after
         entry["kept"][str(c.axis)] = c.kept

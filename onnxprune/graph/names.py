@@ -70,3 +70,18 @@ def unmatched_ignore_message(pattern: str, names) -> str:
     close = difflib.get_close_matches(pattern, sorted(set(names)), n=CLOSE_MATCHES)
     hint = f"; closest names: {', '.join(close)}" if close else ""
     return f"`ignore` {pattern!r} matches no node, module or weight name: it leaves nothing alone{hint}"
+
+
+def scoped_name_path(name: str) -> str | None:
+    """The module path the legacy torch exporter spells into a node's name, without metadata:
+    ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1`` (a level that qualifies the one above
+    it, ``layer1.0`` under ``layer1``, replaces it). None for a name that is not so scoped."""
+    if not name.startswith("/") or name.count("/") < 2:
+        return None
+    path: list[str] = []
+    for level in name.strip("/").split("/")[:-1]:  # the last level is the op
+        if path and level.startswith(path[-1] + "."):
+            path[-1] = level
+        elif level:
+            path.append(level)
+    return ".".join(path) or None

@@ -109,7 +109,7 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
         stage_done("cut")
         pruned = cut.model
         if cut.changes:
-            report.io_changes = iochange.describe(cut.changes, _declared_shapes(model))
+            report.io_changes = iochange.describe(cut.changes, declared_shapes(model))
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, cut.changes))
         reconstruct = calib is not None and data.reconstruct is not False
@@ -171,7 +171,7 @@ def _kept(model, cut: steps.Cut, analysis, metric: str) -> float:
     return count_macs(cut.model, iochange.shrink_shapes(shapes, cut.changes)) / count_macs(model, shapes)
 
 
-def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Graph inputs' and outputs' shapes as declared: sizes, or names of dynamic dims."""
     return {vi.name: [d.dim_param or declared_dim(d) for d in vi.type.tensor_type.shape.dim]
             for vi in (*model.graph.input, *model.graph.output)}

@@ -23,9 +23,11 @@ from .prune import PruneResult, prune_model
 from .reduction import require_reduction, weak_reduction_warning
 
 
-def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
+def prune_rounds(model: onnx.ModelProto, options: PruneOptions, teacher: onnx.ModelProto | None = None) -> PruneResult:
     """Prune in ``options.steps`` rounds (validated options, data loaded), recovering after each
-    round when ``options.training`` is given."""
+    round when ``options.training`` is given, from ``teacher`` (default ``model``: the input of
+    the run where no step came before)."""
+    teacher = model if teacher is None else teacher
     steps, widths, training = options.steps, options.widths, options.training
     per_round = widths.ratio if steps == 1 or widths.ratio is None else 1 - (1 - widths.ratio) ** (1 / steps)
     head_ratio = widths.head_ratio
@@ -46,9 +48,9 @@ def prune_rounds(model: onnx.ModelProto, options: PruneOptions) -> PruneResult:
             require_reduction(first.report.macs_before, result.report.macs_after,
                               options.gate and options.gate.min_reduction, result.report.barriers,
                               result.report.modules)
-        if training is not None and result.model is not current:
+        if training is not None and (result.model is not current or teacher is not model):
             features = feature_points(result) if steps == 1 and training.feature_weight > 0 else ()
-            result.model, trained = train(result.model, model, data, training, groups=None, features=features)
+            result.model, trained = train(result.model, teacher, data, training, groups=None, features=features)
             stage_done("train")
             result.report.training = trained.to_json()
         rounds.append({"round": step + 1, "ratio": per_round, "params_after": result.report.params_after,

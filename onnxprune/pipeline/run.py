@@ -30,12 +30,16 @@ from ..model.save import check_outputs, default_output_path, model_files
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..progress import muted_stages, restart_stage_clock, stage_done, stage_times
+from ..recovery.train import train
 from ..report.records import Report, run_environment
 from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
-from .prune import PruneResult, unpruned
+from .budget_depth import depth_for_budget
+from .depth import DepthResult, prune_depth, record_depth, rest_of_budget
+from .prune import PruneResult, declared_shapes, unpruned
+from .reduction import require_reduction
 from .rounds import prune_rounds
 from .target import find_ratio
 
@@ -63,17 +67,21 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
-    searched = None
+    searched, budget = None, options.target
+    depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
+    if depth is not None:
+        stage_done("depth")
+    if depth is not None and budget is not None:  # the channels meet what the removed blocks left of it
+        if depth.removed and options.data.data is not None and options.depth is not None and options.depth.depth:
+            depth = depth_for_budget(model, options, budget, depth)  # how many of the blocks: by output error
+        options = replace(options, target=rest_of_budget(budget, depth))
     if options.target is not None and options.widths.allocate != "sensitivity":
         with muted_stages():  # its candidates' stages: one line for the whole search
-            searched = find_ratio(model, options.target, input_path, options)
+            searched = find_ratio(depth.model if depth is not None else model, options.target,
+                                  input_path if depth is None else None, options)
         stage_done("search")
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
-    widths = options.widths
-    if options.sparsity is not None and widths.ratio is None and widths.plan is None and not widths.ratios:
-        result = unpruned(model, options.analysis.input_shapes)
-    else:
-        result = prune_rounds(model, options)
+    result = _prune(model, depth, options)
     if options.sparsity is not None:
         result = _sparsified(result, options)
         stage_done("sparsity")
@@ -86,8 +94,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report.conversion = conversion and conversion.to_json()
     report.target = searched and searched.to_json()
     report.recipe, report.command = out.recipe, out.command
-    if options.target is not None and searched is None:  # allocated to the budget (pipeline/prune.py)
-        report.target = _allocated(options.target, report)
+    if budget is not None and searched is None:  # allocated to the budget (pipeline/prune.py), or met by depth
+        report.target = _allocated(budget, report)
     plan, pruned, unchanged = result.plan, result.model, result.model is model
     result = model = None  # free the input model and its analysis before verification loads it again
     if out.recipe is not None and not unchanged:
@@ -132,6 +140,44 @@ def _renamed(bench, staged: str, output: str):
 
 def _json(data) -> str:
     return json.dumps(data, indent=1) + "\n"
+
+
+def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOptions) -> PruneResult:
+    """The channels pruned (in rounds, recovering) on what the depth step left; after a depth cut
+    alone, recovery on it. Recovery's teacher is the input model either way."""
+    source = depth.model if depth is not None else model
+    widths = options.widths
+    # a budget allocated by sensitivity (pipeline/prune.py) sets no ratio here
+    channels = widths.ratio is not None or widths.plan is not None or bool(widths.ratios) or options.target is not None
+    if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
+        options = replace(options, gate=replace(options.gate, min_reduction=None))
+    removed_io = depth.changes if depth is not None else []
+    if channels:
+        if removed_io and options.data.data is not None:  # the data as the model without the cache takes it
+            options = replace(options, data=replace(options.data,
+                                                    data=iochange.candidate_data(options.data.data, removed_io)))
+        result = prune_rounds(source, options, teacher=model)
+        if removed_io and result.model is not source:  # the channel cut recorded its changes relative to source
+            iochange.record(result.model, iochange.compose(removed_io, iochange.read(result.model)))
+    else:
+        result = unpruned(source, options.analysis.input_shapes)
+        if depth is not None and options.training is not None and depth.removed:
+            result.model, trained = train(result.model, model, options.data.data, options.training)
+            result.report.training = trained.to_json()
+    if depth is not None:
+        record_depth(result.report, result.plan, depth)
+        if removed_io:
+            result.report.io_changes = iochange.describe(iochange.read(result.model), declared_shapes(model))
+        report = result.report
+        gate = options.gate
+        require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
+                          report.barriers, report.modules)
+    return result
+
+
+def _planned_blocks(options: PruneOptions) -> bool:
+    plan = options.widths.plan
+    return isinstance(plan, Plan) and bool(plan.blocks)
 
 
 def _allocated(target, report: Report) -> dict:

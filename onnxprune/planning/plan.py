@@ -28,6 +28,7 @@ PLAN_SCHEMA = 1
 class Plan:
     keep: dict[str, list[int]] = field(default_factory=dict)  # group id -> kept channels
     sizes: dict[str, int] = field(default_factory=dict)  # group id -> channels before
+    blocks: list[str] = field(default_factory=list)  # residual blocks removed whole (analysis/blocks.py), first
 
     def removed(self, group_id: str) -> np.ndarray:
         kept = np.zeros(self.sizes[group_id], bool)
@@ -38,6 +39,7 @@ class Plan:
         return {
             "schema_version": PLAN_SCHEMA,
             "groups": [{"id": g, "channels": self.sizes[g], "keep": self.keep[g]} for g in self.keep],
+            **({"blocks": list(self.blocks)} if self.blocks else {}),
         }
 
     def save(self, path) -> None:
@@ -58,6 +60,12 @@ class Plan:
             if gid in plan.keep:
                 raise PlanMismatch(f"{path}: plan group {quoted(gid)} is listed twice")
             plan.keep[gid], plan.sizes[gid] = keep, channels
+        blocks = data.get("blocks", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+            raise PlanMismatch(f"{path}: plan blocks {quoted(blocks)} is not a list of block ids")
+        if len(set(blocks)) != len(blocks):
+            raise PlanMismatch(f"{path}: a plan block is listed twice")
+        plan.blocks = blocks
         return plan
 
 

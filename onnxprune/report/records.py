@@ -141,6 +141,7 @@ class Report:
     allocation: dict | None = None  # --allocate: per-group ratios chosen and why (sensitivity.py)
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
+    depth: dict | None = None  # --depth/--drop-blocks: blocks removed, kept, not removable (pipeline/depth.py)
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
     # sizes chosen for the dynamic input dims left unpinned (model/dynamic.py DimChoice.to_json), and the
@@ -192,6 +193,8 @@ class Report:
             f"MACs    {format_count(self.macs_before):>9} -> {format_count(self.macs_after):<9}"
             f"({_ratio(self.macs_before, self.macs_after)})",
         ]
+        if self.depth:
+            lines += _depth_lines(self.depth, verbose)
         if self.importance != NO_STRUCTURED:
             lines.append(f"groups  {len(pruned)} pruned, {len(self.groups) - len(pruned)} left whole, "
                          f"{len(self.blocked)} blocked")
@@ -214,9 +217,13 @@ class Report:
                 f"{labelled_reason(example.reason, labels)})"
             )
         if self.io_changes:
-            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped (`allow_io_change`):")
+            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped or removed "
+                         "(`allow_io_change`):")
         changed = (self.io_changes or []) if verbose else (self.io_changes or [])[:8]
         for c in changed:
+            if c["shape_after"] is None:  # removed with its block (depth pruning)
+                lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} removed")
+                continue
             kept = "; ".join(f"axis {a} keeps {_kept_positions(k)}" for a, k in c["kept"].items())
             lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
                          f"  ({kept})")
@@ -259,6 +266,22 @@ class Report:
             lines.append(f"output  max deviation from the original {worst:.3g} (relative to output scale)")
         lines.append(f"time    {self.seconds:.2f} s")
         return "\n".join(lines)
+
+
+def _depth_lines(depth: dict, verbose: bool) -> list[str]:
+    removed = depth["removed"]
+    how = f" by {depth['criterion']}" if depth.get("criterion") else ""
+    unfit = depth["not_removable"]
+    lines = [f"depth   {len(removed)} of {depth['removable']} removable block(s) removed{how}, "
+             f"{len(unfit)} not removable"]
+    shown = removed if verbose else removed[:8]
+    lines += [f"  removed {b['id']} ({b['kind']})" for b in shown]
+    if len(removed) > len(shown):
+        lines.append(f"  ... {len(removed) - len(shown)} more removed blocks (`verbose` or `report_path`)")
+    if unfit:
+        lines.append(f"  not removable: {unfit[0]['id']}: {unfit[0]['reason']}"
+                     + (f" (and {len(unfit) - 1} more)" if len(unfit) > 1 else ""))
+    return lines
 
 
 def _training_lines(t: dict) -> list[str]:
