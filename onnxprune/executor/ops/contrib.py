@@ -1,0 +1,198 @@
+"""onnxruntime's contrib ops (rules/contrib.py) and the standard ops of opset 23 that do the same:
+RMSNorm (SimplifiedLayerNormalization, RMSNormalization), the Skip* normalisations, the fused
+Gelus, attention (com.microsoft Attention and MultiHeadAttention, the standard Attention) and
+BERT's EmbedLayerNormalization. Keys of com.microsoft ops carry their domain
+("com.microsoft.Attention"), as in the rule table.
+
+Semantics follow onnxruntime's contrib op documents (ContribOperators.md); masked positions get
+``mask_filter_value`` (-10000, onnxruntime's default) added before the softmax, as there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Tensor, op, opt
+
+MS = "com.microsoft"
+MASK_FILTER = -10000.0
+
+
+# --- normalisations -----------------------------------------------------------------------------
+
+def _rms_norm(x: Tensor, scale: Tensor, axis: int, eps: float) -> tuple[Tensor, Tensor]:
+    dims = tuple(range(axis % x.ndim, x.ndim))
+    inv = torch.rsqrt(x.float().pow(2).mean(dims, keepdim=True) + eps)
+    return (x.float() * inv).to(x.dtype) * scale, inv
+
+
+@op("SimplifiedLayerNormalization", "RMSNormalization")
+def rms_norm(attrs, inputs):
+    y, inv = _rms_norm(inputs[0], inputs[1], attrs.get("axis", -1), attrs.get("epsilon", 1e-5))
+    return y if attrs["_num_outputs"] == 1 else (y, inv)
+
+
+def _skip_sum(inputs: list, bias_at: int) -> Tensor:
+    s = inputs[0] + inputs[1]
+    bias = opt(inputs, bias_at)
+    return s if bias is None else s + bias
+
+
+@op(f"{MS}.SkipLayerNormalization")
+def skip_layer_norm(attrs, inputs):
+    s = _skip_sum(inputs, 4)
+    gamma, beta, eps = inputs[2], opt(inputs, 3), attrs.get("epsilon", 1e-12)
+    y = F.layer_norm(s, s.shape[-1:], gamma, beta, eps)
+    if attrs["_num_outputs"] == 1:
+        return y
+    var, mean = torch.var_mean(s.float(), -1, correction=0, keepdim=True)
+    return (y, mean, torch.rsqrt(var + eps), s)[: attrs["_num_outputs"]]
+
+
+@op(f"{MS}.SkipSimplifiedLayerNormalization")
+def skip_rms_norm(attrs, inputs):
+    s = _skip_sum(inputs, 3)
+    y, inv = _rms_norm(s, inputs[2], -1, attrs.get("epsilon", 1e-12))
+    if attrs["_num_outputs"] == 1:
+        return y
+    return (y, torch.zeros_like(inv), inv, s)[: attrs["_num_outputs"]]
+
+
+@op(f"{MS}.EmbedLayerNormalization")
+def embed_layer_norm(attrs, inputs):
+    ids, segments, words, positions = inputs[0], opt(inputs, 1), inputs[2], inputs[3]
+    segment_table, gamma, beta = opt(inputs, 4), inputs[5], opt(inputs, 6)
+    mask, position_ids = opt(inputs, 7), opt(inputs, 8)
+    if position_ids is None:
+        position_ids = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+    s = words[ids.long()] + positions[position_ids.long()]
+    if segments is not None and segment_table is not None:
+        s = s + segment_table[segments.long()]
+    y = F.layer_norm(s, s.shape[-1:], gamma, beta, attrs.get("epsilon", 1e-12))
+    lengths = (mask.to(torch.int32).sum(1) if mask is not None
+               else torch.zeros(ids.shape[0], dtype=torch.int32, device=ids.device))
+    return (y, lengths, s)[: attrs["_num_outputs"]]
+
+
+# --- fused activations ---------------------------------------------------------------------------
+
+@op(f"{MS}.BiasGelu", f"{MS}.Gelu")
+def bias_gelu(attrs, inputs):
+    x = inputs[0] if opt(inputs, 1) is None else inputs[0] + inputs[1]
+    return F.gelu(x)
+
+
+@op(f"{MS}.FastGelu")
+def fast_gelu(attrs, inputs):
+    x = inputs[0] if opt(inputs, 1) is None else inputs[0] + inputs[1]
+    return F.gelu(x, approximate="tanh")
+
+
+@op(f"{MS}.QuickGelu")
+def quick_gelu(attrs, inputs):
+    x = inputs[0]
+    return x * torch.sigmoid(attrs.get("alpha", 1.702) * x)
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(batch, sequence, heads x size) -> (batch, heads, sequence, size)."""
+    b, s, _ = x.shape
+    return x.reshape(b, s, heads, -1).transpose(1, 2)
+
+
+def _merge(y: Tensor) -> Tensor:
+    b, h, s, d = y.shape
+    return y.transpose(1, 2).reshape(b, s, h * d)
+
+
+def _attend(q, k, v, scale: float | None, bias: Tensor | None, causal: bool) -> Tensor:
+    """softmax(q k^T * scale + bias [+ causal mask]) v on (batch, heads, sequence, size)."""
+    scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if not scale else scale)
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        s, t = scores.shape[-2:]
+        future = torch.ones(s, t, dtype=torch.bool, device=q.device).triu(t - s + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _key_mask(mask: Tensor | None, batch: int, queries: int, keys: int, fill: float) -> Tensor | None:
+    """onnxruntime's mask forms as an additive bias (batch, 1, queries, keys): key lengths
+    (batch,), a raw 0/1 mask (batch, keys) or (batch, queries, keys)."""
+    if mask is None:
+        return None
+    if mask.ndim == 1:
+        valid = torch.arange(keys, device=mask.device)[None, :] < mask[:batch, None]
+        return torch.where(valid, 0.0, fill)[:, None, None, :]
+    if mask.ndim == 2:
+        return ((1 - mask.float()) * fill)[:, None, None, :]
+    if mask.ndim == 3:
+        return ((1 - mask.float()) * fill)[:, None]
+    raise NotImplementedError(f"a mask of rank {mask.ndim}")
+
+
+def _no_cache(name: str, inputs: list, positions) -> None:
+    if any(opt(inputs, i) is not None for i in positions):
+        raise NotImplementedError(f"{name} with a KV cache")
+
+
+@op(f"{MS}.Attention")
+def packed_attention(attrs, inputs):
+    _no_cache("Attention", inputs, (4, 6))
+    x, w, b = inputs[0], inputs[1], opt(inputs, 2)
+    heads, fill = attrs["num_heads"], attrs.get("mask_filter_value", MASK_FILTER)
+    qkv = x @ w if b is None else x @ w + b
+    sizes = attrs.get("qkv_hidden_sizes") or [w.shape[1] // 3] * 3
+    q, k, v = (_heads(t, heads) for t in torch.split(qkv, list(sizes), -1))
+    bias = _key_mask(opt(inputs, 3), x.shape[0], x.shape[1], x.shape[1], fill)
+    extra = opt(inputs, 5)
+    if extra is not None:
+        bias = extra if bias is None else bias + extra
+    y = _merge(_attend(q, k, v, attrs.get("scale"), bias, bool(attrs.get("unidirectional", 0))))
+    return y if attrs["_num_outputs"] == 1 else (y,)
+
+
+@op(f"{MS}.MultiHeadAttention")
+def multi_head_attention(attrs, inputs):
+    _no_cache("MultiHeadAttention", inputs, (6, 7))
+    q, k, v, b = inputs[0], inputs[1], inputs[2], opt(inputs, 3)
+    if q.ndim != 3 or k is None or k.ndim != 3:
+        raise NotImplementedError("MultiHeadAttention with packed or per-head key/value")
+    if b is not None:
+        bq, bk, bv = torch.split(b, [q.shape[-1], k.shape[-1], v.shape[-1]])
+        q, k, v = q + bq, k + bk, v + bv
+    heads, fill = attrs["num_heads"], attrs.get("mask_filter_value", MASK_FILTER)
+    bias = _key_mask(opt(inputs, 4), q.shape[0], q.shape[1], k.shape[1], fill)
+    extra = opt(inputs, 5)
+    if extra is not None:
+        bias = extra if bias is None else bias + extra
+    y = _attend(_heads(q, heads), _heads(k, heads), _heads(v, heads), attrs.get("scale"), bias,
+                bool(attrs.get("unidirectional", 0)))
+    return _merge(y) if attrs["_num_outputs"] == 1 else (_merge(y),)
+
+
+@op("Attention")
+def standard_attention(attrs, inputs):
+    """The ONNX Attention (opset 23) without a cache: (batch, heads, sequence, size) inputs, or
+    (batch, sequence, hidden) with q_num_heads / kv_num_heads; key/value heads repeated for GQA."""
+    _no_cache("Attention", inputs, (4, 5))
+    q, k, v, mask = inputs[0], inputs[1], inputs[2], opt(inputs, 3)
+    flat = q.ndim == 3
+    if flat:
+        q, k, v = _heads(q, attrs["q_num_heads"]), _heads(k, attrs["kv_num_heads"]), _heads(v, attrs["kv_num_heads"])
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, float("-inf"))
+    if attrs.get("softcap", 0.0):
+        raise NotImplementedError("Attention with softcap")
+    y = _attend(q, k, v, attrs.get("scale"), mask, bool(attrs.get("is_causal", 0)))
+    y = _merge(y) if flat else y
+    return y if attrs["_num_outputs"] == 1 else (y,)

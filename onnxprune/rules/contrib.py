@@ -1,0 +1,260 @@
+"""onnxruntime's contrib ops (com.microsoft, and the few it registers in the default domain),
+what onnxruntime's transformer optimizer and onnxruntime-genai's model builder emit, with the
+standard ops of opset 23 that do the same (Attention, RMSNormalization).
+
+Normalisations over the last axis (SimplifiedLayerNormalization and RMSNormalization: RMSNorm;
+SkipLayerNormalization and SkipSimplifiedLayerNormalization: a residual add, then LayerNorm or
+RMSNorm) pass channels on every other axis; the hidden size passes only with `prune_hidden`,
+as through LayerNormalization (the statistics change), and its scale, shift and bias are sliced.
+A Skip* node's optional mean and inverse-std outputs are statistics over the hidden size: a
+barrier where they are used; its fourth output (the sum before normalising) carries the channels.
+
+EmbedLayerNormalization (BERT's embeddings and their LayerNorm in one node) passes the hidden
+size, with `prune_hidden`, to the columns of its tables. The fused activations (BiasGelu,
+FastGelu with its optional bias, QuickGelu, Gelu) are elementwise: the bias is sliced with
+the channels.
+
+Attention (com.microsoft) computes q, k and v from one packed weight (in, 3 x hidden) and a
+packed bias, splits each into ``num_heads`` heads and writes the heads side by side: the
+node creates the head channels (its output features), heads go whole (a head's channels are
+tied), the same columns of the q, k and v blocks of the weight and bias go with them, and
+``num_heads`` is rewritten. Its input's hidden size reaches the weight's rows.
+MultiHeadAttention (com.microsoft) and the standard Attention (opset 23) take q, k and v
+computed outside: the head channels of all three and of the output are one group.
+A KV cache (past inputs, present outputs) is a barrier: its shape is the model's interface.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph.view import attr
+from .elementwise import elementwise
+from .registry import Link, Reached, Relation, barrier, blocks_of, normalise_axis, op_key, rule
+
+MS = "com.microsoft"
+
+
+def _present(t) -> bool:
+    return t is not None and t.name != ""
+
+
+def _used(node, view, index: int) -> bool:
+    """Whether output ``index`` is read: by a node, or as a graph output."""
+    if index >= len(node.outputs) or not _present(node.outputs[index]):
+        return False
+    t = node.outputs[index]
+    return bool(t.outputs) or view.is_graph_output(t)
+
+
+def _given(node, index: int) -> bool:
+    return index < len(node.inputs) and _present(node.inputs[index])
+
+
+# --- normalisations over the last axis -------------------------------------------------------
+
+# op key -> (data inputs, {parameter input: role}, outputs carrying the channels, statistics outputs)
+_NORMS = {
+    "SimplifiedLayerNormalization": ((0,), {1: "norm_scale"}, (0,), (1,)),
+    "RMSNormalization": ((0,), {1: "norm_scale"}, (0,), ()),
+    f"{MS}.SkipLayerNormalization": ((0, 1), {2: "norm_scale", 3: "norm_shift", 4: "bias"}, (0, 3), (1, 2)),
+    f"{MS}.SkipSimplifiedLayerNormalization": ((0, 1), {2: "norm_scale", 3: "bias"}, (0, 3), (1, 2)),
+}
+
+
+def _tensor_axis(view, t, out_axis: int, out_rank: int) -> int | None:
+    """The axis of ``t`` that ``out_axis`` of a rank-``out_rank`` tensor meets (right-aligned
+    broadcasting); None where ``t`` broadcasts along it."""
+    rank = view.rank(t)
+    axis = out_axis - (out_rank - rank) if rank is not None else -1
+    return axis if axis >= 0 and view.dim(t, axis) not in (1, None) else None
+
+
+@rule("SimplifiedLayerNormalization", "RMSNormalization")
+@rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)
+def last_axis_norm(node, view, r: Reached):
+    data, params, carriers, statistics = _NORMS[op_key(node.domain, node.op)]
+    if any(_used(node, view, i) for i in statistics):
+        return barrier("its mean / inverse-std outputs are used")
+    side_indices = data if r.side == "in" else carriers
+    if r.index not in side_indices:
+        return barrier(f"channels reach a {node.op} parameter as an activation")
+    rank = view.rank(node.outputs[0])
+    if rank is None:
+        return barrier("output shape unknown")
+    reached_rank = view.rank((node.inputs if r.side == "in" else node.outputs)[r.index])
+    axis = r.axis + rank - reached_rank  # on the output's axes (a Skip* skip may be of lower rank)
+    first = normalise_axis(int(attr(node, "axis", -1)), rank)
+    hidden = axis >= first
+    if hidden and not (view.prune_hidden and first == rank - 1):
+        return barrier(f"{node.op} normalises over the channel axis "
+                       "(the hidden size is pruned only with `prune_hidden`)")
+    links = []
+    for i in data:
+        t = node.inputs[i] if _given(node, i) else None
+        at = _tensor_axis(view, t, axis, rank) if t is not None else None
+        if at is not None and not (r.side == "in" and r.index == i):
+            links.append(Link("in", i, at, r.owner))
+    for j in carriers:
+        if j < len(node.outputs) and _present(node.outputs[j]) and not (r.side == "out" and r.index == j):
+            links.append(Link("out", j, axis, r.owner))
+    if hidden:
+        links += [Link("in", i, 0, r.owner, role) for i, role in params.items() if _given(node, i)]
+    return Relation(links, kind="hidden" if hidden else None)
+
+
+@rule("EmbedLayerNormalization", domain=MS)
+def embed_layer_norm(node, view, r: Reached):
+    """BERT's embeddings fused: word, position and segment rows summed, then LayerNorm. Its
+    outputs' hidden size (the tables' columns) passes only with `prune_hidden`."""
+    if r.side == "in" or r.index == 1 or r.axis != 2:
+        return barrier("EmbedLayerNormalization's inputs are ids, tables and a mask")
+    if not view.prune_hidden:
+        return barrier("EmbedLayerNormalization normalises over the channel axis "
+                       "(the hidden size is pruned only with `prune_hidden`)")
+    links = [Link("out", j, 2, r.owner) for j in (0, 2)
+             if j != r.index and j < len(node.outputs) and _present(node.outputs[j])]
+    links += [Link("in", i, 1, r.owner, "data") for i in (2, 3, 4) if _given(node, i)]
+    links += [Link("in", i, 0, r.owner, "norm_scale" if i == 5 else "norm_shift") for i in (5, 6) if _given(node, i)]
+    return Relation(links, kind="hidden")
+
+
+# --- fused activations -----------------------------------------------------------------------
+
+# x * Phi(x) after adding a bias (BiasGelu; FastGelu's optional bias), its tanh or sigmoid
+# approximations (FastGelu, QuickGelu): elementwise, the bias broadcast along the last axis.
+rule("BiasGelu", "FastGelu", "QuickGelu", "Gelu", domain=MS)(elementwise)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+def _head_size(width: int | None, heads: int) -> int | None:
+    return width // heads if width and heads > 0 and width % heads == 0 else None
+
+
+def _packed_sizes(node, view) -> list[int] | None:
+    """Attention's q, k and v widths (qkv_hidden_sizes, else three equal thirds of the weight)."""
+    sizes = attr(node, "qkv_hidden_sizes")
+    if sizes:
+        return [int(s) for s in sizes]
+    columns = view.dim(node.inputs[1], 1)
+    return [columns // 3] * 3 if columns and columns % 3 == 0 else None
+
+
+def packed_attention_source(node, view):
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or not view.is_constant(w) or view.rank(w) != 2 or view.is_constant(node.inputs[0]):
+        return []
+    return [(0, 2)] if view.rank(node.outputs[0]) == 3 else []
+
+
+def packed_attention_rewrite(node, view, cut):
+    heads = int(attr(node, "num_heads"))
+    width = view.dim(node.outputs[0], 2)
+    new_heads = cut.new_dim(node.outputs[0], 2) // _head_size(width, heads)
+    node.attrs["num_heads"] = new_heads
+    if attr(node, "qkv_hidden_sizes"):
+        node.attrs["qkv_hidden_sizes"] = [cut.new_dim(node.outputs[0], 2)] * 3
+
+
+@rule("Attention", domain=MS, source=packed_attention_source, rewrite=packed_attention_rewrite)
+def packed_attention(node, view, r: Reached):
+    if any(_given(node, i) for i in (4, 6)) or _used(node, view, 1):
+        return barrier("a KV cache (past / present) is used")
+    if attr(node, "do_rotary", 0):
+        return barrier("rotary embedding inside the node")
+    if not view.is_constant(node.inputs[1]) or view.rank(node.inputs[1]) != 2:
+        return barrier("the packed q/k/v weight is computed at run time")
+    sizes = _packed_sizes(node, view)
+    if sizes is None or len(set(sizes)) != 1:
+        return barrier("q, k and v have different widths")
+    if r.side == "in":
+        if r.index != 0 or r.axis != view.rank(node.inputs[0]) - 1:
+            return barrier("Attention mixes the sequence" if r.index == 0 else
+                           "channels reach an Attention parameter as an activation")
+        return Relation([Link("in", 1, 0, r.owner, "weight")])
+    if r.index != 0 or r.axis != 2:
+        return barrier("Attention's output is cut only on its features")
+    head = _head_size(sizes[2], int(attr(node, "num_heads", 0)))
+    if head is None or len(r.owner) != sizes[2]:
+        return barrier("heads do not divide the width")
+    packed = np.concatenate([r.owner] * 3)
+    links = [Link("in", 1, 1, packed, "weight")]
+    if _given(node, 2):
+        links.append(Link("in", 2, 0, packed, "bias"))
+    return Relation(links, ties=blocks_of(len(r.owner), head), kind="heads")
+
+
+def _separate_qkv(node, view, r: Reached, heads: int, cache_inputs, cache_outputs, bias: int | None):
+    """The relation of q, k and v given separately as (batch, sequence, heads x head size): the
+    last axis of all three and of the output are one set of head channels."""
+    if any(_given(node, i) for i in cache_inputs) or any(_used(node, view, j) for j in cache_outputs):
+        return barrier("a KV cache (past / present) is used")
+    q, k, v = (node.inputs[i] if _given(node, i) else None for i in range(3))
+    if k is None or v is None or any(view.rank(t) != 3 for t in (q, k, v, node.outputs[0])):
+        return barrier("q, k and v are not all (batch, sequence, hidden)")
+    width = view.dim(node.outputs[0], 2)
+    if not (view.dim(q, 2) == view.dim(k, 2) == view.dim(v, 2) == width):
+        return barrier("q, k and v have different widths")
+    reached = (0, 1, 2) if r.side == "in" else (0,)
+    if r.index not in reached or r.axis != 2:
+        return barrier(f"{node.op} mixes the sequence" if r.index in reached else
+                       f"channels reach a {node.op} mask or parameter as an activation")
+    head = _head_size(width, heads)
+    if head is None:
+        return barrier("heads do not divide the width")
+    links = [Link("in", i, 2, r.owner) for i in range(3) if not (r.side == "in" and r.index == i)]
+    if r.side == "in":
+        links.append(Link("out", 0, 2, r.owner))
+    if bias is not None and _given(node, bias):
+        links.append(Link("in", bias, 0, np.concatenate([r.owner] * 3), "bias"))
+    return Relation(links, ties=blocks_of(width, head), kind="heads")
+
+
+def _rewrite_heads(*attributes: str):
+    """Rewrite the head-count attributes that are set to the heads left: the output's width on
+    (batch, sequence, hidden), its head axis on (batch, heads, sequence, head size)."""
+    def rewrite(node, view, cut):
+        out = node.outputs[0]
+        if view.rank(out) == 4:
+            new = cut.new_dim(out, 1)
+        else:
+            head = view.dim(out, 2) // int(attr(node, attributes[0]))
+            new = cut.new_dim(out, 2) // head
+        for name in attributes:
+            if attr(node, name) is not None:
+                node.attrs[name] = new
+    return rewrite
+
+
+@rule("MultiHeadAttention", domain=MS, rewrite=_rewrite_heads("num_heads"))
+def multi_head_attention(node, view, r: Reached):
+    return _separate_qkv(node, view, r, int(attr(node, "num_heads", 0)), (6, 7), (1, 2, 3), bias=3)
+
+
+@rule("Attention", rewrite=_rewrite_heads("q_num_heads", "kv_num_heads"))
+def standard_attention(node, view, r: Reached):
+    q_heads, kv_heads = int(attr(node, "q_num_heads", 0)), int(attr(node, "kv_num_heads", 0))
+    if view.rank(node.inputs[0]) == 4:
+        return _head_axis_attention(node, view, r)
+    if q_heads != kv_heads:
+        return barrier("grouped-query attention (q_num_heads != kv_num_heads)")
+    return _separate_qkv(node, view, r, q_heads, (4, 5), (1, 2, 3), bias=None)
+
+
+def _head_axis_attention(node, view, r: Reached):
+    """The standard Attention on (batch, heads, sequence, head size): the head axis (1) of q, k,
+    v and the output is one set of channels, each one a head."""
+    if any(_given(node, i) for i in (4, 5)) or any(_used(node, view, j) for j in (1, 2, 3)):
+        return barrier("a KV cache (past / present) is used")
+    q, k, v = node.inputs[:3]
+    if not (view.dim(q, 1) == view.dim(k, 1) == view.dim(v, 1)):
+        return barrier("grouped-query attention (fewer key/value heads than query heads)")
+    reached = (0, 1, 2) if r.side == "in" else (0,)
+    if r.index not in reached or r.axis != 1:
+        return barrier("Attention mixes the sequence and the head size" if r.index in reached else
+                       "channels reach an Attention mask as an activation")
+    links = [Link("in", i, 1, r.owner) for i in range(3) if not (r.side == "in" and r.index == i)]
+    if r.side == "in":
+        links.append(Link("out", 0, 1, r.owner))
+    return Relation(links, kind="heads")

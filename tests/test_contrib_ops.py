@@ -1,0 +1,365 @@
+"""onnxruntime's contrib ops (rules/contrib.py, executor/ops/contrib.py, model/runtime_ops.py).
+
+Loading: a model whose only checker failure is an op onnxruntime registers in the default
+domain (SimplifiedLayerNormalization) loads and prunes; unknown ops and contrib ops that
+break onnxruntime's schema are still refused (exit 3, one line).
+
+Each op's rule on a small graph built with onnx.helper (torch exports none of them): the
+pruned model is valid, its input untouched, and equals the original with the removed
+channels zeroed at their consumers (mask equivalence, 1e-4 of the output scale); where the
+hidden size goes (`prune_hidden`) the statistics change, so validity and the sliced
+parameters are checked instead. Each graph also runs in the PyTorch executor, against
+onnxruntime (1e-5 of the output scale, test_executor.py's figure for single ops).
+
+Last, BERT fused by onnxruntime's transformer optimizer (Attention, SkipLayerNormalization,
+BiasGelu, EmbedLayerNormalization) prunes from the command line as its unfused export does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxprune
+from onnxprune.model.load import checked_model
+
+from graphs import (
+    GraphBuilder,
+    attr_of,
+    check_valid,
+    full_plan,
+    group_of,
+    nodes_of,
+    one_error_line,
+    prune_checked,
+    rel_err,
+    run,
+    run_main,
+    session,
+)
+
+MS = "com.microsoft"
+B, S, HIDDEN, HEADS = 2, 5, 16, 4
+
+
+def _executor_matches_onnxruntime(model: onnx.ModelProto, feeds: dict) -> None:
+    torch = pytest.importorskip("torch")
+    from onnxprune.executor.module import TorchGraph
+
+    with torch.no_grad():
+        got = TorchGraph(model).run({k: torch.from_numpy(v) for k, v in feeds.items()})
+    for want, name in zip(run(model, feeds), [o.name for o in model.graph.output]):
+        assert rel_err(want, got[name].numpy()) <= 1e-5, name
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def rms_mlp(opset: int = 22) -> onnx.ModelProto:
+    """x -> SimplifiedLayerNormalization (onnxruntime's, default domain) -> MatMul -> Relu -> MatMul."""
+    b = GraphBuilder(opset)
+    x = b.input("x", [B, S, 8])
+    scale = b.floats(np.linspace(0.5, 1.5, 8))
+    h = b.op("SimplifiedLayerNormalization", [x, scale], name="rms", axis=-1, epsilon=1e-5)
+    return b.build(b.matmul(b.op("Relu", [b.matmul(h, 8, 32, name="fc1")]), 32, 8, name="fc2"), check=False)
+
+
+def test_checker_failure_from_a_runtime_op_is_not_a_refusal(tmp_path, capsys):
+    model = rms_mlp()
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered for SimplifiedLayerNormalization"):
+        onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    code, out, err = run_main(capsys, tmp_path / "m.onnx", "--structured", "0.5", "-o", tmp_path / "p.onnx")
+    assert code == 0, err
+    assert "1 pruned" in out and (tmp_path / "m.onnx").read_bytes() == before
+    pruned = onnx.load(tmp_path / "p.onnx")
+    assert nodes_of(pruned, "SimplifiedLayerNormalization")[0].domain == ""  # written as it was read
+    assert [t.dims for t in pruned.graph.initializer if t.name.startswith("fc1")] == [[8, 16]]
+
+
+def test_checking_leaves_the_model_as_it_was():
+    model = rms_mlp()
+    before = model.SerializeToString()
+    checked_model(model)
+    assert model.SerializeToString() == before
+
+
+def test_an_op_no_one_registers_is_still_refused(tmp_path, capsys):
+    model = rms_mlp()
+    nodes_of(model, "SimplifiedLayerNormalization")[0].op_type = "NoSuchNormalization"
+    onnx.save(model, tmp_path / "m.onnx")
+    code, _, err = run_main(capsys, tmp_path / "m.onnx", "--structured", "0.5")
+    assert code == 3
+    assert "fails onnx.checker: No Op registered for NoSuchNormalization" in one_error_line(err)
+
+
+def test_a_runtime_op_that_breaks_its_schema_is_refused(tmp_path, capsys):
+    model = rms_mlp()
+    nodes_of(model, "SimplifiedLayerNormalization")[0].input.append(model.graph.node[0].input[1])
+    onnx.save(model, tmp_path / "m.onnx")
+    code, _, err = run_main(capsys, tmp_path / "m.onnx", "--structured", "0.5")
+    assert code == 3
+    line = one_error_line(err)
+    assert "SimplifiedLayerNormalization" in line and "3 input(s), onnxruntime's schema takes 2 to 2" in line
+
+
+# --- normalisations over the last axis: channels on another axis pass ---------------------------
+
+def _norm(b, op, a, skip, width):
+    """``op`` over the last axis (``width``) of ``a``, with ``skip`` where it takes one."""
+    gamma = b.floats(np.linspace(0.5, 1.5, width))
+    shift = b.weight((width,), fan_in=4)
+    if op == "SkipLayerNormalization":
+        return b.op(op, [a, skip, gamma, shift, b.weight((width,), fan_in=4)], domain=MS, name="norm")
+    if op == "SkipSimplifiedLayerNormalization":
+        return b.op(op, [a, skip, gamma, shift], domain=MS, name="norm")
+    return b.op(op, [a, gamma], name="norm", axis=-1, epsilon=1e-5)
+
+
+NORMS = [("SkipLayerNormalization", 17), ("SkipSimplifiedLayerNormalization", 17),
+         ("SimplifiedLayerNormalization", 17), ("RMSNormalization", 23)]
+
+
+def _conv1d(b, x, cin, cout, name):
+    return b.op("Conv", [x, b.weight((cout, cin, 1), f"{name}.W"), b.weight((cout,), f"{name}.B", fan_in=4)],
+                name=name, kernel_shape=[1])
+
+
+@pytest.mark.parametrize("op, opset", NORMS)
+def test_norm_over_the_last_axis_passes_channels_on_another_axis(op, opset):
+    """(1, channels, length) normalised over the length: the convolutions' channels go through,
+    with the skip input's producer coupled in."""
+    b = GraphBuilder(opset)
+    x = b.input("x", [1, 4, HIDDEN])
+    a, skip = _conv1d(b, x, 4, 8, "left"), _conv1d(b, x, 4, 8, "right")
+    y = _conv1d(b, _norm(b, op, a, skip if op.startswith("Skip") else None, HIDDEN), 8, 6, "out")
+    model = b.build(y, check=False)
+    result, analysis, _ = prune_checked(model, 0.5, checker=op != "SimplifiedLayerNormalization")
+    assert group_of(analysis, "left").prunable
+    if op.startswith("Skip"):
+        assert group_of(analysis, "left") is group_of(analysis, "right")
+    assert [t.dims for t in result.model.graph.initializer if t.name.startswith("out.W")] == [[6, 4, 1]]
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(0).standard_normal((1, 4, HIDDEN), np.float32)})
+
+
+@pytest.mark.parametrize("op, opset", NORMS)
+def test_norm_over_the_hidden_size_cuts_only_with_prune_hidden(op, opset):
+    b = GraphBuilder(opset)
+    x = b.input("x", [B, S, HIDDEN])
+    a, skip = b.matmul(x, HIDDEN, 32, name="a"), b.matmul(x, HIDDEN, 32, name="skip")
+    y = b.matmul(_norm(b, op, a, skip if op.startswith("Skip") else None, 32), 32, 8, name="out")
+    model = b.build(y, check=False)
+    held = group_of(onnxprune.analyse(model), "a")
+    assert not held.prunable and any("normalises over the channel axis" in r for r in held.blocked)
+    analysis = onnxprune.analyse(model, prune_hidden=True)
+    group = group_of(analysis, "a")
+    assert group.prunable and group.kind == "hidden"
+    result = onnxprune.prune(model, 0.5, prune_hidden=True)
+    check_valid(model, result.model, checker=op != "SimplifiedLayerNormalization")
+    norm = next(n for n in result.model.graph.node if n.name == "norm")
+    params = {t.name: t.dims for t in result.model.graph.initializer}
+    assert all(params[name] == [16] for name in norm.input[2 if op.startswith("Skip") else 1:] if name)
+    feeds = {"x": np.random.default_rng(0).standard_normal((B, S, HIDDEN), np.float32)}
+    assert run(result.model, feeds)[0].shape == (B, S, 8)
+    _executor_matches_onnxruntime(model, feeds)
+
+
+def test_skip_norm_statistics_in_use_are_a_barrier():
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, HIDDEN])
+    a, skip = b.matmul(x, HIDDEN, 32, name="a"), b.matmul(x, HIDDEN, 32, name="skip")
+    gamma, beta = b.floats(np.ones(32)), b.floats(np.zeros(32))
+    y, mean = b.op("SkipLayerNormalization", [a, skip, gamma, beta], outputs=2, domain=MS, name="norm")
+    model = b.build([b.matmul(y, 32, 8, name="out"), mean], check=False)
+    group = group_of(onnxprune.analyse(model, prune_hidden=True), "a")
+    assert any("mean / inverse-std outputs are used" in r for r in group.blocked)
+
+
+# --- fused activations ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, with_bias", [("BiasGelu", True), ("FastGelu", True), ("FastGelu", False),
+                                           ("QuickGelu", False), ("Gelu", False)])
+def test_fused_gelu_is_elementwise_and_its_bias_is_sliced(op, with_bias):
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, HIDDEN])
+    h = b.matmul(x, HIDDEN, 32, name="fc1")
+    inputs = [h, b.weight((32,), "act.bias", fan_in=4)] if with_bias else [h]
+    y = b.matmul(b.op(op, inputs, domain=MS, name="act", **({"alpha": 1.5} if op == "QuickGelu" else {})),
+                 32, 8, name="fc2")
+    model = b.build(y)
+    result, analysis, _ = prune_checked(model, 0.5)
+    assert group_of(analysis, "fc1").prunable
+    if with_bias:
+        assert [t.dims for t in result.model.graph.initializer if t.name.startswith("act.bias")] == [[16]]
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(0).standard_normal((B, S, HIDDEN),
+                                                                                        np.float32)})
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+def packed_attention_model(mask: str | None = None, unidirectional: int = 0):
+    """x -> MatMul (source upstream) -> com.microsoft Attention (packed q/k/v) -> MatMul."""
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, 8])
+    h = b.matmul(x, 8, HIDDEN, name="embed")
+    inputs = [h, b.weight((HIDDEN, 3 * HIDDEN), "attn.W", fan_in=HIDDEN), b.weight((3 * HIDDEN,), "attn.B", fan_in=4)]
+    if mask:
+        b.inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [B] if mask == "lengths" else [B, S]))
+        inputs.append("mask")
+    a = b.op("Attention", inputs, domain=MS, name="attn", num_heads=HEADS, unidirectional=unidirectional)
+    y = b.matmul(a, HIDDEN, 8, name="proj")
+    if not mask:
+        return b.build(y)
+    # GraphBuilder.build runs the model on float inputs to learn the output's shape: declared here
+    graph = helper.make_graph(b.nodes, "attention", b.inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT,
+                                                                                             [B, S, 8])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
+                             ir_version=10)
+
+
+def _attention_feeds(model, mask: str | None = None):
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((B, S, 8)).astype(np.float32)}
+    if mask == "lengths":
+        feeds["mask"] = np.array([S, 3], np.int32)
+    elif mask == "raw":
+        feeds["mask"] = np.array([[1] * S, [1, 1, 0, 1, 0]], np.int32)
+    return feeds
+
+
+@pytest.mark.parametrize("mask, unidirectional", [(None, 0), ("lengths", 0), ("raw", 0), (None, 1)])
+def test_packed_attention_loses_whole_heads(mask, unidirectional):
+    model = packed_attention_model(mask, unidirectional)
+    feeds = _attention_feeds(model, mask)
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "attn")
+    assert heads.kind == "heads" and len(heads.unit_members()) == HEADS
+    plan = full_plan(analysis, {heads.id: list(range(4, 8)) + list(range(12, 16))})  # heads 1 and 3
+    result, _, _ = prune_checked(model, plan=plan, feeds=feeds)
+    attn = nodes_of(result.model, "Attention")[0]
+    assert attr_of(attn, "num_heads") == 2
+    dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
+    assert dims["attn.W"] == [HIDDEN, 24] and dims["attn.B"] == [24]
+    _executor_matches_onnxruntime(model, feeds)
+
+
+def test_packed_attention_weight_rows_follow_the_hidden_channels():
+    model = packed_attention_model()
+    analysis = onnxprune.analyse(model)
+    embed = group_of(analysis, "embed")
+    assert embed.prunable and any(s.node.name == "attn" and s.axis == 0 for s in embed.params.values())
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {embed.id: list(range(0, HIDDEN, 2))}))
+    assert [t.dims for t in result.model.graph.initializer if t.name.startswith("attn.W")] == [[8, 3 * HIDDEN]]
+
+
+def test_packed_attention_with_a_cache_is_a_barrier():
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, HIDDEN])
+    past = b.input("past", [2, B, HEADS, 1, HIDDEN // HEADS])
+    w, bias = b.weight((HIDDEN, 3 * HIDDEN), "attn.W"), b.weight((3 * HIDDEN,), "attn.B")
+    a, present = b.op("Attention", [x, w, bias, "", past], outputs=2, domain=MS, name="attn", num_heads=HEADS,
+                      unidirectional=1)
+    model = b.build([b.matmul(a, HIDDEN, 8, name="proj"), present])
+    assert any("KV cache" in r for r in group_of(onnxprune.analyse(model), "attn").blocked)
+
+
+def separate_qkv_model(op: str):
+    """q, k and v from three MatMuls -> MultiHeadAttention (with its packed bias) or the standard
+    Attention (opset 23) on (batch, sequence, hidden) -> MatMul."""
+    b = GraphBuilder(23 if op == "Attention" else 17)
+    x = b.input("x", [B, S, HIDDEN])
+    q, k, v = (b.matmul(x, HIDDEN, HIDDEN, name=n) for n in ("q", "k", "v"))
+    if op == "MultiHeadAttention":
+        a = b.op(op, [q, k, v, b.weight((3 * HIDDEN,), "attn.B", fan_in=4)], domain=MS, name="attn",
+                 num_heads=HEADS)
+    else:
+        a = b.op(op, [q, k, v], name="attn", q_num_heads=HEADS, kv_num_heads=HEADS)
+    return b.build(b.matmul(a, HIDDEN, 8, name="proj"))
+
+
+@pytest.mark.parametrize("op", ["MultiHeadAttention", "Attention"])
+def test_attention_on_separate_qkv_loses_whole_heads(op):
+    model = separate_qkv_model(op)
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "q")
+    assert heads is group_of(analysis, "k") is group_of(analysis, "v")
+    assert heads.kind == "heads" and len(heads.unit_members()) == HEADS
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: list(range(8))}))
+    attn = next(n for n in result.model.graph.node if n.name == "attn")
+    names = ("num_heads",) if op == "MultiHeadAttention" else ("q_num_heads", "kv_num_heads")
+    assert all(attr_of(attn, n) == 2 for n in names)
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(2).standard_normal((B, S, HIDDEN),
+                                                                                        np.float32)})
+
+
+def test_standard_attention_on_the_head_axis_loses_whole_heads():
+    """(batch, heads, sequence, head size), how the dynamo exporter spells sdpa at opset 23."""
+    b = GraphBuilder(23)
+    x = b.input("x", [B, S, HIDDEN])
+    split = b.ints([B, S, HEADS, HIDDEN // HEADS])
+    q, k, v = (b.op("Transpose", [b.op("Reshape", [b.matmul(x, HIDDEN, HIDDEN, name=n), split])],
+                    perm=[0, 2, 1, 3]) for n in ("q", "k", "v"))
+    a = b.op("Attention", [q, k, v], name="attn", is_causal=1)
+    merged = b.op("Reshape", [b.op("Transpose", [a], perm=[0, 2, 1, 3]), b.ints([B, S, HIDDEN])])
+    model = b.build(b.matmul(merged, HIDDEN, 8, name="proj"))
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "q")
+    assert heads is group_of(analysis, "v") and heads.prunable
+    result, _, _ = prune_checked(model, 0.5)
+    assert [t.dims for t in result.model.graph.initializer if t.name.startswith("q.W")] == [[HIDDEN, 8]]
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(3).standard_normal((B, S, HIDDEN),
+                                                                                        np.float32)})
+
+
+# --- BERT fused by onnxruntime's transformer optimizer --------------------------------------------
+
+@pytest.fixture(scope="module")
+def fused_bert(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    from test_transformers import LastHidden
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=HEADS,
+                                     intermediate_size=256, vocab_size=500, attn_implementation="eager")
+    model = LastHidden(transformers.BertModel(config), False).eval()
+    folder = tmp_path_factory.mktemp("fused")
+    names = ["input_ids", "attention_mask"]
+    args = (torch.randint(0, 500, (2, 16)), torch.ones(2, 16, dtype=torch.long))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        torch.onnx.export(model, args, str(folder / "bert.onnx"), input_names=names, output_names=["hidden"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "hidden"]}, opset_version=17,
+                          dynamo=False)
+        fused = optimizer.optimize_model(str(folder / "bert.onnx"), model_type="bert", num_heads=HEADS,
+                                         hidden_size=64, opt_level=0)
+        fused.save_model_to_file(str(folder / "fused.onnx"))
+    return folder
+
+
+@pytest.mark.slow
+def test_bert_fused_by_the_optimizer_prunes_like_its_export(fused_bert, capsys):
+    fused = onnx.load(fused_bert / "fused.onnx")
+    ops = {n.op_type for n in fused.graph.node if n.domain == MS}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization"} <= ops
+    figures = {}
+    for name in ("bert", "fused"):
+        code, _, err = run_main(capsys, fused_bert / f"{name}.onnx", "--structured", "0.3", "--input-shape",
+                                "input_ids:2,16", "--input-shape", "attention_mask:2,16", "-o",
+                                fused_bert / f"{name}.pruned.onnx", "--report", fused_bert / f"{name}.json")
+        assert code == 0, err
+        figures[name] = json.loads((fused_bert / f"{name}.json").read_text())
+    params = {k: r["params_before"] / r["params_after"] for k, r in figures.items()}
+    macs = {k: r["macs_before"] / r["macs_after"] for k, r in figures.items()}
+    assert params["fused"] >= 1.25 and macs["fused"] >= 1.3
+    assert params["fused"] == pytest.approx(params["bert"], rel=0.01)
+    assert macs["fused"] == pytest.approx(macs["bert"], rel=0.01)
+    pruned = onnx.load(fused_bert / "fused.pruned.onnx")
+    assert {attr_of(n, "num_heads") for n in nodes_of(pruned, "Attention")} == {HEADS - 1}
+    session(pruned)
