@@ -363,3 +363,19 @@ def test_bert_fused_by_the_optimizer_prunes_like_its_export(fused_bert, capsys):
     pruned = onnx.load(fused_bert / "fused.pruned.onnx")
     assert {attr_of(n, "num_heads") for n in nodes_of(pruned, "Attention")} == {HEADS - 1}
     session(pruned)
+
+
+@pytest.mark.slow
+def test_fused_bert_scores_from_data_and_recovers(fused_bert, capsys):
+    """Gradients (taylor), reconstruction and distillation run through the torch contrib ops."""
+    rng = np.random.default_rng(0)
+    np.savez(fused_bert / "data.npz", input_ids=rng.integers(0, 500, (16, 16)),
+             attention_mask=np.ones((16, 16), np.int64))
+    code, out, err = run_main(capsys, fused_bert / "fused.onnx", "--structured", "0.3", "--data",
+                              fused_bert / "data.npz", "--importance", "taylor", "--distill", "--epochs", "1",
+                              "--input-shape", "input_ids:1,16", "--input-shape", "attention_mask:1,16",
+                              "-o", fused_bert / "recovered.onnx", "--report", fused_bert / "recovered.json")
+    assert code == 0, err
+    report = json.loads((fused_bert / "recovered.json").read_text())
+    assert report["reconstruction"]["readers"] > 0
+    assert report["training"] is not None and report["output_error"] is not None

@@ -62,6 +62,8 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
 def _run_inference(light: onnx.ModelProto) -> dict[str, tuple]:
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        if _add_runtime_value_info(light, inferred):
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise UnsupportedModel(f"ONNX shape inference failed: {first_line(exc)}") from exc
     shapes: dict[str, tuple] = {}
@@ -202,6 +204,8 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
+        if _add_runtime_value_info(light, inferred):
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
     except Exception:
         return model  # the checker's full check reports the real problem
     io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
@@ -209,3 +213,34 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+
+
+def _add_runtime_value_info(light: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Add to ``light`` the shapes of the outputs of onnxruntime's own ops (its contrib ops, which
+    ONNX inference has no schema for and leaves unshaped, and everything after them with them),
+    as onnxruntime's symbolic shape inference gives them; how many it added (0 without such ops,
+    or when that inference is not installed or fails). ONNX infers the rest again from them."""
+    known = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output)
+             if vi.type.tensor_type.HasField("shape")}
+    wanted = {o for n in _runtime_nodes(light) for o in n.output if o and o not in known}
+    if not wanted:
+        return 0
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+    except Exception:
+        return 0
+    found = [vi for vi in symbolic.graph.value_info if vi.name in wanted and vi.type.tensor_type.HasField("shape")]
+    light.graph.value_info.extend(found)
+    return len(found)
+
+
+def _runtime_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes of onnxruntime's contrib ops: in its domains, and the few in the default domain
+    (a custom op of another runtime stays unshaped: no guess at what it outputs)."""
+    from ..model.runtime_ops import DEFAULT_DOMAINS, runtime_only_nodes, runtime_schema
+
+    versions = {o.domain: o.version for o in model.opset_import}
+    return [n for n in model.graph.node if n.domain not in DEFAULT_DOMAINS
+            and runtime_schema(n.domain, n.op_type, versions.get(n.domain, 1)) is not None] + runtime_only_nodes(model)
