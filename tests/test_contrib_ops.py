@@ -379,3 +379,58 @@ def test_fused_bert_scores_from_data_and_recovers(fused_bert, capsys):
     report = json.loads((fused_bert / "recovered.json").read_text())
     assert report["reconstruction"]["readers"] > 0
     assert report["training"] is not None and report["output_error"] is not None
+
+
+# --- MatMulNBits ------------------------------------------------------------------------------------
+
+def nbits_mlp(bits: int, symmetric: bool) -> onnx.ModelProto:
+    """x -> MatMul(64 -> 96) -> Relu -> MatMul(96 -> 32), quantised by onnxruntime's MatMulNBits
+    quantiser in blocks of 32 along K."""
+    import logging
+
+    quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, 64])
+    model = b.build(b.matmul(b.op("Relu", [b.matmul(x, 64, 96, name="fc1")]), 96, 32, name="fc2"))
+    logging.disable(logging.INFO)
+    try:
+        q = quantizer.MatMulNBitsQuantizer(model, block_size=32, is_symmetric=symmetric, bits=bits)
+        q.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    return q.model.model
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, False)])
+def test_matmul_nbits_loses_whole_blocks(bits, symmetric):
+    model = nbits_mlp(bits, symmetric)
+    assert {n.op_type for n in model.graph.node} == {"MatMulNBits", "Relu"}
+    feeds = {"x": np.random.default_rng(4).standard_normal((B, S, 64)).astype(np.float32)}
+    analysis = onnxprune.analyse(model)
+    fc1 = next(g for g in analysis.groups if g.size == 96)
+    assert fc1.prunable and len(fc1.unit_members()) == 3  # fc2's K blocks
+    plan = full_plan(analysis, {fc1.id: list(range(32)) + list(range(64, 96))})  # block 1 goes
+    before = model.SerializeToString()
+    result = onnxprune.prune(model, plan=plan)
+    assert model.SerializeToString() == before
+    check_valid(model, result.model)
+    # the reference: the original with fc2's block 1 scaled by 0 (its dequantised weights are 0)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    fc2 = next(n for n in reference.graph.node if n.op_type == "MatMulNBits" and n.input[0] != "x")
+    scales = next(t for t in reference.graph.initializer if t.name == fc2.input[2])
+    values = onnx.numpy_helper.to_array(scales).copy()
+    values[:, 1] = 0
+    scales.CopyFrom(onnx.numpy_helper.from_array(values, scales.name))
+    assert rel_err(run(reference, feeds)[0], run(result.model, feeds)[0]) <= 1e-4
+    cut = {n.input[0] == "x": n for n in result.model.graph.node if n.op_type == "MatMulNBits"}
+    assert (attr_of(cut[True], "N"), attr_of(cut[False], "K")) == (64, 64)
+    _executor_matches_onnxruntime(model, feeds)
+    _executor_matches_onnxruntime(result.model, feeds)
+
+
+def test_matmul_nbits_with_zero_points_packed_two_blocks_a_byte_keeps_k():
+    model = nbits_mlp(4, symmetric=False)
+    fc1 = next(g for g in onnxprune.analyse(model).groups if g.size == 96)
+    assert any("zero points packed several blocks a byte" in r for r in fc1.blocked)
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(5).standard_normal((B, S, 64), np.float32)})

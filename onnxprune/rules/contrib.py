@@ -22,6 +22,12 @@ tied), the same columns of the q, k and v blocks of the weight and bias go with 
 MultiHeadAttention (com.microsoft) and the standard Attention (opset 23) take q, k and v
 computed outside: the head channels of all three and of the output are one group.
 A KV cache (past inputs, present outputs) is a barrier: its shape is the model's interface.
+
+MatMulNBits (int4/int8 block-quantised weights, what `-p int4` of the model builder emits)
+creates its output features: they go with the packed weight's rows and their scales, zero
+points and bias; its input channels go in whole quantisation blocks (`block_size` of them
+tied), with those blocks of every row; ``N`` and ``K`` are rewritten. The packed values are
+not magnitudes: the scales stand for them in magnitude scores.
 """
 
 from __future__ import annotations
@@ -258,3 +264,74 @@ def _head_axis_attention(node, view, r: Reached):
     if r.side == "in":
         links.append(Link("out", 0, 1, r.owner))
     return Relation(links, kind="heads")
+
+
+# --- MatMulNBits: Y = A @ dequantize(B)^T, B packed (N, blocks of K, bytes of a block) -----------
+
+def _nbits_layout(node, view) -> tuple[int, int, int] | None:
+    """(N, blocks along K, block size) of a MatMulNBits, from its attributes and packed weight."""
+    n, block = int(attr(node, "N", 0)), int(attr(node, "block_size", 0))
+    blocks = view.dim(node.inputs[1], 1) if view.rank(node.inputs[1]) == 3 else None
+    return (n, blocks, block) if n and block and blocks else None
+
+
+def _per_row(view, t, n: int, owner, block_owner=None):
+    """A link owner for a per-(row, block) parameter of shape (N, blocks) or (N * blocks,): ``owner``
+    over the rows, or ``block_owner`` over the blocks of every row."""
+    if view.rank(t) == 2:
+        return (0, owner) if block_owner is None else (1, block_owner)
+    per_row = view.dim(t, 0) // n
+    return (0, np.repeat(owner, per_row)) if block_owner is None else (0, np.tile(block_owner, n))
+
+
+def nbits_source(node, view):
+    if view.is_constant(node.inputs[1]) and not view.is_constant(node.inputs[0]):
+        rank = view.rank(node.outputs[0])
+        return [(0, rank - 1)] if rank else []
+    return []
+
+
+def nbits_rewrite(node, view, cut):
+    out, a = node.outputs[0], node.inputs[0]
+    node.attrs["N"] = cut.new_dim(out, view.rank(out) - 1)
+    node.attrs["K"] = cut.new_dim(a, view.rank(a) - 1)
+
+
+@rule("MatMulNBits", domain=MS, source=nbits_source, rewrite=nbits_rewrite)
+def matmul_nbits(node, view, r: Reached):
+    """N (the output features) goes with the packed weight's rows, their scales, zero points and
+    bias; K (the input channels) in whole quantisation blocks, with those blocks of every row.
+    Zero points packed several blocks a byte cannot lose one block: a barrier on K."""
+    layout = _nbits_layout(node, view)
+    if layout is None or not all(view.is_constant(t) for t in node.inputs[1:] if _present(t)):
+        return barrier("packed weight, scales or zero points computed at run time")
+    if _given(node, 4):
+        return barrier("g_idx reorders K (act-order quantisation)")
+    n, blocks, block = layout
+    rank = view.rank(node.outputs[0])
+    reached_rank = view.rank((node.inputs if r.side == "in" else node.outputs)[r.index])
+    if r.index != 0 or rank is None:
+        return barrier("channels reach a MatMulNBits parameter as an activation")
+    last = r.axis == reached_rank - 1
+    if not last:
+        return Relation([Link("out" if r.side == "in" else "in", 0, r.axis, r.owner)])
+    scales, zeros = node.inputs[2], node.inputs[3] if _given(node, 3) else None
+    if r.side == "out":  # N
+        links = [Link("in", 1, 0, r.owner, "quantized")]
+        links.append(Link("in", 2, *_per_row(view, scales, n, r.owner), "weight"))
+        if zeros is not None:
+            links.append(Link("in", 3, *_per_row(view, zeros, n, r.owner), "quantized"))
+        if _given(node, 5):
+            links.append(Link("in", 5, 0, r.owner, "bias"))
+        return Relation(links)
+    # K, in whole blocks: a block's owner is its first channel's (the block's channels are tied)
+    block_owner = r.owner[::block]
+    if len(block_owner) != blocks:
+        return barrier("K does not fit the packed weight's blocks")
+    links = [Link("in", 1, 1, block_owner, "quantized"),
+             Link("in", 2, *_per_row(view, scales, n, None, block_owner), "weight")]
+    if zeros is not None:
+        if view.is_constant(zeros) and view.value(zeros).dtype == np.uint8 and int(attr(node, "bits", 4)) < 8:
+            return barrier("zero points packed several blocks a byte: K cannot lose one block")
+        links.append(Link("in", 3, *_per_row(view, zeros, n, None, block_owner), "quantized"))
+    return Relation(links, ties=blocks_of(len(r.owner), block))

@@ -107,6 +107,11 @@ def _packed_attention_macs(attrs, dims):
     return math.prod(x) * w[1] + 2 * x[0] * x[1] * x[1] * width
 
 
+def _nbits_macs(attrs, dims):
+    out = dims[-1]
+    return math.prod(out) * int(attrs["K"]) if _known(out) and "K" in attrs else None
+
+
 def _gemm_a(attrs, rank):  # A is (M, K), or (K, M) with transA
     return 0 if attrs.get("transA", 0) else 1
 
@@ -167,6 +172,8 @@ WEIGHTS.update({
     "com.microsoft.SkipSimplifiedLayerNormalization": OpWeights({2: _NORM, 3: _BIAS}),
     "com.microsoft.EmbedLayerNormalization": OpWeights({2: Operand("table"), 3: Operand("table"),
                                                         4: Operand("table"), 5: _NORM, 6: _NORM}),
+    # the packed int weight is no learned float tensor; only its MACs are counted
+    "com.microsoft.MatMulNBits": OpWeights({}, macs=_nbits_macs),
     "com.microsoft.BiasGelu": OpWeights({1: _BIAS}),
     "com.microsoft.FastGelu": OpWeights({1: _BIAS}),
 })

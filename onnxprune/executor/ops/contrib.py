@@ -196,3 +196,47 @@ def standard_attention(attrs, inputs):
     y = _attend(q, k, v, attrs.get("scale"), mask, bool(attrs.get("is_causal", 0)))
     y = _merge(y) if flat else y
     return y if attrs["_num_outputs"] == 1 else (y,)
+
+
+# --- MatMulNBits ---------------------------------------------------------------------------------
+
+def _unpack(packed: Tensor, bits: int) -> Tensor:
+    """uint8 bytes -> their ``bits``-wide values, low bits first (as onnxruntime packs them)."""
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    values = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return values.reshape(*packed.shape[:-1], -1)
+
+
+def dequantize_nbits(attrs, packed: Tensor, scales: Tensor, zeros: Tensor | None) -> Tensor:
+    """The (N, K) float weight of a MatMulNBits: (q - zero point) x scale, block by block."""
+    n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
+    blocks = packed.shape[1]
+    q = _unpack(packed, bits).reshape(n, blocks, -1)[..., :block].float()
+    scales = scales.reshape(n, blocks, 1)
+    if zeros is None:
+        zero = torch.full_like(scales, 2 ** (bits - 1))
+    elif zeros.dtype == torch.uint8:
+        zero = _unpack(zeros.reshape(n, -1), bits)[:, :blocks].float().reshape(n, blocks, 1)
+    else:
+        zero = zeros.reshape(n, blocks, 1)
+    w = ((q - zero) * scales).reshape(n, -1)[:, :k]
+    return w.to(scales.dtype)
+
+
+def _prepare_nbits(attrs):
+    if attrs.get("bits", 4) not in (2, 4, 8):
+        from ...errors import UnsupportedModel
+        raise UnsupportedModel(f"MatMulNBits with bits={attrs['bits']} (2, 4 and 8 run)")
+    return attrs
+
+
+@op(f"{MS}.MatMulNBits", prepare=_prepare_nbits)
+def matmul_nbits(attrs, inputs):
+    if opt(inputs, 4) is not None:
+        raise NotImplementedError("MatMulNBits with g_idx")
+    a, packed, scales, zeros, bias = inputs[0], inputs[1], inputs[2], opt(inputs, 3), opt(inputs, 5)
+    y = a @ dequantize_nbits(attrs, packed, scales, zeros).to(a.dtype).T
+    return y if bias is None else y + bias
