@@ -434,3 +434,100 @@ def test_matmul_nbits_with_zero_points_packed_two_blocks_a_byte_keeps_k():
     fc1 = next(g for g in onnxprune.analyse(model).groups if g.size == 96)
     assert any("zero points packed several blocks a byte" in r for r in fc1.blocked)
     _executor_matches_onnxruntime(model, {"x": np.random.default_rng(5).standard_normal((B, S, 64), np.float32)})
+
+
+# --- GroupQueryAttention and RotaryEmbedding --------------------------------------------------------
+
+# onnxruntime's GroupQueryAttention wants head sizes in multiples of 16 (with rotary)
+KV_HEADS, HEAD = 2, 16
+WIDTH = HEADS * HEAD
+
+
+def _rotary_caches(b, half: int, positions=16):
+    angles = np.outer(np.arange(positions), 1.0 / 100 ** (np.arange(half) / half))
+    return b.floats(np.cos(angles)), b.floats(np.sin(angles))
+
+
+def gqa_model(packed: bool = False, cache: bool = False, sink: bool = False):
+    """x -> q (4 heads), k, v (2 heads) projections -> GroupQueryAttention (rotary inside) -> MatMul.
+    With ``cache``, past key/value are graph inputs and present key/value graph outputs (one row:
+    onnxruntime takes a past with several new tokens for batch 1 only)."""
+    batch = 1 if cache else B
+    b = GraphBuilder(17)
+    x = b.input("x", [batch, S, WIDTH])
+    kv = KV_HEADS * HEAD
+    if packed:
+        qkv = [b.matmul(x, WIDTH, WIDTH + 2 * kv, name="qkv"), "", ""]
+    else:
+        qkv = [b.matmul(x, WIDTH, WIDTH, name="q"), b.matmul(x, WIDTH, kv, name="k"),
+               b.matmul(x, WIDTH, kv, name="v")]
+    past = [b.input(n, [batch, KV_HEADS, 1, HEAD]) for n in ("past_key", "past_value")] if cache else ["", ""]
+    total = S + (1 if cache else 0)
+    lengths, total_length = b.const(np.full(batch, total - 1, np.int32)), b.const(np.array(total, np.int32))
+    cos, sin = _rotary_caches(b, HEAD // 2)
+    extra = ["", "", b.weight((HEADS,), "attn.sink", fan_in=4)] if sink else []
+    outs = b.op("GroupQueryAttention", [*qkv, *past, lengths, total_length, cos, sin, *extra], outputs=3,
+                domain=MS, name="attn", num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1)
+    y = b.matmul(outs[0], WIDTH, 8, name="proj")
+    return b.build([y, outs[1], outs[2]] if cache else y)
+
+
+def _gqa_feeds(model):
+    rng = np.random.default_rng(6)
+    return {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+@pytest.mark.parametrize("packed, sink", [(False, False), (True, False), (False, True)])
+def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packed, sink):
+    model = gqa_model(packed, sink=sink)
+    feeds = _gqa_feeds(model)
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "qkv" if packed else "q")
+    if not packed:
+        assert heads is group_of(analysis, "k") is group_of(analysis, "v")
+    assert heads.kind == "heads" and len(heads.unit_members()) == KV_HEADS
+    last = heads.unit_members()[1]
+    keep = sorted(set(range(heads.size)) - set(last.tolist()))
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: keep}), feeds=feeds)
+    attn = nodes_of(result.model, "GroupQueryAttention")[0]
+    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // KV_HEADS, 1)
+    dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
+    if packed:
+        assert dims["qkv.W"] == [WIDTH, (WIDTH + 2 * KV_HEADS * HEAD) // 2]
+    else:
+        assert (dims["q.W"], dims["k.W"]) == ([WIDTH, WIDTH // 2], [WIDTH, HEAD])
+    if sink:
+        assert dims["attn.sink"] == [HEADS // 2]
+    _executor_matches_onnxruntime(model, feeds)
+
+
+def test_group_query_attention_cache_changes_only_with_allow_io_change():
+    model = gqa_model(cache=True)
+    feeds = _gqa_feeds(model)
+    held = group_of(onnxprune.analyse(model), "q")
+    assert not held.prunable and any("past_key" in r and "allow_io_change" in r for r in held.blocked)
+    result = onnxprune.prune(model, 0.5, allow_io_change=True)
+    caches = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input}
+    assert caches["past_key"] == [1, 1, 1, HEAD]
+    smaller = {k: (v[:, :1] if k.startswith("past") else v) for k, v in feeds.items()}
+    y, present_key, _ = run(result.model, smaller)
+    assert y.shape == (1, S, 8) and present_key.shape == (1, 1, S + 1, HEAD)
+    _executor_matches_onnxruntime(model, feeds)
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_rotary_embedding_passes_whole_heads(interleaved):
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, HIDDEN])
+    cos, sin = _rotary_caches(b, HIDDEN // HEADS // 2)
+    positions = b.const(np.tile(np.arange(S), (B, 1)).astype(np.int64))
+    r = b.op("RotaryEmbedding", [b.matmul(x, HIDDEN, HIDDEN, name="q"), positions, cos, sin], domain=MS,
+             name="rope", num_heads=HEADS, interleaved=interleaved)
+    model = b.build(b.matmul(r, HIDDEN, 8, name="proj"))
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "q")
+    assert heads.kind == "heads" and len(heads.unit_members()) == HEADS
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: list(range(4, 12))}))
+    assert attr_of(nodes_of(result.model, "RotaryEmbedding")[0], "num_heads") == 2
+    _executor_matches_onnxruntime(model, {"x": np.random.default_rng(7).standard_normal((B, S, HIDDEN), np.float32)})

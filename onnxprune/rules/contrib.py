@@ -335,3 +335,126 @@ def matmul_nbits(node, view, r: Reached):
             return barrier("zero points packed several blocks a byte: K cannot lose one block")
         links.append(Link("in", 3, *_per_row(view, zeros, n, None, block_owner), "quantized"))
     return Relation(links, ties=blocks_of(len(r.owner), block))
+
+
+# --- GroupQueryAttention: num_heads query heads share kv_num_heads key/value heads ---------------
+
+def _gqa_layout(node, view) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head size) of a GroupQueryAttention, when they fit."""
+    heads, kv_heads = int(attr(node, "num_heads", 0)), int(attr(node, "kv_num_heads", 0))
+    width = view.dim(node.outputs[0], 2) if view.rank(node.outputs[0]) == 3 else None
+    head = _head_size(width, heads)
+    if head is None or kv_heads <= 0 or heads % kv_heads:
+        return None
+    return heads, kv_heads, head
+
+
+def _gqa_spread(r: Reached, slot: str, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The owners of the query, key and value channels (heads x head size each) implied by the
+    channels reaching ``slot``: a query channel and the channel at the same place in its key/value
+    head are one (several query heads then read one key/value channel: they go together)."""
+    heads, kv_heads, head = layout
+    share = heads // kv_heads
+    q_head_of_kv = np.repeat(np.arange(kv_heads) * share, head) * head + np.tile(np.arange(head), kv_heads)
+    kv_of_q = np.repeat(np.arange(heads) // share, head) * head + np.tile(np.arange(head), heads)
+    if slot in ("query", "output"):
+        q = r.owner
+        k = v = q[q_head_of_kv]
+    elif slot in ("key", "value"):
+        k = v = r.owner
+        q = k[kv_of_q]
+    elif slot == "packed":
+        q, k, v = np.split(r.owner, [heads * head, (heads + kv_heads) * head])
+    else:  # a cache's head axis: one channel per key/value head
+        k = v = np.repeat(r.owner, head)
+        q = k[kv_of_q]
+    return q, k, v
+
+
+def _gqa_ties(slot: str, layout) -> list[np.ndarray]:
+    """Positions of the reached slot that go together: one key/value head and its query heads."""
+    heads, kv_heads, head = layout
+    q_span, kv_span = heads // kv_heads * head, head
+    ties = []
+    for j in range(kv_heads):
+        q, kv = np.arange(j * q_span, (j + 1) * q_span), np.arange(j * kv_span, (j + 1) * kv_span)
+        ties.append({"query": q, "output": q, "key": kv, "value": kv, "cache": np.array([j]),
+                     "packed": np.concatenate([q, heads * head + kv, (heads + kv_heads) * head + kv])}[slot])
+    return ties
+
+
+def gqa_rewrite(node, view, cut):
+    heads, kv_heads, head = _gqa_layout(node, view)
+    new_heads = cut.new_dim(node.outputs[0], 2) // head
+    node.attrs["num_heads"] = new_heads
+    node.attrs["kv_num_heads"] = new_heads // (heads // kv_heads)
+
+
+@rule("GroupQueryAttention", domain=MS, rewrite=gqa_rewrite)
+def group_query_attention(node, view, r: Reached):
+    """Heads go by key/value head with the query heads that share it: the query, key and value
+    channels (packed in one input, or three), the output's, the caches' head axis (past inputs,
+    present outputs: the model's interface, changed only with `allow_io_change`) and the
+    per-head sinks. The rotary cos/sin caches are per position within a head: untouched."""
+    layout = _gqa_layout(node, view)
+    if layout is None:
+        return barrier("heads do not divide the width")
+    if _used(node, view, 3) or any(_given(node, i) for i in (12, 13, 16)):
+        return barrier("attention scores output, a quantised KV cache or packed batching is used")
+    if _given(node, 10) and view.dim(node.inputs[10], 1) not in (1, None):
+        return barrier("an attention bias per head")
+    packed = not _given(node, 1)
+    slots = {("in", 0): "packed" if packed else "query", ("in", 1): "key", ("in", 2): "value",
+             ("in", 3): "cache", ("in", 4): "cache", ("out", 0): "output", ("out", 1): "cache", ("out", 2): "cache"}
+    slot = slots.get((r.side, r.index))
+    axis = 1 if slot == "cache" else 2
+    if slot is None or r.axis != axis:
+        return barrier("GroupQueryAttention mixes the sequence" if slot else
+                       "channels reach a GroupQueryAttention parameter as an activation")
+    heads, kv_heads, head = layout
+    q, k, v = _gqa_spread(r, slot, layout)
+    wanted = [("in", 0, 2, np.concatenate([q, k, v]) if packed else q), ("out", 0, 2, q)]
+    if not packed:
+        wanted += [("in", 1, 2, k), ("in", 2, 2, v)]
+    wanted += [("in", 3, 1, k[::head]), ("out", 1, 1, k[::head]), ("in", 4, 1, v[::head]), ("out", 2, 1, v[::head])]
+    links = [Link(side, i, ax, own) for side, i, ax, own in wanted if (side, i) != (r.side, r.index)]
+    if _given(node, 11):
+        links.append(Link("in", 11, 0, q[::head], "bias"))
+    return Relation(links, ties=_gqa_ties(slot, layout), kind="heads")
+
+
+# --- RotaryEmbedding (com.microsoft): rotates pairs within each head -------------------------------
+
+def _rotary_head(node, view) -> int | None:
+    """The head size: the width over num_heads; without num_heads, twice the caches' width (how
+    onnxruntime infers it; the head count then follows the width by itself)."""
+    heads = int(attr(node, "num_heads", 0))
+    if heads:
+        return _head_size(view.dim(node.inputs[0], 2), heads)
+    half = view.dim(node.inputs[2], 1)
+    return 2 * half if half and not attr(node, "rotary_embedding_dim") else None
+
+
+def rotary_rewrite(node, view, cut):
+    if view.rank(node.inputs[0]) == 3 and attr(node, "num_heads"):
+        node.attrs["num_heads"] = cut.new_dim(node.inputs[0], 2) // _rotary_head(node, view)
+
+
+@rule("RotaryEmbedding", domain=MS, rewrite=rotary_rewrite)
+def rotary_embedding(node, view, r: Reached):
+    """Whole heads pass (a head's channels are rotated in pairs, so they are tied); positions
+    and the cos/sin caches are untouched."""
+    if r.index != 0:
+        return barrier("channels reach RotaryEmbedding's positions or caches")
+    rank = view.rank(node.inputs[0])
+    other = "out" if r.side == "in" else "in"
+    if rank == 4:  # (batch, heads, sequence, head size)
+        if r.axis == 1:
+            return Relation([Link(other, 0, 1, r.owner)], kind="heads")
+        return barrier("RotaryEmbedding rotates within a head")
+    if rank != 3 or r.axis != 2:
+        return barrier("RotaryEmbedding mixes the sequence" if rank == 3 else "input shape unknown")
+    head = _rotary_head(node, view)
+    if head is None or len(r.owner) % head:
+        return barrier("heads do not divide the width")
+    return Relation([Link(other, 0, 2, r.owner)], ties=blocks_of(len(r.owner), head), kind="heads")

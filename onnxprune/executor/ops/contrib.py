@@ -240,3 +240,97 @@ def matmul_nbits(attrs, inputs):
     a, packed, scales, zeros, bias = inputs[0], inputs[1], inputs[2], opt(inputs, 3), opt(inputs, 5)
     y = a @ dequantize_nbits(attrs, packed, scales, zeros).to(a.dtype).T
     return y if bias is None else y + bias
+
+
+# --- rotary embeddings and GroupQueryAttention -------------------------------------------------------
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first 2 x cos.shape[-1] channels of each head of ``x`` (..., sequence, head
+    size) by the angles whose cos and sin are given (..., sequence, rotary / 2)."""
+    rotary = 2 * cos.shape[-1]
+    xr, rest = x[..., :rotary], x[..., rotary:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, -1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    return torch.cat([out, rest], -1)
+
+
+def _positions(position_ids: Tensor, batch: int, length: int) -> Tensor:
+    """(batch, sequence) positions: given so, or as one offset added to 0, 1, 2, ..."""
+    if position_ids.numel() == 1:
+        start = position_ids.reshape(()).long()
+        return (start + torch.arange(length, device=position_ids.device)).expand(batch, length)
+    return position_ids.long()
+
+
+@op(f"{MS}.RotaryEmbedding")
+def rotary_embedding(attrs, inputs):
+    x, position_ids, cos_cache, sin_cache = inputs
+    flat = x.ndim == 3
+    if flat:
+        heads = attrs.get("num_heads", 0) or x.shape[-1] // (2 * cos_cache.shape[-1])
+        x = _heads(x, heads)
+    b, _, s, _ = x.shape
+    rotary = attrs.get("rotary_embedding_dim", 0) or 2 * cos_cache.shape[-1]
+    pos = _positions(position_ids, b, s)
+    cos, sin = cos_cache[pos][..., : rotary // 2].unsqueeze(1), sin_cache[pos][..., : rotary // 2].unsqueeze(1)
+    y = _rotate(x, cos.to(x.dtype), sin.to(x.dtype), bool(attrs.get("interleaved", 0)))
+    return _merge(y) if flat else y
+
+
+def _prepare_gqa(attrs):
+    if attrs.get("local_window_size", -1) not in (-1, 0) or attrs.get("qk_output", 0):
+        from ...errors import UnsupportedModel
+        raise UnsupportedModel("GroupQueryAttention with a local window or its scores output")
+    return attrs
+
+
+@op(f"{MS}.GroupQueryAttention", prepare=_prepare_gqa)
+def group_query_attention(attrs, inputs):
+    """Without padding inside the new tokens: token i of row b sits at position
+    seqlens_k[b] + 1 - sequence + i, after the past (of that length) in the cache."""
+    if any(opt(inputs, i) is not None for i in (12, 13, 14, 15, 16)):
+        raise NotImplementedError("GroupQueryAttention with a quantised cache, q/k norms or packed batching")
+    heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
+    q, k, v = inputs[0], opt(inputs, 1), opt(inputs, 2)
+    if k is None:
+        head = q.shape[-1] // (heads + 2 * kv_heads)
+        q, k, v = torch.split(q, [heads * head, kv_heads * head, kv_heads * head], -1)
+    q, k, v = _heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads)
+    b, _, s, d = q.shape
+    lengths = inputs[5].long().reshape(-1) + 1  # seqlens_k: the total valid length - 1, per row
+    past_len = lengths - s
+    if attrs.get("do_rotary", 0):
+        pos = opt(inputs, 9)
+        pos = pos.long() if pos is not None else past_len[:, None] + torch.arange(s, device=q.device)
+        cos, sin = inputs[7][pos].unsqueeze(1).to(q.dtype), inputs[8][pos].unsqueeze(1).to(q.dtype)
+        interleaved = bool(attrs.get("rotary_interleaved", 0))
+        q, k = _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    past_k, past_v = opt(inputs, 3), opt(inputs, 4)
+    if past_k is not None and past_k.shape[2]:
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+    t = k.shape[2]
+    share = heads // kv_heads
+    scores = q @ k.repeat_interleave(share, 1).transpose(-1, -2) * (attrs.get("scale") or 1 / math.sqrt(d))
+    if attrs.get("softcap", 0.0):
+        scores = attrs["softcap"] * torch.tanh(scores / attrs["softcap"])
+    keys = torch.arange(t, device=q.device)
+    query_at = past_len[:, None] + torch.arange(s, device=q.device)  # (batch, sequence)
+    allowed = (keys[None, None, :] <= query_at[:, :, None]) & (keys[None, None, :] < lengths[:, None, None])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    bias = opt(inputs, 10)
+    if bias is not None:
+        scores = scores + bias
+    sink = opt(inputs, 11)
+    if sink is None and attrs.get("smooth_softmax", 0):
+        sink = torch.zeros(heads, dtype=scores.dtype, device=scores.device)
+    if sink is not None:  # one more logit per head in the softmax's denominator
+        extra = sink.to(scores.dtype).reshape(1, heads, 1, 1).expand(b, heads, s, 1)
+        weights = torch.softmax(torch.cat([scores, extra], -1), -1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, -1)
+    y = _merge(weights @ v.repeat_interleave(share, 1))
+    return (y, k, v)[: attrs["_num_outputs"]]
