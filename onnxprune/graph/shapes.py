@@ -226,14 +226,26 @@ def _add_runtime_value_info(light: onnx.ModelProto, inferred: onnx.ModelProto) -
     if not wanted:
         return 0
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+        symbolic = _symbolic_inference(light)
     except Exception:
         return 0
     found = [vi for vi in symbolic.graph.value_info if vi.name in wanted and vi.type.tensor_type.HasField("shape")]
     light.graph.value_info.extend(found)
     return len(found)
+
+
+def _symbolic_inference(light: onnx.ModelProto) -> onnx.ModelProto:
+    """``light`` with the shapes onnxruntime's symbolic shape inference finds. Its loop is run
+    here rather than through ``SymbolicShapeInference.infer_shapes``, which writes the model to
+    sym_shape_infer_temp.onnx in the current directory when some shape stays unknown (and then
+    raises): onnxprune leaves no files behind, and the shapes it did find are still of use."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+    inference._preprocess(light)
+    while inference.run_:
+        inference._infer_impl()
+    return inference.out_mp_
 
 
 def _runtime_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
