@@ -541,3 +541,83 @@ def test_shapes_of_contrib_ops_leave_no_file_behind(tmp_path, monkeypatch):
     model = gqa_model()
     onnxprune.prune(model, 0.5)
     assert listing(tmp_path) == set()
+
+
+# --- a decoder as onnxruntime-genai's model builder writes it ---------------------------------------
+
+LLM_HIDDEN, LLM_FF, VOCAB, PAST = 64, 128, 100, 1
+
+
+def builder_decoder() -> onnx.ModelProto:
+    """One layer as the model builder writes it: SimplifiedLayerNormalization (default domain),
+    a packed q/k/v MatMul, GroupQueryAttention with rotary and a cache (past_key_values.0.key/value
+    in, present.0.key/value out), SkipSimplifiedLayerNormalization, a SiLU-gated MLP, lm_head.
+    seqlens_k comes from the mask's shape (the builder sums the mask; verification's random 0/1
+    masks would make it -1, which onnxruntime refuses)."""
+    b = GraphBuilder(21, name="decoder")
+    b.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]))
+    b.inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, S + PAST]))
+    past = [b.input(f"past_key_values.0.{n}", [1, KV_HEADS, PAST, HEAD]) for n in ("key", "value")]
+    h0 = b.op("Gather", [b.weight((VOCAB, LLM_HIDDEN), "embed"), "input_ids"], name="embed_tokens")
+    total = b.op("Slice", [b.op("Shape", ["attention_mask"]), b.ints([1]), b.ints([2])])
+    lengths = b.op("Cast", [b.op("Sub", [total, b.ints([1])])], to=TensorProto.INT32)
+    total = b.op("Cast", [b.op("Squeeze", [total, b.ints([0])])], to=TensorProto.INT32)
+    n1 = b.op("SimplifiedLayerNormalization", [h0, b.floats(np.ones(LLM_HIDDEN))], name="input_layernorm",
+              axis=-1, epsilon=1e-5)
+    qkv = b.matmul(n1, LLM_HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD, name="qkv_proj")
+    cos, sin = _rotary_caches(b, HEAD // 2)
+    attn, key, value = b.op("GroupQueryAttention", [qkv, "", "", *past, lengths, total, cos, sin], outputs=3,
+                            domain=MS, name="attn", num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1)
+    norm = b.op("SkipSimplifiedLayerNormalization", [b.matmul(attn, WIDTH, LLM_HIDDEN, name="o_proj"), h0,
+                                                     b.floats(np.ones(LLM_HIDDEN))], outputs=4, domain=MS,
+                name="post_attention_layernorm", epsilon=1e-5)
+    gate, up = (b.matmul(norm[0], LLM_HIDDEN, LLM_FF, name=n) for n in ("gate_proj", "up_proj"))
+    silu = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+    down = b.matmul(silu, LLM_FF, LLM_HIDDEN, name="down_proj")
+    final = b.op("SkipSimplifiedLayerNormalization", [down, norm[3], b.floats(np.ones(LLM_HIDDEN))], outputs=4,
+                 domain=MS, name="norm", epsilon=1e-5)
+    b.op("MatMul", [final[0], b.weight((LLM_HIDDEN, VOCAB), "lm_head.W")], name="lm_head")
+    renamed = {b.nodes[-1].output[0]: "logits", key: "present.0.key", value: "present.0.value"}
+    for n in b.nodes:
+        n.output[:] = [renamed.get(o, o) for o in n.output]
+        if n.op_type == "SkipSimplifiedLayerNormalization":  # unused optional outputs unnamed, as written
+            n.output[1] = n.output[2] = ""
+            if n.name == "norm":
+                n.output[3] = ""
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, S, VOCAB])]
+    outputs += [helper.make_tensor_value_info(f"present.0.{n}", TensorProto.FLOAT, [1, KV_HEADS, S + PAST, HEAD])
+                for n in ("key", "value")]
+    graph = helper.make_graph(b.nodes, "decoder", b.inputs, outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_model_builder_decoder_prunes_from_the_command_line(tmp_path, capsys, int4):
+    model = builder_decoder()
+    if int4:  # what -p int4 writes: every MatMul as MatMulNBits
+        import logging
+
+        quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+        logging.disable(logging.INFO)
+        try:
+            q = quantizer.MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True)
+            q.process()
+        finally:
+            logging.disable(logging.NOTSET)
+        model = q.model.model
+        assert not nodes_of(model, "MatMul")
+    onnx.save(model, tmp_path / "model.onnx")
+    code, out, err = run_main(capsys, tmp_path / "model.onnx", "--structured", "0.3", "-o", tmp_path / "mlp.onnx")
+    assert code == 0, err
+    assert "--allow-io-change lets them change its shape" in out
+    mlp = next(line for line in out.splitlines() if "gate_proj" in line and "pruned" in line)
+    assert f"128 -> {96 if int4 else 90}" in mlp  # int4: whole blocks of 32
+    code, out, err = run_main(capsys, tmp_path / "model.onnx", "--structured", "0.3", "--allow-io-change",
+                              "-o", tmp_path / "heads.onnx")
+    assert code == 0, err
+    pruned = onnx.load(tmp_path / "heads.onnx")
+    attn = nodes_of(pruned, "GroupQueryAttention")[0]
+    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // KV_HEADS, 1)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in pruned.graph.input}
+    assert shapes["past_key_values.0.key"] == [1, 1, PAST, HEAD]

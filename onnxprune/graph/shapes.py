@@ -241,8 +241,16 @@ def _symbolic_inference(light: onnx.ModelProto) -> onnx.ModelProto:
     raises): onnxprune leaves no files behind, and the shapes it did find are still of use."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    named = onnx.ModelProto()
+    named.CopyFrom(light)
+    # It fails on an optional output left unnamed before one that is named (a Skip*Normalization's
+    # outputs "", "", sum): such outputs get names of their own in this copy.
+    for i, node in enumerate(named.graph.node):
+        for j, out in enumerate(node.output):
+            if not out:
+                node.output[j] = f"onnxprune_unused_{i}_{j}"
     inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
-    inference._preprocess(light)
+    inference._preprocess(named)
     while inference.run_:
         inference._infer_impl()
     return inference.out_mp_
