@@ -551,17 +551,17 @@ LLM_HIDDEN, LLM_FF, VOCAB, PAST = 64, 128, 100, 1
 def builder_decoder() -> onnx.ModelProto:
     """One layer as the model builder writes it: SimplifiedLayerNormalization (default domain),
     a packed q/k/v MatMul, GroupQueryAttention with rotary and a cache (past_key_values.0.key/value
-    in, present.0.key/value out), SkipSimplifiedLayerNormalization, a SiLU-gated MLP, lm_head.
-    seqlens_k comes from the mask's shape (the builder sums the mask; verification's random 0/1
-    masks would make it -1, which onnxruntime refuses)."""
+    in, present.0.key/value out), SkipSimplifiedLayerNormalization, a SiLU-gated MLP, lm_head;
+    seqlens_k is the mask's sum - 1, the total length its width (verification feeds a mask of ones)."""
     b = GraphBuilder(21, name="decoder")
     b.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]))
     b.inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, S + PAST]))
     past = [b.input(f"past_key_values.0.{n}", [1, KV_HEADS, PAST, HEAD]) for n in ("key", "value")]
     h0 = b.op("Gather", [b.weight((VOCAB, LLM_HIDDEN), "embed"), "input_ids"], name="embed_tokens")
-    total = b.op("Slice", [b.op("Shape", ["attention_mask"]), b.ints([1]), b.ints([2])])
-    lengths = b.op("Cast", [b.op("Sub", [total, b.ints([1])])], to=TensorProto.INT32)
-    total = b.op("Cast", [b.op("Squeeze", [total, b.ints([0])])], to=TensorProto.INT32)
+    ones = b.op("ReduceSum", ["attention_mask", b.ints([1])], keepdims=0)
+    lengths = b.op("Cast", [b.op("Sub", [ones, b.ints([1])])], to=TensorProto.INT32)
+    total = b.op("Cast", [b.op("Gather", [b.op("Shape", ["attention_mask"]), b.ints(1)], axis=0)],
+                 to=TensorProto.INT32)
     n1 = b.op("SimplifiedLayerNormalization", [h0, b.floats(np.ones(LLM_HIDDEN))], name="input_layernorm",
               axis=-1, epsilon=1e-5)
     qkv = b.matmul(n1, LLM_HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD, name="qkv_proj")

@@ -12,7 +12,7 @@ import onnx
 
 from ..errors import UnsupportedModel, first_line
 from ..model.dynamic import DimChoice
-from ..model.inputs import name_negative_dims, resolve_with_choices
+from ..model.inputs import is_mask, name_negative_dims, resolve_with_choices
 from ..model.proto import light_copy, needs_external_data
 from . import fold
 
@@ -164,8 +164,9 @@ def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], n
         feeds = {}
         for i in sess.get_inputs():
             shape = inputs.get(i.name, ())
-            if "int" in i.type:
-                feeds[i.name] = np.zeros(shape, dtype=np.int64 if "64" in i.type else np.int32)
+            if "int" in i.type:  # a mask of ones: GroupQueryAttention refuses the lengths a zero mask gives
+                fill = np.ones if is_mask(i.name) else np.zeros
+                feeds[i.name] = fill(shape, dtype=np.int64 if "64" in i.type else np.int32)
             elif "bool" in i.type:
                 feeds[i.name] = np.zeros(shape, dtype=bool)
             else:

@@ -15,6 +15,7 @@ import onnx
 
 from ..errors import UnsupportedModel, VerificationFailed, first_line
 from ..model.dynamic import DimChoice, describe_sizes, pin_example
+from ..model.inputs import is_mask
 from ..model.runtime_ops import check_runtime_ops, hidden_from_checker, runtime_only_nodes
 from .session import require_onnxruntime, session
 
@@ -33,15 +34,20 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def make_inputs(sess, shapes: dict[str, tuple[int, ...]], bounds: dict[str, int] | None = None, seed: int = 0):
-    """Random inputs: normal floats, integers within index range (default 0..1), bools."""
+    """Random inputs: normal floats, integers within index range (default 0..1), bools; masks
+    (``is_mask``) all ones."""
     rng = np.random.default_rng(seed)
     bounds = bounds or {}
     feeds = {}
     for inp in sess.get_inputs():
         shape = shapes.get(inp.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
-        if inp.type in _INT_DTYPES:
+        if inp.type in _INT_DTYPES and is_mask(inp.name):
+            feeds[inp.name] = np.ones(shape, np.dtype(inp.type[len("tensor("):-1]))
+        elif inp.type in _INT_DTYPES:
             dtype = np.dtype(inp.type[len("tensor("):-1])
             feeds[inp.name] = rng.integers(0, bounds.get(inp.name, 2), size=shape).astype(dtype)
+        elif inp.type == "tensor(bool)" and is_mask(inp.name):
+            feeds[inp.name] = np.ones(shape, bool)
         elif inp.type == "tensor(bool)":
             feeds[inp.name] = rng.random(shape) > 0.5
         else:
