@@ -27,6 +27,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxprune
+from onnxprune.errors import UnsupportedModel
 from onnxprune.model.load import checked_model
 
 from graphs import (
@@ -268,6 +269,12 @@ def test_packed_attention_with_a_cache_is_a_barrier():
                       unidirectional=1)
     model = b.build([b.matmul(a, HIDDEN, 8, name="proj"), present])
     assert any("KV cache" in r for r in group_of(onnxprune.analyse(model), "attn").blocked)
+    torch = pytest.importorskip("torch")
+    from onnxprune.executor.module import TorchGraph
+
+    feeds = {"x": torch.zeros(B, S, HIDDEN), "past": torch.zeros(2, B, HEADS, 1, HIDDEN // HEADS)}
+    with pytest.raises(UnsupportedModel, match="Attention with a KV cache is not implemented in the PyTorch executor"):
+        TorchGraph(model).run(feeds)
 
 
 def separate_qkv_model(op: str):

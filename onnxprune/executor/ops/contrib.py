@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...errors import UnsupportedModel
 from .registry import Tensor, op, opt
 
 MS = "com.microsoft"
@@ -134,12 +135,12 @@ def _key_mask(mask: Tensor | None, batch: int, queries: int, keys: int, fill: fl
         return ((1 - mask.float()) * fill)[:, None, None, :]
     if mask.ndim == 3:
         return ((1 - mask.float()) * fill)[:, None]
-    raise NotImplementedError(f"a mask of rank {mask.ndim}")
+    raise UnsupportedModel(f"a mask of rank {mask.ndim} is not implemented in the PyTorch executor")
 
 
 def _no_cache(name: str, inputs: list, positions) -> None:
     if any(opt(inputs, i) is not None for i in positions):
-        raise NotImplementedError(f"{name} with a KV cache")
+        raise UnsupportedModel(f"{name} with a KV cache is not implemented in the PyTorch executor")
 
 
 @op(f"{MS}.Attention")
@@ -163,7 +164,8 @@ def multi_head_attention(attrs, inputs):
     _no_cache("MultiHeadAttention", inputs, (6, 7))
     q, k, v, b = inputs[0], inputs[1], inputs[2], opt(inputs, 3)
     if q.ndim != 3 or k is None or k.ndim != 3:
-        raise NotImplementedError("MultiHeadAttention with packed or per-head key/value")
+        raise UnsupportedModel("MultiHeadAttention with packed or per-head key/value is not implemented in the "
+                               "PyTorch executor")
     if b is not None:
         bq, bk, bv = torch.split(b, [q.shape[-1], k.shape[-1], v.shape[-1]])
         q, k, v = q + bq, k + bk, v + bv
@@ -192,7 +194,7 @@ def standard_attention(attrs, inputs):
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.where(mask, 0.0, float("-inf"))
     if attrs.get("softcap", 0.0):
-        raise NotImplementedError("Attention with softcap")
+        raise UnsupportedModel("Attention with softcap is not implemented in the PyTorch executor")
     y = _attend(q, k, v, attrs.get("scale"), mask, bool(attrs.get("is_causal", 0)))
     y = _merge(y) if flat else y
     return y if attrs["_num_outputs"] == 1 else (y,)
@@ -228,15 +230,15 @@ def dequantize_nbits(attrs, packed: Tensor, scales: Tensor, zeros: Tensor | None
 
 def _prepare_nbits(attrs):
     if attrs.get("bits", 4) not in (2, 4, 8):
-        from ...errors import UnsupportedModel
-        raise UnsupportedModel(f"MatMulNBits with bits={attrs['bits']} (2, 4 and 8 run)")
+        raise UnsupportedModel(f"MatMulNBits with bits={attrs['bits']} is not implemented in the PyTorch executor "
+                               "(2, 4 and 8 are)")
     return attrs
 
 
 @op(f"{MS}.MatMulNBits", prepare=_prepare_nbits)
 def matmul_nbits(attrs, inputs):
     if opt(inputs, 4) is not None:
-        raise NotImplementedError("MatMulNBits with g_idx")
+        raise UnsupportedModel("MatMulNBits with g_idx is not implemented in the PyTorch executor")
     a, packed, scales, zeros, bias = inputs[0], inputs[1], inputs[2], opt(inputs, 3), opt(inputs, 5)
     y = a @ dequantize_nbits(attrs, packed, scales, zeros).to(a.dtype).T
     return y if bias is None else y + bias
@@ -283,8 +285,8 @@ def rotary_embedding(attrs, inputs):
 
 def _prepare_gqa(attrs):
     if attrs.get("local_window_size", -1) not in (-1, 0) or attrs.get("qk_output", 0):
-        from ...errors import UnsupportedModel
-        raise UnsupportedModel("GroupQueryAttention with a local window or its scores output")
+        raise UnsupportedModel("GroupQueryAttention with a local window or its scores output is not implemented "
+                               "in the PyTorch executor")
     return attrs
 
 
@@ -293,7 +295,8 @@ def group_query_attention(attrs, inputs):
     """Without padding inside the new tokens: token i of row b sits at position
     seqlens_k[b] + 1 - sequence + i, after the past (of that length) in the cache."""
     if any(opt(inputs, i) is not None for i in (12, 13, 14, 15, 16)):
-        raise NotImplementedError("GroupQueryAttention with a quantised cache, q/k norms or packed batching")
+        raise UnsupportedModel("GroupQueryAttention with a quantised cache, q/k norms or packed batching is not "
+                               "implemented in the PyTorch executor")
     heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
     q, k, v = inputs[0], opt(inputs, 1), opt(inputs, 2)
     if k is None:
