@@ -327,18 +327,10 @@ def test_standard_attention_on_the_head_axis_loses_whole_heads():
 
 # --- BERT fused by onnxruntime's transformer optimizer --------------------------------------------
 
-@pytest.fixture(scope="module")
-def fused_bert(tmp_path_factory):
+def export_and_fuse(folder, model):
+    """``model`` (ids, mask -> one output) exported to folder/bert.onnx, fused to folder/fused.onnx."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
-    from test_transformers import LastHidden
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=HEADS,
-                                     intermediate_size=256, vocab_size=500, attn_implementation="eager")
-    model = LastHidden(transformers.BertModel(config), False).eval()
-    folder = tmp_path_factory.mktemp("fused")
     names = ["input_ids", "attention_mask"]
     args = (torch.randint(0, 500, (2, 16)), torch.ones(2, 16, dtype=torch.long))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
@@ -349,6 +341,22 @@ def fused_bert(tmp_path_factory):
                                          hidden_size=64, opt_level=0)
         fused.save_model_to_file(str(folder / "fused.onnx"))
     return folder
+
+
+def _bert_config(layers: int):
+    transformers = pytest.importorskip("transformers")
+    return transformers, transformers.BertConfig(num_hidden_layers=layers, hidden_size=64, num_attention_heads=HEADS,
+                                                 intermediate_size=256, vocab_size=500, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def fused_bert(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from test_transformers import LastHidden
+
+    transformers, config = _bert_config(4)
+    torch.manual_seed(0)
+    return export_and_fuse(tmp_path_factory.mktemp("fused"), LastHidden(transformers.BertModel(config), False).eval())
 
 
 @pytest.mark.slow
@@ -628,3 +636,27 @@ def test_model_builder_decoder_prunes_from_the_command_line(tmp_path, capsys, in
     assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // KV_HEADS, 1)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in pruned.graph.input}
     assert shapes["past_key_values.0.key"] == [1, 1, PAST, HEAD]
+
+
+@pytest.mark.slow
+def test_fused_bert_classifier_prunes_its_hidden_size_like_its_export(tmp_path, capsys):
+    """--prune-hidden through SkipLayerNormalization and EmbedLayerNormalization (tables' columns)."""
+    torch = pytest.importorskip("torch")
+    from test_transformers import Logits
+
+    transformers, config = _bert_config(2)
+    torch.manual_seed(0)
+    folder = export_and_fuse(tmp_path, Logits(transformers.BertForSequenceClassification(config)).eval())
+    params = {}
+    for name in ("bert", "fused"):
+        code, out, err = run_main(capsys, folder / f"{name}.onnx", "--structured", "0.5", "--prune-hidden",
+                                  "--input-shape", "input_ids:2,16", "--input-shape", "attention_mask:2,16",
+                                  "-o", folder / f"{name}.pruned.onnx", "--report", folder / f"{name}.json")
+        assert code == 0, err
+        report = json.loads((folder / f"{name}.json").read_text())
+        params[name] = report["params_before"] / report["params_after"]
+    assert params["fused"] >= 2.5 and params["fused"] == pytest.approx(params["bert"], rel=0.01)
+    pruned = onnx.load(folder / "fused.pruned.onnx")
+    embed = nodes_of(pruned, "EmbedLayerNormalization")[0]
+    tables = {t.name: t.dims for t in pruned.graph.initializer}
+    assert tables[embed.input[2]] == [500, 32]  # the word embeddings lost half the hidden size
