@@ -306,6 +306,16 @@ def test_attention_on_separate_qkv_loses_whole_heads(op):
                                                                                         np.float32)})
 
 
+def test_attention_bias_per_head_is_a_barrier():
+    b = GraphBuilder(17)
+    x = b.input("x", [B, S, HIDDEN])
+    q, k, v = (b.matmul(x, HIDDEN, HIDDEN, name=n) for n in ("q", "k", "v"))
+    bias = b.weight((1, HEADS, S, S), "attn.bias", fan_in=4)
+    a = b.op("MultiHeadAttention", [q, k, v, "", "", bias], domain=MS, name="attn", num_heads=HEADS)
+    model = b.build(b.matmul(a, HIDDEN, 8, name="proj"))
+    assert any("per head" in r for r in group_of(onnxprune.analyse(model), "q").blocked)
+
+
 def test_standard_attention_on_the_head_axis_loses_whole_heads():
     """(batch, heads, sequence, head size), how the dynamo exporter spells sdpa at opset 23."""
     b = GraphBuilder(23)

@@ -134,6 +134,15 @@ rule("BiasGelu", "FastGelu", "QuickGelu", "Gelu", domain=MS)(elementwise)
 
 # --- attention -----------------------------------------------------------------------------
 
+def _per_head_bias(node, view, indices) -> bool:
+    """Whether one of the masks or biases at ``indices`` has a head axis (batch, heads, queries,
+    keys) of more than one head: it would have to lose the same heads, and no rule cuts it."""
+    for i in indices:
+        if _given(node, i) and view.rank(node.inputs[i]) == 4 and view.dim(node.inputs[i], 1) != 1:
+            return True
+    return False
+
+
 def _head_size(width: int | None, heads: int) -> int | None:
     return width // heads if width and heads > 0 and width % heads == 0 else None
 
@@ -169,6 +178,8 @@ def packed_attention(node, view, r: Reached):
         return barrier("a KV cache (past / present) is used")
     if attr(node, "do_rotary", 0):
         return barrier("rotary embedding inside the node")
+    if _per_head_bias(node, view, (5,)):
+        return barrier("an attention bias per head")
     if not view.is_constant(node.inputs[1]) or view.rank(node.inputs[1]) != 2:
         return barrier("the packed q/k/v weight is computed at run time")
     sizes = _packed_sizes(node, view)
@@ -191,11 +202,13 @@ def packed_attention(node, view, r: Reached):
     return Relation(links, ties=blocks_of(len(r.owner), head), kind="heads")
 
 
-def _separate_qkv(node, view, r: Reached, heads: int, cache_inputs, cache_outputs, bias: int | None):
+def _separate_qkv(node, view, r: Reached, heads: int, cache_inputs, cache_outputs, bias: int | None, masks=()):
     """The relation of q, k and v given separately as (batch, sequence, heads x head size): the
     last axis of all three and of the output are one set of head channels."""
     if any(_given(node, i) for i in cache_inputs) or any(_used(node, view, j) for j in cache_outputs):
         return barrier("a KV cache (past / present) is used")
+    if _per_head_bias(node, view, masks):
+        return barrier("an attention mask or bias per head")
     q, k, v = (node.inputs[i] if _given(node, i) else None for i in range(3))
     if k is None or v is None or any(view.rank(t) != 3 for t in (q, k, v, node.outputs[0])):
         return barrier("q, k and v are not all (batch, sequence, hidden)")
@@ -235,7 +248,7 @@ def _rewrite_heads(*attributes: str):
 
 @rule("MultiHeadAttention", domain=MS, rewrite=_rewrite_heads("num_heads"))
 def multi_head_attention(node, view, r: Reached):
-    return _separate_qkv(node, view, r, int(attr(node, "num_heads", 0)), (6, 7), (1, 2, 3), bias=3)
+    return _separate_qkv(node, view, r, int(attr(node, "num_heads", 0)), (6, 7), (1, 2, 3), bias=3, masks=(4, 5))
 
 
 @rule("Attention", rewrite=_rewrite_heads("q_num_heads", "kv_num_heads"))
@@ -245,7 +258,7 @@ def standard_attention(node, view, r: Reached):
         return _head_axis_attention(node, view, r)
     if q_heads != kv_heads:
         return barrier("grouped-query attention (q_num_heads != kv_num_heads)")
-    return _separate_qkv(node, view, r, q_heads, (4, 5), (1, 2, 3), bias=None)
+    return _separate_qkv(node, view, r, q_heads, (4, 5), (1, 2, 3), bias=None, masks=(3,))
 
 
 def _head_axis_attention(node, view, r: Reached):
@@ -253,6 +266,8 @@ def _head_axis_attention(node, view, r: Reached):
     v and the output is one set of channels, each one a head."""
     if any(_given(node, i) for i in (4, 5)) or any(_used(node, view, j) for j in (1, 2, 3)):
         return barrier("a KV cache (past / present) is used")
+    if _per_head_bias(node, view, (3,)):
+        return barrier("an attention mask per head")
     q, k, v = node.inputs[:3]
     if not (view.dim(q, 1) == view.dim(k, 1) == view.dim(v, 1)):
         return barrier("grouped-query attention (fewer key/value heads than query heads)")
