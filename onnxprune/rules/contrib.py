@@ -21,7 +21,13 @@ tied), the same columns of the q, k and v blocks of the weight and bias go with 
 ``num_heads`` is rewritten. Its input's hidden size reaches the weight's rows.
 MultiHeadAttention (com.microsoft) and the standard Attention (opset 23) take q, k and v
 computed outside: the head channels of all three and of the output are one group.
-A KV cache (past inputs, present outputs) is a barrier: its shape is the model's interface.
+GroupQueryAttention (num_heads query heads sharing kv_num_heads key/value heads, q/k/v packed
+or separate, rotary inside) loses a key/value head with the query heads that share it, with
+the caches' head axis and the head sinks; both head counts are rewritten, the cos/sin caches
+are untouched. Its caches (past inputs, present outputs) are the model's interface: they
+change only with `allow_io_change`. The other attention ops with a KV cache are a barrier, and
+so is any mask or bias with a head axis. RotaryEmbedding rotates pairs within a head: whole
+heads pass.
 
 MatMulNBits (int4/int8 block-quantised weights, what `-p int4` of the model builder emits)
 creates its output features: they go with the packed weight's rows and their scales, zero
