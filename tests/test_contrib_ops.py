@@ -85,6 +85,26 @@ def test_checker_failure_from_a_runtime_op_is_not_a_refusal(tmp_path, capsys):
     assert [t.dims for t in pruned.graph.initializer if t.name.startswith("fc1")] == [[8, 16]]
 
 
+def test_a_runtime_op_in_a_model_too_large_for_memory_checks(tmp_path, monkeypatch):
+    """Over 2 GB (simulated: every model counts as too large) the checker cannot take the model in
+    memory nor, with the op unhidden, from its file: it checks the graph with the weights as inputs."""
+    import onnxprune.model.load as load
+    from onnxprune.model.proto import needs_external_data
+    from onnxprune.runtime.verify import check_model_file
+
+    onnx.save(rms_mlp(), tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    monkeypatch.setattr(load, "needs_external_data", lambda model: True)
+    assert load.read_model(tmp_path / "m.onnx").model.graph.node
+    check_model_file(tmp_path / "m.onnx")  # verification's full check of such a file passes too
+    broken = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    nodes_of(broken, "MatMul")[0].input[1] = "nowhere"
+    onnx.save(broken, tmp_path / "broken.onnx")
+    with pytest.raises(onnxprune.errors.InvalidModel, match="fails onnx.checker"):
+        load.read_model(tmp_path / "broken.onnx")
+    assert not needs_external_data(rms_mlp())
+
+
 def test_checking_leaves_the_model_as_it_was():
     model = rms_mlp()
     before = model.SerializeToString()
