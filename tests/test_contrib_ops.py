@@ -690,3 +690,27 @@ def test_fused_bert_classifier_prunes_its_hidden_size_like_its_export(tmp_path, 
     embed = nodes_of(pruned, "EmbedLayerNormalization")[0]
     tables = {t.name: t.dims for t in pruned.graph.initializer}
     assert tables[embed.input[2]] == [500, 32]  # the word embeddings lost half the hidden size
+
+
+@pytest.mark.slow
+def test_dynamo_bert_at_opset_23_prunes_heads_through_the_standard_attention(tmp_path):
+    """torch.onnx's dynamo exporter at opset 23 writes sdpa as the ONNX Attention op (on
+    (batch, heads, sequence, head size), with the padding mask as a bias)."""
+    torch = pytest.importorskip("torch")
+    from test_transformers import bert
+
+    torch.manual_seed(0)
+    model, names = bert()
+    args = (torch.randint(0, 500, (2, 16)), torch.ones(2, 16, dtype=torch.long))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        torch.onnx.export(model.eval(), args, str(tmp_path / "bert.onnx"), input_names=names, output_names=["hidden"],
+                          dynamo=True, external_data=False, opset_version=23)
+    exported = onnx.load(tmp_path / "bert.onnx")
+    assert len(nodes_of(exported, "Attention")) == 4
+    result = onnxprune.prune(exported, 0.3)
+    check_valid(exported, result.model)
+    heads = [g for g in result.report.groups if g.kind == "heads"]
+    assert len(heads) == 4 and all(g.channels_after < g.channels_before for g in heads)
+    feeds = {"input_ids": np.random.default_rng(8).integers(0, 500, (2, 16)),
+             "attention_mask": np.array([[1] * 16, [1] * 10 + [0] * 6], np.int64)}
+    _executor_matches_onnxruntime(exported, feeds)
