@@ -714,3 +714,32 @@ def test_dynamo_bert_at_opset_23_prunes_heads_through_the_standard_attention(tmp
     feeds = {"input_ids": np.random.default_rng(8).integers(0, 500, (2, 16)),
              "attention_mask": np.array([[1] * 16, [1] * 10 + [0] * 6], np.int64)}
     _executor_matches_onnxruntime(exported, feeds)
+
+
+def test_group_query_attention_can_lose_query_heads_only_as_many_in_every_group():
+    """Without whole key/value groups (`prune_kv_groups` off): the r-th query head of every group
+    is one unit, keys, values and the cache stay; num_heads is rewritten, kv_num_heads kept."""
+    import dataclasses
+
+    from onnxprune.analysis.groups import find_groups
+    from onnxprune.pipeline.steps import cut
+
+    from graphs import assert_close, masked_reference
+
+    model = gqa_model()
+    feeds = _gqa_feeds(model)
+    analysis = onnxprune.analyse(model)
+    analysis.view.prune_kv_groups = False
+    analysis = dataclasses.replace(analysis, groups=find_groups(analysis.view))
+    heads = group_of(analysis, "q")
+    assert heads.prunable and len(heads.unit_members()) == HEADS // KV_HEADS
+    assert any("key/value heads go only with their whole group" in r for r in group_of(analysis, "k").blocked)
+    second = heads.unit_members()[1]  # query heads 1 and 3
+    assert sorted(set(second.tolist())) == [*range(HEAD, 2 * HEAD), *range(3 * HEAD, 4 * HEAD)]
+    plan = full_plan(analysis, {heads.id: sorted(set(range(heads.size)) - set(second.tolist()))})
+    reference = run(masked_reference(model, analysis, plan), feeds)  # before the cut edits the view's graph
+    pruned = cut(model, analysis, plan).model
+    check_valid(model, pruned)
+    attn = nodes_of(pruned, "GroupQueryAttention")[0]
+    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, KV_HEADS)
+    assert_close(reference, run(pruned, feeds))
