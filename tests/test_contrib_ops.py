@@ -518,6 +518,15 @@ def gqa_model(packed: bool = False, cache: bool = False, sink: bool = False):
     return b.build([y, outs[1], outs[2]] if cache else y)
 
 
+@pytest.fixture
+def whole_kv_groups(monkeypatch):
+    """GroupQueryAttention loses whole key/value groups (what the view's prune_kv_groups asks;
+    set here so that the tests say which mode they test, whatever a view's default is)."""
+    import onnxprune.rules.contrib_attention as rules
+
+    monkeypatch.setattr(rules, "_whole_kv_groups", lambda view: True)
+
+
 def _gqa_feeds(model):
     rng = np.random.default_rng(6)
     return {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
@@ -525,7 +534,7 @@ def _gqa_feeds(model):
 
 
 @pytest.mark.parametrize("packed, sink", [(False, False), (True, False), (False, True)])
-def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packed, sink):
+def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packed, sink, whole_kv_groups):
     model = gqa_model(packed, sink=sink)
     feeds = _gqa_feeds(model)
     analysis = onnxprune.analyse(model)
@@ -548,7 +557,7 @@ def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packe
     _executor_matches_onnxruntime(model, feeds)
 
 
-def test_group_query_attention_cache_changes_only_with_allow_io_change():
+def test_group_query_attention_cache_changes_only_with_allow_io_change(whole_kv_groups):
     model = gqa_model(cache=True)
     feeds = _gqa_feeds(model)
     held = group_of(onnxprune.analyse(model), "q")
@@ -638,7 +647,7 @@ def builder_decoder() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("int4", [False, True])
-def test_model_builder_decoder_prunes_from_the_command_line(tmp_path, capsys, int4):
+def test_model_builder_decoder_prunes_from_the_command_line(tmp_path, capsys, int4, whole_kv_groups):
     model = builder_decoder()
     if int4:  # what -p int4 writes: every MatMul as MatMulNBits
         import logging
