@@ -116,7 +116,9 @@ class GraphBuilder:
             self.nodes, self.name, self.inputs,
             [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+        # Other domains a node uses (com.microsoft, ...) are imported at version 1.
+        others = [helper.make_opsetid(d, 1) for d in sorted({n.domain for n in self.nodes} - {""})]
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset), *others],
                                   producer_name="onnxprune-tests")
         model.ir_version = min(model.ir_version, 10)
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -304,6 +306,8 @@ def consumer_side(slot) -> bool:
         return (i == 1 and axis == ndim - 2) or (i == 0 and axis == ndim - 1)
     if node.op in ("LSTM", "GRU", "RNN"):
         return i in (1, 2) and axis == 2  # W's input columns, R's hidden columns (the units read back)
+    if node.op == "Attention" and node.domain == "com.microsoft":  # the packed q/k/v weight's rows
+        return i == 1 and axis == 0
     return False
 
 

@@ -58,8 +58,9 @@ def ops_page() -> str:
     for op, rule in RULES.items():
         families.setdefault(rule.relate.__module__, []).append(op)
     parts = [STAMP.format(python=PYTHON), "", "# Supported ops", "",
-             f"{len(RULES)} op types have a channel rule (`onnxprune/rules/`, default ONNX domain only); any other "
-             "op is a barrier: channels that reach it are not pruned, and the summary says why. "
+             f"{len(RULES)} op types have a channel rule (`onnxprune/rules/`; ops of the default ONNX domain by "
+             "their type, onnxruntime's contrib ops as `com.microsoft.Op`); any other op is a barrier: "
+             "channels that reach it are not pruned, and the summary says why. "
              "\"torch\" says whether the PyTorch executor (`onnxprune/executor/ops/`) runs the op, which "
              "recovery training and the gradient criteria (taylor, fisher) need.", ""]
     for module in sorted(families, key=lambda m: m.rsplit(".", 1)[1]):

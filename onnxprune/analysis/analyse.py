@@ -19,7 +19,7 @@ from .groups import Group, find_groups
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
-                 "MatMulNBits", "QAttention"}
+                 "QAttention"}  # MatMulNBits has a rule (rules/contrib.py): its blocks are cut whole
 _INT_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 

@@ -16,6 +16,7 @@ import onnx
 
 from ..graph.shapes import graphs, static_shapes
 from ..model.inputs import resolve_input_shapes
+from ..rules.registry import op_key
 from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
@@ -40,7 +41,7 @@ def layer_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes:
     if shapes is None:
         shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
     for node in model.graph.node:
-        entry = WEIGHTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        entry = WEIGHTS.get(op_key(node.domain, node.op_type))
         if entry is None or entry.macs is None:
             continue
         dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]

@@ -104,7 +104,7 @@ def check_supported(graph: onnx.GraphProto) -> None:
     """UnsupportedModel naming every op type without an implementation, in one line."""
     missing: dict[str, str] = {}
     for node in _all_nodes(graph):
-        known = node.domain in ("", "ai.onnx") and (node.op_type in OPS or node.op_type in CONTROL_FLOW)
+        known = _label(node) in OPS or (node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW)
         if not known:
             missing.setdefault(_label(node), node.name or node.output[0])
     if missing:
@@ -128,7 +128,7 @@ def _attributes(node: onnx.NodeProto, opset: int) -> dict:
         attrs[a.name] = value
     attrs["_opset"] = opset
     attrs["_num_outputs"] = len(node.output)
-    prepare = PREPARE.get(node.op_type)
+    prepare = PREPARE.get(_label(node))
     return prepare(attrs) if prepare else attrs
 
 
@@ -192,10 +192,9 @@ def learned_tensors(graph: onnx.GraphProto) -> dict[str, str]:
     data = _activations(graph)
     readers = defaultdict(list)
     for node in _all_nodes(graph):  # subgraphs too: an If branch may read a weight of the main graph
-        if node.domain in ("", "ai.onnx"):
-            for i, name in enumerate(node.input):
-                if name:
-                    readers[name].append((node, i))
+        for i, name in enumerate(node.input):
+            if name:
+                readers[name].append((node, i))
 
     def meets_data(node: onnx.NodeProto, index: int) -> bool:
         host = HOST_INPUTS.get(node.op_type, frozenset())
@@ -203,11 +202,11 @@ def learned_tensors(graph: onnx.GraphProto) -> dict[str, str]:
 
     def role(name: str, elements: int, seen: set[str]) -> str | None:
         for node, i in readers.get(name, ()):
-            if node.op_type in _PASS_THROUGH:
+            if _label(node) in _PASS_THROUGH:
                 out = node.output[0] if i == 0 and node.output else ""
                 found = role(out, elements, seen | {out}) if out and out not in seen else None
             else:
-                found = learned_role(node.op_type, i, elements)
+                found = learned_role(_label(node), i, elements)
                 if found != "table" and not meets_data(node, i):
                     found = None
             if found:
@@ -326,7 +325,7 @@ class Compiler:
         for o in node.output:
             if o:
                 self.kind[o] = out_kind
-        return Step(OPS[node.op_type], attrs, tuple(inputs), self.output_slots(node), tuple(moves),
+        return Step(OPS[_label(node)], attrs, tuple(inputs), self.output_slots(node), tuple(moves),
                     frozenset(inputs), f"{node.op_type} node {node.name or node.output[0]!r}")
 
     def compile_if(self, node: onnx.NodeProto) -> Step:
@@ -390,7 +389,7 @@ class Compiler:
                 for n in node.input]
         try:
             with torch.no_grad():
-                result = OPS[node.op_type](attrs, args)
+                result = OPS[_label(node)](attrs, args)
         except Exception as exc:
             raise UnsupportedModel(f"{node.op_type} node {node.name or node.output[0]!r} on constant inputs "
                                    f"failed: {first_line(exc)}") from exc

@@ -12,7 +12,7 @@ import onnx
 
 from ..errors import UnsupportedModel, first_line
 from ..model.dynamic import DimChoice
-from ..model.inputs import name_negative_dims, resolve_with_choices
+from ..model.inputs import is_mask, name_negative_dims, resolve_with_choices
 from ..model.proto import light_copy, needs_external_data
 from . import fold
 
@@ -62,6 +62,8 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
 def _run_inference(light: onnx.ModelProto) -> dict[str, tuple]:
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        if _add_runtime_value_info(light, inferred):
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise UnsupportedModel(f"ONNX shape inference failed: {first_line(exc)}") from exc
     shapes: dict[str, tuple] = {}
@@ -179,8 +181,9 @@ def measure_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]], n
         feeds = {}
         for i in sess.get_inputs():
             shape = inputs.get(i.name, ())
-            if "int" in i.type:
-                feeds[i.name] = np.zeros(shape, dtype=np.int64 if "64" in i.type else np.int32)
+            if "int" in i.type:  # a mask of ones: GroupQueryAttention refuses the lengths a zero mask gives
+                fill = np.ones if is_mask(i.name) else np.zeros
+                feeds[i.name] = fill(shape, dtype=np.int64 if "64" in i.type else np.int32)
             elif "bool" in i.type:
                 feeds[i.name] = np.zeros(shape, dtype=bool)
             else:
@@ -219,6 +222,8 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     light = light_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
+        if _add_runtime_value_info(light, inferred):
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
     except Exception:
         return model  # the checker's full check reports the real problem
     io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
@@ -226,3 +231,54 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+
+
+def _add_runtime_value_info(light: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Add to ``light`` the shapes of the outputs of onnxruntime's own ops (its contrib ops, which
+    ONNX inference has no schema for and leaves unshaped, and everything after them with them),
+    as onnxruntime's symbolic shape inference gives them; how many it added (0 without such ops,
+    or when that inference is not installed or fails). ONNX infers the rest again from them."""
+    known = {vi.name for vi in (*inferred.graph.value_info, *inferred.graph.output)
+             if vi.type.tensor_type.HasField("shape")}
+    wanted = {o for n in _runtime_nodes(light) for o in n.output if o and o not in known}
+    if not wanted:
+        return 0
+    try:
+        symbolic = _symbolic_inference(light)
+    except Exception:
+        return 0
+    found = [vi for vi in symbolic.graph.value_info if vi.name in wanted and vi.type.tensor_type.HasField("shape")]
+    light.graph.value_info.extend(found)
+    return len(found)
+
+
+def _symbolic_inference(light: onnx.ModelProto) -> onnx.ModelProto:
+    """``light`` with the shapes onnxruntime's symbolic shape inference finds. Its loop is run
+    here rather than through ``SymbolicShapeInference.infer_shapes``, which writes the model to
+    sym_shape_infer_temp.onnx in the current directory when some shape stays unknown (and then
+    raises): onnxprune leaves no files behind, and the shapes it did find are still of use."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    named = onnx.ModelProto()
+    named.CopyFrom(light)
+    # It fails on an optional output left unnamed before one that is named (a Skip*Normalization's
+    # outputs "", "", sum): such outputs get names of their own in this copy.
+    for i, node in enumerate(named.graph.node):
+        for j, out in enumerate(node.output):
+            if not out:
+                node.output[j] = f"onnxprune_unused_{i}_{j}"
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+    inference._preprocess(named)
+    while inference.run_:
+        inference._infer_impl()
+    return inference.out_mp_
+
+
+def _runtime_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes of onnxruntime's contrib ops: in its domains, and the few in the default domain
+    (a custom op of another runtime stays unshaped: no guess at what it outputs)."""
+    from ..model.runtime_ops import DEFAULT_DOMAINS, runtime_only_nodes, runtime_schema
+
+    versions = {o.domain: o.version for o in model.opset_import}
+    return [n for n in model.graph.node if n.domain not in DEFAULT_DOMAINS
+            and runtime_schema(n.domain, n.op_type, versions.get(n.domain, 1)) is not None] + runtime_only_nodes(model)

@@ -11,6 +11,13 @@ from ..memory import available_memory, describe_bytes, nbytes_of
 from .dynamic import DimChoice, InputSpec, choose_dims
 
 
+def is_mask(name: str) -> bool:
+    """Whether an integer or bool graph input is a mask (attention_mask, ...): made-up inputs feed
+    it ones (nothing masked). A random 0/1 mask can mask every position of a row, and graphs that
+    count its ones (onnxruntime-genai's: seqlens_k = sum - 1 for GroupQueryAttention) fail then."""
+    return "mask" in name.lower()
+
+
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     """Parse ``name:d0,d1,...`` strings (the --input-shape flag)."""
     shapes: dict[str, tuple[int, ...]] = {}

@@ -20,7 +20,8 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidModel, UnsupportedModel, first_line, quoted
 from ..rules.weights import WEIGHTS, group_problem
 from .inputs import declared_dim, name_negative_dims
-from .proto import light_copy, needs_external_data, opset_of
+from .proto import light_copy, needs_external_data, opset_of, weights_as_inputs
+from .runtime_ops import check_runtime_ops, hidden_from_checker
 
 MIN_OPSET = 11
 # The oldest opset converted on load. onnxruntime runs nothing older (opset 6 and below have
@@ -92,9 +93,11 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     """``model`` if onnxprune can analyse it, or its conversion to CONVERTED_OPSET for opsets 7 to
     10; else InvalidModel/UnsupportedModel (one line).
 
-    Beyond onnx.checker's structural check, the model must pass type and shape
-    inference in strict mode (what ``full_check=True`` adds, run here on a
-    weight-free copy so it costs no copy of the weights) and have Conv groups
+    Ops that onnxruntime registers and ONNX does not (its contrib ops) are checked against
+    onnxruntime's schemas instead (``runtime_ops``). Beyond onnx.checker's structural
+    check, the model must pass type and shape inference in strict mode (what
+    ``full_check=True`` adds, run here on a weight-free copy so it costs no copy of the
+    weights) and have Conv groups
     that fit its weights (which ONNX inference does not check): the analysis
     trusts attributes and shapes, and a model whose attributes contradict its
     weights (a wrong ``transB``, too few ``pads``, ``group`` 0) would be cut wrong.
@@ -104,13 +107,17 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     where = f"{path}: " if path is not None else ""
     if not model.HasField("graph") or not model.opset_import or not model.graph.node:
         raise InvalidModel(f"{where}not an ONNX model (no graph, nodes or opset)")
-    try:
-        if path is None or not needs_external_data(model):
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(path))
-    except Exception as exc:
-        raise InvalidModel(f"{where}fails onnx.checker: {first_line(exc)}") from exc
+    with hidden_from_checker(model) as runtime_nodes:
+        try:
+            if path is None or not needs_external_data(model):
+                onnx.checker.check_model(model)
+            elif runtime_nodes:  # the file has them unhidden, and the model is too large to check in memory
+                onnx.checker.check_model(weights_as_inputs(light_copy(model)))
+            else:
+                onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise InvalidModel(f"{where}fails onnx.checker: {first_line(exc)}") from exc
+    check_runtime_ops(model, where)
     conversion = None
     opset = opset_of(model)
     if opset < MIN_OPSET:
@@ -118,7 +125,9 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     check_text(model.graph, where)
     check_initializer_sizes(model.graph, where)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light_copy(model), check_type=True, strict_mode=True)
+        with hidden_from_checker(model):
+            light = light_copy(model)
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except Exception as exc:
         if conversion is not None:  # the input passed the checker: its conversion is what fails
             raise UnsupportedModel(f"{where}opset {opset} converted to {conversion.to_opset} by {CONVERTER} "

@@ -47,6 +47,28 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
+    """``light`` (a ``light_copy``) with the weights it left out declared as graph inputs of
+    their type and shape instead: a model onnx.checker can check in memory (a stand-in without
+    values fails its check of the data; the model proper may be too large to serialise)."""
+    kept = [t for t in light.graph.initializer if not _stand_in(t)]
+    inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+              for t in light.graph.initializer if _stand_in(t)]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    light.graph.input.extend(inputs)
+    return light
+
+
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _stand_in(t: onnx.TensorProto) -> bool:
+    """A ``light_copy`` stand-in: a tensor with no values, here or in a file."""
+    return (not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
+            and not any(len(getattr(t, f)) for f in _VALUE_FIELDS))
+
+
 def approx_size(model: onnx.ModelProto) -> int:
     """Bytes of the model's initializers, from their dims (ByteSize() walks every byte)."""
     total = 0

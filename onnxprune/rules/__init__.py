@@ -21,7 +21,20 @@ Adding an op means adding one rule and one test.
 from __future__ import annotations
 
 # Register every family (imported for their side effect: each module fills RULES).
-from . import control, conv, elementwise, linear, norm, pool, recurrent, repeat, reshape, shape  # noqa: F401
+from . import (  # noqa: F401
+    contrib,
+    contrib_attention,
+    control,
+    conv,
+    elementwise,
+    linear,
+    norm,
+    pool,
+    recurrent,
+    repeat,
+    reshape,
+    shape,
+)
 from .registry import RULES, lookup
 
 __all__ = ["RULES", "lookup"]

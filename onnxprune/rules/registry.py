@@ -59,24 +59,31 @@ class Rule:
     rewrite: Callable | None = None
 
 
+# Keyed by op type for the default domain, by "domain.op" for others (``op_key``).
 RULES: dict[str, Rule] = {}
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
-def rule(*ops: str, source=None, rewrite=None):
-    """Register ``relate`` for default-domain ``ops``."""
+
+def op_key(domain: str | None, op: str) -> str:
+    """The table's key of ``op`` in ``domain``: the op type alone in the default domain, else
+    "domain.op" (com.microsoft.Attention, which is not the standard Attention)."""
+    return op if domain in (None, *DEFAULT_DOMAINS) else f"{domain}.{op}"
+
+
+def rule(*ops: str, source=None, rewrite=None, domain: str = ""):
+    """Register ``relate`` for ``ops`` of ``domain`` (default: the ONNX default domain)."""
 
     def register(relate):
         for op in ops:
-            RULES[op] = Rule(relate, source, rewrite)
+            RULES[op_key(domain, op)] = Rule(relate, source, rewrite)
         return relate
 
     return register
 
 
 def lookup(node) -> Rule | None:
-    if node.domain not in (None, "", "ai.onnx"):
-        return None
-    return RULES.get(node.op)
+    return RULES.get(op_key(node.domain, node.op))
 
 
 def other_side(r: Reached, index: int = 0) -> str:

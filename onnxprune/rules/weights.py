@@ -94,6 +94,28 @@ def _recurrent_macs(attrs, dims):
     return math.prod(x[:2]) * (math.prod(w) + math.prod(r)) if _known(x, w, r) else None  # per step, row
 
 
+def _attention_macs(attrs, dims):
+    """q k^T and the weighted sum of v: 2 x (q's elements) x keys, on (batch, sequence, hidden)
+    and (batch, heads, sequence, head size) inputs alike."""
+    q, k = dims[0], dims[1]
+    if not _known(q, k) or len(q) not in (3, 4) or len(k) != len(q):
+        return None
+    return 2 * math.prod(q) * k[-2]
+
+
+def _packed_attention_macs(attrs, dims):
+    """The packed q/k/v projection, then the attention over the projected width."""
+    x, w = dims[0], dims[1]
+    if not _known(x, w) or len(x) != 3:
+        return None
+    width = w[1] // 3 if not attrs.get("qkv_hidden_sizes") else attrs["qkv_hidden_sizes"][0]
+    return math.prod(x) * w[1] + 2 * x[0] * x[1] * x[1] * width
+
+
+def _nbits_macs(attrs, dims):
+    out = dims[-1]
+    return math.prod(out) * int(attrs["K"]) if _known(out) and "K" in attrs else None
+
 def _gemm_a(attrs, rank):  # A is (M, K), or (K, M) with transA
     return 0 if attrs.get("transA", 0) else 1
 
@@ -148,6 +170,24 @@ WEIGHTS: dict[str, OpWeights] = {
     "GRU": _RECURRENT,
     "RNN": _RECURRENT,
 }
+# onnxruntime's contrib ops (rules/contrib.py), keyed "com.microsoft.Op" outside the default domain.
+_BIAS = Operand("bias", None, axis(-1))
+WEIGHTS.update({
+    "com.microsoft.Attention": OpWeights({0: Operand("data", axis(-1)), 1: Operand("weight", axis(0), axis(1)),
+                                          2: _BIAS}, macs=_packed_attention_macs),
+    "com.microsoft.MultiHeadAttention": OpWeights({3: _BIAS}, macs=_attention_macs),
+    "Attention": OpWeights({}, macs=_attention_macs),
+    "SimplifiedLayerNormalization": OpWeights({1: _NORM}),
+    "RMSNormalization": OpWeights({1: _NORM}),
+    "com.microsoft.SkipLayerNormalization": OpWeights({2: _NORM, 3: _NORM, 4: _BIAS}),
+    "com.microsoft.SkipSimplifiedLayerNormalization": OpWeights({2: _NORM, 3: _BIAS}),
+    "com.microsoft.EmbedLayerNormalization": OpWeights({2: Operand("table"), 3: Operand("table"),
+                                                        4: Operand("table"), 5: _NORM, 6: _NORM}),
+    # the packed int weight is no learned float tensor; only its MACs are counted
+    "com.microsoft.MatMulNBits": OpWeights({}, macs=_nbits_macs),
+    "com.microsoft.BiasGelu": OpWeights({1: _BIAS}),
+    "com.microsoft.FastGelu": OpWeights({1: _BIAS}),
+})
 MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
 LEARNED = ("weight", "operand", "bias", "norm", "table", "coefficient")  # roles a trainer may update
 

@@ -15,6 +15,9 @@ import onnx
 
 from ..errors import UnsupportedModel, VerificationFailed, first_line
 from ..model.dynamic import DimChoice, describe_sizes, pin_example
+from ..model.inputs import is_mask
+from ..model.proto import light_copy, weights_as_inputs
+from ..model.runtime_ops import check_runtime_ops, hidden_from_checker, runtime_only_nodes
 from .session import require_onnxruntime, session
 
 _INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
@@ -32,15 +35,20 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def make_inputs(sess, shapes: dict[str, tuple[int, ...]], bounds: dict[str, int] | None = None, seed: int = 0):
-    """Random inputs: normal floats, integers within index range (default 0..1), bools."""
+    """Random inputs: normal floats, integers within index range (default 0..1), bools; masks
+    (``is_mask``) all ones."""
     rng = np.random.default_rng(seed)
     bounds = bounds or {}
     feeds = {}
     for inp in sess.get_inputs():
         shape = shapes.get(inp.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape)
-        if inp.type in _INT_DTYPES:
+        if inp.type in _INT_DTYPES and is_mask(inp.name):
+            feeds[inp.name] = np.ones(shape, np.dtype(inp.type[len("tensor("):-1]))
+        elif inp.type in _INT_DTYPES:
             dtype = np.dtype(inp.type[len("tensor("):-1])
             feeds[inp.name] = rng.integers(0, bounds.get(inp.name, 2), size=shape).astype(dtype)
+        elif inp.type == "tensor(bool)" and is_mask(inp.name):
+            feeds[inp.name] = np.ones(shape, bool)
         elif inp.type == "tensor(bool)":
             feeds[inp.name] = np.asarray(rng.random(shape) > 0.5)  # an array also for a scalar (an If's condition)
         else:
@@ -79,7 +87,26 @@ def check_model_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
+        if not _valid_with_runtime_ops(path):
+            raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
+
+
+def _valid_with_runtime_ops(path: Path) -> bool:
+    """Whether the model at ``path`` passes the full check once onnxruntime's default-domain
+    contrib ops are checked against its schemas instead (model/runtime_ops.py). Only a model
+    that fails the plain check is read again for this."""
+    model = onnx.load(str(path), load_external_data=False)
+    if not runtime_only_nodes(model):
+        return False
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    try:
+        with hidden_from_checker(model):
+            # with external data, its weights as inputs: the model may be too large to check in memory
+            onnx.checker.check_model(weights_as_inputs(light_copy(model)) if external else model, full_check=True)
+        check_runtime_ops(model)
+    except Exception:
+        return False
+    return True
 
 
 def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, chosen: list[DimChoice] = ()):

@@ -17,7 +17,8 @@ precomputes what does not depend on the inputs.
 The families mirror the rule table (``onnxprune/rules/``) where the ops have
 channel rules: conv.py, linear.py, norm.py, pool.py (pools, reductions, Pad;
 Resize and Upsample in resize.py), shape.py, reshape.py, elementwise.py (with the
-activations, Cast and the bitwise ops), recurrent.py (LSTM, GRU, RNN). Ops without a channel rule live in
+activations, Cast and the bitwise ops), recurrent.py (LSTM, GRU, RNN), contrib.py (onnxruntime's contrib ops,
+keyed "com.microsoft.Attention" outside the default domain, as in the rule table). Ops without a channel rule live in
 index.py (gathers, scatters, TopK, ArgMax, ...), generate.py (ConstantOfShape,
 Range, Trilu, CumSum) and layout.py (Expand, Tile, DepthToSpace, SpaceToDepth).
 registry.py holds the tables, the ``@op`` decorator and the shared helpers; it
@@ -32,7 +33,21 @@ onnxruntime, which the tests compare against.
 from __future__ import annotations
 
 # Register every family (imported for their side effect: each module fills OPS).
-from . import conv, elementwise, generate, index, layout, linear, norm, pool, recurrent, reshape, resize, shape  # noqa: F401
+from . import (  # noqa: F401
+    contrib,
+    conv,
+    elementwise,
+    generate,
+    index,
+    layout,
+    linear,
+    norm,
+    pool,
+    recurrent,
+    reshape,
+    resize,
+    shape,
+)
 from .registry import HOST_INPUTS, ONNX_TO_TORCH, OPS, PREPARE, TORCH_TO_ONNX
 
 __all__ = ["HOST_INPUTS", "ONNX_TO_TORCH", "OPS", "PREPARE", "TORCH_TO_ONNX"]
