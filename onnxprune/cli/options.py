@@ -102,7 +102,7 @@ def _batches(text: str) -> list[int]:
 
 
 def _nm(text: str) -> tuple[int, int]:
-    from ..options import parse_nm
+    from ..checks import parse_nm
 
     try:
         return parse_nm(text)

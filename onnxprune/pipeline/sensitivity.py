@@ -22,10 +22,11 @@ import onnx
 
 from ..analysis.analyse import Analysis
 from ..analysis.stats import count_macs, count_params
+from ..checks import check_grid
 from ..cut import iochange
 from ..data import Dataset
 from ..metrics import Reference
-from ..options import PruneOptions, check_grid, validate_widths
+from ..options import PruneOptions, validate_widths
 from ..planning.allocation import Allocation, allocation_grid, choose_allocation
 from ..planning.plan import make_plan
 from ..progress import progress

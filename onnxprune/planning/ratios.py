@@ -10,8 +10,8 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+from ..checks import check_ratio_mapping
 from ..errors import UsageError, quoted
-from ..options import check_ratio_mapping
 from .reading import parse_json, parse_yaml, read_text
 
 
