@@ -238,6 +238,7 @@ class OutputOptions:
     verify: bool = True  # run the written model against the original before it takes its name
     recipe: dict | None = None  # the command line's effective options (cli/recipe.py): report + metadata
     command: list[str] | None = None  # the command line, for the report
+    summary_md: str | Path | None = None  # the Markdown summary (report/markdown.py); - for stdout
     reads: tuple = ()  # other files the run read (the command line's --ratios): never overwritten
 
 

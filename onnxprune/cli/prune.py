@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed for --importance random and generated inputs")
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report (- for stdout; the summary then goes "
                    "to stderr)")
+    p.add_argument("--summary-md", metavar="FILE.md", help="write a Markdown summary (params, MACs, latency, accuracy, "
+                   "what was pruned and what stayed whole and why) for a CI job summary; - for stdout")
     p.add_argument("--dry-run", action="store_true", help="plan and report only; write no model")
     p.add_argument("--plan-out", metavar="FILE.json",
                    help="save the kept channel indices per group (- for standard output)")
@@ -161,8 +163,8 @@ FLAGS = {
     "target_speedup": "--target-speedup", "min_reduction": "--min-reduction", "provider": "--provider",
     "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
-    "augment": "--augment", "config": "--config", "depth": "--depth", "drop_blocks": "--drop-blocks",
-    "block_importance": "--block-importance",
+    "augment": "--augment", "config": "--config", "summary_md": "--summary-md", "depth": "--depth",
+    "drop_blocks": "--drop-blocks", "block_importance": "--block-importance",
 }
 
 
@@ -180,10 +182,10 @@ def run_prune(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
-    one_stdout({"--report": args.report, "--plan-out": args.plan_out})
+    one_stdout({"--report": args.report, "--plan-out": args.plan_out, "--summary-md": args.summary_md})
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
-                                              report_path=file_path(args.report)))
+                                              report_path=file_path(args.report), summary_md=args.summary_md))
     start_stages(not args.quiet and (args.verbose or sys.stderr.isatty()))
     try:
         report = prune_file(args.model, args.output, options=options)
@@ -191,7 +193,7 @@ def run_prune(argv: list[str]) -> int:
         start_stages(False)
     for w in report.warnings:
         warn(w, FLAGS)
-    human = human_stream(args.report, args.plan_out)
+    human = human_stream(args.report, args.plan_out, args.summary_md)
     if not args.quiet:
         show(report.summary(verbose=args.verbose), FLAGS, file=human)
         if args.verbose and report.allocation:

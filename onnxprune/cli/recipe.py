@@ -28,7 +28,7 @@ CONFIG_FLAG = "--config"
 METADATA_KEY = "onnxprune.recipe"
 # a run's outputs and how loudly it speaks: not part of what it computes
 _NOT_RECORDED = {"model", "config", "help", "version", "output", "force", "report_path", "report", "plan_out",
-                 "dry_run", "quiet", "verbose", "debug", "json", "plot"}
+                 "summary_md", "dry_run", "quiet", "verbose", "debug", "json", "plot"}
 _BOOLEAN = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
 

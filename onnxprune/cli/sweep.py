@@ -20,7 +20,7 @@ DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 # prune flags that make no sense for a sweep: one run's outputs, its ratio, a budget searching for one
 _NOT_FOR_SWEEP = ("--output", "--force", "--report", "--dry-run", "--plan-out", "--plan-in", "--structured",
-                  "--target-macs", "--target-params", "--target-speedup")
+                  "--target-macs", "--target-params", "--target-speedup", "--summary-md")
 
 FLAGS = {**PRUNE_FLAGS, "ratios": "--ratios", "json": "--json", "plot": "--plot", "eval_data": "--eval-data"}
 

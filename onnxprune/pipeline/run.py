@@ -31,6 +31,7 @@ from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..progress import muted_stages, restart_stage_clock, stage_done, stage_times
 from ..recovery.train import train
+from ..report.markdown import markdown_summary
 from ..report.records import Report, run_environment
 from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
@@ -56,10 +57,10 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     plan_file = options.widths.plan if isinstance(options.widths.plan, (str, Path)) else None
     data_path = options.data.data if isinstance(options.data.data, (str, Path)) else None
     check_outputs({"`output`": None if out.dry_run else output, "`report_path`": out.report_path,
-                   "`plan_out`": out.plan_out},
+                   "`plan_out`": out.plan_out, "`summary_md`": out.summary_md},
                   {"the input model": model_files(input_path), "`plan`": plan_file, "`data`": data_path,
                    "a file it reads": list(out.reads)},
-                  out.force, stdout_ok=("`report_path`", "`plan_out`"))
+                  out.force, stdout_ok=("`report_path`", "`plan_out`", "`summary_md`"))
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
@@ -113,6 +114,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         report.stages, report.environment = stage_times(), run_environment()
         if out.report_path:
             stage.text(out.report_path, _json(report.to_json()))
+        if out.summary_md:
+            stage.text(out.summary_md, markdown_summary(report))
     return report
 
 
