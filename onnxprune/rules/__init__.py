@@ -21,7 +21,7 @@ Adding an op means adding one rule and one test.
 from __future__ import annotations
 
 # Register every family (imported for their side effect: each module fills RULES).
-from . import conv, elementwise, linear, norm, pool, reshape, shape  # noqa: F401
+from . import conv, elementwise, linear, norm, pool, quant, reshape, shape  # noqa: F401
 from .registry import RULES, lookup
 
 __all__ = ["RULES", "lookup"]

@@ -113,6 +113,11 @@ def _matmul_columns(attrs, rank):
     return None if rank < 2 else rank - 1
 
 
+def _on_inputs(macs, *inputs: int):
+    """``macs`` of a quantized op read on the inputs its float op has (QLinearConv's x, w: 0, 3)."""
+    return lambda attrs, dims: macs(attrs, [dims[i] if i < len(dims) - 1 else None for i in inputs] + [dims[-1]])
+
+
 _NORM = Operand("norm", None, axis(0))
 _STATISTIC = Operand("statistic", None, axis(0))
 _COEFFICIENT = Operand("coefficient")
@@ -135,6 +140,12 @@ WEIGHTS: dict[str, OpWeights] = {
     "PRelu": OpWeights({1: _NORM}),
     "Add": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
     "Mul": OpWeights({0: _COEFFICIENT, 1: _COEFFICIENT}),
+    # Quantized ops (rules/quant.py): counted like their float op. Their integer weights get no
+    # operand slots: sparsity, compensation and training work on float weights only.
+    "QLinearConv": OpWeights(macs=_on_inputs(_conv_macs, 0, 3)),
+    "ConvInteger": OpWeights(macs=_conv_macs),
+    "QLinearMatMul": OpWeights(macs=_on_inputs(_matmul_macs, 0, 3)),
+    "MatMulInteger": OpWeights(macs=_matmul_macs),
 }
 MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
 LEARNED = ("weight", "operand", "bias", "norm", "table", "coefficient")  # roles a trainer may update

@@ -1,0 +1,360 @@
+"""Quantized graphs (rules/quant.py): QDQ and QOperator models prune.
+
+Each quantized op's rule is checked by mask equivalence against the original with the removed
+channels' weights set to their zero point (so they dequantize to exactly 0: the mask applied to
+the dequantized weights). The integer sums then agree exactly, and so do the requantized
+activations: the tolerance is a float one.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import onnxprune
+from onnxprune.rules.quant import TWINS
+
+from graphs import (
+    GraphBuilder,
+    assert_close,
+    check_valid,
+    consumer_side,
+    make_feeds,
+    nodes_of,
+    removed_positions,
+    run,
+)
+
+TOL = 1e-5  # relative to the outputs' scale (measured: 0 on every graph here)
+
+
+# --- building quantized graphs ---------------------------------------------------------------
+
+def quantized(w: np.ndarray, axis: int | None, dtype=np.int8):
+    """(integer values, scale, zero point) of ``w``: symmetric, per tensor or per channel along ``axis``."""
+    top = 127 if dtype == np.int8 else 255
+    if axis is None:
+        scale = np.float32(max(np.abs(w).max(), 1e-6) / 127)
+    else:
+        rest = tuple(a for a in range(w.ndim) if a != axis)
+        scale = (np.maximum(np.abs(w).max(axis=rest), 1e-6) / 127).astype(np.float32)
+    shaped = scale if axis is None else scale.reshape([-1 if a == axis else 1 for a in range(w.ndim)])
+    zero = 0 if dtype == np.int8 else 128
+    q = np.clip(np.round(w / shaped) + zero, top - 255, top).astype(dtype)
+    zp = np.zeros_like(scale, dtype=dtype) + dtype(zero)
+    return q, scale, zp
+
+
+def dq_weight(b: GraphBuilder, shape, axis: int | None, name: str) -> str:
+    """A float weight stored as int8 behind a DequantizeLinear (per channel along ``axis``)."""
+    w = b.rng.standard_normal(shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]) or 1)
+    q, scale, zp = quantized(w, axis)
+    attrs = {"axis": axis} if axis is not None else {}
+    return b.op("DequantizeLinear", [b.const(q, f"{name}.Wq"), b.const(scale, f"{name}.Ws"),
+                                     b.const(zp, f"{name}.Wz")], name=f"{name}.dq", **attrs)
+
+
+def dq_bias(b: GraphBuilder, n: int, scale, name: str) -> str:
+    """An int32 bias behind a DequantizeLinear, with the weight's (per-channel) scale."""
+    scale = np.broadcast_to(np.asarray(scale, np.float32), (n,)).copy() if np.ndim(scale) else np.float32(scale)
+    values = b.rng.integers(-500, 500, n).astype(np.int32)
+    zero = np.zeros_like(scale, dtype=np.int32)
+    attrs = {"axis": 0} if np.ndim(scale) else {}
+    return b.op("DequantizeLinear", [b.const(values, f"{name}.Bq"), b.const(scale, f"{name}.Bs"),
+                                     b.const(zero, f"{name}.Bz")], name=f"{name}.dqb", **attrs)
+
+
+def qdq(b: GraphBuilder, x: str, scale: float = 0.05, name: str | None = None) -> str:
+    """An activation's QuantizeLinear -> DequantizeLinear pair (per tensor, uint8)."""
+    s, z = b.floats(scale), b.const(np.uint8(128))
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, s, z], name=name), s, z])
+
+
+def qdq_cnn(per_channel: bool) -> onnx.ModelProto:
+    """Q/DQ input -> conv1 (int8 weights, int32 bias) -> Relu -> Q/DQ -> conv2 -> Q/DQ, and a
+    Gemm head on a second branch: conv1's filters are cut in its weights, scales and bias, and
+    in the input channels of conv2 and of the Gemm's rows."""
+    b = GraphBuilder(seed=11)
+    axis = 0 if per_channel else None
+    x = qdq(b, b.input("x", [1, 3, 8, 8]))
+    w1 = dq_weight(b, (8, 3, 3, 3), axis, "conv1")
+    bias = dq_bias(b, 8, 0.003 if not per_channel else np.full(8, 0.003), "conv1")
+    h = b.op("Conv", [x, w1, bias], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = qdq(b, b.op("Relu", [h]), 0.02)
+    y = b.op("Conv", [h, dq_weight(b, (4, 8, 3, 3), axis, "conv2")], name="conv2", kernel_shape=[3, 3],
+             pads=[1, 1, 1, 1])
+    pooled = qdq(b, b.op("Flatten", [b.op("GlobalAveragePool", [h])]), 0.02)
+    z = b.op("Gemm", [pooled, dq_weight(b, (5, 8), axis, "fc")], name="fc", transB=1)
+    return b.build([qdq(b, y, 0.05), z])
+
+
+def qdq_mlp() -> onnx.ModelProto:
+    """MatMul with a per-column int8 weight (axis 1: the output features) feeding a second one."""
+    b = GraphBuilder(seed=12)
+    x = qdq(b, b.input("x", [2, 16]))
+    h = b.op("MatMul", [x, dq_weight(b, (16, 24), 1, "mm1")], name="mm1")
+    h = qdq(b, b.op("Relu", [h]), 0.02)
+    return b.build(b.op("MatMul", [h, dq_weight(b, (24, 6), 1, "mm2")], name="mm2"))
+
+
+def _qlinear_inputs(b, shape, axis, name):
+    w = b.rng.standard_normal(shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
+    q, scale, zp = quantized(w, axis)
+    return [b.const(q, f"{name}.Wq"), b.const(scale, f"{name}.Ws"), b.const(zp, f"{name}.Wz")]
+
+
+def qlinear_cnn(per_channel: bool) -> onnx.ModelProto:
+    """QuantizeLinear -> QLinearConv (int32 bias) -> QLinearConv -> DequantizeLinear."""
+    b = GraphBuilder(seed=13)
+    s1, s2, z = b.floats(0.05), b.floats(0.05), b.const(np.uint8(128))
+    x = b.op("QuantizeLinear", [b.input("x", [1, 3, 8, 8]), s1, z])
+    axis = 0 if per_channel else None
+    bias = b.const(b.rng.integers(-500, 500, 8).astype(np.int32), "conv1.Bq")
+    h = b.op("QLinearConv", [x, s1, z, *_qlinear_inputs(b, (8, 3, 3, 3), axis, "conv1"), s2, z, bias],
+             name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.op("QLinearConv", [h, s2, z, *_qlinear_inputs(b, (4, 8, 3, 3), axis, "conv2"), s2, z],
+             name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    return b.build(b.op("DequantizeLinear", [y, s2, z]))
+
+
+def qlinear_depthwise() -> onnx.ModelProto:
+    """QLinearConv -> depthwise QLinearConv (its `group` follows the cut) -> QLinearConv."""
+    b = GraphBuilder(seed=14)
+    s, z = b.floats(0.05), b.const(np.uint8(128))
+    x = b.op("QuantizeLinear", [b.input("x", [1, 3, 8, 8]), s, z])
+    h = b.op("QLinearConv", [x, s, z, *_qlinear_inputs(b, (8, 3, 3, 3), 0, "conv1"), s, z],
+             name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = b.op("QLinearConv", [h, s, z, *_qlinear_inputs(b, (8, 1, 3, 3), 0, "dw"), s, z],
+             name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8)
+    y = b.op("QLinearConv", [h, s, z, *_qlinear_inputs(b, (4, 8, 1, 1), 0, "conv2"), s, z],
+             name="conv2", kernel_shape=[1, 1])
+    return b.build(b.op("DequantizeLinear", [y, s, z]))
+
+
+def conv_integer() -> onnx.ModelProto:
+    """ConvInteger (uint8 weights; onnxruntime runs per-tensor zero points only) -> rescale ->
+    requantize -> ConvInteger."""
+    b = GraphBuilder(seed=15)
+    s, z = b.floats(0.05), b.const(np.uint8(128))
+
+    def layer(x, shape, name):
+        w = b.rng.standard_normal(shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
+        q, scale, zp = quantized(w, None, np.uint8)
+        out = b.op("ConvInteger", [x, b.const(q, f"{name}.Wq"), z, b.const(zp, f"{name}.Wz")], name=name,
+                   kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        return b.op("Mul", [b.op("Cast", [out], to=TensorProto.FLOAT), b.floats(0.05 * 0.01)])
+
+    h = layer(b.op("QuantizeLinear", [b.input("x", [1, 3, 8, 8]), s, z]), (8, 3, 3, 3), "conv1")
+    h = b.op("QuantizeLinear", [b.op("Relu", [h]), s, z])
+    return b.build(layer(h, (4, 8, 3, 3), "conv2"))
+
+
+def qlinear_matmul() -> onnx.ModelProto:
+    """QLinearMatMul (per-column b_scale) -> QLinearMatMul -> DequantizeLinear."""
+    b = GraphBuilder(seed=16)
+    s, z = b.floats(0.05), b.const(np.uint8(128))
+    x = b.op("QuantizeLinear", [b.input("x", [2, 16]), s, z])
+    h = b.op("QLinearMatMul", [x, s, z, *_qlinear_inputs(b, (16, 24), 1, "mm1"), s, z], name="mm1")
+    y = b.op("QLinearMatMul", [h, s, z, *_qlinear_inputs(b, (24, 6), None, "mm2"), s, z], name="mm2")
+    return b.build(b.op("DequantizeLinear", [y, s, z]))
+
+
+def matmul_integer() -> onnx.ModelProto:
+    """MatMulInteger (per-column zero point) -> rescale -> requantize -> MatMulInteger."""
+    b = GraphBuilder(seed=17)
+    s, z = b.floats(0.05), b.const(np.uint8(128))
+
+    def layer(x, shape, name):
+        w = b.rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
+        q, scale, zp = quantized(w, 1, np.uint8)
+        zp[::3] += 1  # uneven zero points: a column sliced with the wrong one would show
+        out = b.op("MatMulInteger", [x, b.const(q, f"{name}.Wq"), z, b.const(zp, f"{name}.Wz")], name=name)
+        return b.op("Mul", [b.op("Cast", [out], to=TensorProto.FLOAT), b.floats(0.05 * 0.01)])
+
+    h = layer(b.op("QuantizeLinear", [b.input("x", [2, 16]), s, z]), (16, 24), "mm1")
+    h = b.op("QuantizeLinear", [b.op("Relu", [h]), s, z])
+    return b.build(layer(h, (24, 6), "mm2"))
+
+
+# --- the reference: removed channels' weights at their zero point -----------------------------
+
+ZERO_POINT = {"DequantizeLinear": 2, "QLinearConv": 5, "ConvInteger": 3, "QLinearMatMul": 5, "MatMulInteger": 3}
+QUANT_AXIS = {"QLinearConv": 0, "ConvInteger": 0, "QLinearMatMul": -1, "MatMulInteger": -1}
+
+
+def _float_side(slot, view):
+    """The slot as the float op's consumer-side check sees it (graphs.consumer_side)."""
+    node = slot.node
+    if node.op == "DequantizeLinear":
+        (reader, index), = view.consumers(node.outputs[0])
+        return SimpleNamespace(node=reader, input=index, axis=slot.axis, tensor=slot.tensor)
+    twin = TWINS.get(node.op)
+    if twin is None or slot.input not in twin.inputs:
+        return None
+    return SimpleNamespace(node=SimpleNamespace(op=twin.of, attrs=node.attrs), input=twin.inputs.index(slot.input),
+                           axis=slot.axis, tensor=slot.tensor)
+
+
+def quantized_masked_reference(model, analysis, plan) -> onnx.ModelProto:
+    """The original with each removed channel's integer weights set to their zero point at its
+    consumers: they dequantize to 0, so the channel contributes nothing."""
+    ref = copy.deepcopy(model)
+    by_name = {n.name: n for n in ref.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    masked = {}
+    for group in analysis.groups:
+        if group.id not in plan.keep:
+            continue
+        for slot in group.params.values():
+            side = _float_side(slot, analysis.view)
+            positions = removed_positions(slot.owner, plan.removed(group.id))
+            if side is None or not consumer_side(side) or not len(positions):
+                continue
+            node = by_name[slot.node.name]
+            values = masked.setdefault((node.name, slot.input), inits[node.input[slot.input]].copy())
+            zero = inits[node.input[ZERO_POINT[node.op_type]]]
+            if zero.ndim == 1:  # per channel along the quantization axis
+                axis = int(next((a.i for a in node.attribute if a.name == "axis"), 1)) \
+                    if node.op_type == "DequantizeLinear" else QUANT_AXIS[node.op_type]
+                zero = zero.reshape([-1 if a == axis % values.ndim else 1 for a in range(values.ndim)])
+            index = [slice(None)] * values.ndim
+            index[slot.axis] = positions
+            values[tuple(index)] = np.broadcast_to(zero, values.shape)[tuple(index)]
+    for (name, i), values in masked.items():
+        node = by_name[name]
+        new = f"{node.input[i]}__masked"
+        ref.graph.initializer.append(numpy_helper.from_array(values, new))
+        node.input[i] = new
+    return ref
+
+
+def prune_quantized(model, ratio=0.5, **options):
+    """Prune; check validity, the untouched input, fewer MACs and mask equivalence."""
+    before = model.SerializeToString()
+    analysis = onnxprune.analyse(model)
+    result = onnxprune.prune(model, ratio, **options)
+    assert model.SerializeToString() == before
+    check_valid(model, result.model)
+    assert onnxprune.count_macs(result.model) < onnxprune.count_macs(model)
+    feeds = make_feeds(model)
+    assert_close(run(quantized_masked_reference(model, analysis, result.plan), feeds), run(result.model, feeds),
+                 TOL)
+    return result, analysis
+
+
+def shape_of(model, name):
+    return list(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).shape)
+
+
+def initializer(model, prefix):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith(prefix))
+
+
+# --- QDQ -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_qdq_weights_are_cut_with_their_scales(per_channel):
+    model = qdq_cnn(per_channel)
+    result, analysis = prune_quantized(model)
+    conv1 = [g for g in analysis.prunable if "conv1" in g.sources][0]
+    kept = len(result.plan.keep[conv1.id])
+    out = result.model
+    assert initializer(out, "conv1.Wq").shape == (kept, 3, 3, 3)
+    assert initializer(out, "conv1.Bq").shape == (kept,)
+    assert initializer(out, "conv2.Wq").shape[1] == kept and initializer(out, "fc.Wq").shape[1] == kept
+    # per channel: the filters' scales go with them; the input side's (conv2 axis 0) stay whole
+    assert initializer(out, "conv1.Ws").shape == ((kept,) if per_channel else ())
+    assert initializer(out, "conv1.Bs").shape == ((kept,) if per_channel else ())
+    assert initializer(out, "conv2.Ws").shape == ((4,) if per_channel else ())
+    assert initializer(out, "fc.Ws").shape == ((5,) if per_channel else ())
+    want = initializer(model, "conv1.Ws")[result.plan.keep[conv1.id]] if per_channel else None
+    if per_channel:
+        np.testing.assert_array_equal(initializer(out, "conv1.Ws"), want)
+
+
+def test_qdq_matmul_per_column_weights():
+    model = qdq_mlp()
+    result, analysis = prune_quantized(model)
+    kept = len(next(iter(result.plan.keep.values())))
+    assert initializer(result.model, "mm1.Ws").shape == (kept,)
+    assert initializer(result.model, "mm2.Wq").shape == (kept, 6)
+    assert initializer(result.model, "mm2.Ws").shape == (6,)
+
+
+def test_magnitudes_are_measured_on_the_dequantized_weights():
+    """Per-channel scales make integer magnitudes incomparable: a filter with large integers and
+    a tiny scale is small, and goes first."""
+    model = qdq_mlp()
+    inits = {t.name: t for t in model.graph.initializer}
+    q, s = numpy_helper.to_array(inits["mm1.Wq"]).copy(), numpy_helper.to_array(inits["mm1.Ws"]).copy()
+    q[:, 0], s[0] = 127, 1e-4  # column 0: the largest integers, the smallest values
+    for name, v in (("mm1.Wq", q), ("mm1.Ws", s)):
+        inits[name].CopyFrom(numpy_helper.from_array(v, name))
+    result = onnxprune.prune(model, 0.25)
+    assert 0 not in next(iter(result.plan.keep.values()))
+
+
+def test_per_channel_scale_computed_at_run_time_is_a_barrier():
+    b = GraphBuilder(seed=18)
+    x = b.input("x", [2, 16])
+    q, scale, zp = quantized(b.rng.standard_normal((16, 8)).astype(np.float32), 1)
+    computed = b.op("Abs", [b.input("s", [8])])
+    w = b.op("DequantizeLinear", [b.const(q), computed, b.const(zp)], axis=1)
+    h = b.op("Relu", [b.op("MatMul", [x, w], name="mm1")])
+    model = b.build(b.matmul(h, 8, 4, "mm2"))
+    analysis = onnxprune.analyse(model)
+    assert not analysis.prunable
+
+
+# --- QOperator -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [lambda: qlinear_cnn(True), lambda: qlinear_cnn(False), qlinear_depthwise,
+                                   conv_integer, qlinear_matmul, matmul_integer],
+                         ids=["QLinearConv-per-channel", "QLinearConv-per-tensor", "QLinearConv-depthwise",
+                              "ConvInteger", "QLinearMatMul", "MatMulInteger"])
+def test_qoperator_ops_prune_by_mask_equivalence(build):
+    model = build()
+    result, analysis = prune_quantized(model)
+    assert analysis.prunable
+
+
+def test_qlinear_conv_slices_weights_scales_and_bias():
+    model = qlinear_cnn(True)
+    result, analysis = prune_quantized(model)
+    kept = result.plan.keep[analysis.prunable[0].id]
+    out = result.model
+    np.testing.assert_array_equal(initializer(out, "conv1.Ws"), initializer(model, "conv1.Ws")[kept])
+    assert initializer(out, "conv1.Bq").shape == (len(kept),)
+    assert initializer(out, "conv2.Wq").shape == (4, len(kept), 3, 3)
+    assert initializer(out, "conv2.Ws").shape == (4,)
+
+
+def test_depthwise_qlinear_conv_group_follows_the_cut():
+    result, analysis = prune_quantized(qlinear_depthwise())
+    kept = len(result.plan.keep[analysis.prunable[0].id])
+    dw = next(n for n in nodes_of(result.model, "QLinearConv") if n.name == "dw")
+    assert next(a.i for a in dw.attribute if a.name == "group") == kept
+
+
+def test_matmul_integer_zero_points_follow_their_columns():
+    model = matmul_integer()
+    result, analysis = prune_quantized(model)
+    kept = result.plan.keep[analysis.prunable[0].id]
+    np.testing.assert_array_equal(initializer(result.model, "mm1.Wz"), initializer(model, "mm1.Wz")[kept])
+
+
+# --- MACs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, float_macs", [
+    (lambda: qlinear_cnn(True), 8 * 64 * 27 + 4 * 64 * 72),
+    (conv_integer, 8 * 64 * 27 + 4 * 64 * 72),
+    (qlinear_matmul, 2 * 24 * 16 + 2 * 6 * 24),
+    (matmul_integer, 2 * 24 * 16 + 2 * 6 * 24),
+])
+def test_count_macs_counts_the_quantized_ops(build, float_macs):
+    assert onnxprune.count_macs(build()) == float_macs
