@@ -9,6 +9,8 @@ activations: the tolerance is a float one.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,6 +30,7 @@ from graphs import (
     nodes_of,
     removed_positions,
     run,
+    run_main,
 )
 
 TOL = 1e-5  # relative to the outputs' scale (measured: 0 on every graph here)
@@ -358,3 +361,62 @@ def test_matmul_integer_zero_points_follow_their_columns():
 ])
 def test_count_macs_counts_the_quantized_ops(build, float_macs):
     assert onnxprune.count_macs(build()) == float_macs
+
+
+# --- a model quantized by onnxruntime: ResNet-18, QDQ -------------------------------------------
+
+class RandomImages:
+    """onnxruntime.quantization's calibration reader over a few random images."""
+
+    def __init__(self, count: int = 2, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.batches = iter([{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+                             for _ in range(count)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.fixture(scope="module")
+def resnet18_qdq(tmp_path_factory) -> Path:
+    """torchvision's ResNet-18 (random weights, tools/zoo.py's export), quantized by
+    ``quantize_static`` in the QDQ format with per-channel int8 weights."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    from tools import zoo
+
+    out = tmp_path_factory.mktemp("qdq") / "resnet18.qdq.onnx"
+    quantization.quantize_static(str(zoo.export("resnet18", "legacy")), str(out), RandomImages(),
+                                 quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                 weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QUInt8)
+    return out
+
+
+@pytest.mark.slow
+def test_qdq_resnet18_prunes_at_0_4_valid_and_verified(resnet18_qdq, tmp_path, capsys):
+    """The issue's target: valid, same IO, >= 1.5x fewer MACs, verified by the command (exit 0)."""
+    before = resnet18_qdq.read_bytes()
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = run_main(capsys, str(resnet18_qdq), "--structured", "0.4", "-o", str(out), "--report",
+                                 str(tmp_path / "report.json"))
+    assert code == 0, err
+    assert resnet18_qdq.read_bytes() == before
+    original, pruned = onnx.load(str(resnet18_qdq)), onnx.load(str(out))
+    check_valid(original, pruned)
+    macs = onnxprune.count_macs(original) / onnxprune.count_macs(pruned)
+    assert macs >= 1.5, macs
+    assert onnxprune.count_params(pruned) < onnxprune.count_params(original)
+    assert {n.op_type for n in pruned.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["output_error"]["output"] >= 0 and report["macs_ratio"] == pytest.approx(macs)
+
+
+@pytest.mark.slow
+def test_qdq_resnet18_mask_equivalence(resnet18_qdq):
+    model = onnx.load(str(resnet18_qdq))
+    analysis = onnxprune.analyse(model)
+    assert len(analysis.prunable) == 12
+    result = onnxprune.prune(model, 0.4)
+    feeds = make_feeds(model)
+    assert_close(run(quantized_masked_reference(model, analysis, result.plan), feeds), run(result.model, feeds),
+                 TOL)

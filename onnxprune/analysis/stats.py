@@ -16,14 +16,18 @@ import onnx
 
 from ..graph.shapes import static_shapes
 from ..model.inputs import resolve_input_shapes
+from ..rules.quant import STORED_VALUES
 from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of all float initializers and float Constant-node tensors."""
+    """Elements of all float initializers and float Constant-node tensors, and of the integer
+    weights and biases of a quantized model (the inputs of ``STORED_VALUES``)."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats)
+    stored = {n.input[i] for n in model.graph.node if n.domain in ("", "ai.onnx")
+              for i in STORED_VALUES.get(n.op_type, ()) if i < len(n.input)}
+    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats or t.name in stored)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:

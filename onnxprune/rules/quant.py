@@ -37,6 +37,12 @@ QUANTIZATION = "quantization"  # the role of a sliced scale or zero point
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 
+# Inputs of each quantized op that hold a model's stored values (weights and biases, as integers):
+# parameters, like the float weights they stand for (analysis/stats.py counts them).
+STORED_VALUES = {"DequantizeLinear": (0,), "QLinearConv": (3, 8), "ConvInteger": (1,), "QLinearMatMul": (3,),
+                 "MatMulInteger": (1,)}
+
+
 def _present(t) -> bool:
     return t is not None and t.name != ""
 
