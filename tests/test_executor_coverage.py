@@ -34,7 +34,9 @@ COMPILED = {"Constant", "If"}
 _QUANTIZED = ("quantized graphs are pruned, not trained: integer weights take no gradient steps "
               "(recover the float model, then quantize it)")
 KNOWN_WITHOUT_TORCH: dict[str, str] = {op: _QUANTIZED for op in (
-    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger")}
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
+    *(f"com.microsoft::{op}" for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+                                        "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool")))}
 
 # Ops the executor runs that have no channel rule (channels reaching them stop there): op -> why.
 KNOWN_WITHOUT_RULE = {

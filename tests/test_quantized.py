@@ -184,10 +184,64 @@ def matmul_integer() -> onnx.ModelProto:
     return b.build(layer(h, (24, 6), "mm2"))
 
 
+MS = "com.microsoft"
+
+
+def contrib_cnn(join: str, channels_last: bool = False) -> onnx.ModelProto:
+    """onnxruntime's QOperator ops: two QLinearConv branches (QLinearSigmoid, QLinearLeakyRelu)
+    joined by ``join`` (QLinearAdd / QLinearMul: the branches' filters are coupled), QLinearConcat
+    with a third conv, QLinearGlobalAveragePool (NCHW, or NHWC behind a Transpose), QGemm with
+    per-column int8 weights and an int32 bias, float output."""
+    b = GraphBuilder(seed=19)
+    s, z = b.floats(0.05), b.const(np.uint8(128))
+    x = b.op("QuantizeLinear", [b.input("x", [1, 3, 8, 8]), s, z])
+
+    def conv(h, cin, cout, name):
+        return b.op("QLinearConv", [h, s, z, *_qlinear_inputs(b, (cout, cin, 3, 3), 0, name), s, z], name=name,
+                    kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+    a = b.op("QLinearSigmoid", [conv(x, 3, 8, "conv1"), s, z, s, z], domain=MS)
+    c = b.op("QLinearLeakyRelu", [conv(x, 3, 8, "conv2"), s, z, s, z], domain=MS, alpha=0.1)
+    h = b.op(join, [a, s, z, c, s, z, s, z], domain=MS, name="join")
+    h = b.op("QLinearConcat", [s, z, h, s, z, conv(x, 3, 4, "conv3"), s, z], domain=MS, axis=1, name="cat")
+    if channels_last:
+        h = b.op("QLinearGlobalAveragePool", [b.op("Transpose", [h], perm=[0, 2, 3, 1]), s, z, s, z], domain=MS,
+                 channels_last=1)
+    else:
+        h = b.op("QLinearGlobalAveragePool", [h, s, z, s, z], domain=MS, channels_last=0)
+    h = b.op("Flatten", [h])
+    bias = b.const(b.rng.integers(-500, 500, 5).astype(np.int32), "fc.Bq")
+    return with_contrib_ops(b, b.op("QGemm", [h, s, z, *_qlinear_inputs(b, (12, 5), 1, "fc"), bias], domain=MS,
+                                    name="fc"), [1, 5])
+
+
+def with_contrib_ops(b: GraphBuilder, output: str, shape) -> onnx.ModelProto:
+    """GraphBuilder.build for a graph with onnxruntime's ops: their domain imported, the output's
+    shape given (ONNX shape inference does not know them)."""
+    graph = onnx.helper.make_graph(b.nodes, b.name, b.inputs,
+                                   [onnx.helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)], b.inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", b.opset),
+                                                         onnx.helper.make_opsetid(MS, 1)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # --- the reference: removed channels' weights at their zero point -----------------------------
 
-ZERO_POINT = {"DequantizeLinear": 2, "QLinearConv": 5, "ConvInteger": 3, "QLinearMatMul": 5, "MatMulInteger": 3}
+ZERO_POINT = {"DequantizeLinear": 2, "QLinearConv": 5, "ConvInteger": 3, "QLinearMatMul": 5, "MatMulInteger": 3,
+              "QGemm": 5}
 QUANT_AXIS = {"QLinearConv": 0, "ConvInteger": 0, "QLinearMatMul": -1, "MatMulInteger": -1}
+
+
+def quantization_axis(node: onnx.NodeProto) -> int:
+    """The axis of a node's integer weight that its per-channel zero point runs along."""
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "DequantizeLinear":
+        return attrs.get("axis", 1)
+    if node.op_type == "QGemm":  # B's output features: (K, N), or (N, K) with transB
+        return 0 if attrs.get("transB", 0) else 1
+    return QUANT_AXIS[node.op_type]
 
 
 def _float_side(slot, view):
@@ -222,8 +276,7 @@ def quantized_masked_reference(model, analysis, plan) -> onnx.ModelProto:
             values = masked.setdefault((node.name, slot.input), inits[node.input[slot.input]].copy())
             zero = inits[node.input[ZERO_POINT[node.op_type]]]
             if zero.ndim == 1:  # per channel along the quantization axis
-                axis = int(next((a.i for a in node.attribute if a.name == "axis"), 1)) \
-                    if node.op_type == "DequantizeLinear" else QUANT_AXIS[node.op_type]
+                axis = quantization_axis(node)
                 zero = zero.reshape([-1 if a == axis % values.ndim else 1 for a in range(values.ndim)])
             index = [slice(None)] * values.ndim
             index[slot.axis] = positions
@@ -351,6 +404,25 @@ def test_matmul_integer_zero_points_follow_their_columns():
     np.testing.assert_array_equal(initializer(result.model, "mm1.Wz"), initializer(model, "mm1.Wz")[kept])
 
 
+@pytest.mark.parametrize("join", ["QLinearAdd", "QLinearMul"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_onnxruntime_qoperator_ops_prune(join, channels_last):
+    model = contrib_cnn(join, channels_last)
+    result, analysis = prune_quantized(model)
+    coupled = [g for g in analysis.prunable if {"conv1", "conv2"} <= set(g.sources)]
+    assert len(coupled) == 1 and len(analysis.prunable) == 2  # conv1 + conv2 coupled by the join; conv3
+    out = result.model
+    kept = sum(len(k) for k in result.plan.keep.values())
+    assert initializer(out, "fc.Wq").shape == (kept, 5)
+    np.testing.assert_array_equal(initializer(out, "fc.Ws"), initializer(model, "fc.Ws"))  # per column: kept
+
+
+def test_count_macs_counts_qgemm():
+    model = contrib_cnn("QLinearAdd")
+    convs = 8 * 64 * 27 * 2 + 4 * 64 * 27
+    assert onnxprune.count_macs(model) == convs + 12 * 5
+
+
 # --- MACs ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build, float_macs", [
@@ -377,43 +449,43 @@ class RandomImages:
         return next(self.batches, None)
 
 
-@pytest.fixture(scope="module")
-def resnet18_qdq(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["QDQ", "QOperator"])
+def resnet18_quantized(request, tmp_path_factory) -> Path:
     """torchvision's ResNet-18 (random weights, tools/zoo.py's export), quantized by
-    ``quantize_static`` in the QDQ format with per-channel int8 weights."""
+    ``quantize_static`` with per-channel int8 weights, in the QDQ or the QOperator format."""
     quantization = pytest.importorskip("onnxruntime.quantization")
     from tools import zoo
 
-    out = tmp_path_factory.mktemp("qdq") / "resnet18.qdq.onnx"
+    out = tmp_path_factory.mktemp("quantized") / f"resnet18.{request.param}.onnx"
     quantization.quantize_static(str(zoo.export("resnet18", "legacy")), str(out), RandomImages(),
-                                 quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                 quant_format=getattr(quantization.QuantFormat, request.param), per_channel=True,
                                  weight_type=quantization.QuantType.QInt8,
                                  activation_type=quantization.QuantType.QUInt8)
     return out
 
 
 @pytest.mark.slow
-def test_qdq_resnet18_prunes_at_0_4_valid_and_verified(resnet18_qdq, tmp_path, capsys):
+def test_quantized_resnet18_prunes_at_0_4_valid_and_verified(resnet18_quantized, tmp_path, capsys):
     """The issue's target: valid, same IO, >= 1.5x fewer MACs, verified by the command (exit 0)."""
-    before = resnet18_qdq.read_bytes()
+    before = resnet18_quantized.read_bytes()
     out = tmp_path / "pruned.onnx"
-    code, stdout, err = run_main(capsys, str(resnet18_qdq), "--structured", "0.4", "-o", str(out), "--report",
-                                 str(tmp_path / "report.json"))
+    code, stdout, err = run_main(capsys, str(resnet18_quantized), "--structured", "0.4", "-o", str(out),
+                                 "--report", str(tmp_path / "report.json"))
     assert code == 0, err
-    assert resnet18_qdq.read_bytes() == before
-    original, pruned = onnx.load(str(resnet18_qdq)), onnx.load(str(out))
+    assert resnet18_quantized.read_bytes() == before
+    original, pruned = onnx.load(str(resnet18_quantized)), onnx.load(str(out))
     check_valid(original, pruned)
     macs = onnxprune.count_macs(original) / onnxprune.count_macs(pruned)
     assert macs >= 1.5, macs
     assert onnxprune.count_params(pruned) < onnxprune.count_params(original)
-    assert {n.op_type for n in pruned.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert {n.op_type for n in pruned.graph.node} == {n.op_type for n in original.graph.node}
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["output_error"]["output"] >= 0 and report["macs_ratio"] == pytest.approx(macs)
 
 
 @pytest.mark.slow
-def test_qdq_resnet18_mask_equivalence(resnet18_qdq):
-    model = onnx.load(str(resnet18_qdq))
+def test_quantized_resnet18_mask_equivalence(resnet18_quantized):
+    model = onnx.load(str(resnet18_quantized))
     analysis = onnxprune.analyse(model)
     assert len(analysis.prunable) == 12
     result = onnxprune.prune(model, 0.4)

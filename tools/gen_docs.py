@@ -57,7 +57,8 @@ def ops_page() -> str:
     for op, rule in RULES.items():
         families.setdefault(rule.relate.__module__, []).append(op)
     parts = [STAMP.format(python=PYTHON), "", "# Supported ops", "",
-             f"{len(RULES)} op types have a channel rule (`onnxprune/rules/`, default ONNX domain only); any other "
+             f"{len(RULES)} op types have a channel rule (`onnxprune/rules/`; an op of another domain than ONNX's "
+             "is named with it, `com.microsoft::QLinearAdd`); any other "
              "op is a barrier: channels that reach it are not pruned, and the summary says why. "
              "\"torch\" says whether the PyTorch executor (`onnxprune/executor/ops/`) runs the op, which "
              "recovery training and the gradient criteria (taylor, fisher) need.", ""]

@@ -21,12 +21,16 @@ from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
 
+def table_key(node: onnx.NodeProto) -> str:
+    """How the op tables name a node's op: ``Conv``, or ``com.microsoft::QGemm`` in another domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of all float initializers and float Constant-node tensors, and of the integer
     weights and biases of a quantized model (the inputs of ``STORED_VALUES``)."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    stored = {n.input[i] for n in model.graph.node if n.domain in ("", "ai.onnx")
-              for i in STORED_VALUES.get(n.op_type, ()) if i < len(n.input)}
+    stored = {n.input[i] for n in model.graph.node for i in STORED_VALUES.get(table_key(n), ()) if i < len(n.input)}
     total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats or t.name in stored)
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -41,7 +45,7 @@ def layer_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes:
     if shapes is None:
         shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
     for node in model.graph.node:
-        entry = WEIGHTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        entry = WEIGHTS.get(table_key(node))
         if entry is None or entry.macs is None:
             continue
         dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]

@@ -13,12 +13,16 @@ through the DequantizeLinear (``dequantized_constant``), so the integer
 constant is sliced where the float one would be, and the per-channel scale
 and zero point with it.
 
-**QOperator.** QLinearConv, ConvInteger, QLinearMatMul and MatMulInteger are
-Conv and MatMul with their quantization parameters as extra inputs: each is
-the float op's rule on the inputs that op has (``Twin``), and its per-channel
-scales and zero points follow the operand axis they are indexed by (a
-QLinearConv's ``w_scale`` runs along the filters). Scales of activations are
-per tensor in these ops, so they are kept.
+**QOperator.** QLinearConv, ConvInteger, QLinearMatMul and MatMulInteger,
+and onnxruntime's ``com.microsoft`` ops (QGemm, QLinearAdd, QLinearMul,
+QLinearConcat, QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool,
+QLinearAveragePool) are float ops with their quantization parameters as extra
+inputs: each is the float op's rule on the inputs that op has (``Twin``), and
+its per-channel scales and zero points follow the operand axis they are
+indexed by (a QLinearConv's ``w_scale`` runs along the filters, a QGemm's
+``b_scale`` along B's output features). Scales of activations are per tensor
+in these ops, so they are kept. The pools' ``channels_last`` layout (NHWC)
+passes channels on the last axis.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 # Inputs of each quantized op that hold a model's stored values (weights and biases, as integers):
 # parameters, like the float weights they stand for (analysis/stats.py counts them).
 STORED_VALUES = {"DequantizeLinear": (0,), "QLinearConv": (3, 8), "ConvInteger": (1,), "QLinearMatMul": (3,),
-                 "MatMulInteger": (1,)}
+                 "MatMulInteger": (1,), "com.microsoft::QGemm": (3, 6)}
 
 
 def _present(t) -> bool:
@@ -116,23 +120,39 @@ def stored_values(node, index: int, view) -> np.ndarray:
 # --- QOperator: a float op's rule on the inputs it shares --------------------------------
 
 Axis = Callable[[dict, int], int]
+CONTRIB = "com.microsoft"  # onnxruntime's domain: QLinearAdd, QGemm, QLinearConcat, ...
 
 
 @dataclass(frozen=True)
 class Twin:
     """A quantized op as float op ``of``: ``inputs[k]`` is the quantized op's input that is the
-    float op's input k; ``follows[j] = (i, axis)``: input j (a per-channel scale or zero point)
-    runs along ``axis(attrs, rank of input i)`` of input i."""
+    float op's input k (a function of the node for a variadic op); ``follows[j] = (i, axis)``:
+    input j (a per-channel scale or zero point) runs along ``axis(attrs, rank of input i)`` of
+    input i. ``channels_last``: the op honours onnxruntime's ``channels_last`` attribute (NHWC)."""
 
     of: str
-    inputs: tuple[int, ...]
+    inputs: tuple[int, ...] | Callable
     follows: dict[int, tuple[int, Axis]] = field(default_factory=dict)
+    domain: str = ""
+    channels_last: bool = False
+
+    def inputs_of(self, node) -> tuple[int, ...]:
+        return self.inputs(node) if callable(self.inputs) else self.inputs
 
 
 def _fixed(n: int) -> Axis:
     return lambda attrs, rank: n % rank
 
 
+def _gemm_columns(attrs, rank):  # B is (K, N), or (N, K) with transB: the axis of its output features
+    return 0 if attrs.get("transB", 0) else 1
+
+
+def _concatenated(node) -> tuple[int, ...]:  # Y_scale, Y_zp, then (X, X_scale, X_zp) per input
+    return tuple(range(2, len(node.inputs), 3))
+
+
+_FIVE = (0,)  # X, X_scale, X_zp, Y_scale, Y_zp: unary and pooling ops
 TWINS = {
     # x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B: w_scale / w_zp per filter
     "QLinearConv": Twin("Conv", (0, 3, 8), {4: (3, _fixed(0)), 5: (3, _fixed(0))}),
@@ -143,16 +163,36 @@ TWINS = {
                                              4: (3, _fixed(-1)), 5: (3, _fixed(-1))}),
     # a, b, a_zp, b_zp: a's per row, b's per column
     "MatMulInteger": Twin("MatMul", (0, 1), {2: (0, _fixed(-2)), 3: (1, _fixed(-1))}),
+    # onnxruntime's QOperator ops. A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp
+    "QGemm": Twin("Gemm", (0, 3, 6), {4: (3, _gemm_columns), 5: (3, _gemm_columns)}, CONTRIB),
+    # A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp: every scale per tensor
+    "QLinearAdd": Twin("Add", (0, 3), domain=CONTRIB),
+    "QLinearMul": Twin("Mul", (0, 3), domain=CONTRIB),
+    "QLinearConcat": Twin("Concat", _concatenated, domain=CONTRIB),
+    "QLinearSigmoid": Twin("Sigmoid", _FIVE, domain=CONTRIB),
+    "QLinearLeakyRelu": Twin("LeakyRelu", _FIVE, domain=CONTRIB),
+    "QLinearGlobalAveragePool": Twin("GlobalAveragePool", _FIVE, domain=CONTRIB, channels_last=True),
+    "QLinearAveragePool": Twin("AveragePool", _FIVE, domain=CONTRIB, channels_last=True),
 }
 
 
 def as_float(node, twin: Twin):
     """A stand-in for ``node`` that the float op's rule reads: its inputs, attributes shared."""
-    inputs = [node.inputs[i] if i < len(node.inputs) else None for i in twin.inputs]
+    inputs = [node.inputs[i] if i < len(node.inputs) else None for i in twin.inputs_of(node)]
     while inputs and not _present(inputs[-1]):
         inputs.pop()  # an absent optional input (a bias) is absent for the float op too
-    return SimpleNamespace(op=twin.of, name=node.name, domain=node.domain, inputs=inputs,
+    return SimpleNamespace(op=twin.of, name=node.name, domain="", inputs=inputs,
                            outputs=node.outputs, attrs=node.attrs)
+
+
+def _channels_last(node, view, r: Reached) -> Relation | None:
+    """NHWC pooling: channels on the last axis pass through; on another axis they are pooled."""
+    rank = view.rank(node.inputs[0])
+    if rank is None:
+        return barrier("input shape unknown")
+    if r.axis != rank - 1:
+        return barrier("channels reach a pooled (spatial) axis of an NHWC pool")
+    return Relation([Link(other_side(r), 0, r.axis, r.owner)])
 
 
 def _twin_rule(op: str, twin: Twin):
@@ -160,15 +200,18 @@ def _twin_rule(op: str, twin: Twin):
         return RULES[twin.of]
 
     def relate(node, view, r: Reached):
-        if r.side == "in" and r.index not in twin.inputs:
+        inputs = twin.inputs_of(node)
+        if r.side == "in" and r.index not in inputs:
             return barrier("channels reach a scale or zero point")
-        index = twin.inputs.index(r.index) if r.side == "in" else r.index
+        if twin.channels_last and int(attr(node, "channels_last", 0)):
+            return _channels_last(node, view, r)
+        index = inputs.index(r.index) if r.side == "in" else r.index
         relation = float_rule().relate(as_float(node, twin), view, Reached(r.side, index, r.axis, r.owner))
         if relation.barrier:
             return relation
         links = []
         for link in relation.links:
-            mapped = twin.inputs[link.index] if link.side == "in" else link.index
+            mapped = inputs[link.index] if link.side == "in" else link.index
             links.append(Link(link.side, mapped, link.axis, link.owner, link.role))
             if link.side == "in":
                 followed = _followers(node, view, twin, mapped, link)
@@ -186,7 +229,7 @@ def _twin_rule(op: str, twin: Twin):
         if hook:
             hook(as_float(node, twin), view, cut)
 
-    rule(op, source=source, rewrite=rewrite)(relate)
+    rule(op, source=source, rewrite=rewrite, domain=twin.domain)(relate)
 
 
 def _followers(node, view, twin: Twin, operand: int, link: Link) -> list[Link] | str:
@@ -196,7 +239,7 @@ def _followers(node, view, twin: Twin, operand: int, link: Link) -> list[Link] |
     rank = view.rank(node.inputs[operand])
     for j, (i, axis) in twin.follows.items():
         if i != operand or j >= len(node.inputs) or not _present(node.inputs[j]) \
-                or not _per_channel(view, node.inputs[j]) or rank is None or axis({}, rank) != link.axis:
+                or not _per_channel(view, node.inputs[j]) or rank is None or axis(node.attrs, rank) != link.axis:
             continue
         if not view.is_constant(node.inputs[j]):
             return "per-channel scale or zero point computed at run time"

@@ -61,12 +61,12 @@ class Rule:
 RULES: dict[str, Rule] = {}
 
 
-def rule(*ops: str, source=None, rewrite=None):
-    """Register ``relate`` for default-domain ``ops``."""
+def rule(*ops: str, source=None, rewrite=None, domain: str = ""):
+    """Register ``relate`` for ``ops`` (of the default domain, or keyed ``domain::op``)."""
 
     def register(relate):
         for op in ops:
-            RULES[op] = Rule(relate, source, rewrite)
+            RULES[f"{domain}::{op}" if domain else op] = Rule(relate, source, rewrite)
         return relate
 
     return register
@@ -74,7 +74,7 @@ def rule(*ops: str, source=None, rewrite=None):
 
 def lookup(node) -> Rule | None:
     if node.domain not in (None, "", "ai.onnx"):
-        return None
+        return RULES.get(f"{node.domain}::{node.op}")
     return RULES.get(node.op)
 
 

@@ -146,6 +146,7 @@ WEIGHTS: dict[str, OpWeights] = {
     "ConvInteger": OpWeights(macs=_conv_macs),
     "QLinearMatMul": OpWeights(macs=_on_inputs(_matmul_macs, 0, 3)),
     "MatMulInteger": OpWeights(macs=_matmul_macs),
+    "com.microsoft::QGemm": OpWeights(macs=_on_inputs(_gemm_macs, 0, 3)),
 }
 MULTIPLIED = ("weight", "operand")  # roles whose constant values are summed with the data
 LEARNED = ("weight", "operand", "bias", "norm", "table", "coefficient")  # roles a trainer may update
