@@ -246,6 +246,7 @@ class PruneOptions:
     gate: GateOptions | None = None
     target: Target | None = None
     bench: Latency | None = None
+    quantize: object = None  # pipeline/quantize.py QuantizeOptions: quantize after pruning and recovery
     output: OutputOptions = field(default_factory=OutputOptions)
     seed: int = 0
     quiet: bool = True
@@ -280,7 +281,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     **{f.name: (group, f.name) for group, kind in GROUPS.items() for f in fields(kind)},
     "plan_in": ("widths", "plan"),
     "train": (None, "training"),
-    **{name: (None, name) for name in ("training", "steps", "target", "bench", "seed", "quiet")},
+    **{name: (None, name) for name in ("training", "steps", "target", "bench", "quantize", "seed", "quiet")},
 }
 
 
@@ -433,7 +434,10 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
         if options.output.dry_run:
             raise UsageError("`bench` times the written model: drop `dry_run`")
         options.bench.check()
-    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data)
+    from .pipeline.quantize import check_quantize  # the quantization step's options live beside it
+
+    quantize = check_quantize(options.quantize, has_data, options.output.dry_run)
+    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data, quantize=quantize)
 
 
 def _default_allocation(widths: WidthOptions, has_data: bool, budget: bool) -> WidthOptions:

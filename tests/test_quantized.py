@@ -26,11 +26,14 @@ from graphs import (
     assert_close,
     check_valid,
     consumer_side,
+    listing,
     make_feeds,
     nodes_of,
+    one_error_line,
     removed_positions,
     run,
     run_main,
+    small_cnn,
 )
 
 TOL = 1e-5  # relative to the outputs' scale (measured: 0 on every graph here)
@@ -492,3 +495,124 @@ def test_quantized_resnet18_mask_equivalence(resnet18_quantized):
     feeds = make_feeds(model)
     assert_close(run(quantized_masked_reference(model, analysis, result.plan), feeds), run(result.model, feeds),
                  TOL)
+
+
+# --- prune, then quantize: --quantize ------------------------------------------------------------
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul"}
+
+
+@pytest.fixture
+def float_cnn(tmp_path) -> tuple[Path, Path]:
+    """tests/graphs.py's small_cnn on disk, and 16 calibration samples for it."""
+    model, data = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(small_cnn(), model)
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32))
+    return model, data
+
+
+def ops_of(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_quantize_without_data_is_dynamic_and_keeps_the_float_model(float_cnn, tmp_path, capsys):
+    model, _ = float_cnn
+    out, kept, report = tmp_path / "q.onnx", tmp_path / "float.onnx", tmp_path / "r.json"
+    before = model.read_bytes()
+    code, stdout, err = run_main(capsys, model, "--structured", "0.5", "-o", out, "--quantize", "int8",
+                                 "--keep-float", kept, "--report", report)
+    assert code == 0, err
+    assert model.read_bytes() == before
+    assert {"DynamicQuantizeLinear", "ConvInteger"} <= ops_of(out)
+    assert not ops_of(kept) & QUANTIZED_OPS  # the float pruned model
+    original, quantized, pruned = (onnx.load(str(p)) for p in (model, out, kept))
+    for written in (quantized, pruned):
+        check_valid(original, written)
+    assert onnxprune.count_macs(quantized) < onnxprune.count_macs(original)
+    assert any(t.data_type == TensorProto.INT8 and len(t.dims) == 4 for t in quantized.graph.initializer)
+    assert "quantize  int8 weights per tensor, qoperator format, dynamic" in stdout
+    r = json.loads(report.read_text())
+    assert r["quantization"]["mode"] == "dynamic" and r["quantization"]["samples"] == 0
+
+
+def test_verification_compares_the_quantized_model_with_the_original(float_cnn, tmp_path, capsys):
+    """Nothing cut: the float copy deviates by 0, the quantized one by its quantization error."""
+    model, _ = float_cnn
+    errors = []
+    for name, args in (("f", []), ("q", ["--quantize", "int8"])):
+        code, _, err = run_main(capsys, model, "--structured", "0", "-o", tmp_path / f"{name}.onnx", "--report",
+                                tmp_path / f"{name}.json", *args)
+        assert code == 0, err
+        errors.append(json.loads((tmp_path / f"{name}.json").read_text())["output_error"].get("fc_out", 0.0))
+    assert errors[0] == 0 and 0 < errors[1] < 0.2, errors
+
+
+@pytest.mark.parametrize("fmt, per_channel, expect", [
+    ("qdq", False, {"QuantizeLinear", "DequantizeLinear", "Conv"}),
+    ("qoperator", True, {"QLinearConv"}),
+], ids=["qdq", "qoperator-per-channel"])
+def test_quantize_with_data_is_static(float_cnn, tmp_path, capsys, fmt, per_channel, expect):
+    model, data = float_cnn
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    args = ["--quantize-per-channel"] if per_channel else []
+    code, stdout, err = run_main(capsys, model, "--structured", "0.5", "-o", out, "--data", data, "--no-reconstruct",
+                                 "--no-compensate", "--quantize", "uint8", "--quantize-format", fmt, *args,
+                                 "--report", report)
+    assert code == 0, err
+    assert expect <= ops_of(out)
+    check_valid(onnx.load(str(model)), onnx.load(str(out)))
+    scales = "per channel" if per_channel else "per tensor"
+    assert f"quantize  uint8 weights {scales}, {fmt} format, static, calibrated on 16 samples" in stdout
+    r = json.loads(report.read_text())
+    assert r["quantization"] == {"mode": "static", "dtype": "uint8", "format": fmt, "per_channel": per_channel,
+                                 "samples": 16, "keep_float": None}
+    assert 0 < r["output_error"]["fc_out"] < 1
+
+
+def test_the_quality_gate_judges_the_quantized_model(float_cnn, tmp_path, capsys):
+    """Nothing cut: the float model passes any gate; the quantized one fails a gate below its error."""
+    model, data = float_cnn
+    common = ["--structured", "0", "--data", data, "--no-reconstruct", "--no-compensate", "--quantize", "int8"]
+    code, _, err = run_main(capsys, model, *common, "-o", tmp_path / "a.onnx", "--max-output-error", "1",
+                            "--report", tmp_path / "a.json")
+    assert code == 0, err
+    measured = json.loads((tmp_path / "a.json").read_text())["gate"]["output_error"]
+    assert measured > 0
+    code, _, err = run_main(capsys, model, *common, "-o", tmp_path / "b.onnx", "--max-output-error",
+                            str(measured / 2), "--keep-float", tmp_path / "k.onnx")
+    assert code == 6 and "nothing written" in one_error_line(err)
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "k.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize-format", "qdq", "--quantize", "int8"], "--quantize-format qdq is static quantization"),
+    (["--keep-float", "k.onnx"], "--keep-float applies to --quantize"),
+    (["--quantize-per-channel"], "--quantize-per-channel applies to --quantize"),
+    (["--quantize", "int8", "--dry-run"], "drop --dry-run"),
+])
+def test_quantize_usage_errors(float_cnn, tmp_path, capsys, args, message):
+    model, _ = float_cnn
+    out = [] if "--dry-run" in args else ["-o", tmp_path / "q.onnx"]
+    code, _, err = run_main(capsys, model, "--structured", "0.5", *out, *args)
+    assert code == 2 and message in one_error_line(err)
+    assert listing(tmp_path) == {"cnn.onnx", "calib.npz"}
+
+
+def test_quantize_refuses_a_quantized_model(tmp_path, capsys):
+    path = tmp_path / "q.onnx"
+    onnx.save(qdq_cnn(True), path)
+    code, _, err = run_main(capsys, path, "--structured", "0.5", "-o", tmp_path / "out.onnx", "--quantize", "int8")
+    assert code == 2 and "quantized already" in one_error_line(err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_prune_file_takes_quantize_and_prune_does_not(float_cnn, tmp_path):
+    model, _ = float_cnn
+    report = onnxprune.prune_file(model, tmp_path / "q.onnx", 0.5, quantize="uint8")
+    assert report.quantization["mode"] == "dynamic" and report.quantization["dtype"] == "uint8"
+    assert "ConvInteger" in ops_of(tmp_path / "q.onnx")
+    with pytest.raises(TypeError, match="quantize"):
+        onnxprune.prune(onnx.load(str(model)), 0.5, quantize="int8")
+    with pytest.raises(onnxprune.UsageError, match="`quantize` must be one of int8, uint8"):
+        onnxprune.prune_file(model, tmp_path / "r.onnx", 0.5, quantize="int4")

@@ -1,6 +1,6 @@
 """The whole job on a file: what ``onnxprune MODEL ...`` and ``prune_file`` run.
 
-    load -> [search the ratio for a budget] -> prune (in rounds, recovering) -> [sparsify]
+    load -> [search the ratio for a budget] -> prune (in rounds, recovering) -> [sparsify] -> [quantize]
          -> [quality gate] -> write + verify atomically -> [benchmark] -> report
 
 Options are validated first, and every output path is checked before any
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..analysis.stats import count_params
 from ..cut import iochange
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
@@ -38,6 +39,7 @@ from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
 from .prune import PruneResult, unpruned
+from .quantize import quantize, refuse_quantized
 from .rounds import prune_rounds
 from .target import find_ratio
 
@@ -53,13 +55,17 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if not out.dry_run:
         check_output_path(input_path, output, out.force)
     plan_file = options.widths.plan if isinstance(options.widths.plan, (str, Path)) else None
+    keep_float = options.quantize.keep_float if options.quantize is not None else None
     check_side_files(input_path, None if out.dry_run else output,
-                     {"`report_path`": out.report_path, "`plan_out`": out.plan_out}, {"`plan`": plan_file})
+                     {"`report_path`": out.report_path, "`plan_out`": out.plan_out, "`keep_float`": keep_float},
+                     {"`plan`": plan_file})
     if plan_file is not None:
         options = replace(options, widths=replace(options.widths, plan=Plan.load(plan_file)))
     loaded = read_model(input_path)
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
+    if options.quantize is not None:
+        refuse_quantized(model)
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched = None
     if options.target is not None and options.widths.allocate != "sensitivity":
@@ -72,6 +78,10 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         result = prune_rounds(model, options)
     if options.sparsity is not None:
         result = _sparsified(result, options)
+    float_model = None
+    if options.quantize is not None:  # after recovery and sparsity; the gate and verification judge the result
+        float_model = result.model if options.quantize.keep_float else None
+        result = _quantized(result, options)
     if options.gate is not None and (options.gate.max_accuracy_drop is not None
                                      or options.gate.max_output_error is not None):
         _quality_gate(result, model, options)
@@ -92,6 +102,9 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
             result = model = None  # free the input model and its analysis before verification loads it again
             _write_verified(pruned, output, input_path, report, out.verify, options.seed,
                             options.analysis.input_shapes)
+        if float_model is not None:
+            with AtomicModelWriter(Path(keep_float)) as writer:
+                writer.write(float_model)
         report.written = True
     report.seconds = time.perf_counter() - started
     if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
@@ -131,6 +144,18 @@ def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:
     result.report.add_warnings(caught)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
+
+
+def _quantized(result: PruneResult, options: PruneOptions) -> PruneResult:
+    """The pruned model quantized (pipeline/quantize.py): static on the calibration data, dynamic without."""
+    data = options.data.data
+    if data is not None:
+        data = iochange.candidate_data(data, iochange.read(result.model)).sample(options.data.calib_samples,
+                                                                                 options.seed)
+    model, record = quantize(result.model, options.quantize, data, options.data.batch_size)
+    result.report.quantization = record
+    result.report.params_after = count_params(model)
+    return PruneResult(model, result.plan, result.report)
 
 
 def _quality_gate(result: PruneResult, model: onnx.ModelProto, options: PruneOptions) -> None:

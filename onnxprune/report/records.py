@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass, field
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line, worth_a_line
+from .text import (
+    conversion_line,
+    dynamic_line,
+    group_label,
+    labelled_reason,
+    node_labels,
+    quantization_line,
+    summary_line,
+    worth_a_line,
+)
 
 REPORT_SCHEMA = 1
 
@@ -131,6 +140,7 @@ class Report:
     modules: dict[str, str] = field(default_factory=dict)
     written: bool = False
     sparsity: SparsityReport | None = None
+    quantization: dict | None = None  # --quantize: how the written model was quantized (pipeline/quantize.py)
     schema_version: int = REPORT_SCHEMA
 
     @property
@@ -219,6 +229,8 @@ class Report:
             lines += self.sparsity.summary_lines(verbose)
         if self.training:
             lines.extend(_training_lines(self.training))
+        if self.quantization:
+            lines.append(quantization_line(self.quantization))
         if self.rounds:
             lines.append(f"rounds  {len(self.rounds)} (each removes {self.rounds[0]['ratio']:.3f} of what is left)")
         if self.gate:
