@@ -183,12 +183,13 @@ class Latency:
             raise UsageError(f"`iters` must be at least 1 and `warmup` at least 0, got {self.iters}, {self.warmup}")
         return resolve_provider(self.provider)
 
-    def time(self, paths: list, input_shapes: dict | None = None, batches=None):
+    def time(self, paths: list, input_shapes: dict | None = None, batches=None, labels=None):
         """``runtime.bench.bench`` of ``paths`` (the first is the speedup reference)."""
         from .runtime.bench import bench
 
         return bench([str(p) for p in paths], list(batches or self.batches), provider=self.provider,
-                     threads=self.threads, warmup=self.warmup, iters=self.iters, input_shapes=input_shapes)
+                     threads=self.threads, warmup=self.warmup, iters=self.iters, input_shapes=input_shapes,
+                     labels=labels)
 
 
 @dataclass

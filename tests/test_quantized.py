@@ -616,3 +616,43 @@ def test_prune_file_takes_quantize_and_prune_does_not(float_cnn, tmp_path):
         onnxprune.prune(onnx.load(str(model)), 0.5, quantize="int8")
     with pytest.raises(onnxprune.UsageError, match="`quantize` must be one of int8, uint8"):
         onnxprune.prune_file(model, tmp_path / "r.onnx", 0.5, quantize="int4")
+
+
+# --- base, pruned and pruned + int8 side by side -------------------------------------------------
+
+FAST = ("--bench-iters", "3", "--threads", "1")
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["float-not-kept", "keep-float"])
+def test_bench_shows_base_pruned_and_quantized(float_cnn, tmp_path, capsys, keep):
+    model, _ = float_cnn
+    out, kept, report = tmp_path / "q.onnx", tmp_path / "float.onnx", tmp_path / "r.json"
+    args = ["--keep-float", kept] if keep else []
+    code, stdout, err = run_main(capsys, model, "--structured", "0.5", "-o", out, "--quantize", "int8", "--bench",
+                                 "cpu", *FAST, "--report", report, *args)
+    assert code == 0, err
+    bench = json.loads(report.read_text())["bench"]
+    middle = str(kept) if keep else "pruned (float, not kept)"
+    assert [t["model"] for t in bench["timings"]] == [str(model), middle, str(out)]
+    assert bench["threads"] == 1 and bench["provider"] == "CPUExecutionProvider"
+    assert bench["sizes"][str(model)] == model.stat().st_size and bench["sizes"][str(out)] == out.stat().st_size
+    errors = bench["output_error"]
+    assert errors[str(model)] == 0 and errors[middle] > 0 and errors[str(out)] > 0
+    assert listing(tmp_path) == {"cnn.onnx", "calib.npz", "q.onnx", "r.json", *(["float.onnx"] if keep else [])}
+    header = next(line for line in stdout.splitlines() if line.startswith("model"))
+    assert header.split()[-3:] == ["size", "MB", "error"]
+
+
+def test_bench_command_reports_size_and_output_error(float_cnn, tmp_path, capsys):
+    model, _ = float_cnn
+    assert run_main(capsys, model, "--structured", "0", "-o", tmp_path / "q.onnx", "--quantize", "int8")[0] == 0
+    code, stdout, err = run_main(capsys, "bench", model, tmp_path / "q.onnx", "--iters", "3", "--threads", "1",
+                                 "--json", tmp_path / "b.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["sizes"] == {str(model): model.stat().st_size,
+                               str(tmp_path / "q.onnx"): (tmp_path / "q.onnx").stat().st_size}
+    error = result["output_error"][str(tmp_path / "q.onnx")]
+    assert 0 < error < 0.2  # quantization alone: nothing was cut
+    rows = [line.split() for line in stdout.splitlines()[2:]]
+    assert rows[0][-1] == "0" and float(rows[1][-1]) == pytest.approx(error, rel=1e-2)

@@ -10,6 +10,7 @@ modified.
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -80,7 +81,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         result = _sparsified(result, options)
     float_model = None
     if options.quantize is not None:  # after recovery and sparsity; the gate and verification judge the result
-        float_model = result.model if options.quantize.keep_float else None
+        float_model = result.model if options.quantize.keep_float or options.bench is not None else None
         result = _quantized(result, options)
     if options.gate is not None and (options.gate.max_accuracy_drop is not None
                                      or options.gate.max_output_error is not None):
@@ -102,13 +103,13 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
             result = model = None  # free the input model and its analysis before verification loads it again
             _write_verified(pruned, output, input_path, report, out.verify, options.seed,
                             options.analysis.input_shapes)
-        if float_model is not None:
+        if keep_float:
             with AtomicModelWriter(Path(keep_float)) as writer:
                 writer.write(float_model)
         report.written = True
     report.seconds = time.perf_counter() - started
     if options.bench is not None:  # after the pruning time is taken: the benchmark is not part of it
-        report.bench = options.bench.time([input_path, output], options.analysis.input_shapes)
+        report.bench = _bench(input_path, output, float_model, keep_float, options)
     if out.report_path:
         report.save(out.report_path)
     return report
@@ -144,6 +145,22 @@ def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:
     result.report.add_warnings(caught)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
+
+
+def _bench(input_path: Path, output: Path, float_model, keep_float, options: PruneOptions):
+    """The input and the output side by side; with `quantize`, the float pruned model between them
+    (written to a temporary file where `keep_float` does not keep it)."""
+    shapes = options.analysis.input_shapes
+    if float_model is None:
+        return options.bench.time([input_path, output], shapes)
+    if keep_float:
+        return options.bench.time([input_path, keep_float, output], shapes)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        path = Path(tmp) / "pruned.float.onnx"
+        with AtomicModelWriter(path) as writer:
+            writer.write(float_model)
+        labels = [str(input_path), "pruned (float, not kept)", str(output)]
+        return options.bench.time([input_path, path, output], shapes, labels=labels)
 
 
 def _quantized(result: PruneResult, options: PruneOptions) -> PruneResult:
