@@ -358,6 +358,24 @@ def test_magnitudes_are_measured_on_the_dequantized_weights():
     assert 0 not in next(iter(result.plan.keep.values()))
 
 
+def test_per_channel_activation_quantization_is_sliced_with_the_channels():
+    """A Q/DQ pair with one scale per channel (axis 1) on conv1's output: its scales and zero
+    points go with conv1's filters."""
+    b = GraphBuilder(seed=20)
+    x = qdq(b, b.input("x", [1, 3, 8, 8]))
+    h = b.op("Conv", [x, dq_weight(b, (8, 3, 3, 3), 0, "conv1")], name="conv1", kernel_shape=[3, 3],
+             pads=[1, 1, 1, 1])
+    scale = b.const((0.01 + 0.01 * b.rng.random(8)).astype(np.float32), "act.s")
+    zero = b.const(np.full(8, 128, np.uint8) + np.arange(8, dtype=np.uint8), "act.z")
+    h = b.op("DequantizeLinear", [b.op("QuantizeLinear", [b.op("Relu", [h]), scale, zero], axis=1), scale, zero],
+             axis=1)
+    model = b.build(b.op("Conv", [h, dq_weight(b, (4, 8, 1, 1), 0, "conv2")], name="conv2", kernel_shape=[1, 1]))
+    result, analysis = prune_quantized(model)
+    kept = result.plan.keep[analysis.prunable[0].id]
+    np.testing.assert_array_equal(initializer(result.model, "act.z"), initializer(model, "act.z")[kept])
+    np.testing.assert_array_equal(initializer(result.model, "act.s"), initializer(model, "act.s")[kept])
+
+
 def test_per_channel_scale_computed_at_run_time_is_a_barrier():
     b = GraphBuilder(seed=18)
     x = b.input("x", [2, 16])
