@@ -40,7 +40,7 @@ from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
 from .prune import PruneResult, unpruned
-from .quantize import quantize, refuse_quantized
+from .quantize import CALIBRATION_SAMPLES, quantize, refuse_quantized
 from .rounds import prune_rounds
 from .target import find_ratio
 
@@ -167,9 +167,9 @@ def _quantized(result: PruneResult, options: PruneOptions) -> PruneResult:
     """The pruned model quantized (pipeline/quantize.py): static on the calibration data, dynamic without."""
     data = options.data.data
     if data is not None:
-        data = iochange.candidate_data(data, iochange.read(result.model)).sample(options.data.calib_samples,
-                                                                                 options.seed)
-    model, record = quantize(result.model, options.quantize, data, options.data.batch_size)
+        count = min(options.data.calib_samples or CALIBRATION_SAMPLES, CALIBRATION_SAMPLES)
+        data = iochange.candidate_data(data, iochange.read(result.model)).sample(count, options.seed)
+    model, record = quantize(result.model, options.quantize, data)
     result.report.quantization = record
     result.report.params_after = count_params(model)
     return PruneResult(model, result.plan, result.report)
