@@ -82,11 +82,8 @@ class _Batches:
     def __init__(self, data: Dataset, model: onnx.ModelProto, batch_size: int | None):
         self._batches = iter(feeds for feeds, _ in model_batches(data, model, batch_size)[0])
 
-    def get_next(self):
+    def get_next(self):  # the protocol's one method (CalibrationDataReader.__subclasshook__)
         return next(self._batches, None)
-
-    def __iter__(self):  # onnxruntime >= 1.20 iterates the reader
-        return iter(self.get_next, None)
 
 
 @contextlib.contextmanager
