@@ -16,7 +16,7 @@ import onnx
 
 from ..graph.shapes import static_shapes
 from ..model.inputs import resolve_input_shapes
-from ..rules.quant import STORED_VALUES
+from ..rules.quant import STORED_VALUES, quantization_inputs
 from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
@@ -28,10 +28,13 @@ def table_key(node: onnx.NodeProto) -> str:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of all float initializers and float Constant-node tensors, and of the integer
-    weights and biases of a quantized model (the inputs of ``STORED_VALUES``)."""
+    weights and biases of a quantized model (the inputs of ``STORED_VALUES``); the scales and zero
+    points of its quantization are not parameters."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
     stored = {n.input[i] for n in model.graph.node for i in STORED_VALUES.get(table_key(n), ()) if i < len(n.input)}
-    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats or t.name in stored)
+    scales = {name for n in model.graph.node for name in quantization_inputs(table_key(n), list(n.input))}
+    total = sum(math.prod(t.dims) for t in model.graph.initializer
+                if (t.data_type in floats and t.name not in scales) or t.name in stored)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:

@@ -249,3 +249,15 @@ def _followers(node, view, twin: Twin, operand: int, link: Link) -> list[Link] |
 
 for _op, _twin in TWINS.items():
     _twin_rule(_op, _twin)
+
+
+def quantization_inputs(op: str, node_inputs: list[str]) -> list[str]:
+    """The scales and zero points among a node's inputs (``op`` keyed as the rule table keys it):
+    arithmetic of the quantization, not parameters of the model."""
+    if op in QDQ:
+        return node_inputs[1:3]
+    twin = TWINS.get(op.rpartition("::")[2]) if op.startswith(f"{CONTRIB}::") or op in TWINS else None
+    if twin is None:
+        return []
+    data = set(twin.inputs_of(SimpleNamespace(inputs=node_inputs)))
+    return [name for i, name in enumerate(node_inputs) if i not in data]
