@@ -674,3 +674,10 @@ def test_bench_command_reports_size_and_output_error(float_cnn, tmp_path, capsys
     assert 0 < error < 0.2  # quantization alone: nothing was cut
     rows = [line.split() for line in stdout.splitlines()[2:]]
     assert rows[0][-1] == "0" and float(rows[1][-1]) == pytest.approx(error, rel=1e-2)
+
+
+def test_count_params_counts_integer_weights_not_scales():
+    """conv1 8x3x3x3 + its bias 8, conv2 4x8x3x3, fc 5x8: the float model's count; the per-channel
+    scales and zero points beside them are not parameters."""
+    assert onnxprune.count_params(qdq_cnn(True)) == 216 + 8 + 288 + 40
+    assert onnxprune.count_params(qlinear_cnn(True)) == 216 + 8 + 288
