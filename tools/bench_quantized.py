@@ -152,15 +152,16 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30, help="timed runs per variant and thread count (default 30)")
     p.add_argument("--resnet-samples", type=int, default=64, help="calibration photos for ResNet-50 (default 64)")
     p.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")
+    p.add_argument("--data-dir", type=Path, default=lite.DATA_DIR, help=f"default {lite.DATA_DIR}")
     p.add_argument("--reuse", action="store_true", help="measure the variants an earlier run wrote, if all are there")
     args = p.parse_args(argv)
-    missing = lite.data_present()
+    missing = lite.data_present(args.data_dir)
     if missing:
         print(f"skipped: {missing}")
         return 0
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in args.threads.split(",")]
-    split = lite.cached_split()
+    split = lite.cached_split(args.data_dir)
     rows = []
     for name in args.models.split(","):
         model, calib, x, y = inputs_for(name, split, args.resnet_samples)
