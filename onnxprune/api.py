@@ -89,10 +89,12 @@ def prune_file(input_path: str | Path, output_path: str | Path | None = None, ra
     ratio that meets a MACs, params or latency budget instead of taking
     ``ratio``; ``bench`` (options.Latency) times the input and the written
     output side by side afterwards (``report.bench``); ``train``
-    (options.TrainOptions) recovers accuracy; ``max_accuracy_drop`` and
-    ``max_output_error`` gate the result; ``depth`` (a fraction of the removable
-    residual blocks) and ``drop_blocks`` (block id globs) remove whole blocks first
-    (docs/depth.md), ``block_importance`` ranks them.
+    (options.TrainOptions) recovers accuracy; ``quantize`` (``"int8"``,
+    ``"uint8"`` or pipeline.quantize.QuantizeOptions) writes the result
+    quantized by onnxruntime (static on ``data``, dynamic without);
+    ``max_accuracy_drop`` and ``max_output_error`` gate the result; ``depth`` (a
+    fraction of the removable residual blocks) and ``drop_blocks`` (block id
+    globs) remove whole blocks first (docs/depth.md), ``block_importance`` ranks them.
     """
     return run_file(input_path, output_path, _options(ratio, options, keywords, None))
 

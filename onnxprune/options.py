@@ -188,12 +188,13 @@ class Latency:
             raise UsageError(f"`iters` must be at least 1 and `warmup` at least 0, got {self.iters}, {self.warmup}")
         return resolve_provider(self.provider)
 
-    def time(self, paths: list, input_shapes: dict | None = None, batches=None):
+    def time(self, paths: list, input_shapes: dict | None = None, batches=None, labels=None):
         """``runtime.bench.bench`` of ``paths`` (the first is the speedup reference)."""
         from .runtime.bench import bench
 
         return bench([str(p) for p in paths], list(batches or self.batches), provider=self.provider,
-                     threads=self.threads, warmup=self.warmup, iters=self.iters, input_shapes=input_shapes)
+                     threads=self.threads, warmup=self.warmup, iters=self.iters, input_shapes=input_shapes,
+                     labels=labels)
 
 
 @dataclass
@@ -256,6 +257,7 @@ class PruneOptions:
     gate: GateOptions | None = None
     target: Target | None = None
     bench: Latency | None = None
+    quantize: object = None  # pipeline/quantize.py QuantizeOptions: quantize after pruning and recovery
     output: OutputOptions = field(default_factory=OutputOptions)
     seed: int = 0
     quiet: bool = True
@@ -290,7 +292,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     **{f.name: (group, f.name) for group, kind in GROUPS.items() for f in fields(kind)},
     "plan_in": ("widths", "plan"),
     "train": (None, "training"),
-    **{name: (None, name) for name in ("training", "steps", "target", "bench", "seed", "quiet")},
+    **{name: (None, name) for name in ("training", "steps", "target", "bench", "quantize", "seed", "quiet")},
 }
 
 
@@ -409,7 +411,11 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
         if options.output.dry_run:
             raise UsageError("`bench` times the written model: drop `dry_run`")
         options.bench.check()
-    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data, depth=depth)
+    from .pipeline.quantize import check_quantize  # the quantization step's options live beside it
+
+    quantize = check_quantize(options.quantize, has_data, options.output.dry_run)
+    return replace(options, analysis=validate_analysis(options.analysis), widths=widths, data=data, depth=depth,
+                   quantize=quantize)
 
 
 def _default_allocation(widths: WidthOptions, has_data: bool, budget: bool) -> WidthOptions:

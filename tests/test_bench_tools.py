@@ -1,5 +1,6 @@
 """The accuracy benchmarks' own logic: skipping without data, intervals, the targets' verdicts,
-and the text model's corpus split and perplexity (tools/bench_pretrained.py, tools/make_text_model.py)."""
+and the text model's corpus split and perplexity (tools/bench_pretrained.py, tools/bench_quantized.py,
+tools/make_text_model.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from tools import bench_pretrained as bench
+from tools import bench_quantized
 from tools import make_text_model as text
 
 
@@ -16,6 +18,22 @@ def test_the_pretrained_benchmark_skips_with_its_reason_when_the_photos_are_abse
     assert bench.main(["--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("skipped: ") and "imagenet-500 not found" in out
+
+
+def test_the_quantization_benchmark_skips_with_its_reason_when_the_photos_are_absent(tmp_path, capsys):
+    assert bench_quantized.main(["--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("skipped: ") and "imagenet-500 not found" in out
+
+
+def test_the_quantization_table_gives_ratios_to_each_models_float_row():
+    rows = [{"model": m, "variant": v, "macs": macs, "size": size, "ms_1t": ms, "top1": top1}
+            for m, top1 in (("lite1", 80.0), ("resnet50", None))
+            for v, macs, size, ms in (("float", 6e8, 2e7, 40.0), ("pruned + int8", 3e8, 5e6, 10.0))]
+    lines = bench_quantized.table(rows, [1]).splitlines()
+    assert lines[0] == "| model | variant | MACs | size MB | batch 1, 1 thread ms | held-out top-1 |"
+    assert lines[3] == "| lite1 | pruned + int8 | 0.300G (2.00x fewer) | 5.00 | 10.0 (4.00x) | 80.0% |"
+    assert lines[4].endswith("| 40.0 (1.00x) | n/a (random weights) |")
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_paired():

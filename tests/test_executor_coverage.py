@@ -32,7 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 COMPILED = set(CONTROL_FLOW)
 
 # Ops with a channel rule but no torch implementation: op -> why it is acceptable for now.
-KNOWN_WITHOUT_TORCH: dict[str, str] = {}
+_QUANTIZED = ("quantized graphs are pruned, not trained: integer weights take no gradient steps "
+              "(recover the float model, then quantize it)")
+KNOWN_WITHOUT_TORCH: dict[str, str] = {op: _QUANTIZED for op in (
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
+    *(f"com.microsoft.{op}" for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+                                        "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool")))}
 
 # Ops the executor runs that have no channel rule (channels reaching them stop there): op -> why.
 KNOWN_WITHOUT_RULE = {

@@ -1,6 +1,7 @@
 """Graph forms that real exporters produce: weights as Constant nodes (paddle2onnx), weights
 stored in float16 behind a Cast, NHWC graphs with Transposes around convolutions (tf2onnx),
-Reshape targets built by Concat, external data, and quantized models (refused cleanly)."""
+Reshape targets built by Concat, external data, and quantized models (QDQ read; int8 weights
+behind a Cast refused cleanly)."""
 
 from __future__ import annotations
 
@@ -217,13 +218,21 @@ def int8_cast_mul_model() -> onnx.ModelProto:
     return b.build(b.op("MatMul", [x, wf]))
 
 
-@pytest.mark.parametrize("build, what", [(qdq_model, "DequantizeLinear"), (int8_cast_mul_model, "int8 weights")])
-def test_quantized_models_are_refused_with_exit_4(tmp_path, capsys, build, what):
+def test_int8_weights_dequantized_by_hand_are_refused_with_exit_4(tmp_path, capsys):
     path = tmp_path / "q.onnx"
-    onnx.save(build(), path)
-    with pytest.raises(UnsupportedModel, match=what):
-        onnxprune.prune(build(), 0.5)
+    onnx.save(int8_cast_mul_model(), path)
+    with pytest.raises(UnsupportedModel, match="int8 weights"):
+        onnxprune.prune(int8_cast_mul_model(), 0.5)
     code = main([str(path), "--structured", "0.5", "-o", str(tmp_path / "out.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 4 and len(err) == 1 and "quantized model" in err[0] and "then quantize" in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_qdq_model_is_read_not_refused(tmp_path, capsys):
+    """QDQ models have rules (tests/test_quantized.py): this one's only conv feeds the graph
+    output, so nothing is cut, and the run says so instead of refusing the model."""
+    path = tmp_path / "q.onnx"
+    onnx.save(qdq_model(), path)
+    assert main([str(path), "--structured", "0.5", "-o", str(tmp_path / "out.onnx")]) == 0
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)

@@ -17,9 +17,6 @@ from ..graph.view import GraphView
 from ..options import AnalysisOptions
 from .groups import Group, find_groups
 
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
-                 "QAttention"}  # MatMulNBits has a rule (rules/contrib.py): its blocks are cut whole
 _INT_WEIGHTS = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
@@ -35,24 +32,21 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
 
-def refuse_quantized(model: onnx.ModelProto) -> None:
-    """Quantized models are refused: their scales and zero points would have to be cut too."""
-    found = next((n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
-    if found is None:
-        small = 16
-        int_weights = {t.name for t in model.graph.initializer
-                       if t.data_type in _INT_WEIGHTS and np.prod(t.dims) > small}
-        cast = next((n for n in model.graph.node if n.op_type == "Cast" and n.input and n.input[0] in int_weights),
-                    None)
-        found = cast and f"int8 weights behind Cast ({cast.input[0]})"
-    if found:
-        raise UnsupportedModel(f"quantized model ({found}): prune the float model, then quantize the result")
+def refuse_hand_dequantized(model: onnx.ModelProto) -> None:
+    """Integer weights dequantized by hand (Cast, then Mul by a scale) are refused: no rule follows
+    them (QDQ and QOperator models have rules: rules/quant.py)."""
+    small = 16
+    int_weights = {t.name for t in model.graph.initializer if t.data_type in _INT_WEIGHTS and np.prod(t.dims) > small}
+    cast = next((n for n in model.graph.node if n.op_type == "Cast" and n.input and n.input[0] in int_weights), None)
+    if cast is not None:
+        raise UnsupportedModel(f"quantized model (int8 weights behind Cast ({cast.input[0]})): prune the float "
+                               "model, then quantize the result")
 
 
 def analyse(model: onnx.ModelProto, options: AnalysisOptions | None = None) -> Analysis:
     """Channel groups of ``model`` (which is not modified)."""
     options = options or AnalysisOptions()
-    refuse_quantized(model)
+    refuse_hand_dequantized(model)
     shapes = analyse_shapes(model, options.input_shapes)
     view = GraphView.from_model(model, shapes)
     view.prune_hidden = options.prune_hidden

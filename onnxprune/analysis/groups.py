@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph.names import matches
 from ..graph.view import GraphView
+from ..rules.quant import dequantized_constant
 from ..rules.registry import Reached, lookup
 
 MAX_REASONS = 3
@@ -258,8 +259,26 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
                 continue
             if view.is_constant(t):
                 add_param(node, link.index, link.axis, link.owner, link.role)
+            elif (stored := dequantized_constant(view, t)) is not None:
+                add_dequantized(stored, link)
             else:
                 add_dim(t, link.axis, link.owner)
+
+    def add_dequantized(node, link) -> None:
+        """A constant stored quantized: its DequantizeLinear's rule says which of its integer
+        values, scales and zero points go with the channels (rules/quant.py)."""
+        seen_nodes.setdefault(node.name)
+        if len(view.consumers(node.outputs[0])) > 1:
+            block(f"{node.op} {node.name}: quantized constant shared by several nodes")
+            return
+        relation = lookup(node).relate(node, view, Reached("out", 0, link.axis, link.owner))
+        if relation.barrier:
+            block(f"{node.op} {node.name}: {relation.barrier}")
+            return
+        for inner in relation.links:
+            if inner.side == "in":
+                role = link.role if inner.index == 0 else inner.role  # the integer values play the float's part
+                add_param(node, inner.index, inner.axis, inner.owner, role)
 
     add_dim(tensor, axis, owner)
     while queue:

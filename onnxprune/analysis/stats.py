@@ -16,18 +16,29 @@ import onnx
 
 from ..graph.shapes import graphs, static_shapes
 from ..model.inputs import resolve_input_shapes
+from ..rules.quant import STORED_VALUES, quantization_inputs
 from ..rules.registry import op_key
 from ..rules.weights import WEIGHTS, proto_attrs
 from .groups import MORE_REASONS, barrier_of
 
 
+def table_key(node: onnx.NodeProto) -> str:
+    """How the op tables name a node's op: ``Conv``, or ``com.microsoft.QGemm`` in another domain."""
+    return op_key(node.domain, node.op_type)
+
+
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of all float initializers and float Constant-node tensors, subgraphs' included (the
-    cut moves a sliced weight of a branch or loop body into that subgraph)."""
+    cut moves a sliced weight of a branch or loop body into that subgraph), and of the integer
+    weights and biases of a quantized model (the inputs of ``STORED_VALUES``); the scales and zero
+    points of its quantization are not parameters."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
     total = 0
     for graph in graphs(model.graph):
-        total += sum(math.prod(t.dims) for t in graph.initializer if t.data_type in floats)
+        stored = {n.input[i] for n in graph.node for i in STORED_VALUES.get(table_key(n), ()) if i < len(n.input)}
+        scales = {name for n in graph.node for name in quantization_inputs(table_key(n), list(n.input))}
+        total += sum(math.prod(t.dims) for t in graph.initializer
+                     if (t.data_type in floats and t.name not in scales) or t.name in stored)
         for node in graph.node:
             if node.op_type == "Constant":
                 for a in node.attribute:
@@ -41,7 +52,7 @@ def layer_macs(model: onnx.ModelProto, input_shapes: dict | None = None, shapes:
     if shapes is None:
         shapes = static_shapes(model, resolve_input_shapes(model, input_shapes))
     for node in model.graph.node:
-        entry = WEIGHTS.get(op_key(node.domain, node.op_type))
+        entry = WEIGHTS.get(table_key(node))
         if entry is None or entry.macs is None:
             continue
         dims = [shapes.get(name) if name else None for name in node.input] + [shapes.get(node.output[0])]

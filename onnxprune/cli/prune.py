@@ -79,8 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(p)
     _sparsity_options(p)
     _target_options(p)
+    _quantize_options(p)
     _common(p)
     return p
+
+
+def _quantize_options(p: argparse.ArgumentParser) -> None:
+    from ..pipeline.quantize import QUANT_FORMATS, QUANT_TYPES
+
+    g = p.add_argument_group("quantization (after pruning and recovery, with onnxruntime.quantization)")
+    g.add_argument("--quantize", choices=QUANT_TYPES,
+                   help="write the pruned model quantized, weights in this type (activations uint8): static, "
+                        "calibrated on --data, or dynamic without it; verification and the quality gates judge "
+                        "the quantized model")
+    g.add_argument("--quantize-per-channel", action="store_true", help="with --quantize: one scale per channel")
+    g.add_argument("--quantize-format", choices=QUANT_FORMATS,
+                   help="with --quantize: qdq (QuantizeLinear/DequantizeLinear around float ops; the default "
+                        "with --data, which it needs) or qoperator (QLinearConv, ...; dynamic quantization's)")
+    g.add_argument("--keep-float", metavar="FILE", help="with --quantize: also write the float pruned model to FILE")
 
 
 def _sparsity_options(p: argparse.ArgumentParser) -> None:
@@ -164,7 +180,8 @@ FLAGS = {
     "bench": "--bench",
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
     "augment": "--augment", "config": "--config", "summary_md": "--summary-md", "depth": "--depth",
-    "drop_blocks": "--drop-blocks", "block_importance": "--block-importance",
+    "drop_blocks": "--drop-blocks", "block_importance": "--block-importance", "quantize": "--quantize",
+    "per_channel": "--quantize-per-channel", "quantize_format": "--quantize-format", "keep_float": "--keep-float",
 }
 
 
@@ -241,6 +258,7 @@ def prune_options(args, argv):
         gate=GateOptions(args.max_accuracy_drop, args.max_output_error, args.min_reduction) if gated else None,
         target=target,
         bench=bench,
+        quantize=_quantize(args, argv),
         output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report,
                              reads=tuple(p for p in (args.ratios, args.config) if p)),
         seed=args.seed,
@@ -281,6 +299,16 @@ def _depth(args):
         return None
     drop = tuple(g.strip() for g in (args.drop_blocks or "").split(",") if g.strip())
     return DepthOptions(args.depth, drop, args.block_importance)
+def _quantize(args, argv):
+    """The --quantize request; its companions apply only with it."""
+    from ..pipeline.quantize import QuantizeOptions
+
+    if args.quantize is None:
+        for flag in ("--quantize-per-channel", "--quantize-format", "--keep-float"):
+            if _given(argv, flag):
+                raise UsageError(f"{flag} applies to --quantize")
+        return None
+    return QuantizeOptions(args.quantize, args.quantize_per_channel, args.quantize_format, args.keep_float)
 
 
 def _ratios_file(args) -> dict | None:

@@ -1,6 +1,6 @@
 """The whole job on a file: what ``onnxprune MODEL ...`` and ``prune_file`` run.
 
-    load -> [search the ratio for a budget] -> prune (in rounds, recovering) -> [sparsify]
+    load -> [search the ratio for a budget] -> prune (in rounds, recovering) -> [sparsify] -> [quantize]
          -> [quality gate] -> write + verify atomically -> [benchmark] -> report
 
 Options are validated first, and every output path is checked before any
@@ -11,6 +11,7 @@ modified.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..analysis.stats import count_params
 from ..cut import iochange
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
@@ -26,7 +28,7 @@ from ..metrics import evaluate
 from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
 from ..model.publish import Staging
-from ..model.save import check_outputs, default_output_path, model_files
+from ..model.save import AtomicModelWriter, check_outputs, default_output_path, model_files
 from ..options import PruneOptions, TrainOptions, validate
 from ..planning.plan import Plan
 from ..progress import muted_stages, restart_stage_clock, stage_done, stage_times
@@ -40,6 +42,7 @@ from . import steps
 from .budget_depth import depth_for_budget
 from .depth import DepthResult, prune_depth, record_depth, rest_of_budget
 from .prune import PruneResult, declared_shapes, unpruned
+from .quantize import CALIBRATION_SAMPLES, quantize, refuse_quantized
 from .reduction import require_reduction
 from .rounds import prune_rounds
 from .target import find_ratio
@@ -56,8 +59,9 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     output = Path(output_path) if output_path else default_output_path(input_path)
     plan_file = options.widths.plan if isinstance(options.widths.plan, (str, Path)) else None
     data_path = options.data.data if isinstance(options.data.data, (str, Path)) else None
+    keep_float = options.quantize.keep_float if options.quantize is not None else None
     check_outputs({"`output`": None if out.dry_run else output, "`report_path`": out.report_path,
-                   "`plan_out`": out.plan_out, "`summary_md`": out.summary_md},
+                   "`plan_out`": out.plan_out, "`summary_md`": out.summary_md, "`keep_float`": keep_float},
                   {"the input model": model_files(input_path), "`plan`": plan_file, "`data`": data_path,
                    "a file it reads": list(out.reads)},
                   out.force, stdout_ok=("`report_path`", "`plan_out`", "`summary_md`"))
@@ -67,6 +71,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     stage_done("load")
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
+    if options.quantize is not None:
+        refuse_quantized(model)
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched, budget = None, options.target
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
@@ -86,6 +92,11 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     if options.sparsity is not None:
         result = _sparsified(result, options)
         stage_done("sparsity")
+    float_model = None
+    if options.quantize is not None:  # after recovery and sparsity; the gate and verification judge the result
+        float_model = result.model if options.quantize.keep_float or options.bench is not None else None
+        result = _quantized(result, options)
+        stage_done("quantize")
     if options.gate is not None and (options.gate.max_accuracy_drop is not None
                                      or options.gate.max_output_error is not None):
         _quality_gate(result, model, options)
@@ -104,10 +115,13 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     with Staging(out.force) as stage:  # every output appears together, once all are written
         if not out.dry_run:
             _stage_model(stage, pruned, unchanged, input_path, output, report, options)
+            if keep_float:
+                stage.model(Path(keep_float), float_model)
         report.seconds = time.perf_counter() - started  # the benchmark is not part of it
         if not out.dry_run and options.bench is not None:
-            bench = options.bench.time([input_path, stage.staged(output)], options.analysis.input_shapes)
-            report.bench = _renamed(bench, str(stage.staged(output)), str(output))
+            staged_float = stage.staged(Path(keep_float)) if keep_float else None
+            report.bench = _bench(input_path, stage.staged(output), output, float_model, staged_float, keep_float,
+                                  options)
             stage_done("bench")
         if out.plan_out:
             stage.text(out.plan_out, _json(plan.to_json()))
@@ -129,16 +143,6 @@ def _stage_model(stage: Staging, pruned, unchanged: bool, input_path: Path, outp
         _write_verified(stage, pruned, output, input_path, report, options.output.verify, options.seed,
                         options.analysis.input_shapes)
     report.written = True  # as it will be once the stage is published
-
-
-def _renamed(bench, staged: str, output: str):
-    """Benchmark results of the staged model under the name it is published as."""
-    for timing in bench.timings:
-        if timing.model == staged:
-            timing.model = output
-    if staged in bench.dynamic_dims:
-        bench.dynamic_dims[output] = bench.dynamic_dims.pop(staged)
-    return bench
 
 
 def _json(data) -> str:
@@ -213,6 +217,37 @@ def _sparsified(result: PruneResult, options: PruneOptions) -> PruneResult:
     result.report.add_warnings(caught)
     result.report.sparsity = sparse.report
     return PruneResult(sparse.model, result.plan, result.report)
+
+
+def _bench(input_path: Path, staged: Path, output: Path, float_model, staged_float: Path | None, keep_float,
+           options: PruneOptions):
+    """The input and the output side by side (the output timed where it is staged, named as it will
+    be published); with `quantize`, the float pruned model between them (written to a temporary
+    file where `keep_float` does not keep it)."""
+    shapes = options.analysis.input_shapes
+    if float_model is None:
+        return options.bench.time([input_path, staged], shapes, labels=[str(input_path), str(output)])
+    if staged_float is not None:
+        return options.bench.time([input_path, staged_float, staged], shapes,
+                                  labels=[str(input_path), str(keep_float), str(output)])
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        path = Path(tmp) / "pruned.float.onnx"
+        with AtomicModelWriter(path) as writer:
+            writer.write(float_model)
+        labels = [str(input_path), "pruned (float, not kept)", str(output)]
+        return options.bench.time([input_path, path, staged], shapes, labels=labels)
+
+
+def _quantized(result: PruneResult, options: PruneOptions) -> PruneResult:
+    """The pruned model quantized (pipeline/quantize.py): static on the calibration data, dynamic without."""
+    data = options.data.data
+    if data is not None:
+        count = min(options.data.calib_samples or CALIBRATION_SAMPLES, CALIBRATION_SAMPLES)
+        data = iochange.candidate_data(data, iochange.read(result.model)).sample(count, options.seed)
+    model, record = quantize(result.model, options.quantize, data)
+    result.report.quantization = record
+    result.report.params_after = count_params(model)
+    return PruneResult(model, result.plan, result.report)
 
 
 def _quality_gate(result: PruneResult, model: onnx.ModelProto, options: PruneOptions) -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from ..analysis.stats import format_count
 from ..model.save import write_text_file
-from .text import conversion_line, dynamic_line, group_label, labelled_reason, node_labels, summary_line, worth_a_line
+from .text import (
+    conversion_line,
+    dynamic_line,
+    group_label,
+    labelled_reason,
+    node_labels,
+    quantization_line,
+    summary_line,
+    worth_a_line,
+)
 
 REPORT_SCHEMA = 1
 # the JSON Schema of Report.to_json, shipped in the package (tests/test_json_output.py checks real reports)
@@ -160,6 +169,7 @@ class Report:
     command: list[str] | None = None  # the command line, when the run came from one
     environment: dict = field(default_factory=dict)  # versions of onnxprune and the runtimes (run_environment)
     stages: list[dict] = field(default_factory=list)  # each stage of the run and its seconds (progress.py)
+    quantization: dict | None = None  # --quantize: how the written model was quantized (pipeline/quantize.py)
     schema_version: int = REPORT_SCHEMA
 
     @property
@@ -254,6 +264,8 @@ class Report:
             lines += self.sparsity.summary_lines(verbose)
         if self.training:
             lines.extend(_training_lines(self.training))
+        if self.quantization:
+            lines.append(quantization_line(self.quantization))
         if self.rounds:
             lines.append(f"rounds  {len(self.rounds)} (each removes {self.rounds[0]['ratio']:.3f} of what is left)")
         if self.gate:

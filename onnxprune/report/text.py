@@ -121,3 +121,12 @@ def summary_line(target: dict) -> str:
                 f"{target['achieved']:.4f} kept")
     return (f"target  {what} <= {target['value']:g} of the original: ratio {target['ratio']:.4f} chosen, "
             f"{target['achieved']:.4f} kept ({n} prune(s), {target['seconds']:.1f} s)")
+
+
+def quantization_line(record: dict) -> str:
+    """The summary's line for the report's ``quantization`` (pipeline/quantize.py)."""
+    how = (f"static, calibrated on {record['samples']} samples" if record["mode"] == "static"
+           else "dynamic (no `data`: activation ranges computed at run time)")
+    scales = "per channel" if record["per_channel"] else "per tensor"
+    kept = f"; float model also written to {record['keep_float']}" if record.get("keep_float") else ""
+    return f"quantize  {record['dtype']} weights {scales}, {record['format']} format, {how}{kept}"

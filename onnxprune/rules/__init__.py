@@ -30,6 +30,7 @@ from . import (  # noqa: F401
     linear,
     norm,
     pool,
+    quant,
     recurrent,
     repeat,
     reshape,

@@ -12,15 +12,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph.view import attr
+from .quant import is_weight
 from .registry import Link, Reached, barrier, related, rule, strided
 
 
 def _geometry(node, view):
-    """(group, input channels, weight) or None when the weight is computed."""
+    """(group, input channels, weight shape) or None when the weight is computed (a weight
+    stored quantized behind a DequantizeLinear is a weight: rules/quant.py)."""
     w = node.inputs[1]
-    if not view.is_constant(w):
+    if not is_weight(view, w) or view.shape(w) is None:
         return None
-    return int(attr(node, "group", 1)), view.dim(node.inputs[0], 1), w
+    return int(attr(node, "group", 1)), view.dim(node.inputs[0], 1), view.shape(w)
 
 
 def _is_depthwise(group: int, cin: int | None) -> bool:
@@ -73,7 +75,7 @@ def conv(node, view, r: Reached):
     if (stop := _unusable(geo, r)) is not None:
         return stop
     group, cin, w = geo
-    m = w.shape[0]
+    m = w[0]
     if _is_depthwise(group, cin):
         mult = m // group
         if r.side == "in":
@@ -97,7 +99,7 @@ def conv(node, view, r: Reached):
 # --- ConvTranspose: X (N, C, ...), W (C, M/g, k...), B (M) ----------------------
 
 def _deconv_depthwise(group, cin, w) -> bool:
-    return _is_depthwise(group, cin) and w.shape[1] == 1
+    return _is_depthwise(group, cin) and w[1] == 1
 
 
 @rule("ConvTranspose", source=_filters_unless(_deconv_depthwise), rewrite=_regroup_if(_deconv_depthwise))
@@ -112,7 +114,7 @@ def conv_transpose(node, view, r: Reached):
             Link("in", 1, 0, r.owner, "weight"),
             *_bias(node, r.owner),
         )
-    per_group_out = w.shape[1]
+    per_group_out = w[1]
     if r.side == "out":
         ties = strided(per_group_out * group, per_group_out) if group > 1 else []
         return related(

@@ -9,6 +9,7 @@ the k-th term of the sum, so the other's k-th row can go too).
 from __future__ import annotations
 
 from ..graph.view import attr
+from .quant import is_weight
 from .registry import Link, Reached, Relation, barrier, related, rule
 
 
@@ -19,7 +20,7 @@ def _present(t) -> bool:
 # --- Gemm: Y = alpha * A' B' + beta * C, A' = A or A^T, B' = B or B^T -------------
 
 def gemm_source(node, view):
-    return [(0, 1)] if view.is_constant(node.inputs[1]) and not view.is_constant(node.inputs[0]) else []
+    return [(0, 1)] if is_weight(view, node.inputs[1]) and not is_weight(view, node.inputs[0]) else []
 
 
 def _gemm_bias(node, view, out_axis: int, owner) -> list[Link]:
@@ -60,7 +61,7 @@ def gemm(node, view, r: Reached):
 
 def matmul_source(node, view):
     a, b = node.inputs
-    if view.is_constant(b) and not view.is_constant(a) and view.rank(b) == 2:
+    if is_weight(view, b) and not is_weight(view, a) and view.rank(b) == 2:
         # The output's shape can be unknown where inference gave up upstream (a Reshape with -1
         # of an empty tensor, when a dynamic length was sized too small): its rank is A's then.
         rank = view.rank(node.outputs[0]) or view.rank(a)
@@ -78,7 +79,7 @@ def matmul(node, view, r: Reached):
         return barrier("vector operand")
 
     def operand(i, axis, owner, role="weight"):
-        return Link("in", i, axis, owner, role if view.is_constant(node.inputs[i]) else "data")
+        return Link("in", i, axis, owner, role if is_weight(view, node.inputs[i]) else "data")
 
     def batch_links(out_axis, owner, skip=None) -> Relation:
         links = [Link("out", 0, out_axis, owner)] if skip != "out" else []
@@ -86,7 +87,7 @@ def matmul(node, view, r: Reached):
             axis = out_axis - (ro - rank)
             if i != skip and axis >= 0 and view.dim(node.inputs[i], axis) not in (1, None):
                 links.append(operand(i, axis, owner))
-        between_activations = not any(view.is_constant(t) for t in node.inputs)
+        between_activations = not any(is_weight(view, t) for t in node.inputs)
         return Relation(links, kind="heads" if between_activations else None)
 
     if r.side == "out":

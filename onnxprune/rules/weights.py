@@ -140,6 +140,11 @@ def _matmul_columns(attrs, rank):
     return None if rank < 2 else rank - 1
 
 
+def _on_inputs(macs, *inputs: int):
+    """``macs`` of a quantized op read on the inputs its float op has (QLinearConv's x, w: 0, 3)."""
+    return lambda attrs, dims: macs(attrs, [dims[i] if i < len(dims) - 1 else None for i in inputs] + [dims[-1]])
+
+
 _NORM = Operand("norm", None, axis(0))
 _STATISTIC = Operand("statistic", None, axis(0))
 _COEFFICIENT = Operand("coefficient")
@@ -169,6 +174,13 @@ WEIGHTS: dict[str, OpWeights] = {
     "LSTM": OpWeights({**_RECURRENT.operands, 7: _NORM}, macs=_recurrent_macs),  # 7: the peepholes
     "GRU": _RECURRENT,
     "RNN": _RECURRENT,
+    # Quantized ops (rules/quant.py): counted like their float op. Their integer weights get no
+    # operand slots: sparsity, compensation and training work on float weights only.
+    "QLinearConv": OpWeights(macs=_on_inputs(_conv_macs, 0, 3)),
+    "ConvInteger": OpWeights(macs=_conv_macs),
+    "QLinearMatMul": OpWeights(macs=_on_inputs(_matmul_macs, 0, 3)),
+    "MatMulInteger": OpWeights(macs=_matmul_macs),
+    "com.microsoft.QGemm": OpWeights(macs=_on_inputs(_gemm_macs, 0, 3)),
 }
 # onnxruntime's contrib ops (rules/contrib.py), keyed "com.microsoft.Op" outside the default domain.
 _BIAS = Operand("bias", None, axis(-1))

@@ -22,7 +22,7 @@ from ..model.dynamic import DimChoice, describe_sizes, pin_example
 from ..model.inputs import declared_dim, dynamic_choices, graph_inputs, resolve_input_shapes
 from ..model.load import load_model
 from .session import require_onnxruntime, session
-from .verify import index_bounds, make_inputs
+from .verify import index_bounds, make_inputs, relative_error
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -49,6 +49,11 @@ class BenchResult:
     timings: list[Timing] = field(default_factory=list)
     # model -> the sizes chosen for its dynamic dims left unpinned (model/dynamic.py DimChoice.to_json)
     dynamic_dims: dict[str, list[dict]] = field(default_factory=dict)
+    # model -> bytes on disk, external data included
+    sizes: dict[str, int] = field(default_factory=dict)
+    # model -> max output deviation from the first model on the first batch's inputs, relative to the
+    # first model's output scale (runtime/verify.relative_error); absent where the inputs differ
+    output_error: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,9 +151,12 @@ def bench(
     iters: int = 100,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    labels: list[str] | None = None,
 ) -> BenchResult:
-    """Time ``paths`` side by side at each batch size; the first model is the speedup reference."""
+    """Time ``paths`` side by side at each batch size; the first model is the speedup reference
+    (and the reference of the output error). ``labels``: how the table names them (the paths)."""
     provider = resolve_provider(provider)
+    labels = list(labels or paths)
     pinned = dict(input_shapes or {})
     models = [load_model(p) for p in paths]
     names = {vi.name for m in models for vi in graph_inputs(m)}
@@ -166,6 +174,7 @@ def bench(
         choices = [c.to_json() for c in dynamic_choices(model, pin) if c.axis != 0]
         if choices:
             result.dynamic_dims[path] = choices
+    result.sizes = {label: size_on_disk(p) for label, p in zip(labels, paths)}
     for b in batches:
         runners = []
         for path, model, sess, shape in zip(paths, models, sessions, shapes[b]):
@@ -175,12 +184,40 @@ def bench(
             except Exception as exc:
                 raise UnsupportedModel(_unrunnable(path, b, shape, result.dynamic_dims.get(path), exc)) from exc
             runners.append(make_runner(sess, feeds, provider))
+        if b == batches[0]:
+            result.output_error = output_errors(labels, sessions, shapes[b], index_bounds(models[0]), seed)
         times = time_interleaved(runners, warmup, iters)
-        first = summarise(paths[0], b, times[0], None)
+        first = summarise(labels[0], b, times[0], None)
         result.timings.append(first)
-        for path, seconds in zip(paths[1:], times[1:]):
-            result.timings.append(summarise(path, b, seconds, first.median_ms))
+        for label, seconds in zip(labels[1:], times[1:]):
+            result.timings.append(summarise(label, b, seconds, first.median_ms))
     return result
+
+
+def size_on_disk(path: str) -> int:
+    """Bytes of the model file and of the external data files it names."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
+                                     if (path.parent / loc).is_file())
+
+
+def output_errors(labels: list[str], sessions: list, shapes: list[dict], bounds, seed: int) -> dict[str, float]:
+    """Each model's deviation from the first one on the first model's inputs (those that take the
+    same inputs and give the same outputs: a pruned or quantized copy)."""
+    feeds = make_inputs(sessions[0], shapes[0], bounds, seed)
+    reference = sessions[0].run(None, feeds)
+    names = [o.name for o in sessions[0].get_outputs()]
+    errors = {labels[0]: 0.0}
+    for label, sess, shape in zip(labels[1:], sessions[1:], shapes[1:]):
+        if shape != shapes[0] or [o.name for o in sess.get_outputs()] != names:
+            continue
+        got = sess.run(None, feeds)
+        if all(np.shape(a) == np.shape(g) for a, g in zip(reference, got)):
+            errors[label] = max((relative_error(a, g) for a, g in zip(reference, got)), default=0.0)
+    return errors
 
 
 def _unrunnable(path: str, batch: int, shapes: dict, choices: list[dict] | None, exc: Exception) -> str:
@@ -204,10 +241,14 @@ def format_table(result: BenchResult) -> str:
         chosen = [DimChoice(**c) for c in choices]
         lines.append(f"{path}: dynamic dims chosen: {describe_sizes(chosen)} (pin with `input_shapes`)")
     width = max([len("model")] + [len(t.model) for t in result.timings])
-    lines.append(f"{'model':<{width}}  {'batch':>5}  {'median ms':>10}  {'p90 ms':>10}  {'p99 ms':>10}  {'speedup':>7}")
+    lines.append(f"{'model':<{width}}  {'batch':>5}  {'median ms':>10}  {'p90 ms':>10}  {'p99 ms':>10}  {'speedup':>7}"
+                 f"  {'size MB':>8}  {'error':>7}")
     for t in result.timings:
+        size = result.sizes.get(t.model)
+        error = result.output_error.get(t.model)
         lines.append(
             f"{t.model:<{width}}  {t.batch:>5}  {t.median_ms:>10.3f}  {t.p90_ms:>10.3f}  {t.p99_ms:>10.3f}"
-            f"  {t.speedup:>6.2f}x"
+            f"  {t.speedup:>6.2f}x  {'-' if size is None else f'{size / 1e6:.2f}':>8}"
+            f"  {'-' if error is None else f'{error:.3g}':>7}"
         )
     return "\n".join(lines)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..rules.quant import stored_values
+
 WEIGHT_ROLES = ("weight",)
 
 
@@ -15,7 +17,7 @@ def _per_channel(group, view, roles, reduce) -> tuple[np.ndarray, np.ndarray] | 
     total = np.zeros(group.size)
     count = np.zeros(group.size)
     for slot in slots:
-        w = np.asarray(view.value(slot.tensor))
+        w = stored_values(slot.node, slot.input, view)  # a quantized weight: its float values
         rows = np.moveaxis(w, slot.axis, 0).reshape(w.shape[slot.axis], -1)
         per_pos = reduce(rows)
         owned = slot.owner >= 0
