@@ -95,7 +95,10 @@ def _valid_with_runtime_ops(path: Path) -> bool:
     """Whether the model at ``path`` passes the full check once onnxruntime's default-domain
     contrib ops are checked against its schemas instead (model/runtime_ops.py). Only a model
     that fails the plain check is read again for this."""
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model at all (a staged file swapped under us): the plain check's failure stands
+        return False
     if not runtime_only_nodes(model):
         return False
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
