@@ -78,6 +78,13 @@ def test_two_cpu_processes_match_one(tmp_path):
     # the written models agree with the original alike (verification on rank 0)
     for name, error in reports[0]["output_error"].items():
         assert abs(reports[1]["output_error"][name] - error) <= 0.01 * error
+    # rank 0 alone checks the outputs: its refusal fails the launch and the others write nothing either
+    written = (two / "out.onnx").read_bytes()
+    again = _launch(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())], two)
+    assert again.returncode != 0
+    assert again.stderr.count("exists; pass --force to overwrite it") == 1
+    assert (two / "out.onnx").read_bytes() == written and sorted(p.name for p in two.iterdir()) == ["out.onnx",
+                                                                                                      "r.json"]
 
 
 @pytest.mark.parametrize("count,batch", [(37, 8), (64, 8), (5, 2)])
