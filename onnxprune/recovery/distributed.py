@@ -43,7 +43,8 @@ class World:
         except ValueError:
             raise UsageError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them)") from None
         if size > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-            raise UsageError(f"WORLD_SIZE is {size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
+            raise UsageError(f"WORLD_SIZE is {size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun, "
+                             "or run in one process (without WORLD_SIZE)")
         if size > 1 and not 0 <= rank < size:
             raise UsageError(f"RANK {rank} is outside WORLD_SIZE {size}")
         return cls(max(size, 1), rank, local)
@@ -86,8 +87,8 @@ def distributed_options(world: World, options):
     """``options`` (PruneOptions) for this rank: rank 0 unchanged, the others a quiet dry run
     that writes nothing, so that only rank 0 checks and writes the output paths."""
     if options.training is None:
-        raise UsageError(f"WORLD_SIZE is {world.size}: only recovery training runs distributed; add --distill "
-                         "or --finetune, or run in one process")
+        raise UsageError(f"WORLD_SIZE is {world.size} (torchrun): only recovery training runs distributed; add "
+                         "--distill or --finetune, or run in one process (without WORLD_SIZE)")
     if world.main:
         return options
     silent = replace(options.output, dry_run=True, report_path=None, plan_out=None, summary_md=None)
