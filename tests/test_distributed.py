@@ -87,6 +87,56 @@ def test_two_cpu_processes_match_one(tmp_path):
                                                                                                       "r.json"]
 
 
+# Run by torchrun in 2 processes: training through the Python API on a process group, one training
+# sample made infinite so that only rank 1's share of the second global batch holds it.
+POISONED_RUN = """
+import hashlib, json, sys
+import numpy as np, onnx, torch.distributed as dist
+from onnxprune.data import Dataset
+from onnxprune.options import TrainOptions
+from onnxprune.recovery.train import train
+
+dist.init_process_group("gloo")
+model = onnx.load(sys.argv[1])
+arrays = np.load(sys.argv[2])
+data = Dataset({"input": arrays["input"][:160].copy()}, arrays["labels"][:160])
+options = TrainOptions(distill=True, epochs=2, lr=0.003, batch_size=16, seed=0)
+order = np.random.default_rng(0).permutation(160)
+train_indices = np.sort(order[max(1, round(160 * options.val_fraction)):])
+epoch_order = np.random.default_rng([0, 1]).permutation(len(train_indices))
+data.inputs["input"][train_indices[epoch_order[options.batch_size + 1]]] = np.inf  # position 17: rank 1
+trained, report = train(model, model, data, options)
+digest = hashlib.sha256(b"".join(t.raw_data for t in trained.graph.initializer)).hexdigest()
+json.dump({"stopped": report.stopped, "best_epoch": report.best_epoch, "world_size": report.world_size,
+           "backend": report.backend, "before": report.before, "weights": digest,
+           "seen": round(report.samples_per_second * report.seconds)},
+          open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED_RUN)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), str(script), str(MODELS / "digits_cnn.onnx"),
+                          str(MODELS / "digits_train.npz"), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # both stopped at the second global batch (one step of 16 samples taken), where only rank 1 met the sample
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == "the training loss became nan at epoch 1"
+    assert ranks[0]["seen"] == ranks[1]["seen"] == 16
+    assert ranks[0]["best_epoch"] == ranks[1]["best_epoch"] == 0  # the untrained weights, kept everywhere
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["before"] == ranks[1]["before"]
+    assert {(r["world_size"], r["backend"]) for r in ranks} == {(2, "gloo")}
+
+
 @pytest.mark.parametrize("count,batch", [(37, 8), (64, 8), (5, 2)])
 def test_ranks_batches_make_the_global_batch(count, batch):
     order = np.random.default_rng(0).permutation(count)
