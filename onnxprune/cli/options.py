@@ -157,7 +157,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    "or a folder of .npz / .npy files or of images")
     g.add_argument("--calib-samples", type=_positive, metavar="N", help="use N samples drawn with --seed (default all)")
     g.add_argument("--batch-size", type=_positive, metavar="N",
-                   help="samples per run (default 32, or the model's fixed batch)")
+                   help="samples per run (default 32, or the model's fixed batch; training: 64, the global batch "
+                        "that torchrun's processes share)")
     g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the layers after each cut by least squares so that they reproduce the original's "
                         "outputs on the data, kept if the model's outputs improve on samples it did not fit "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import replace
 
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
 from ..progress import start_stages
+from ..recovery.distributed import World, distributed_options, process_group
 from .options import (
     COMMON_FLAGS,
     _analysis_options,
@@ -203,11 +205,19 @@ def run_prune(argv: list[str]) -> int:
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
                                               report_path=file_path(args.report), summary_md=args.summary_md))
-    start_stages(not args.quiet and (args.verbose or sys.stderr.isatty()))
+    world = World.from_env()
+    if world.distributed:  # under torchrun: one rank writes and prints, all train together
+        options = distributed_options(world, options)
+    start_stages(world.main and not args.quiet and (args.verbose or sys.stderr.isatty()))
     try:
-        report = prune_file(args.model, args.output, options=options)
+        with process_group(world, options), warnings.catch_warnings():
+            if not world.main:  # the same warnings as rank 0's, once is enough
+                warnings.simplefilter("ignore")
+            report = prune_file(args.model, args.output, options=options)
     finally:  # the library, called later in this process, prints no stage lines
         start_stages(False)
+    if not world.main:
+        return 0
     for w in report.warnings:
         warn(w, FLAGS)
     human = human_stream(args.report, args.plan_out, args.summary_md)

@@ -1,4 +1,4 @@
-"""Mixed precision for training on CUDA: the forward pass under ``torch.autocast``.
+"""The training device, and mixed precision on CUDA: the forward pass under ``torch.autocast``.
 
 bfloat16 where the GPU computes it natively (compute capability 8 and up,
 and ROCm), float16 elsewhere, with a ``GradScaler`` (float16 gradients
@@ -13,6 +13,17 @@ float16 gradients), nothing changes.
 from __future__ import annotations
 
 import contextlib
+
+from ..errors import UsageError
+
+
+def pick_device(torch, requested: str) -> str:
+    """The device a `device` request means ("auto": CUDA when PyTorch has it, else the CPU)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("`device` cuda: no CUDA device is available to PyTorch")
+    return requested
 
 
 def autocast_dtype(torch, device: str):

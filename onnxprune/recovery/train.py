@@ -36,6 +36,11 @@ worst) with a warning; when the untrained model's validation loss is already
 non-finite there is nothing to keep and ``VerificationFailed`` is raised.
 Images read from a folder are augmented (augment.py); on CUDA the forward
 pass runs under autocast (precision.py).
+
+Within a process group of several ranks (torchrun, distributed.py) the
+student runs through DistributedDataParallel: each rank trains on its share
+of every global batch of ``batch_size`` and the validation sums are added up
+over the ranks, so all of them keep the same epoch and stop together.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ from ..options import TrainOptions
 from ..progress import counter
 from . import losses
 from .augment import augment, image_input
-from .precision import Precision
+from .distributed import Shard
+from .precision import Precision, pick_device
 
 
 @dataclass
@@ -85,6 +91,8 @@ class TrainingReport:
     stopped: str = ""  # why training ended early (a non-finite loss); empty when every epoch ran
     augment: bool = False  # training batches were augmented (random resized crops and flips)
     precision: str = "float32"  # the forward pass's dtype under autocast (CUDA), else float32
+    world_size: int = 1  # processes that trained together (torchrun), each on batch_size / world_size
+    backend: str | None = None  # their torch.distributed backend (gloo, nccl); None in one process
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,14 +105,6 @@ class FeaturePoint:
     name: str
     axis: int
     kept: np.ndarray
-
-
-def pick_device(torch, requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("`device` cuda: no CUDA device is available to PyTorch")
-    return requested
 
 
 def classes_axis_ok(output_shape) -> bool:
@@ -142,13 +142,15 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     if not trained:
         raise UsageError("recovery: the pruned model has no weights to train (no tensor in a learned slot of "
                          "the weight table, onnxprune/rules/weights.py)")
+    shard = Shard.current(torch, device)
     context = _Context(torch, net, teacher_net, options, features, groups, device, changes,
-                       whole=fixed is not None, images=images, precision=Precision(torch, device, trained))
+                       whole=fixed is not None, images=images, precision=Precision(torch, device, trained),
+                       shard=shard)
+    report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data),
+                            augment=images is not None, world_size=shard.size, backend=shard.backend)
     if not images:  # augmented batches differ every epoch: their teacher outputs cannot be cached
         train_data = context.with_teacher_outputs(train_data)
-    val_data = context.with_teacher_outputs(val_data)
-    report = TrainingReport(_mode(options), device, train_samples=len(train_data), val_samples=len(val_data),
-                            augment=images is not None)
+    val_data = context.with_teacher_outputs(val_data.subset(shard.validation_part(len(val_data))))
     report.before = asdict(_first_validation(context, val_data))
     report.precision = context.precision.name
     if not math.isfinite(report.before["val_loss"]):
@@ -159,7 +161,7 @@ def train(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Dataset, opt
     best_key = (-math.inf,) if options.sparsity_reg else _rank(report.before, options)
     optimizer = torch.optim.Adam(trained, lr=options.lr)
     # cosine decay over all steps: large early steps recover quickly, small late ones settle
-    steps = options.epochs * math.ceil(len(train_data) / options.batch_size)
+    steps = options.epochs * math.ceil(len(shard.training_order(np.arange(len(train_data)))) / context.batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     started, seen = time.perf_counter(), 0
     per_epoch = len(train_data) - len(train_data) % options.batch_size if fixed else len(train_data)
@@ -246,7 +248,8 @@ TEACHER_CACHE_BYTES = 1 << 29
 
 class _Context:
     def __init__(self, torch, net, teacher, options: TrainOptions, features, groups, device, changes=(),
-                 whole: bool = False, images: tuple[str, str] | None = None, precision: Precision | None = None):
+                 whole: bool = False, images: tuple[str, str] | None = None, precision: Precision | None = None,
+                 shard: Shard | None = None):
         self.torch, self.net, self.teacher, self.options = torch, net, teacher, options
         self.features, self.groups, self.device = list(features), groups, device
         self.output = net.output_names[0]
@@ -256,6 +259,9 @@ class _Context:
         self.output_kept = [(c.axis, c.kept) for c in self.changes if c.role == "output" and c.name == self.output]
         self.images = images  # (input, layout) to augment in training batches, or None
         self.precision = precision or Precision(torch, "cpu", ())
+        self.shard = shard or Shard.current(torch, device)
+        self.batch = self.shard.batch(options.batch_size, options.batch_size if whole else None)  # per rank
+        self.runner = self.shard.wrap(net)  # the training forward pass: through DDP across ranks
 
     # --- the teacher's outputs, computed once -----------------------------------------
     def teacher_names(self) -> list[str]:
@@ -297,7 +303,8 @@ class _Context:
                 inputs[name] = augment(torch, inputs[name], layout, rng)
             cached = {}
         changed = {k: v for k, v in iochange.candidate_feeds(feeds, self.changes).items() if k in self.changed_inputs}
-        values = self.net.run({**inputs, **self.to_device(changed)}, names)
+        student = self.runner if self.net.training else self.net.run  # validation: no collective per batch
+        values = student({**inputs, **self.to_device(changed)}, names)
         logits = values[self.output]
         total = logits.new_zeros(())
         teacher = None
@@ -329,19 +336,22 @@ class _Context:
         """One pass over ``data``: (mean training loss, samples). A non-finite batch loss ends the
         epoch before its step and is returned itself, so that its NaN never reaches the weights."""
         order = np.random.default_rng([self.options.seed, epoch]).permutation(len(data))
-        shuffled = data.subset(order)
+        shuffled = data.subset(self.shard.training_order(order))
         rng = np.random.default_rng([self.options.seed, epoch, 1]) if self.images is not None else None
         total, count = 0.0, 0
         self.net.train()
-        for feeds, labels in shuffled.batches(self.options.batch_size, self.whole):
+        for feeds, labels in shuffled.batches(self.batch, self.whole):
             with self.precision.autocast():
                 loss, _, _ = self.losses(feeds, labels, rng)
-            value = float(loss.detach())
+            n = len(next(iter(feeds.values())))
+            # over all ranks: a non-finite loss on any of them stops every one before the step
+            summed, n = self.shard.total([float(loss.detach()) * n, n])
+            value = summed / n
             if not math.isfinite(value):
                 return value, count
             optimizer.zero_grad(set_to_none=True)
             self.precision.step(loss, optimizer, schedule)
-            n = len(next(iter(feeds.values())))
+            n = int(n)
             total += value * n
             count += n
             bar.update(n)
@@ -366,6 +376,10 @@ class _Context:
                 if teacher is not None:
                     error.add(teacher.double().cpu().numpy(), logits.double().cpu().numpy())
                     compared = True
+        # every rank measured its part: the sums over all of them, the same decision everywhere
+        loss_sum, count, correct, error.squared, error.scale, broken = self.shard.total(
+            [loss_sum, count, correct, error.squared, error.scale, float(error.broken)])
+        error.broken = bool(broken)
         accuracy = correct / count if classes and count else None
         return EpochLog(epoch, train_loss, loss_sum / max(count, 1), accuracy, error.value if compared else math.nan)
 
