@@ -10,7 +10,6 @@ from dataclasses import replace
 from .. import __version__
 from ..errors import EXIT_CODES, UsageError
 from ..progress import start_stages
-from ..recovery.distributed import World, distributed_options, process_group
 from .options import (
     COMMON_FLAGS,
     _analysis_options,
@@ -205,6 +204,8 @@ def run_prune(argv: list[str]) -> int:
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
                                               report_path=file_path(args.report), summary_md=args.summary_md))
+    from ..recovery.distributed import World, distributed_options, process_group  # numpy: imported in the command
+
     world = World.from_env()
     if world.distributed:  # under torchrun: one rank writes and prints, all train together
         options = distributed_options(world, options)
