@@ -53,6 +53,7 @@ import onnx
 import onnx.inliner
 
 from ..errors import MissingDependency, UnsupportedModel, UsageError
+from ..graph.shapes import graphs
 from ..model.proto import opset_of
 
 try:
@@ -65,15 +66,6 @@ from .compile import CONST, HOST, INPUT, Compiler, Plan, check_supported, needed
 from .tensors import store_tensor, tensor_from_proto
 
 __all__ = ["TorchGraph", "tensor_from_proto"]
-
-
-def _graphs(graph: onnx.GraphProto):
-    """``graph`` and its subgraphs (If branches, Loop and Scan bodies)."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
-                yield from _graphs(sub)
 
 
 def _key(name: str, taken: set[str], reserved: nn.Module) -> str:
@@ -328,7 +320,7 @@ class TorchGraph(nn.Module):
         """A copy of ``model`` holding the parameters' current values in the same tensors."""
         new = onnx.ModelProto()
         new.CopyFrom(model)
-        initializers = {t.name: t for g in _graphs(new.graph) for t in g.initializer}  # subgraphs' too
+        initializers = {t.name: t for g in graphs(new.graph) for t in g.initializer}  # subgraphs' too
         constants = {n.output[0]: n for n in new.graph.node if n.op_type == "Constant"}
         for name, key in self._param_keys.items():
             value = self.params[key].detach()
