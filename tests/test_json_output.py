@@ -60,7 +60,7 @@ def test_a_failed_run_prints_nothing_on_stdout(tmp_path, capsys):
 
 def test_only_one_output_may_be_stdout(tmp_path, capsys):
     code, out, err = run_main(capsys, MODEL, "--structured", "0.3", "--report", "-", "--plan-out", "-")
-    assert code == 2 and out == "" and "only one output can go to standard output" in one_error_line(err)
+    assert code == 2 and out == "" and "cannot both be written to standard output" in one_error_line(err)
 
 
 @pytest.mark.parametrize("command, args", [

@@ -43,7 +43,7 @@ def test_a_summary_to_stdout_is_alone_there_and_a_failed_run_writes_none(tmp_pat
 
 def test_only_one_output_on_stdout_and_never_over_an_input(tmp_path, capsys):
     code, _, err = run_main(capsys, MODEL, "--structured", "0.3", "--report", "-", "--summary-md", "-")
-    assert code == 2 and "only one output can go to standard output" in one_error_line(err)
+    assert code == 2 and "cannot both be written to standard output" in one_error_line(err)
     code, _, err = run_main(capsys, MODEL, "--structured", "0.3", "-o", tmp_path / "m.onnx", "--summary-md", MODEL)
     assert code == 2 and "would overwrite the input model" in one_error_line(err)
 

@@ -12,21 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import UsageError
-
-STDOUT = "-"
-
-
-def one_stdout(paths: dict[str, str | None]) -> None:
-    """At most one output may be stdout (flag -> path)."""
-    dashes = [flag for flag, path in paths.items() if path == STDOUT]
-    if len(dashes) > 1:
-        raise UsageError(f"only one output can go to standard output (-): {' and '.join(dashes)} both ask for it")
-
-
-def file_path(path: str | None) -> str | None:
-    """The path to check and write as a file: None for stdout (or none given)."""
-    return None if path in (None, STDOUT) else path
+STDOUT = "-"  # as model/publish.STDOUT (not imported: onnx loads inside the commands)
 
 
 def human_stream(*paths: str | None):

@@ -34,7 +34,7 @@ from .options import (
     training_options,
     warn,
 )
-from .output import STDOUT, emit_json, file_path, human_stream, one_stdout
+from .output import human_stream
 from .recipe import RawValues, add_config_option, expand_recipe, recorded
 
 
@@ -200,10 +200,9 @@ def run_prune(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     if args.dry_run and args.output:
         raise UsageError("--dry-run writes no model; drop --output (use --plan-out or --report)")
-    one_stdout({"--report": args.report, "--plan-out": args.plan_out, "--summary-md": args.summary_md})
     options = prune_options(args, argv)
     options = replace(options, output=replace(options.output, recipe=recorded(parser, args, raw.raw), command=typed,
-                                              report_path=file_path(args.report), summary_md=args.summary_md))
+                                              summary_md=args.summary_md))
     from ..recovery.distributed import World, distributed_options, process_group  # numpy: imported in the command
 
     world = World.from_env()
@@ -236,8 +235,6 @@ def run_prune(argv: list[str]) -> int:
             from ..runtime.bench import format_table
 
             show(format_table(report.bench), FLAGS, file=human)
-    if args.report == STDOUT:  # last, and only on success: stdout holds the JSON alone
-        emit_json(STDOUT, report.to_json())
     return 0
 
 
