@@ -76,3 +76,13 @@ def test_every_command_writes_stamped_json_to_stdout(command, args, capsys):
     _stamped(record, command)
     assert record["command"] == ["onnxprune", command, str(MODEL), *map(str, args), "--json", "-"]
     assert err.strip()  # the human table went to stderr
+
+
+def test_reports_are_strict_json_without_nan_or_infinity(tmp_path, capsys):
+    """The untrained 'before' row has no training loss: null, not NaN (which strict parsers refuse)."""
+    code, out, err = run_main(capsys, MODEL, "--structured", "0.3", "--data", DATA, "--calib-samples", "64",
+                              "--distill", "--epochs", "1", "-o", tmp_path / "m.onnx", "--report", "-", "-q")
+    assert code == 0, err
+    assert "NaN" not in out and "Infinity" not in out
+    report = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert report["training"]["before"]["train_loss"] is None

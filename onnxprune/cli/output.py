@@ -21,11 +21,12 @@ def human_stream(*paths: str | None):
 
 
 def stamped(record: dict, command: list[str], schema_version: int) -> dict:
-    """``record`` with its schema version, the run's versions and command line first."""
-    from ..report.records import run_environment
+    """``record`` with its schema version, the run's versions and command line first, in strict
+    JSON (records.strict_json)."""
+    from ..report.records import run_environment, strict_json
 
-    return {"schema_version": schema_version, "environment": run_environment(), "command": command,
-            **{k: v for k, v in record.items() if k != "schema_version"}}
+    return strict_json({"schema_version": schema_version, "environment": run_environment(), "command": command,
+                        **{k: v for k, v in record.items() if k != "schema_version"}})
 
 
 def emit_json(path: str, record: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,19 @@ from .text import (
 REPORT_SCHEMA = 1
 # the JSON Schema of Report.to_json, shipped in the package (tests/test_json_output.py checks real reports)
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
+
+
+def strict_json(value):
+    """``value`` with what strict JSON cannot hold spelled out: NaN (a loss not measured) as null,
+    an infinite error as "inf" / "-inf" (json.dumps would write NaN and Infinity, which many
+    parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def run_environment() -> dict:
@@ -187,7 +201,7 @@ class Report:
     def to_json(self) -> dict:
         data = asdict(self)
         data["macs_ratio"] = self.macs_ratio
-        return data
+        return strict_json(data)
 
     def save(self, path) -> None:
         write_text_file(path, json.dumps(self.to_json(), indent=1) + "\n")
