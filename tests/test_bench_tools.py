@@ -105,3 +105,20 @@ def test_the_scaling_benchmark_model_couples_every_block_into_one_group():
     coupled = max(groups, key=lambda g: len(g.sources))
     assert len(coupled.sources) == 100 and coupled.size == 4
     assert scaling.time_analysis(model, repeat=1) > 0
+
+
+def test_the_cost_table_gives_ratios_to_the_model_and_the_io_floor_and_fits_seconds_per_gb():
+    from tools import bench_cost
+
+    rows = [bench_cost._row("a", 10**9, {"cli": [{"seconds": 4.0, "cpu_seconds": 5.0, "peak_rss_bytes": 2 * 10**9},
+                                                 {"seconds": 6.0, "cpu_seconds": 7.0, "peak_rss_bytes": 3 * 10**9},
+                                                 {"seconds": 5.0, "cpu_seconds": 6.0, "peak_rss_bytes": 2.5e9}],
+                                         "floor": [{"seconds": 2.0}], "torch_pruning": [{"error": "exit 1: boom"}]}),
+            bench_cost._row("b", 2 * 10**9, {"cli": [{"seconds": 9.0, "cpu_seconds": 9.0, "peak_rss_bytes": 4e9}],
+                                             "floor": [{"seconds": 3.0}],
+                                             "torch_pruning": [{"prune_seconds": 1.0, "export_seconds": 2.5}]})]
+    text = bench_cost.table(rows)
+    # medians: a's CLI 5 s against a 2 s floor, 2.5e9 bytes of RSS for a 1e9-byte model
+    assert "| a | 1000 | 5.00 | 6.00 | 2384 | 2.50x | 2.00 | 2.50x | - | - |" in text
+    assert "| b | 2000 | 9.00 | 9.00 | 3815 | 2.00x | 3.00 | 3.00x | 1.00 | 3.50 |" in text
+    assert "4.0 s per GB of model" in text and "a: exit 1: boom" in text

@@ -1,0 +1,186 @@
+"""What pruning costs at scale: the whole CLI's time, CPU time and peak memory, against the I/O
+floor (``onnx.load`` + ``onnx.save`` of the same model) and against Torch-Pruning's pruning plus
+the ``torch.onnx.export`` a Torch-Pruning user needs to get the same file.
+
+    python -m tools.bench_cost                                  # resnet50, vit_b_16
+    python -m tools.bench_cost --models resnet50,vit_l_16 --repeat 3 --json build/bench_cost.json
+
+Each measurement runs in a fresh child process (``--child``), so its peak resident memory
+(``ru_maxrss``) is its own; the models' measurements are interleaved and repeated, and the table
+shows medians. Models are torchvision classifiers with random weights, exported once by the legacy
+exporter (tools/zoo.py, cached). The CLI runs ``--structured 0.4`` with its defaults (verification
+included). The last line fits the CLI's seconds per GB of model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RATIO = 0.4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the child: one measurement, its own time, CPU time and peak memory ---------------------------
+
+def _child(kind: str, name: str, model: str, out: str) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
+    if kind == "floor":
+        import onnx
+
+        onnx.save(onnx.load(model), out)
+    elif kind == "cli":
+        from onnxprune.cli import main
+
+        code = main([model, "--structured", str(RATIO), "-o", out, "--force", "-q"])
+        if code:
+            raise SystemExit(code)
+    elif kind == "torch_pruning":
+        return _torch_pruning(name, out, start, cpu)
+    else:
+        raise SystemExit(f"unknown measurement {kind}")
+    return _done(start, cpu)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from
+    the parent through fork, so a child of a process that once held a big model would report that."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _done(start: float, cpu: float, **extra) -> dict:
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "peak_rss_bytes": _peak_rss(), **extra}
+
+
+def _torch_pruning(name: str, out: str, start: float, cpu: float) -> dict:
+    """Build the torch model, prune it with Torch-Pruning (magnitude, the classifier kept), export."""
+    import torch
+    import torch_pruning as tp
+
+    from tools import zoo
+
+    model = zoo.build_model(name)
+    size = zoo.input_size(name)
+    example = torch.randn(1, 3, size, size)
+    built = time.perf_counter()
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    # attention's heads as Torch-Pruning's ViT example gives them (the embedding width stays: its
+    # class token and position table are not layers it can follow)
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    ignored = classifier + [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and heads]
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=RATIO, ignored_layers=ignored, num_heads=heads,
+                                  prune_head_dims=False, prune_num_heads=bool(heads), head_pruning_ratio=RATIO)
+    pruner.step()
+    pruned = time.perf_counter()
+    torch.backends.mha.set_fastpath_enabled(False)  # the legacy exporter has no fused attention kernel
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (example,), out, opset_version=17, dynamo=False)
+    return _done(start, cpu, prune_seconds=pruned - built, export_seconds=time.perf_counter() - pruned)
+
+
+def _measure(kind: str, name: str, model: Path, folder: Path) -> dict:
+    out = folder / f"{name}.{kind}.onnx"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_cost", "--child", kind, name, str(model), str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    for leftover in folder.glob(f"{name}.{kind}.onnx*"):
+        leftover.unlink()
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return statistics.median(values) if values else None
+
+
+def _row(name: str, size: int, runs: dict[str, list[dict]]) -> dict:
+    cli, floor, tp = runs["cli"], runs["floor"], runs["torch_pruning"]
+    row = {"model": name, "bytes": size,
+           "cli_seconds": _median(cli, "seconds"), "cli_cpu_seconds": _median(cli, "cpu_seconds"),
+           "cli_peak_rss_bytes": _median(cli, "peak_rss_bytes"), "floor_seconds": _median(floor, "seconds"),
+           "tp_prune_seconds": _median(tp, "prune_seconds"),
+           "tp_prune_export_seconds": (_median(tp, "prune_seconds") or 0) + (_median(tp, "export_seconds") or 0)
+           if _median(tp, "prune_seconds") is not None else None,
+           "errors": sorted({r["error"] for rs in runs.values() for r in rs if "error" in r})}
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | MB | CLI s | CLI CPU s | peak RSS MiB | RSS / model | load+save s | CLI / floor | "
+             "Torch-Pruning prune s | prune + export s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = r["bytes"] / 1e6
+        rss = r["cli_peak_rss_bytes"]
+        ratio = r["cli_seconds"] / r["floor_seconds"] if r["cli_seconds"] and r["floor_seconds"] else None
+        lines.append(f"| {r['model']} | {mb:.0f} | {_fmt(r['cli_seconds'], '.2f')} | "
+                     f"{_fmt(r['cli_cpu_seconds'], '.2f')} | {_fmt(rss and rss / 2**20, '.0f')} | "
+                     f"{_fmt(rss and rss / r['bytes'], '.2f')}x | {_fmt(r['floor_seconds'], '.2f')} | "
+                     f"{_fmt(ratio, '.2f')}x | {_fmt(r['tp_prune_seconds'], '.2f')} | "
+                     f"{_fmt(r['tp_prune_export_seconds'], '.2f')} |")
+    timed = [(r["bytes"] / 1e9, r["cli_seconds"]) for r in rows if r["cli_seconds"]]
+    if len(timed) >= 2:
+        slope = statistics.linear_regression([g for g, _ in timed], [s for _, s in timed]).slope
+        lines.append(f"\nCLI time fitted over the models: {slope:.1f} s per GB of model.")
+    for r in rows:
+        for error in r["errors"]:
+            lines.append(f"\n{r['model']}: {error}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet50,vit_b_16", help="torchvision model names, comma-separated")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (medians shown)")
+    p.add_argument("--json", help="write the measurements as JSON")
+    p.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(*args.child)))
+        return 0
+    from tools import zoo
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    paths = {name: zoo.export(name) for name in names}
+    runs = {name: {"cli": [], "floor": [], "torch_pruning": []} for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
+        for _ in range(args.repeat):  # interleaved: every model's measurements see the same machine state
+            for name in names:
+                for kind in ("floor", "cli", "torch_pruning"):
+                    runs[name][kind].append(_measure(kind, name, paths[name], Path(tmp)))
+    rows = [_row(name, os.path.getsize(paths[name]), runs[name]) for name in names]
+    print(table(rows))
+    if args.json:
+        record = {"python": platform.python_version(), "cores": os.cpu_count(), "ratio": RATIO,
+                  "repeat": args.repeat, "rows": rows, "runs": runs,
+                  "load_average_1m": os.getloadavg()[0]}
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
