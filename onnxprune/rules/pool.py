@@ -153,6 +153,22 @@ def _shapes_at(view, dims, axis: int, more: int, only=None):
     return dims_of
 
 
+def made_up_evaluations(view, tensor, axis: int, data=None):
+    """``(dims, more, value, shape)`` for ``tensor``, computed at run time from shapes: evaluated at
+    the tensors' own shapes (skipped where one of them is unknown), then at each made-up row of
+    ``_MADE_UP``, each time with 0 and ``_OTHER_CHANNELS`` more channels on ``axis`` (on ``data``'s
+    axis only, when given; else on every tensor's). ``shape`` is ``data``'s shape there (() without
+    ``data``); ``value`` is None where the tensor cannot be evaluated. What the computed Pad, Resize
+    and Expand rules check their values on."""
+    for dims in (None, *_MADE_UP):
+        for more in (0, _OTHER_CHANNELS):
+            dims_of = _shapes_at(view, dims, axis, more, only=data)
+            value, shape = evaluate_at(tensor, dims_of), dims_of(data) if data is not None else ()
+            if (value is None or shape is None) and dims is None:
+                break  # a shape read is unknown: the made-up ones decide
+            yield dims, more, value, shape
+
+
 def _computed_pads_problem(node, view, axis: int, k: int, n: int) -> str | None:
     """Why pads computed at run time (TensorFlow's 'same' padding from the input's H and W) do not
     let channels through on ``axis``, entry ``k`` of the ``n`` padded axes; None when they do: at
@@ -161,18 +177,14 @@ def _computed_pads_problem(node, view, axis: int, k: int, n: int) -> str | None:
     they read nothing the cut changes. (Reading another tensor's channel count is the Shape rule's
     barrier.) Sampled, like every shape_math check: pads 0 here yet not at some other H would
     need an exporter that pads channels by H."""
-    for dims in (None, *_MADE_UP):
-        seen = set()
-        for more in (0, _OTHER_CHANNELS):
-            pads = evaluate_at(node.inputs[1], _shapes_at(view, dims, axis, more))
-            if pads is None and dims is None:
-                break  # a shape read is unknown: the made-up ones decide
-            if pads is None or pads.shape != (2 * n,) or pads.dtype.kind not in "iu":
-                return "pads are computed at run time and cannot be evaluated from shapes"
-            if pads[k] or pads[k + n]:
-                return "pads the channel axis (pads computed at run time)"
-            seen.add(tuple(pads.tolist()))
-        if len(seen) > 1:
+    seen: dict = {}  # made-up row -> the pads seen at its two channel counts
+    for dims, _, pads, _ in made_up_evaluations(view, node.inputs[1], axis):
+        if pads is None or pads.shape != (2 * n,) or pads.dtype.kind not in "iu":
+            return "pads are computed at run time and cannot be evaluated from shapes"
+        if pads[k] or pads[k + n]:
+            return "pads the channel axis (pads computed at run time)"
+        seen.setdefault(dims, set()).add(tuple(pads.tolist()))
+        if len(seen[dims]) > 1:
             return "pads are computed from the channel count"
     return None
 
@@ -192,21 +204,16 @@ def _computed_resize_problem(node, view, axis: int, k: int, n: int) -> str | Non
     name, tensor = ("scales", scales) if scales is not None and view.value(scales) is None \
         else ("sizes", _resize_input(node, "sizes"))
     kinds = "f" if name == "scales" else "iu"
-    for dims in (None, *_MADE_UP):
-        for more in (0, _OTHER_CHANNELS):
-            dims_of = _shapes_at(view, dims, axis, more, only=data)
-            value, shape = evaluate_at(tensor, dims_of), dims_of(data)
-            if (value is None or shape is None) and dims is None:
-                break  # a shape read is unknown: the made-up ones decide
-            if value is None or shape is None or value.shape != (n,) or value.dtype.kind not in kinds:
-                return f"{name} are computed at run time and cannot be evaluated from shapes"
-            channels = shape[axis]
-            if name == "scales" and float(value[k]) != 1.0:
-                return "resizes along the channel axis (scales computed at run time)"
-            if name == "sizes" and int(value[k]) != channels:
-                if more and channels - more == int(value[k]):
-                    return "sizes read a channel count other than the input's own"
-                return "resizes along the channel axis (sizes computed at run time)"
+    for _, more, value, shape in made_up_evaluations(view, tensor, axis, data):
+        if value is None or shape is None or value.shape != (n,) or value.dtype.kind not in kinds:
+            return f"{name} are computed at run time and cannot be evaluated from shapes"
+        channels = shape[axis]
+        if name == "scales" and float(value[k]) != 1.0:
+            return "resizes along the channel axis (scales computed at run time)"
+        if name == "sizes" and int(value[k]) != channels:
+            if more and channels - more == int(value[k]):
+                return "sizes read a channel count other than the input's own"
+            return "resizes along the channel axis (sizes computed at run time)"
     return None
 
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph.shape_math import evaluate_at
-from .pool import _MADE_UP, _OTHER_CHANNELS, _shapes_at
+from .pool import made_up_evaluations
 from .registry import Link, Reached, Relation, barrier, other_side, related, rule, strided
 from .reshape import _concat_piece, _shape_entry
 
@@ -72,17 +71,11 @@ def expand_rewrite(node, view, cut):
 def _computed_entry_problem(node, view, in_axis: int, entry: int) -> str | None:
     """Why an Expand shape entry computed at run time does not follow the input's width on ``in_axis``;
     None when, at the input's shape and at made-up ones, at two widths, it is 1 or that width."""
-    data, target = node.inputs[0], node.inputs[1]
-    for dims in (None, *_MADE_UP):
-        for more in (0, _OTHER_CHANNELS):
-            dims_of = _shapes_at(view, dims, in_axis, more, only=data)
-            value, shape = evaluate_at(target, dims_of), dims_of(data)
-            if (value is None or shape is None) and dims is None:
-                break  # a shape read is unknown: the made-up ones decide
-            if value is None or shape is None or value.ndim != 1 or len(value) <= entry:
-                return "expanded shape is computed at run time and cannot be evaluated from shapes"
-            if int(value[entry]) not in (1, shape[in_axis]):
-                return "expanded shape reads a channel count other than the input's own"
+    for _, _, value, shape in made_up_evaluations(view, node.inputs[1], in_axis, node.inputs[0]):
+        if value is None or shape is None or value.ndim != 1 or len(value) <= entry:
+            return "expanded shape is computed at run time and cannot be evaluated from shapes"
+        if int(value[entry]) not in (1, shape[in_axis]):
+            return "expanded shape reads a channel count other than the input's own"
     return None
 
 
