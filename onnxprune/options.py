@@ -11,7 +11,7 @@ Python API spells it, in backticks (`round_to`); the command line shows its
 flag instead (--round-to).
 
 A field left at None means "not given": ``validate`` returns a copy with the
-defaults filled in (importance l1; round_to 1, or the multiple of
+defaults filled in (importance l1; round_to "auto", or the multiple of
 ``provider``), so that it can tell an explicit choice from a default (a plan
 applied exactly rejects an explicit importance).
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 from .checks import check_grid, check_ratio, check_ratio_mapping, parse_nm  # noqa: F401 (part of this API)
 from .depth_options import DepthOptions, validate_depth
 from .errors import UsageError, quoted
+from .planning.plan import AUTO_ROUND_TO
 
 DEFAULT_IMPORTANCE = "l1"
 # The default where ratios are allocated by measured sensitivity (with data). Measured with
@@ -69,7 +70,9 @@ class WidthOptions:
     plan: object | None = None  # a Plan (or a plan file) applied exactly, instead of a ratio
     importance: str | None = None  # criterion (default l1)
     global_ranking: bool = False  # rank the channels of all groups together
-    round_to: int | None = None  # kept channels a multiple of this (default 1, or the provider's)
+    # kept channels a multiple of this; "auto" (the default without a provider): 8, halved while
+    # more than 12.5% off the requested count (planning/plan.py); with a provider, its measured multiple
+    round_to: int | str | None = None
     provider: str | None = None  # round widths for this onnxruntime provider when round_to is not given
     min_channels: int = 1
     max_group_ratio: float = 0.9  # global ranking: at most this much of one group
@@ -312,8 +315,9 @@ def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = T
     check_ratio(widths.ratio)
     check_ratio(widths.head_ratio, "`head_ratio`")
     round_to = widths.round_to
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise UsageError(f"`round_to` must be a positive integer, got {round_to}")
+    if round_to is not None and round_to != AUTO_ROUND_TO and (
+            isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"`round_to` must be a positive integer or 'auto', got {round_to!r}")
     if widths.min_channels < 1:
         raise UsageError(f"`min_channels` must be at least 1, got {widths.min_channels}")
     if not 0 < widths.max_group_ratio < 1:
@@ -333,7 +337,7 @@ def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = T
                                        else DEFAULT_IMPORTANCE)
     check_criterion(DEFAULT_IMPORTANCE if planned else importance, has_data)
     if round_to is None:
-        round_to = round_to_for(widths.provider) if widths.provider else 1
+        round_to = round_to_for(widths.provider) if widths.provider else AUTO_ROUND_TO
     return replace(widths, importance=importance, round_to=round_to)
 
 

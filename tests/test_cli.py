@@ -338,7 +338,7 @@ def test_global_ranking(tmp_path, capsys):
                             "--report", tmp_path / "l.json")
     assert code == 0, err
     local = {g["channels_before"]: g["channels_after"] for g in json.loads((tmp_path / "l.json").read_text())["groups"]}
-    assert local == {16: 10, 32: 19} != groups
+    assert local == {16: 10, 32: 20} != groups  # 9.6 and 19.2, rounded by default (2s and 4s: within 12.5%)
 
 
 def test_ignore_blocks_the_matched_group(model, capsys, tmp_path):

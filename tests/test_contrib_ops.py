@@ -666,7 +666,7 @@ def test_model_builder_decoder_prunes_from_the_command_line(tmp_path, capsys, in
     assert code == 0, err
     assert "--allow-io-change lets them change its shape" in out
     mlp = next(line for line in out.splitlines() if "gate_proj" in line and "pruned" in line)
-    assert f"128 -> {96 if int4 else 90}" in mlp  # int4: whole blocks of 32
+    assert f"128 -> {96 if int4 else 88}" in mlp  # 89.6 asked: a multiple of 8 by default; int4: whole blocks of 32
     code, out, err = run_main(capsys, tmp_path / "model.onnx", "--structured", "0.3", "--allow-io-change",
                               "-o", tmp_path / "heads.onnx")
     assert code == 0, err

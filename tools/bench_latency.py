@@ -1,7 +1,8 @@
 """Latency side by side: onnxprune vs Torch-Pruning at equal settings, speedup per MAC saved.
 
     .venv/bin/python -m tools.bench_latency [--models resnet50,mobilenet_v2,bert] [--ratios 0.3,0.5]
-        [--round-to 1,8,32] [--batch 1,8] [--iters 30] [--bert-layers 4] [--json out.json]
+        [--round-to default,none,8,32] [--batch 1,8] [--iters 30] [--repeats 3] [--bert-layers 4]
+        [--json out.json]
 
 For each architecture, one base model and, for every ratio and channel
 rounding, one model pruned by onnxprune and one by Torch-Pruning; then all
@@ -11,7 +12,11 @@ onnxruntime CPU provider, and on the CUDA provider too where
 ``onnxruntime.get_available_providers()`` lists it. Printed per model:
 MACs ratio (base / pruned), latency speedup (base median / pruned median, same
 run) and efficiency = speedup / MACs ratio (1.0: latency fell exactly as much
-as the arithmetic did).
+as the arithmetic did). With ``--repeats N`` the interleaved timing runs N
+times and every figure is the median of the N runs' speedups. Then, per ratio
+and batch, the verdict the fast-widths target asks for: the efficiency of
+onnxprune's default command (``round_to`` left unset: "auto") over the best
+Torch-Pruning variant's (the target: at least 0.95).
 
 The models (random weights, no download):
 - resnet50, mobilenet_v2: torchvision, ``tools/zoo.py``'s ``build_model``
@@ -25,7 +30,8 @@ The models (random weights, no download):
 The pruners, both by L1 magnitude, the classifier (resp. BERT's embeddings,
 i.e. the hidden size) kept:
 - onnxprune ``prune_file(ratio, round_to=r)`` on the base export (BERT: the
-  ratio removes that share of every layer's heads and MLP neurons);
+  ratio removes that share of every layer's heads and MLP neurons); "default"
+  leaves ``round_to`` unset, as the command line does without --round-to;
 - Torch-Pruning ``MetaPruner(model, example, MagnitudeImportance(p=1),
   pruning_ratio=ratio, round_to=r or None, ignored_layers=[classifier])`` on
   the torch model, exported like the base (BERT: ``num_heads`` of every
@@ -195,13 +201,14 @@ class Row:
     arch: str
     tool: str
     ratio: float | None
-    round_to: int | None
+    round_to: int | None  # None: onnxprune's default (for Torch-Pruning: no rounding)
     path: str | None = None
     macs: int | None = None
     params: int | None = None
     seconds: float | None = None  # pruning time
     error: str | None = None
-    speedup: dict = field(default_factory=dict)  # provider -> {batch: speedup}
+    speedup: dict = field(default_factory=dict)  # provider -> {batch: speedup} (median of the repeats)
+    speedups: dict = field(default_factory=dict)  # provider -> {batch: [speedup of each repeat]}
     median_ms: dict = field(default_factory=dict)  # provider -> {batch: ms}
     roofline_us: dict = field(default_factory=dict)  # batch -> microseconds (CUDA estimate)
 
@@ -209,7 +216,8 @@ class Row:
     def label(self) -> str:
         if self.ratio is None:
             return "base"
-        return f"{self.tool} {self.ratio:g} r{self.round_to or 1}"
+        rounding = "default" if self.round_to is None else f"r{self.round_to}"
+        return f"{self.tool} {self.ratio:g} {rounding}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -217,7 +225,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def prune_onnxprune(base: Path, out: Path, arch: Arch, ratio: float, round_to: int) -> Row:
+def prune_onnxprune(base: Path, out: Path, arch: Arch, ratio: float, round_to: int | None) -> Row:
     from onnxprune import prune_file
 
     row = Row(arch.name, "onnxprune", ratio, round_to)
@@ -266,18 +274,27 @@ def measure_counts(rows: list[Row], arch: Arch) -> None:
 # --- timing ---------------------------------------------------------------------------------------
 
 def time_rows(rows: list[Row], arch: Arch, provider: str, batches: list[int], args) -> None:
-    """All working models of one architecture in one interleaved bench() call; the first row is the base."""
+    """All working models of one architecture in one interleaved bench() call, ``args.repeats`` times;
+    the first row is the base. A row's speedup and ms are the medians over the repeats."""
+    import statistics
+
     from onnxprune.runtime.bench import bench
 
     timed = [r for r in rows if r.path]
     pinned = {name: shape for name, shape in arch.input_shapes.items()}
-    result = bench([r.path for r in timed], batches, provider=provider, threads=args.threads, warmup=args.warmup,
-                   iters=args.iters, input_shapes=pinned)
     by_path = {r.path: r for r in timed}
-    for t in result.timings:
-        row = by_path[t.model]
-        row.speedup.setdefault(provider, {})[t.batch] = t.speedup
-        row.median_ms.setdefault(provider, {})[t.batch] = t.median_ms
+    times: dict = {}
+    for _ in range(args.repeats):
+        result = bench([r.path for r in timed], batches, provider=provider, threads=args.threads,
+                       warmup=args.warmup, iters=args.iters, input_shapes=pinned)
+        for t in result.timings:
+            row = by_path[t.model]
+            row.speedups.setdefault(provider, {}).setdefault(t.batch, []).append(t.speedup)
+            times.setdefault((t.model, t.batch), []).append(t.median_ms)
+    for row in timed:
+        for b, values in row.speedups.get(provider, {}).items():
+            row.speedup.setdefault(provider, {})[b] = statistics.median(values)
+            row.median_ms.setdefault(provider, {})[b] = statistics.median(times[(row.path, b)])
 
 
 def add_roofline(rows: list[Row], arch: Arch, batches: list[int], peak_flops: float, bandwidth: float) -> None:
@@ -319,6 +336,33 @@ def format_rows(rows: list[Row], provider: str, batches: list[int], roofline_too
     return "\n".join(lines)
 
 
+def efficiency(row: Row, base: Row, provider: str, batch: int) -> float | None:
+    s = row.speedup.get(provider, {}).get(batch)
+    if s is None or not row.macs or not base.macs:
+        return None
+    return s / (base.macs / row.macs)
+
+
+def verdict_lines(rows: list[Row], provider: str, batches: list[int]) -> list[str]:
+    """Per ratio and batch: onnxprune's default efficiency against the best Torch-Pruning variant's."""
+    base, lines = rows[0], []
+    for ratio in sorted({r.ratio for r in rows if r.ratio is not None}):
+        default = next((r for r in rows if r.tool == "onnxprune" and r.ratio == ratio and r.round_to is None), None)
+        theirs = [r for r in rows if r.tool == "Torch-Pruning" and r.ratio == ratio and r.path]
+        if default is None or not default.path or not theirs:
+            continue
+        for b in batches:
+            ours = efficiency(default, base, provider, b)
+            best = max(theirs, key=lambda r: efficiency(r, base, provider, b) or 0.0)
+            best_eff = efficiency(best, base, provider, b)
+            if ours is None or not best_eff:
+                continue
+            mark = "meets" if ours >= 0.95 * best_eff else "BELOW"
+            lines.append(f"ratio {ratio:g} batch {b}: default eff {ours:.2f} / best Torch-Pruning "
+                         f"({best.label}) {best_eff:.2f} = {ours / best_eff:.2f}x  {mark} the 0.95x target")
+    return lines
+
+
 def environment() -> dict:
     import onnxruntime
     import torch
@@ -342,21 +386,27 @@ def _list(text: str, kind=float) -> list:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
-def _round_list(text: str) -> list[int]:
-    return [1 if v.strip() in ("none", "1") else int(v) for v in text.split(",") if v.strip()]
+def _round_list(text: str) -> list[int | None]:
+    """'default' -> None (onnxprune's own default), 'none' -> 1, else the multiple."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    return [None if v == "default" else 1 if v in ("none", "1") else int(v) for v in values]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert", help="resnet50, mobilenet_v2, bert")
     p.add_argument("--ratios", default="0.3,0.5", help="pruning ratios (default 0.3,0.5)")
-    p.add_argument("--round-to", default="none,8,32", help="channel roundings, 'none' = 1 (default none,8,32)")
+    p.add_argument("--round-to", default="default,none,8,32",
+                   help="channel roundings: 'default' = onnxprune without round_to (Torch-Pruning: not run), "
+                        "'none' = 1 (default default,none,8,32)")
     p.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
     p.add_argument("--providers", default="auto",
                    help="comma-separated onnxruntime providers (cpu, cuda); auto = cpu, plus cuda where available")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30, help="timed runs per model and batch (default 30)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved timing runs; figures are their medians (default 3)")
     p.add_argument("--bert-layers", type=int, default=4, help="BERT encoder layers (default 4; BERT-base has 12)")
     p.add_argument("--seq", type=int, default=128, help="BERT sequence length (default 128)")
     p.add_argument("--peak-tflops", type=float, default=H100_TF32_TFLOPS,
@@ -387,7 +437,7 @@ def run_arch(arch: Arch, workdir: Path, args, providers: list[str], batches: lis
     for ratio in _list(args.ratios):
         for r in _round_list(args.round_to):
             rows.append(prune_onnxprune(base_path, workdir / f"{arch.name}-op-{ratio:g}-r{r}.onnx", arch, ratio, r))
-            if not args.no_torch_pruning:
+            if not args.no_torch_pruning and r is not None:
                 rows.append(prune_torch_pruning(torch_model, workdir / f"{arch.name}-tp-{ratio:g}-r{r}.onnx",
                                                 arch, ratio, r))
     measure_counts(rows, arch)
@@ -399,8 +449,12 @@ def run_arch(arch: Arch, workdir: Path, args, providers: list[str], batches: lis
         if roof:
             add_roofline(rows, arch, batches, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12)
         print(f"\n{arch.name} on {provider} ({args.warmup} warm-up + {args.iters} timed runs per model and batch, "
-              "interleaved; speedup and eff = speedup / MACs ratio against the base)")
+              f"interleaved, median of {args.repeats} such runs; speedup and eff = speedup / MACs ratio against "
+              "the base)")
         print(format_rows(rows, provider, batches, roof))
+        verdicts = verdict_lines(rows, provider, batches)
+        if verdicts:
+            print("\n" + "\n".join(verdicts))
     return rows
 
 

@@ -67,6 +67,13 @@ def _number(convert, valid, requirement: str):
 
 _ratio = _number(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 _positive = _number(int, lambda v: v >= 1, "must be at least 1")
+
+
+def _round_to(text: str):
+    """--round-to: a positive integer, or 'auto' (planning/plan.py's default rounding)."""
+    return text if text == "auto" else _positive(text)
+
+
 _count = _number(int, lambda v: v >= 0, "must be at least 0")
 _seed = _number(int, lambda v: 0 <= v < 2**32, "must be in [0, 2^32)")
 _nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
@@ -131,8 +138,10 @@ def _importance_option(p: argparse.ArgumentParser, data_note: bool = True) -> No
 
 def _width_options(p: argparse.ArgumentParser) -> None:
     """How kept widths are rounded and bounded: shared by prune and sensitivity."""
-    p.add_argument("--round-to", type=_positive, metavar="N",
-                   help="kept channels per group are a multiple of N (default 1)")
+    p.add_argument("--round-to", type=_round_to, metavar="N|auto",
+                   help="kept channels per group are a multiple of N; 1 keeps the exact counts (default auto: "
+                        "multiples of 8, halved while more than 12.5%% off the requested count; with --provider, "
+                        "its measured multiple)")
     p.add_argument("--min-channels", type=_positive, default=1, metavar="N",
                    help="never keep fewer than N channels in a group (default 1)")
 

@@ -95,6 +95,7 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
         stage_done("allocate" if allocation else "plan")
     report = _report(analysis, plan, scores, widths.ratio, criterion or "plan")
     report.allocation = allocation and allocation.to_json()
+    report.round_to = None if planned else widths.round_to
     report.add_warnings(caught)
     hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
     if hidden:

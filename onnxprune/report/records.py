@@ -153,6 +153,7 @@ class Report:
     groups: list[GroupReport]
     blocked: list[BlockedGroup]
     seconds: float = 0.0
+    round_to: int | str | None = None  # the kept-width rounding applied: a multiple, "auto", None for a plan
     output_error: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data: dict | None = None  # calibration data: source, samples
@@ -221,7 +222,7 @@ class Report:
             lines += _depth_lines(self.depth, verbose)
         if self.importance != NO_STRUCTURED:
             lines.append(f"groups  {len(pruned)} pruned, {len(self.groups) - len(pruned)} left whole, "
-                         f"{len(self.blocked)} blocked")
+                         f"{len(self.blocked)} blocked{_rounding_note(self.round_to)}")
         labels = node_labels(self.modules)
         shown = pruned if verbose else pruned[:8]
         for g in shown:
@@ -364,3 +365,10 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def _rounding_note(round_to) -> str:
+    """How the kept widths were rounded, for the groups line (nothing for exact counts or a plan)."""
+    if round_to == "auto":
+        return "; widths multiples of 8 where within 12.5% (`round_to` 1: exact)"
+    return f"; widths multiples of {round_to}" if isinstance(round_to, int) and round_to > 1 else ""
