@@ -68,6 +68,7 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModel(f"{path}: is a directory, not an ONNX file")
     if path.stat().st_size == 0:
         raise InvalidModel(f"{path}: empty file")
+    file_checked = _passes_checker_on_file(path)
     try:
         model = onnx.load(str(path))
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
@@ -78,9 +79,22 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModel(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     except Exception as exc:  # protobuf raises assorted types on garbage input
         raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
-    loaded = checked_model(model, path)
+    loaded = checked_model(model, path, file_checked)
     name_negative_dims(loaded.model)  # ours to edit: read from the file just now
     return loaded
+
+
+def _passes_checker_on_file(path: Path) -> bool:
+    """Whether onnx.checker passes the file itself, checked before it is loaded. Checking the loaded
+    model instead serialises it and parses it again in C++: two more copies of the weights beside
+    the loaded one, the run's peak memory (3x the model). From the file the checker's copy is gone
+    before the model is loaded. False for any failure (an unreadable file, onnxruntime's own ops):
+    the model is then checked in memory after loading, which gives the one-line reason."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
 
 
 def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
@@ -89,7 +103,8 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None
     checked_model(model, path)
 
 
-def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> LoadedModel:
+def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None,
+                  file_checked: bool = False) -> LoadedModel:
     """``model`` if onnxprune can analyse it, or its conversion to CONVERTED_OPSET for opsets 7 to
     10; else InvalidModel/UnsupportedModel (one line).
 
@@ -102,14 +117,17 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     trusts attributes and shapes, and a model whose attributes contradict its
     weights (a wrong ``transB``, too few ``pads``, ``group`` 0) would be cut wrong.
     ``path``, where the model came from, names it in messages and lets the
-    checker read a model too large to serialise from its file.
+    checker read a model too large to serialise from its file; ``file_checked``: the checker
+    already passed that file (``read_model``), so the model is not checked again in memory.
     """
     where = f"{path}: " if path is not None else ""
     if not model.HasField("graph") or not model.opset_import or not model.graph.node:
         raise InvalidModel(f"{where}not an ONNX model (no graph, nodes or opset)")
     with hidden_from_checker(model) as runtime_nodes:
         try:
-            if path is None or not needs_external_data(model):
+            if file_checked:
+                pass
+            elif path is None or not needs_external_data(model):
                 onnx.checker.check_model(model)
             elif runtime_nodes:  # the file has them unhidden, and the model is too large to check in memory
                 onnx.checker.check_model(weights_as_inputs(light_copy(model)))

@@ -112,7 +112,7 @@ class Staging:
                 self._write_external(model, final, data_name)
             staged, f = self._create(final, rank=2)
             with f:
-                f.write(model.SerializeToString())
+                write_model(f, model)
                 _synced(f)
         except OSError as exc:
             raise UsageError(f"{final}: cannot write ({exc.strerror or exc})") from None
@@ -193,6 +193,58 @@ def _check_unchanged(staged: Path, written: tuple[int, int]) -> None:
     st = os.lstat(staged)
     if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != written:
         raise UsageError(f"{staged}: replaced while staged (by another process); nothing written")
+
+
+def write_model(f, model: onnx.ModelProto) -> None:
+    """``model``'s protobuf encoding into ``f``, one initializer at a time: SerializeToString of
+    the whole would hold a second copy of every weight in memory at once (the run's peak while
+    writing). The model and graph are encoded without their weights, the initializers follow as
+    graph fields of their own; a protobuf parser reads the same model (the order of fields in the
+    encoding does not matter, that of repeated entries is kept)."""
+    graph = model.graph
+    rest = _without(graph, "initializer").SerializeToString()
+    sizes = [t.ByteSize() for t in graph.initializer]
+    graph_size = len(rest) + sum(len(_key(GRAPH_INITIALIZER, n)) + n for n in sizes)
+    f.write(_without(model, "graph").SerializeToString())
+    if model.HasField("graph"):
+        f.write(_key(MODEL_GRAPH, graph_size))
+        f.write(rest)
+    for t, size in zip(graph.initializer, sizes):
+        f.write(_key(GRAPH_INITIALIZER, size))
+        f.write(t.SerializeToString())
+
+
+MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _without(message, skipped: str):
+    """A copy of ``message`` without its field ``skipped`` (the rest is small: nodes, names)."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _key(number: int, length: int) -> bytes:
+    """The tag of a length-delimited field ``number`` and its length, as protobuf encodes them."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -4,6 +4,8 @@ session, and one run on generated inputs, compared with the original model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import math
 import warnings
@@ -126,6 +128,7 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, ch
     # garbage by now, but only a full collection frees it and the weights it
     # holds: before onnxruntime loads the original's weights once more.
     gc.collect()
+    hand_back_memory()
     try:
         sess = session(Path(model_path), prepack=False)
     except Exception as exc:
@@ -144,6 +147,20 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, ch
         raise UnsupportedModel(unrunnable_message(first_line(exc), shapes, list(chosen))) from exc
     names = [o.name for o in sess.get_outputs()]
     return feeds, dict(zip(names, outputs))
+
+
+def hand_back_memory() -> None:
+    """Free memory returned to the system (glibc's malloc_trim) before a session loads a model's
+    weights: glibc keeps what the freed weights held (the input model's, its analysis') for reuse,
+    where onnxruntime's allocations may not fit, and the run's peak would count it twice. Nothing
+    on other C libraries."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    if trim is not None:
+        trim(0)
 
 
 def unrunnable_message(error: str, shapes: dict, chosen: list[DimChoice]) -> str:
@@ -184,6 +201,7 @@ def verify_file(path: Path, feeds: dict | None, reference: dict | None) -> Verif
     check_model_file(path)
     if reference is None:
         return Verification({})
+    hand_back_memory()
     try:
         sess = session(Path(path), prepack=False)
         outputs = sess.run(None, feeds)
