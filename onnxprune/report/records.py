@@ -165,6 +165,7 @@ class Report:
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     depth: dict | None = None  # --depth/--drop-blocks: blocks removed, kept, not removable (pipeline/depth.py)
+    configs: list | None = None  # genai_config.json / config.json beside the output: what each changed
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
     # sizes chosen for the dynamic input dims left unpinned (model/dynamic.py DimChoice.to_json), and the
