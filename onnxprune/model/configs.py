@@ -82,7 +82,8 @@ def pruned_shape(model: onnx.ModelProto, past_key: str = DEFAULT_PAST_KEY) -> di
     if layers:
         if layers != list(range(len(layers))):
             raise UsageError(f"the pruned model's cache inputs are layers {_listed(layers)}: onnxruntime-genai and "
-                             f"config.json expect 0..{len(layers) - 1} (add --renumber-cache, or keep those layers)")
+                             f"config.json expect 0..{len(layers) - 1} (renumbering the cache is not supported yet: "
+                             f"write the output to a folder without the configs)")
         shape["num_hidden_layers"] = len(layers)
     shape.update(_one("intermediate_size", set(_mlp_widths(model).values()), "MLP layers"))
     return shape
