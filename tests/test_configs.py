@@ -118,6 +118,8 @@ def test_genai_folder_prunes_loads_and_generates(tmp_path, precision):
                           "--prune-kv-groups", "--allow-io-change", *shapes, "-o", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    summary = "config  genai_config.json: num_attention_heads 4 -> 2, num_key_value_heads 2 -> 1"
+    assert summary in run.stdout + run.stderr
     decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
     assert (out.parent / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()

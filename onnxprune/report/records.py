@@ -254,6 +254,9 @@ class Report:
                          f"  ({kept})")
         if len(self.io_changes or []) > len(changed):
             lines.append(f"  ... {len(self.io_changes) - len(changed)} more reshaped (`verbose` or `report_path`)")
+        for c in self.configs or []:  # genai_config.json / config.json beside the output (model/configs.py)
+            changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in c["changes"].items()) or "unchanged"
+            lines.append(f"config  {c['file']}: {changed}")
         if self.target:
             lines.append(summary_line(self.target))
         if self.data:
