@@ -25,6 +25,7 @@ from ..cut import iochange
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..metrics import evaluate
+from ..model.configs import updated_configs
 from ..model.inputs import resolve_with_choices
 from ..model.load import read_model
 from ..model.publish import Staging
@@ -112,9 +113,14 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     result = model = None  # free the input model and its analysis before verification loads it again
     if out.recipe is not None and not unchanged:
         _record_recipe(pruned, out.recipe)
+    # the configs beside the input, updated: checked before anything is staged, so a pruned model
+    # they cannot describe fails with no output
+    configs, report.configs = updated_configs(input_path, output, pruned) if not out.dry_run else ([], None)
     with Staging(out.force) as stage:  # every output appears together, once all are written
         if not out.dry_run:
             _stage_model(stage, pruned, unchanged, input_path, output, report, options)
+            for path, data in configs:
+                stage.bytes(path, data)
             if keep_float:
                 stage.model(Path(keep_float), float_model)
         report.seconds = time.perf_counter() - started  # the benchmark is not part of it

@@ -166,6 +166,7 @@ class Report:
     target: dict | None = None  # --target-*: the ratio searched for and each evaluation (target.py)
     bench: object | None = None  # --bench: onnxprune.bench.BenchResult of input vs output
     depth: dict | None = None  # --depth/--drop-blocks: blocks removed, kept, not removable (pipeline/depth.py)
+    configs: list | None = None  # genai_config.json / config.json beside the output: what each changed
     io_changes: list | None = None  # --allow-io-change: graph inputs/outputs reshaped (iochange.describe)
     conversion: dict | None = None  # an old opset upgraded on load (model/load.py Conversion.to_json)
     # sizes chosen for the dynamic input dims left unpinned (model/dynamic.py DimChoice.to_json), and the
@@ -254,6 +255,9 @@ class Report:
                          f"  ({kept})")
         if len(self.io_changes or []) > len(changed):
             lines.append(f"  ... {len(self.io_changes) - len(changed)} more reshaped (`verbose` or `report_path`)")
+        for c in self.configs or []:  # genai_config.json / config.json beside the output (model/configs.py)
+            changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in c["changes"].items()) or "unchanged"
+            lines.append(f"config  {c['file']}: {changed}")
         if self.target:
             lines.append(summary_line(self.target))
         if self.data:
