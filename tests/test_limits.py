@@ -173,6 +173,7 @@ def test_model_over_2gb_prunes_within_memory_limit(mlp_over_2gb, tmp_path):
     # external data threshold: one file. Its validity is checked from the path.
     onnx.checker.check_model(str(out), full_check=True)
     pruned = onnx.load(str(out))
-    assert [t.dims for t in pruned.graph.initializer if t.name.startswith("fc1.W")] == [[5734, 5734]]
+    # 8192 x 0.7 = 5734.4 channels asked: 5736, the nearest multiple of 8 (the default rounding)
+    assert [t.dims for t in pruned.graph.initializer if t.name.startswith("fc1.W")] == [[5736, 5736]]
     assert onnxprune.count_params(pruned) < 0.55 * size / 4
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([model.name, data.name, out.name])

@@ -427,7 +427,9 @@ def test_cli_unchanged_copy_when_nothing_qualifies(model_path, capsys, tmp_path)
     out_path = tmp_path / "same.onnx"
     code, out, err = run_main(capsys, model_path, "--nm", "2:4", "--min-elements", "100000", "-o", out_path)
     assert code == 0, err
-    assert out_path.read_bytes() == model_path.read_bytes()
+    # the same model (written one initializer at a time, model/publish.py: the bytes may be ordered otherwise)
+    assert onnx.load(out_path).SerializeToString() == onnx.load(model_path).SerializeToString()
+    assert out_path.stat().st_size == model_path.stat().st_size
     assert "in 0 tensor(s), 3 skipped" in out
 
 

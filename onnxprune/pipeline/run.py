@@ -36,7 +36,7 @@ from ..progress import muted_stages, restart_stage_clock, stage_done, stage_time
 from ..recovery.train import train
 from ..report.markdown import markdown_summary
 from ..report.records import Report, run_environment
-from ..runtime.verify import index_bounds, run_original, verify_file
+from ..runtime.verify import hand_back_memory, index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
@@ -118,7 +118,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     configs, report.configs = updated_configs(input_path, output, pruned) if not out.dry_run else ([], None)
     with Staging(out.force) as stage:  # every output appears together, once all are written
         if not out.dry_run:
-            _stage_model(stage, pruned, unchanged, input_path, output, report, options)
+            models, pruned = [pruned], None  # handed over whole: verification frees it once written
+            _stage_model(stage, models, unchanged, input_path, output, report, options)
             for path, data in configs:
                 stage.bytes(path, data)
             if keep_float:
@@ -139,14 +140,15 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     return report
 
 
-def _stage_model(stage: Staging, pruned, unchanged: bool, input_path: Path, output: Path, report: Report,
+def _stage_model(stage: Staging, models: list, unchanged: bool, input_path: Path, output: Path, report: Report,
                  options: PruneOptions) -> None:
-    """The pruned model (or, ``unchanged``, a copy of the input) staged and verified there."""
+    """The pruned model (or, ``unchanged``, a copy of the input), popped from ``models``, staged and
+    verified there."""
     report.output = str(output)
     if unchanged:  # nothing prunable
-        stage.model(output, pruned)
+        stage.model(output, models.pop())
     else:
-        _write_verified(stage, pruned, output, input_path, report, options.output.verify, options.seed,
+        _write_verified(stage, models, output, input_path, report, options.output.verify, options.seed,
                         options.analysis.input_shapes)
     report.written = True  # as it will be once the stage is published
 
@@ -279,24 +281,30 @@ def _quality_gate(result: PruneResult, model: onnx.ModelProto, options: PruneOpt
             f"exceeds `max_output_error` {max_error}; nothing written")
 
 
-def _write_verified(stage: Staging, pruned, output: Path, input_path: Path, report: Report, verify: bool, seed,
+def _write_verified(stage: Staging, models: list, output: Path, input_path: Path, report: Report, verify: bool, seed,
                     input_shapes) -> Path:
-    """``pruned`` staged as ``output`` and run there against the original; its staged path."""
+    """The pruned model (popped from ``models``, so that it can be freed once written) staged as
+    ``output`` and run there against the original; its staged path."""
     feeds = reference = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. bfloat16: no onnxruntime run to compare
         warnings.simplefilter("always")
+        pruned = models.pop()  # this frame's reference is then the only one (see run_file)
         changes = iochange.read(pruned)
-        if verify:  # the original's inputs and outputs, as the pruned model takes and gives them
+        if verify:  # what the original's run needs to know of the pruned model, taken before it goes
             shapes, chosen = resolve_with_choices(pruned, iochange.shrink_shapes(input_shapes or {}, changes))
-            feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes),
-                                            index_bounds(pruned), seed, chosen)
+            bounds = index_bounds(pruned)
+        staged = stage.model(output, pruned)
+        stage_done("write")
+        # written: the pruned model leaves memory before onnxruntime builds the original's session, so
+        # that the run's peak holds one model, not two (issue 20: resnet50's peak was that session)
+        del pruned
+        if verify:  # the original's inputs and outputs, as the pruned model takes and gives them
+            hand_back_memory()
+            feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes), bounds, seed, chosen)
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)
             stage_done("reference")
-        staged = stage.model(output, pruned)
-        stage_done("write")
-        if verify:
             result = verify_file(staged, feeds, reference)
             stage_done("verify")
             bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
