@@ -111,6 +111,7 @@ json.dump({"stopped": report.stopped, "best_epoch": report.best_epoch, "world_si
            "backend": report.backend, "before": report.before, "weights": digest,
            "seen": round(report.samples_per_second * report.seconds)},
           open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w"))
+dist.barrier()  # both ranks done before the group goes (recovery/distributed.py process_group: why)
 dist.destroy_process_group()
 """
 

@@ -79,6 +79,10 @@ def process_group(world: World, options):
     dist.init_process_group(backend, rank=world.rank, world_size=world.size)
     try:
         yield backend
+        # every rank done before any tears the group down: a rank destroying it while another still
+        # talks to it can abort that one in gloo's threads ("terminate called ...", seen once in CI).
+        # Only on success: after an error the other ranks may never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
