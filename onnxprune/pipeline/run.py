@@ -36,7 +36,7 @@ from ..progress import muted_stages, restart_stage_clock, stage_done, stage_time
 from ..recovery.train import train
 from ..report.markdown import markdown_summary
 from ..report.records import Report, run_environment
-from ..runtime.verify import hand_back_memory, index_bounds, run_original, verify_file
+from ..runtime.verify import index_bounds, run_original, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
@@ -298,8 +298,7 @@ def _write_verified(stage: Staging, models: list, output: Path, input_path: Path
         # written: the pruned model leaves memory before onnxruntime builds the original's session, so
         # that the run's peak holds one model, not two (issue 20: resnet50's peak was that session)
         del pruned
-        if verify:  # the original's inputs and outputs, as the pruned model takes and gives them
-            hand_back_memory()
+        if verify:  # the original's inputs and outputs (run_original collects and trims the freed memory first)
             feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes), bounds, seed, chosen)
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
