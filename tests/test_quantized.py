@@ -31,12 +31,27 @@ from graphs import (
     nodes_of,
     one_error_line,
     removed_positions,
-    run,
     run_main,
     small_cnn,
 )
 
 TOL = 1e-5  # relative to the outputs' scale (measured: 0 on every graph here)
+
+
+def run_unfused(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """The outputs with onnxruntime's basic optimisations only. With all of them, QDQ pairs are
+    fused into int8 kernels whose results depend on the CPU: on this project's AVX2 EPYC (no
+    VNNI) the masked reference (8 input channels, 4 of them zero) and the cut model (4) came
+    out 3 quantization steps apart on qdq_cnn's conv2 output, equal at the basic level. Mask
+    equivalence checks the cut's arithmetic, not the CPU's int8 kernels."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
 
 
 # --- building quantized graphs ---------------------------------------------------------------
@@ -301,8 +316,8 @@ def prune_quantized(model, ratio=0.5, **options):
     check_valid(model, result.model)
     assert onnxprune.count_macs(result.model) < onnxprune.count_macs(model)
     feeds = make_feeds(model)
-    assert_close(run(quantized_masked_reference(model, analysis, result.plan), feeds), run(result.model, feeds),
-                 TOL)
+    assert_close(run_unfused(quantized_masked_reference(model, analysis, result.plan), feeds),
+                 run_unfused(result.model, feeds), TOL)
     return result, analysis
 
 
@@ -511,8 +526,8 @@ def test_quantized_resnet18_mask_equivalence(resnet18_quantized):
     assert len(analysis.prunable) == 12
     result = onnxprune.prune(model, 0.4)
     feeds = make_feeds(model)
-    assert_close(run(quantized_masked_reference(model, analysis, result.plan), feeds), run(result.model, feeds),
-                 TOL)
+    assert_close(run_unfused(quantized_masked_reference(model, analysis, result.plan), feeds),
+                 run_unfused(result.model, feeds), TOL)
 
 
 # --- prune, then quantize: --quantize ------------------------------------------------------------
