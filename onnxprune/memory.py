@@ -1,14 +1,17 @@
-"""Sizes checked before they are allocated.
+"""Sizes checked before they are allocated, and freed memory handed back.
 
 A model, a data file or an image header can claim any size (an input dim of
 2^40, an .npy header of 10^12 elements, a 30000 x 30000 PNG); allocating it
 ends in a MemoryError or the OOM killer long after the cause is known. What
 reads such a size asks ``check_fits`` first and gets a one-line error naming
-the claim instead.
+the claim instead. ``release_freed_memory`` frees what the pipeline dropped
+before a step that allocates a model's worth (issue 20: peak memory).
 """
 
 from __future__ import annotations
 
+import ctypes.util
+import gc
 import math
 import os
 
@@ -44,3 +47,22 @@ def describe_bytes(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.3g} {unit}"
     return f"{nbytes} bytes"
+
+
+def release_freed_memory() -> None:
+    """Collect garbage in reference cycles and hand freed memory back to the system.
+
+    onnx-graphsurgeon's graphs are full of reference cycles, so a model and its analysis
+    dropped by the pipeline stay alive until a full collection; and glibc keeps what freed
+    weights held for reuse (malloc_trim returns it), where onnxruntime's allocations or a
+    written model's buffers may not fit, and the run's peak would count it twice. Called
+    where the next step allocates a model's worth: writing the pruned model, building a
+    session. The trim is glibc's; nothing on other C libraries (musl, macOS)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return
+    if trim is not None:
+        trim(0)

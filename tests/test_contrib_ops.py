@@ -85,24 +85,27 @@ def test_checker_failure_from_a_runtime_op_is_not_a_refusal(tmp_path, capsys):
     assert [t.dims for t in pruned.graph.initializer if t.name.startswith("fc1")] == [[8, 16]]
 
 
-def test_a_runtime_op_in_a_model_too_large_for_memory_checks(tmp_path, monkeypatch):
-    """Over 2 GB (simulated: every model counts as too large) the checker cannot take the model in
-    memory nor, with the op unhidden, from its file: it checks the graph with the weights as inputs."""
+def test_a_runtime_op_in_a_large_model_is_checked_in_parts(tmp_path, monkeypatch):
+    """A large model (simulated: every model counts as large) is checked a weight at a time, the
+    graph with its weights as inputs, on loading and in verification's full check of the file."""
     import onnxprune.model.load as load
-    from onnxprune.model.proto import needs_external_data
-    from onnxprune.runtime.verify import check_model_file
+    import onnxprune.runtime.verify as verify
 
-    onnx.save(rms_mlp(), tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.data", size_threshold=0)
-    monkeypatch.setattr(load, "needs_external_data", lambda model: True)
-    assert load.read_model(tmp_path / "m.onnx").model.graph.node
-    check_model_file(tmp_path / "m.onnx")  # verification's full check of such a file passes too
-    broken = onnx.load(tmp_path / "m.onnx", load_external_data=False)
-    nodes_of(broken, "MatMul")[0].input[1] = "nowhere"
-    onnx.save(broken, tmp_path / "broken.onnx")
-    with pytest.raises(onnxprune.errors.InvalidModel, match="fails onnx.checker"):
-        load.read_model(tmp_path / "broken.onnx")
-    assert not needs_external_data(rms_mlp())
+    monkeypatch.setattr(load, "CHECKED_WHOLE_BYTES", 0)
+    monkeypatch.setattr(verify, "CHECKED_WHOLE_BYTES", 0)
+    for external in (True, False):
+        path = tmp_path / f"m{external}.onnx"
+        onnx.save(rms_mlp(), path, save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=f"m{external}.data", size_threshold=0)
+        assert load.read_model(path).model.graph.node
+        verify.check_model_file(path)  # verification's full check of such a file passes too
+        broken = onnx.load(path, load_external_data=False)
+        nodes_of(broken, "MatMul")[0].input[1] = "nowhere"
+        onnx.save(broken, tmp_path / "broken.onnx")
+        with pytest.raises(onnxprune.errors.InvalidModel, match="fails onnx.checker"):
+            load.read_model(tmp_path / "broken.onnx")
+        with pytest.raises(onnxprune.errors.VerificationFailed, match="fails onnx.checker"):
+            verify.check_model_file(tmp_path / "broken.onnx")
 
 
 def test_checking_leaves_the_model_as_it_was():

@@ -124,11 +124,11 @@ def test_large_output_is_written_with_external_data(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- over 2 GB
 
-# Measured on this project's 2-core, 24 GiB machine (8192-wide MLP, 2.15 GB):
-# 3.57x before the memory work of issue 7, 2.54x now; 2.08x once api.prune_file
-# drops its reference to the input model before verification. The issue's
-# target is 2.5x: lower the limit to it with that change.
-PEAK_LIMIT = 2.5
+# Measured on this project's 2-core, 24 GiB machine (8192-wide MLP, 2.15 GB): 3.57x before
+# the memory work of issue 7, 2.54x after it, 1.72x after that of issue 20 (2026-12-01),
+# whose target this is: at most twice the model and 150 MB.
+PEAK_LIMIT = 2.0
+PEAK_ALLOWANCE = 150e6
 
 
 def run_measured(command: list[str]) -> tuple[int, str, int]:
@@ -167,7 +167,8 @@ def test_model_over_2gb_prunes_within_memory_limit(mlp_over_2gb, tmp_path):
     assert code == 0, err
     ratio = peak / size
     print(f"\nmodel {size / 1e9:.2f} GB, CLI peak RSS {peak / 1e9:.2f} GB = {ratio:.2f}x, {seconds:.0f} s")
-    assert ratio <= PEAK_LIMIT, f"peak RSS {peak / 1e9:.2f} GB is {ratio:.2f}x the model's {size / 1e9:.2f} GB"
+    assert peak <= PEAK_LIMIT * size + PEAK_ALLOWANCE, \
+        f"peak RSS {peak / 1e9:.2f} GB is {ratio:.2f}x the model's {size / 1e9:.2f} GB"
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (model, data)} == stamps  # input untouched
     # The pruned model (about 0.5x: every hidden width at 70%) is under the 1.8 GB
     # external data threshold: one file. Its validity is checked from the path.

@@ -20,8 +20,9 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidModel, UnsupportedModel, first_line, quoted
 from ..rules.weights import WEIGHTS, group_problem
 from .inputs import declared_dim, name_negative_dims
-from .proto import light_copy, needs_external_data, opset_of, weights_as_inputs
+from .proto import approx_size, is_stand_in, light_copy, opset_of, weights_as_inputs
 from .runtime_ops import check_runtime_ops, hidden_from_checker
+from .stream import read_model_file
 
 MIN_OPSET = 11
 # The oldest opset converted on load. onnxruntime runs nothing older (opset 6 and below have
@@ -68,9 +69,8 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModel(f"{path}: is a directory, not an ONNX file")
     if path.stat().st_size == 0:
         raise InvalidModel(f"{path}: empty file")
-    file_checked = _passes_checker_on_file(path)
     try:
-        model = onnx.load(str(path))
+        model = read_model_file(path)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
         raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
     except OSError as exc:  # external data file missing or unreadable
@@ -79,22 +79,9 @@ def read_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModel(f"{path}: cannot read its external data ({first_line(exc)})") from exc
     except Exception as exc:  # protobuf raises assorted types on garbage input
         raise InvalidModel(f"{path}: not a readable ONNX protobuf ({first_line(exc)})") from exc
-    loaded = checked_model(model, path, file_checked)
+    loaded = checked_model(model, path)
     name_negative_dims(loaded.model)  # ours to edit: read from the file just now
     return loaded
-
-
-def _passes_checker_on_file(path: Path) -> bool:
-    """Whether onnx.checker passes the file itself, checked before it is loaded. Checking the loaded
-    model instead serialises it and parses it again in C++: two more copies of the weights beside
-    the loaded one, the run's peak memory (3x the model). From the file the checker's copy is gone
-    before the model is loaded. False for any failure (an unreadable file, onnxruntime's own ops):
-    the model is then checked in memory after loading, which gives the one-line reason."""
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception:
-        return False
-    return True
 
 
 def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
@@ -103,8 +90,7 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike | None = None
     checked_model(model, path)
 
 
-def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None,
-                  file_checked: bool = False) -> LoadedModel:
+def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> LoadedModel:
     """``model`` if onnxprune can analyse it, or its conversion to CONVERTED_OPSET for opsets 7 to
     10; else InvalidModel/UnsupportedModel (one line).
 
@@ -116,23 +102,18 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None,
     that fit its weights (which ONNX inference does not check): the analysis
     trusts attributes and shapes, and a model whose attributes contradict its
     weights (a wrong ``transB``, too few ``pads``, ``group`` 0) would be cut wrong.
-    ``path``, where the model came from, names it in messages and lets the
-    checker read a model too large to serialise from its file; ``file_checked``: the checker
-    already passed that file (``read_model``), so the model is not checked again in memory.
+    ``path``, where the model came from, names it in messages. A model with more than
+    CHECKED_WHOLE_BYTES of weights is checked without serialising it (``check_in_parts``).
     """
     where = f"{path}: " if path is not None else ""
     if not model.HasField("graph") or not model.opset_import or not model.graph.node:
         raise InvalidModel(f"{where}not an ONNX model (no graph, nodes or opset)")
-    with hidden_from_checker(model) as runtime_nodes:
+    with hidden_from_checker(model):
         try:
-            if file_checked:
-                pass
-            elif path is None or not needs_external_data(model):
+            if approx_size(model) <= CHECKED_WHOLE_BYTES:
                 onnx.checker.check_model(model)
-            elif runtime_nodes:  # the file has them unhidden, and the model is too large to check in memory
-                onnx.checker.check_model(weights_as_inputs(light_copy(model)))
             else:
-                onnx.checker.check_model(str(path))
+                check_in_parts(model)
         except Exception as exc:
             raise InvalidModel(f"{where}fails onnx.checker: {first_line(exc)}") from exc
     check_runtime_ops(model, where)
@@ -153,6 +134,40 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None,
         raise InvalidModel(f"{where}fails onnx.checker's type and shape checks: {first_line(exc)}") from exc
     check_conv_groups(inferred.graph, where)
     return LoadedModel(model, conversion)
+
+
+# onnx.checker.check_model(model) serialises the model and parses it again in C++: two more
+# copies of its weights beside the loaded one, the run's peak on a large model (3x its size).
+CHECKED_WHOLE_BYTES = 64 << 20
+
+
+def check_in_parts(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """What ``onnx.checker.check_model(model)`` checks, without a copy of the whole model."""
+    light = light_copy(model)
+    left_out = {t.name for t in light.graph.initializer if is_stand_in(t)}
+    # a tensor in an external file is read (and its location checked) by loading, not here
+    check_apart(light, (t for t in model.graph.initializer
+                        if t.name in left_out and t.data_location != onnx.TensorProto.EXTERNAL), full_check)
+
+
+def check_apart(structure: onnx.ModelProto, weights, full_check: bool = False) -> None:
+    """onnx.checker on a model given as ``structure`` (a ``light_copy``: the model without
+    ``weights``, or with value-less stand-ins for them) and ``weights``, an iterable of its
+    initializers: each weight is checked alone (its type, data and layout), then the structure
+    with the weights and stand-ins declared as graph inputs of their type and shape (the graph,
+    its nodes, types and names). Memory: the structure and one weight's copy at a time."""
+    declared = []
+    for t in weights:
+        onnx.checker.check_tensor(t)
+        declared.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    light = weights_as_inputs(structure)  # stand-ins and external tensors become inputs as well
+    listed = {i.name for i in light.graph.input}
+    light.graph.input.extend(v for v in declared if v.name not in listed)
+    names = {v.name for v in declared}
+    kept = [t for t in light.graph.initializer if t.name not in names]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    onnx.checker.check_model(light, full_check=full_check)
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int, where: str = "") -> tuple[onnx.ModelProto, Conversion]:

@@ -51,9 +51,10 @@ def weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
     """``light`` (a ``light_copy``) with the weights it left out declared as graph inputs of
     their type and shape instead: a model onnx.checker can check in memory (a stand-in without
     values fails its check of the data; the model proper may be too large to serialise)."""
-    kept = [t for t in light.graph.initializer if not _stand_in(t)]
+    kept = [t for t in light.graph.initializer if not is_stand_in(t)]
+    listed = {i.name for i in light.graph.input}  # an initializer may be an input's default already
     inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-              for t in light.graph.initializer if _stand_in(t)]
+              for t in light.graph.initializer if is_stand_in(t) and t.name not in listed]
     del light.graph.initializer[:]
     light.graph.initializer.extend(kept)
     light.graph.input.extend(inputs)
@@ -63,7 +64,7 @@ def weights_as_inputs(light: onnx.ModelProto) -> onnx.ModelProto:
 _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
-def _stand_in(t: onnx.TensorProto) -> bool:
+def is_stand_in(t: onnx.TensorProto) -> bool:
     """A ``light_copy`` stand-in: a tensor with no values, here or in a file."""
     return (not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL
             and not any(len(getattr(t, f)) for f in _VALUE_FIELDS))

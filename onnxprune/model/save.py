@@ -13,6 +13,7 @@ import onnx
 
 from ..errors import UsageError
 from .publish import STDOUT, Staging
+from .stream import read_model_metadata
 
 
 def default_output_path(input_path: str | os.PathLike) -> Path:
@@ -102,7 +103,7 @@ def model_files(path) -> list[Path]:
     data); only the model where it cannot be parsed (loading says why, later)."""
     path = Path(path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model_metadata(path)
     except Exception:
         return [path]
     found = dict.fromkeys([path])

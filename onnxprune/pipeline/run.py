@@ -24,6 +24,7 @@ from ..analysis.stats import count_params
 from ..cut import iochange
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
+from ..memory import release_freed_memory
 from ..metrics import evaluate
 from ..model.configs import updated_configs
 from ..model.inputs import resolve_with_choices
@@ -111,6 +112,7 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         report.target = _allocated(budget, report)
     plan, pruned, unchanged = result.plan, result.model, result.model is model
     result = model = None  # free the input model and its analysis before verification loads it again
+    release_freed_memory()  # now, not at verification: the pruned model's writing would add to them
     if out.recipe is not None and not unchanged:
         _record_recipe(pruned, out.recipe)
     # the configs beside the input, updated: checked before anything is staged, so a pruned model

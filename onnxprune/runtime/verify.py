@@ -4,9 +4,7 @@ session, and one run on generated inputs, compared with the original model.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -16,10 +14,13 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedModel, VerificationFailed, first_line
+from ..memory import release_freed_memory
 from ..model.dynamic import DimChoice, describe_sizes, pin_example
 from ..model.inputs import is_mask
-from ..model.proto import light_copy, weights_as_inputs
+from ..model.load import CHECKED_WHOLE_BYTES, check_apart, check_in_parts
+from ..model.proto import light_copy
 from ..model.runtime_ops import check_runtime_ops, hidden_from_checker, runtime_only_nodes
+from ..model.stream import large_initializers, read_model_metadata
 from .session import require_onnxruntime, session
 
 _INT_DTYPES = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)")
@@ -86,29 +87,45 @@ class Verification:
 
 
 def check_model_file(path: Path) -> None:
+    """The full check (onnx.checker with strict shape inference) of the written model."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        _full_check(path, hide_runtime_ops=False)
     except Exception as exc:
         if not _valid_with_runtime_ops(path):
             raise VerificationFailed(f"pruned model fails onnx.checker: {first_line(exc)}") from exc
 
 
+def _full_check(path: Path, hide_runtime_ops: bool) -> None:
+    """The checker on the file; a large one is read and checked a weight at a time (the checker
+    reading the file whole holds its encoding and the parsed model at once: a large model's
+    peak, twice its size beside the reference outputs). ``hide_runtime_ops``: onnxruntime's
+    default-domain contrib ops are checked against its schemas instead (model/runtime_ops.py)."""
+    large = path.stat().st_size > CHECKED_WHOLE_BYTES
+    if not large and not hide_runtime_ops:
+        onnx.checker.check_model(str(path), full_check=True)
+        return
+    model = read_model_metadata(path) if large else onnx.load(str(path), load_external_data=False)
+    with hidden_from_checker(model) if hide_runtime_ops else contextlib.nullcontext():
+        if large:
+            check_apart(light_copy(model), large_initializers(path), full_check=True)
+        else:
+            check_in_parts(model, full_check=True)
+    if hide_runtime_ops:
+        check_runtime_ops(model)
+
+
 def _valid_with_runtime_ops(path: Path) -> bool:
     """Whether the model at ``path`` passes the full check once onnxruntime's default-domain
-    contrib ops are checked against its schemas instead (model/runtime_ops.py). Only a model
-    that fails the plain check is read again for this."""
+    contrib ops are checked against its schemas instead. Only a model that fails the plain
+    check is read again for this."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model_metadata(path)
     except Exception:  # not a model at all (a staged file swapped under us): the plain check's failure stands
         return False
     if not runtime_only_nodes(model):
         return False
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     try:
-        with hidden_from_checker(model):
-            # with external data, its weights as inputs: the model may be too large to check in memory
-            onnx.checker.check_model(weights_as_inputs(light_copy(model)) if external else model, full_check=True)
-        check_runtime_ops(model)
+        _full_check(path, hide_runtime_ops=True)
     except Exception:
         return False
     return True
@@ -124,11 +141,7 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, ch
     with onnx.checker only (``verify_file`` with no reference).
     """
     require_onnxruntime()
-    # The analysis graph (onnx-graphsurgeon's, full of reference cycles) is
-    # garbage by now, but only a full collection frees it and the weights it
-    # holds: before onnxruntime loads the original's weights once more.
-    gc.collect()
-    hand_back_memory()
+    release_freed_memory()  # before onnxruntime loads the original's weights once more
     try:
         sess = session(Path(model_path), prepack=False)
     except Exception as exc:
@@ -147,20 +160,6 @@ def run_original(model_path: Path, shapes: dict, bounds: dict, seed: int = 0, ch
         raise UnsupportedModel(unrunnable_message(first_line(exc), shapes, list(chosen))) from exc
     names = [o.name for o in sess.get_outputs()]
     return feeds, dict(zip(names, outputs))
-
-
-def hand_back_memory() -> None:
-    """Free memory returned to the system (glibc's malloc_trim) before a session loads a model's
-    weights: glibc keeps what the freed weights held (the input model's, its analysis') for reuse,
-    where onnxruntime's allocations may not fit, and the run's peak would count it twice. Nothing
-    on other C libraries."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return
-    if trim is not None:
-        trim(0)
 
 
 def unrunnable_message(error: str, shapes: dict, chosen: list[DimChoice]) -> str:
@@ -198,10 +197,10 @@ def verify_file(path: Path, feeds: dict | None, reference: dict | None) -> Verif
 
     With no reference (``run_original`` could not run the input), the full check only.
     """
+    release_freed_memory()  # what the original's session held, before the check reads the file
     check_model_file(path)
     if reference is None:
         return Verification({})
-    hand_back_memory()
     try:
         sess = session(Path(path), prepack=False)
         outputs = sess.run(None, feeds)
