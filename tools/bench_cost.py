@@ -6,10 +6,15 @@ the ``torch.onnx.export`` a Torch-Pruning user needs to get the same file.
     python -m tools.bench_cost --models resnet50,vit_l_16 --repeat 3 --json build/bench_cost.json
 
 Each measurement runs in a fresh child process (``--child``), so its peak resident memory
-(``ru_maxrss``) is its own; the models' measurements are interleaved and repeated, and the table
-shows medians. Models are torchvision classifiers with random weights, exported once by the legacy
-exporter (tools/zoo.py, cached). The CLI runs ``--structured 0.4`` with its defaults (verification
-included). The last line fits the CLI's seconds per GB of model.
+(VmHWM) is its own; the models' measurements are interleaved and repeated, and the table
+shows medians. Models, random weights, exported once by the legacy exporter and cached:
+torchvision classifiers by name (tools/zoo.py; vit_h_14, 2.5 GB, is written with external data),
+and BERTs (``transformers.BertModel``, sequence 128, tools/bench_latency.py's recipe): ``bert_base``
+(12 layers, hidden 768), ``bert_large`` (24 layers, hidden 1024) and ``bert_1024x12`` (12 layers,
+hidden 1024: 0.73 GB). The CLI runs ``--structured 0.4`` with its defaults (verification
+included); Torch-Pruning prunes the same torch model by L1 magnitude at 0.4 (BERT: heads and MLP
+neurons, the hidden size kept, as the CLI keeps it). The last line fits the CLI's seconds per GB
+of model.
 """
 
 from __future__ import annotations
@@ -68,8 +73,38 @@ def _done(start: float, cpu: float, **extra) -> dict:
             "peak_rss_bytes": _peak_rss(), **extra}
 
 
+# name -> (layers, hidden size, attention heads, MLP width)
+BERTS = {"bert_base": (12, 768, 12, 3072), "bert_large": (24, 1024, 16, 4096), "bert_1024x12": (12, 1024, 16, 4096)}
+BERT_SEQ = 128
+
+
+def _bert_arch(name: str):
+    from tools.bench_latency import bert_arch
+
+    layers, hidden, heads, width = BERTS[name]
+    return bert_arch(layers, BERT_SEQ, hidden_size=hidden, num_attention_heads=heads, intermediate_size=width)
+
+
+def export_model(name: str) -> Path:
+    """The cached export of ``name`` (made now when missing), as the table measures it."""
+    from tools import zoo
+
+    if name not in BERTS:
+        return zoo.export(name)
+    path = zoo.default_cache_dir() / f"{name}-legacy-s{BERT_SEQ}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arch = _bert_arch(name)
+        tmp = path.with_name(f".{path.name}.tmp")  # renamed when whole: an interrupted export is never cached
+        arch.export(arch.build(), tmp)
+        os.replace(tmp, path)
+    return path
+
+
 def _torch_pruning(name: str, out: str, start: float, cpu: float) -> dict:
     """Build the torch model, prune it with Torch-Pruning (magnitude, the classifier kept), export."""
+    if name in BERTS:
+        return _torch_pruning_bert(name, out, start, cpu)
     import torch
     import torch_pruning as tp
 
@@ -92,6 +127,30 @@ def _torch_pruning(name: str, out: str, start: float, cpu: float) -> dict:
     torch.backends.mha.set_fastpath_enabled(False)  # the legacy exporter has no fused attention kernel
     with torch.no_grad():
         torch.onnx.export(model.eval(), (example,), out, opset_version=17, dynamo=False)
+    return _done(start, cpu, prune_seconds=pruned - built, export_seconds=time.perf_counter() - pruned)
+
+
+def model_bytes(path: Path) -> int:
+    """The model's bytes on disk: the .onnx file and the external data files it names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(path.parent / f) for f in files)
+
+
+def _torch_pruning_bert(name: str, out: str, start: float, cpu: float) -> dict:
+    """BERT as tools/bench_latency.py prunes it with Torch-Pruning: heads and MLP neurons at RATIO."""
+    import torch_pruning as tp
+
+    arch = _bert_arch(name)
+    model = arch.build()
+    built = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(model, arch.example(), importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=RATIO, head_pruning_ratio=RATIO, **arch.tp_options(model))
+    pruner.step()
+    pruned = time.perf_counter()
+    arch.export(model, out)
     return _done(start, cpu, prune_seconds=pruned - built, export_seconds=time.perf_counter() - pruned)
 
 
@@ -154,7 +213,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="resnet50,vit_b_16", help="torchvision model names, comma-separated")
+    p.add_argument("--models", default="resnet50,vit_b_16",
+                   help="comma-separated: torchvision model names, bert_base, bert_large, bert_1024x12")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (medians shown)")
     p.add_argument("--json", help="write the measurements as JSON")
     p.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "MODEL", "OUT"), help=argparse.SUPPRESS)
@@ -162,17 +222,15 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(_child(*args.child)))
         return 0
-    from tools import zoo
-
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    paths = {name: zoo.export(name) for name in names}
+    paths = {name: export_model(name) for name in names}
     runs = {name: {"cli": [], "floor": [], "torch_pruning": []} for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
         for _ in range(args.repeat):  # interleaved: every model's measurements see the same machine state
             for name in names:
                 for kind in ("floor", "cli", "torch_pruning"):
                     runs[name][kind].append(_measure(kind, name, paths[name], Path(tmp)))
-    rows = [_row(name, os.path.getsize(paths[name]), runs[name]) for name in names]
+    rows = [_row(name, model_bytes(paths[name]), runs[name]) for name in names]
     print(table(rows))
     if args.json:
         record = {"python": platform.python_version(), "cores": os.cpu_count(), "ratio": RATIO,

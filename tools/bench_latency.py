@@ -161,13 +161,15 @@ def image_arch(name: str) -> Arch:
                 lambda model: {"ignored_layers": [classifier(model)]}, example)
 
 
-def bert_arch(layers: int, seq: int) -> Arch:
+def bert_arch(layers: int, seq: int, **sizes) -> Arch:
+    """BERT with ``layers`` encoder layers; ``sizes`` (hidden_size, num_attention_heads,
+    intermediate_size) override BERT-base's (tools/bench_cost.py builds BERT-large so)."""
     def build():
         import torch
         import transformers
 
         torch.manual_seed(0)  # the same weights as bench_transformers.export_bert
-        return transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
+        return transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers, **sizes)).eval()
 
     def export(model, path):
         export_bert_model(model, path, seq)  # bench_transformers' recipe
