@@ -118,12 +118,14 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size)
+                measured_cut = None  # the cut model against the reference: measured once, reported twice
                 if cut.compensation is not None:
-                    report.compensation = _compensation_effect(model, pruned, plan, cut.compensation, reference,
-                                                               options)
+                    report.compensation, measured_cut = _compensation_effect(model, pruned, plan, cut.compensation,
+                                                                             reference, options)
                     stage_done("compensate")
                 if reconstruct:
-                    pruned, report.reconstruction = _reconstructed(model, cut, calib, reference, options)
+                    pruned, report.reconstruction = _reconstructed(model, cut, calib, reference, options,
+                                                                   measured_cut)
                     stage_done("reconstruct")
             report.add_warnings(caught)
     report.seconds = time.perf_counter() - started
@@ -178,11 +180,13 @@ def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
             for vi in (*model.graph.input, *model.graph.output)}
 
 
-def _compensation_effect(model, pruned, plan, folded, reference: Reference, options: PruneOptions) -> dict:
-    """How much output error compensation removed, on (up to 256 of) the calibration samples."""
+def _compensation_effect(model, pruned, plan, folded, reference: Reference, options: PruneOptions):
+    """How much output error compensation removed, on (up to 256 of) the calibration samples; and
+    the measurement of ``pruned`` (the compensated cut), which reconstruction reports again."""
     plain = steps.cut(model, steps.analyse(model, options.analysis), plan).model
-    errors = {name: reference.measure(m).output_error for name, m in (("without", plain), ("with", pruned))}
-    return {**folded.to_json(), "output_error": errors}
+    measured = {name: reference.measure(m) for name, m in (("without", plain), ("with", pruned))}
+    errors = {name: m.output_error for name, m in measured.items()}
+    return {**folded.to_json(), "output_error": errors}, measured["with"]
 
 
 def _heads_kept(group, kept) -> tuple[int, int]:
@@ -197,10 +201,11 @@ def _heads_kept(group, kept) -> tuple[int, int]:
     return len(owned), sum(1 for o in owned if int(o) in kept_set)
 
 
-def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference,
-                   options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
+def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference, options: PruneOptions,
+                   measured_cut=None) -> tuple[onnx.ModelProto, dict]:
     """The cut model with its readers refitted (recovery/reconstruct.py) if that brings the
-    model's outputs closer to the original's on samples the fit did not see; and what it did."""
+    model's outputs closer to the original's on samples the fit did not see; and what it did.
+    ``measured_cut``: ``reference.measure(cut.model)`` where it was measured already."""
     fit, check = _fit_and_check(calib, options.seed)
     refitted, done = reconstruct(model, cut.model, cut.removed, fit, options.data.batch_size, downstream=True)
     found = done.to_json()
@@ -212,7 +217,7 @@ def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference,
     else:
         found["kept"] = bool(done.readers)
     result = refitted if found["kept"] else cut.model
-    before, after = reference.measure(cut.model), reference.measure(refitted)
+    before, after = measured_cut or reference.measure(cut.model), reference.measure(refitted)
     return result, {**found, "output_error": {"before": before.output_error, "after": after.output_error},
                     "agreement": {"before": before.agreement, "after": after.agreement}}
 
