@@ -92,38 +92,35 @@ def _tokenizer(transformers):
                                                 eos_token="</s>")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_genai_folder_prunes_loads_and_generates(tmp_path, precision):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
+def _built(tmp_path, precision: str, hidden: int, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A random-init 2-layer Llama built offline by onnxruntime-genai's model builder: the folder."""
     transformers = pytest.importorskip("transformers", reason="transformers builds the tiny model")
     import torch
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
     _tokenizer(transformers).save_pretrained(tmp_path / "hf")  # the builder copies it beside the model
     built = tmp_path / "in"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "hf"),
                     "-o", str(built), "-p", precision, "-e", "cpu", "-c", str(tmp_path / "cache")],
                    check=True, capture_output=True)
+    return built
+
+
+def _cache_shapes(kv_heads: int, head: int) -> list[str]:
+    """--input-shape for the prompt, its mask and the cache (the builder leaves its head size dynamic)."""
     shapes = ["--input-shape", "input_ids:1,4", "--input-shape", "attention_mask:1,8"]
     for layer in (0, 1):
         for kv in ("key", "value"):
-            shapes += ["--input-shape", f"past_key_values.{layer}.{kv}:1,2,4,16"]
-    out = tmp_path / "out" / "model.onnx"
-    out.parent.mkdir()
-    run = subprocess.run([sys.executable, "-m", "onnxprune", str(built / "model.onnx"), "--structured", "0.3",
-                          "--prune-kv-groups", "--allow-io-change", *shapes, "-o", str(out)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    summary = "config  genai_config.json: num_attention_heads 4 -> 2, num_key_value_heads 2 -> 1"
-    assert summary in run.stdout + run.stderr
-    decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
-    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
-    assert (out.parent / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
-    model = og.Model(str(out.parent))
+            shapes += ["--input-shape", f"past_key_values.{layer}.{kv}:1,{kv_heads},4,{head}"]
+    return shapes
+
+
+def _generates_8_tokens(og, folder: Path) -> None:
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=16)
     generator = og.Generator(model, params)
@@ -131,3 +128,52 @@ def test_genai_folder_prunes_loads_and_generates(tmp_path, precision):
     for _ in range(8):
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_folder_prunes_loads_and_generates(tmp_path, precision):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
+    built = _built(tmp_path, precision, hidden=64)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "onnxprune", str(built / "model.onnx"), "--structured", "0.3",
+                          "--prune-kv-groups", "--allow-io-change", *_cache_shapes(2, 16), "-o", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    summary = "config  genai_config.json: num_attention_heads 4 -> 2, num_key_value_heads 2 -> 1"
+    assert summary in run.stdout + run.stderr
+    assert "(4 -> 2 heads)" in run.stdout + run.stderr  # query heads, not the packed projection's columns
+    decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
+    assert (out.parent / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
+    _generates_8_tokens(og, out.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_folder_prunes_query_heads_within_groups_by_default(tmp_path, precision):
+    """Without --prune-kv-groups the builder's packed q/k/v loses query heads, as many in every key/value
+    group: num_attention_heads 4 -> 2, the key/value heads and the cache stay. Head size 32 (hidden
+    128): int4's o-projection cuts its input channels in whole blocks of 32, so a query head must fill
+    blocks (with head size 16 a block would hold query heads of two different units: they stay)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
+    built = _built(tmp_path, precision, hidden=128)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "onnxprune", str(built / "model.onnx"), "--structured", "0.3",
+                          "--allow-io-change", *_cache_shapes(2, 32), "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "config  genai_config.json: num_attention_heads 4 -> 2\n" in run.stdout + run.stderr
+    assert "(4 -> 2 heads)" in run.stdout + run.stderr  # heads counted in heads
+    decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 2)
+    pruned = onnx.load(out)
+    attention = [n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2
+    for node in attention:
+        heads = {a.name: a.i for a in node.attribute}
+        assert (heads["num_heads"], heads["kv_num_heads"]) == (2, 2)
+    original = onnx.load(built / "model.onnx", load_external_data=False)
+    assert [i.type for i in pruned.graph.input] == [i.type for i in original.graph.input]  # the cache stays
+    _generates_8_tokens(og, out.parent)
