@@ -268,6 +268,8 @@ def test_packed_attention_loses_whole_heads(mask, unidirectional):
     result, _, _ = prune_checked(model, plan=plan, feeds=feeds)
     attn = nodes_of(result.model, "Attention")[0]
     assert attr_of(attn, "num_heads") == 2
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, 2)  # heads, not the output's channels
     dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
     assert dims["attn.W"] == [HIDDEN, 24] and dims["attn.B"] == [24]
     _executor_matches_onnxruntime(model, feeds)
@@ -549,6 +551,8 @@ def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packe
     result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: keep}), feeds=feeds)
     attn = nodes_of(result.model, "GroupQueryAttention")[0]
     assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // KV_HEADS, 1)
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, HEADS // 2)  # query heads, not packed columns
     dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
     if packed:
         assert dims["qkv.W"] == [WIDTH, (WIDTH + 2 * KV_HEADS * HEAD) // 2]
