@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UsageError
 from onnxprune.model.configs import pruned_shape, updated_configs
+from tools.bench_genai import build_folder, cache_shapes, generates_8_tokens
 
 
 def _decoder(heads=(2, 2), kv=(1, 1), widths=(6, 6), layers=(0, 1)) -> onnx.ModelProto:
@@ -80,54 +81,55 @@ def test_no_config_or_same_folder_writes_none(tmp_path):
     assert updated_configs(folder / "model.onnx", folder / "pruned.onnx", _decoder()) == ([], [])
 
 
-def _tokenizer(transformers):
-    """A word-level tokenizer trained on a few words: offline, and enough for the builder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.train_from_iterator(["hello world the cat sat on the mat"],
-                              trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
+def _built(tmp_path, precision: str, hidden: int) -> Path:
+    """The tiny Llama's folder as onnxruntime-genai's model builder writes it (tools/bench_genai.py)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
+    pytest.importorskip("transformers", reason="transformers builds the tiny model")
+    return build_folder(tmp_path, precision, hidden)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_genai_folder_prunes_loads_and_generates(tmp_path, precision):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
-    transformers = pytest.importorskip("transformers", reason="transformers builds the tiny model")
-    import torch
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    _tokenizer(transformers).save_pretrained(tmp_path / "hf")  # the builder copies it beside the model
-    built = tmp_path / "in"
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "hf"),
-                    "-o", str(built), "-p", precision, "-e", "cpu", "-c", str(tmp_path / "cache")],
-                   check=True, capture_output=True)
-    shapes = ["--input-shape", "input_ids:1,4", "--input-shape", "attention_mask:1,8"]
-    for layer in (0, 1):
-        for kv in ("key", "value"):
-            shapes += ["--input-shape", f"past_key_values.{layer}.{kv}:1,2,4,16"]
+    built = _built(tmp_path, precision, hidden=64)
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     run = subprocess.run([sys.executable, "-m", "onnxprune", str(built / "model.onnx"), "--structured", "0.3",
-                          "--prune-kv-groups", "--allow-io-change", *shapes, "-o", str(out)],
+                          "--prune-kv-groups", "--allow-io-change", *cache_shapes(64), "-o", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     summary = "config  genai_config.json: num_attention_heads 4 -> 2, num_key_value_heads 2 -> 1"
     assert summary in run.stdout + run.stderr
+    assert "(4 -> 2 heads)" in run.stdout + run.stderr  # query heads, not the packed projection's columns
     decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
     assert (out.parent / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
-    model = og.Model(str(out.parent))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=16)
-    generator = og.Generator(model, params)
-    generator.append_tokens([1, 5, 6, 7])
-    for _ in range(8):
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == 12
+    assert generates_8_tokens(out.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_folder_prunes_query_heads_within_groups_by_default(tmp_path, precision):
+    """Without --prune-kv-groups the builder's packed q/k/v loses query heads, as many in every key/value
+    group: num_attention_heads 4 -> 2, the key/value heads and the cache stay. Head size 32 (hidden
+    128): int4's o-projection cuts its input channels in whole blocks of 32, so a query head must fill
+    blocks (with head size 16 a block would hold query heads of two different units: they stay)."""
+    built = _built(tmp_path, precision, hidden=128)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    run = subprocess.run([sys.executable, "-m", "onnxprune", str(built / "model.onnx"), "--structured", "0.3",
+                          "--allow-io-change", *cache_shapes(128), "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "config  genai_config.json: num_attention_heads 4 -> 2\n" in run.stdout + run.stderr
+    assert "(4 -> 2 heads)" in run.stdout + run.stderr  # heads counted in heads
+    decoder = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 2)
+    pruned = onnx.load(out)
+    attention = [n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2
+    for node in attention:
+        heads = {a.name: a.i for a in node.attribute}
+        assert (heads["num_heads"], heads["kv_num_heads"]) == (2, 2)
+    original = onnx.load(built / "model.onnx", load_external_data=False)
+    assert [i.type for i in pruned.graph.input] == [i.type for i in original.graph.input]  # the cache stays
+    assert generates_8_tokens(out.parent)

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 import onnxprune
 from onnxprune.errors import UnsupportedModel
 from onnxprune.model.load import checked_model
+from onnxprune.rules.contrib_attention import KV_WHOLE
 
 from graphs import (
     GraphBuilder,
@@ -36,6 +37,7 @@ from graphs import (
     check_valid,
     full_plan,
     group_of,
+    io_signature,
     listing,
     nodes_of,
     one_error_line,
@@ -269,6 +271,8 @@ def test_packed_attention_loses_whole_heads(mask, unidirectional):
     result, _, _ = prune_checked(model, plan=plan, feeds=feeds)
     attn = nodes_of(result.model, "Attention")[0]
     assert attr_of(attn, "num_heads") == 2
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, 2)  # heads, not the output's channels
     dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
     assert dims["attn.W"] == [HIDDEN, 24] and dims["attn.B"] == [24]
     _executor_matches_onnxruntime(model, feeds)
@@ -550,6 +554,8 @@ def test_group_query_attention_loses_a_key_value_head_with_its_query_heads(packe
     result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: keep}), feeds=feeds)
     attn = nodes_of(result.model, "GroupQueryAttention")[0]
     assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // KV_HEADS, 1)
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, HEADS // 2)  # query heads, not packed columns
     dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
     if packed:
         assert dims["qkv.W"] == [WIDTH, (WIDTH + 2 * KV_HEADS * HEAD) // 2]
@@ -728,30 +734,126 @@ def test_dynamo_bert_at_opset_23_prunes_heads_through_the_standard_attention(tmp
     _executor_matches_onnxruntime(exported, feeds)
 
 
-def test_group_query_attention_can_lose_query_heads_only_as_many_in_every_group():
-    """Without whole key/value groups (`prune_kv_groups` off): the r-th query head of every group
-    is one unit, keys, values and the cache stay; num_heads is rewritten, kv_num_heads kept."""
-    import dataclasses
+def _int4(model: onnx.ModelProto, exclude=()) -> onnx.ModelProto:
+    """The model with its MatMuls as MatMulNBits (4 bits, blocks of 32), as the model builder's
+    -p int4 writes them, but for ``exclude``."""
+    import logging
 
-    from onnxprune.analysis.groups import find_groups
-    from onnxprune.pipeline.steps import cut
+    quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    logging.disable(logging.INFO)
+    try:
+        q = quantizer.MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=list(exclude))
+        q.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    return q.model.model
 
-    from graphs import assert_close, masked_reference
 
-    model = gqa_model()
+def _second_query_heads(heads) -> list[int]:
+    """The group's channels without its second unit: query heads 1 and 3 (the second of each group)."""
+    second = heads.unit_members()[1]
+    assert sorted(set(second.tolist())) == [*range(HEAD, 2 * HEAD), *range(3 * HEAD, 4 * HEAD)]
+    return sorted(set(range(heads.size)) - set(second.tolist()))
+
+
+@pytest.mark.parametrize("packed, int4, sink", [(False, False, False), (True, False, False), (False, True, False),
+                                                (True, True, False), (True, False, True)])
+def test_group_query_attention_loses_query_heads_within_groups_by_default(packed, int4, sink):
+    """Without `prune_kv_groups` (the default): the r-th query head of every group is one unit;
+    keys, values and the cache stay (of packed q/k/v the key and value columns: they leave the
+    projection's group); num_heads is rewritten, kv_num_heads kept; the pruned model equals the
+    original with the removed heads' o-projection rows zeroed. The q/k/v projections are MatMul or
+    MatMulNBits (N sliced with its packed rows and scales); the o-projection stays a MatMul (the
+    rows zeroed for the reference). Head sinks go with their query heads."""
+    model = gqa_model(packed, sink=sink)
+    if int4:
+        model = _int4(model, exclude=["proj"])
     feeds = _gqa_feeds(model)
     analysis = onnxprune.analyse(model)
-    analysis.view.prune_kv_groups = False
-    analysis = dataclasses.replace(analysis, groups=find_groups(analysis.view))
+    suffix = "_Q4" if int4 else ""
+    heads = group_of(analysis, ("qkv" if packed else "q") + suffix)
+    assert heads.prunable and heads.size == WIDTH and len(heads.unit_members()) == HEADS // KV_HEADS
+    if not packed:
+        assert any(KV_WHOLE in r for r in group_of(analysis, "k" + suffix).blocked)
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: _second_query_heads(heads)}),
+                                 feeds=feeds)
+    attn = nodes_of(result.model, "GroupQueryAttention")[0]
+    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, KV_HEADS)
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, HEADS // 2)  # heads, not channels
+    columns = WIDTH // 2 + (2 * KV_HEADS * HEAD if packed else 0)
+    if int4:
+        projection = next(n for n in result.model.graph.node if n.name == heads.sources[0])
+        assert attr_of(projection, "N") == columns
+    else:
+        dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
+        assert dims["qkv.W" if packed else "q.W"] == [WIDTH, columns]
+        if sink:
+            assert dims["attn.sink"] == [HEADS // 2]
+    if not int4:
+        _executor_matches_onnxruntime(model, feeds)
+
+
+def test_group_query_attention_packed_with_a_cache_keeps_the_cache_without_allow_io_change():
+    """Query heads within groups leave keys, values and the cache whole: the interface stays."""
+    model = gqa_model(packed=True, cache=True)
+    result, _, _ = prune_checked(model, 0.5, feeds=_gqa_feeds(model))
+    attn = nodes_of(result.model, "GroupQueryAttention")[0]
+    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, KV_HEADS)
+    assert io_signature(result.model) == io_signature(model)
+
+
+def grouped_standard_attention(head_axis: bool):
+    """q (4 heads), k, v (2 heads) projections -> the standard Attention (opset 23) -> MatMul, on
+    (batch, sequence, heads x head size) with q_num_heads / kv_num_heads, or on (batch, heads,
+    sequence, head size) as the dynamo exporter writes sdpa (Reshape and Transpose around it)."""
+    b = GraphBuilder(23)
+    x = b.input("x", [B, S, WIDTH])
+    projections = [b.matmul(x, WIDTH, heads * HEAD, name=n) for n, heads in (("q", HEADS), ("k", KV_HEADS),
+                                                                            ("v", KV_HEADS))]
+    if not head_axis:
+        a = b.op("Attention", projections, name="attn", q_num_heads=HEADS, kv_num_heads=KV_HEADS, is_causal=1)
+        return b.build(b.matmul(a, WIDTH, 8, name="proj"))
+    q, k, v = (b.op("Transpose", [b.op("Reshape", [t, b.ints([B, S, heads, HEAD])])], perm=[0, 2, 1, 3])
+               for t, heads in zip(projections, (HEADS, KV_HEADS, KV_HEADS)))
+    a = b.op("Attention", [q, k, v], name="attn", is_causal=1)
+    merged = b.op("Reshape", [b.op("Transpose", [a], perm=[0, 2, 1, 3]), b.ints([B, S, WIDTH])])
+    return b.build(b.matmul(merged, WIDTH, 8, name="proj"))
+
+
+@pytest.mark.parametrize("head_axis", [False, True])
+def test_standard_attention_with_fewer_key_value_heads_loses_query_heads_within_groups(head_axis):
+    model = grouped_standard_attention(head_axis)
+    feeds = {"x": np.random.default_rng(9).standard_normal((B, S, WIDTH), np.float32)}
+    analysis = onnxprune.analyse(model)
     heads = group_of(analysis, "q")
     assert heads.prunable and len(heads.unit_members()) == HEADS // KV_HEADS
-    assert any("key/value heads go only with their whole group" in r for r in group_of(analysis, "k").blocked)
-    second = heads.unit_members()[1]  # query heads 1 and 3
-    assert sorted(set(second.tolist())) == [*range(HEAD, 2 * HEAD), *range(3 * HEAD, 4 * HEAD)]
-    plan = full_plan(analysis, {heads.id: sorted(set(range(heads.size)) - set(second.tolist()))})
-    reference = run(masked_reference(model, analysis, plan), feeds)  # before the cut edits the view's graph
-    pruned = cut(model, analysis, plan).model
-    check_valid(model, pruned)
-    attn = nodes_of(pruned, "GroupQueryAttention")[0]
-    assert (attr_of(attn, "num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, KV_HEADS)
-    assert_close(reference, run(pruned, feeds))
+    assert any(KV_WHOLE in r for r in group_of(analysis, "k").blocked)
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: _second_query_heads(heads)}),
+                                 feeds=feeds)
+    report = next(g for g in result.report.groups if g.id == heads.id)
+    assert (report.units_before, report.units_after) == (HEADS, HEADS // 2)
+    attn = next(n for n in result.model.graph.node if n.name == "attn")
+    if not head_axis:
+        assert (attr_of(attn, "q_num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, KV_HEADS)
+    assert [t.dims for t in result.model.graph.initializer if t.name.startswith("q.W")] == [[WIDTH, WIDTH // 2]]
+    _executor_matches_onnxruntime(model, feeds)
+
+
+@pytest.mark.parametrize("head_axis", [False, True])
+def test_standard_attention_with_whole_kv_groups_loses_a_key_value_head_with_its_query_heads(head_axis,
+                                                                                          whole_kv_groups):
+    model = grouped_standard_attention(head_axis)
+    analysis = onnxprune.analyse(model)
+    heads = group_of(analysis, "q")
+    assert heads is group_of(analysis, "k") is group_of(analysis, "v")
+    assert heads.prunable and len(heads.unit_members()) == KV_HEADS
+    last = heads.unit_members()[1]
+    keep = sorted(set(range(heads.size)) - set(last.tolist()))
+    result, _, _ = prune_checked(model, plan=full_plan(analysis, {heads.id: keep}),
+                                 feeds={"x": np.random.default_rng(9).standard_normal((B, S, WIDTH), np.float32)})
+    dims = {t.name.split("_")[0]: t.dims for t in result.model.graph.initializer}
+    assert (dims["q.W"], dims["k.W"]) == ([WIDTH, WIDTH // 2], [WIDTH, HEAD])
+    if not head_axis:
+        attn = next(n for n in result.model.graph.node if n.name == "attn")
+        assert (attr_of(attn, "q_num_heads"), attr_of(attn, "kv_num_heads")) == (HEADS // 2, 1)

@@ -6,7 +6,10 @@ and backward, until it is closed: every (tensor, axis) slot that carries its
 channels, every constant slice that goes with them, and the ties between
 channels that must be pruned together. ``owner`` arrays map a slot's
 positions to the group's channel indices (-1: not this group's), which
-expresses Concat offsets, Flatten repeats and Split ranges exactly.
+expresses Concat offsets, Flatten repeats and Split ranges exactly. A rule
+may keep some reached positions whole (``Relation.kept``: packed q/k/v's keys
+and values where only query heads go): once the group is closed, their
+channels and every channel tied to them leave it, so no cut touches them.
 
 Subgraph nodes (If branches, Loop and Scan bodies) take part like the
 others: a body's conv creates a group, a tensor of an outer scope leads into
@@ -77,6 +80,7 @@ class Group:
     # kind "heads": a slot whose axis is the heads of an attention product, one position per head (a unit
     # may hold several: grouped-query attention's r-th query head of every key/value group)
     head_slot: tuple[str, int] | None = None
+    head_size: int = 1  # positions of head_slot per head (a channel axis: the head size)
     modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
     _members: list | None = field(default=None, repr=False)
 
@@ -187,6 +191,7 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
     uf = _UnionFind(group.size)
     queue: deque = deque()
     seen_nodes: dict[str, None] = {}
+    kept: set[int] = set()  # channels a rule keeps whole (Relation.kept)
 
     def block(reason: str) -> None:
         if reason not in group.blocked:
@@ -244,7 +249,10 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
             return
         if relation.kind:
             group.kind = relation.kind
-            group.head_slot = group.head_slot or (at.name, reached.axis)
+            if group.head_slot is None:
+                group.head_slot, group.head_size = _head_slot(node, relation, at, reached.axis)
+        if relation.kept is not None:
+            kept.update(int(c) for c in reached.owner[relation.kept] if c >= 0)
         for positions in relation.ties:
             chans = reached.owner[positions]
             if (chans < 0).any() and (chans >= 0).any():
@@ -302,14 +310,40 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
         if group.kind == "heads":
             reasons[0] += " (attention heads: `allow_io_change` lets them change its shape)"
         group.blocked = reasons + group.blocked
+    group.units = np.array([uf.find(c) for c in range(group.size)])
+    if kept:
+        _drop_kept(group, kept)
     group.nodes = list(seen_nodes)
     group.sources = _sources(view, group)
     group.modules = [view.modules.get(s) for s in group.sources]
-    group.units = np.array([uf.find(c) for c in range(group.size)])
     group.blocked = group.blocked[:MAX_REASONS] + (
         [f"{MORE_REASONS}{len(group.blocked) - MAX_REASONS} more"] if len(group.blocked) > MAX_REASONS else []
     )
     return group
+
+
+def _head_slot(node, relation, at, axis) -> tuple[tuple[str, int], int]:
+    """The slot that counts a group's heads and its positions per head: where the rule says
+    (an attention op's output, whose axis holds heads x head size), else the reached one."""
+    if relation.heads is None:
+        return (at.name, axis), 1
+    side, index, head_axis, per_head = relation.heads
+    return (({"in": node.inputs, "out": node.outputs}[side][index]).name, head_axis), per_head
+
+
+def _drop_kept(group: Group, kept: set[int]) -> None:
+    """Take the channels rules keep whole out of ``group``, with every channel of their units: their
+    positions become -1 (not this group's) in every slot, so no cut touches them; slots left with no
+    channel of the group go, the others are renumbered."""
+    gone = np.isin(group.units, group.units[sorted(kept)])
+    renumbered = np.where(gone, -1, np.cumsum(~gone) - 1)
+    for slots in (group.dims, group.params):
+        for key, slot in list(slots.items()):
+            slot.owner = np.where(slot.owner >= 0, renumbered[np.maximum(slot.owner, 0)], -1)
+            if (slot.owner < 0).all():
+                del slots[key]
+    group.units = np.unique(group.units[~gone], return_inverse=True)[1]
+    group.size = int((~gone).sum())
 
 
 def barrier_of(reason: str, nodes) -> tuple[str, str | None]:

@@ -190,15 +190,17 @@ def _compensation_effect(model, pruned, plan, folded, reference: Reference, opti
 
 
 def _heads_kept(group, kept) -> tuple[int, int]:
-    """(heads, heads kept): the positions of the group's head slot (a unit of grouped-query attention
-    holds several query heads), or its units where there is none."""
+    """(heads, heads kept): the positions of the group's head slot over its positions per head (a
+    unit of grouped-query attention holds several query heads; an attention op's output axis holds
+    heads x head size), or its units where there is none."""
     kept_set = set(kept)
     slot = group.dims.get(group.head_slot) if group.head_slot else None
     if slot is None:
         members = group.unit_members()
         return len(members), sum(1 for m in members if int(m[0]) in kept_set)
     owned = slot.owner[slot.owner >= 0]
-    return len(owned), sum(1 for o in owned if int(o) in kept_set)
+    per_head = group.head_size
+    return len(owned) // per_head, sum(1 for o in owned if int(o) in kept_set) // per_head
 
 
 def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference, options: PruneOptions,

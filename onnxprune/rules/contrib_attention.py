@@ -12,8 +12,11 @@ outside: the head channels of all three and of the output are one group.
 
 GroupQueryAttention (num_heads query heads sharing kv_num_heads key/value heads, q/k/v packed
 or separate, rotary inside) loses a key/value head with the query heads that share it, with
-the caches' head axis and the head sinks, or (without whole groups) query heads only, as many
-in every group; the head counts are rewritten, the cos/sin caches are untouched. Its caches
+the caches' head axis and the head sinks, or (without whole groups, the default) query heads
+only, as many in every group: keys, values and caches stay, and of packed q/k/v the key and
+value columns stay whole (kept out of the projection's group); the head counts are rewritten,
+the cos/sin caches are untouched. The standard Attention with fewer key/value heads than query
+heads (grouped-query attention, opset 23) does the same without caches. GroupQueryAttention's caches
 (past inputs, present outputs) are the model's interface: they change only with
 `allow_io_change`. The other attention ops with a KV cache are a barrier, and so is any mask
 or bias with a head axis. RotaryEmbedding rotates pairs within a head: whole heads pass.
@@ -26,6 +29,8 @@ import numpy as np
 from ..graph.view import attr
 from .contrib import MS, given, used
 from .registry import Link, Reached, Relation, barrier, blocks_of, rule
+
+KV_WHOLE = "key/value heads go only with their whole group of query heads (`prune_kv_groups`)"
 
 
 def _per_head_bias(node, view, indices) -> bool:
@@ -93,7 +98,7 @@ def packed_attention(node, view, r: Reached):
     links = [Link("in", 1, 1, packed, "weight")]
     if given(node, 2):
         links.append(Link("in", 2, 0, packed, "bias"))
-    return Relation(links, ties=blocks_of(len(r.owner), head), kind="heads")
+    return Relation(links, ties=blocks_of(len(r.owner), head), kind="heads", heads=("out", 0, 2, head))
 
 
 def _separate_qkv(node, view, r: Reached, heads: int, cache_inputs, cache_outputs, bias: int | None, masks=()):
@@ -121,7 +126,7 @@ def _separate_qkv(node, view, r: Reached, heads: int, cache_inputs, cache_output
         links.append(Link("out", 0, 2, r.owner))
     if bias is not None and given(node, bias):
         links.append(Link("in", bias, 0, np.concatenate([r.owner] * 3), "bias"))
-    return Relation(links, ties=blocks_of(width, head), kind="heads")
+    return Relation(links, ties=blocks_of(width, head), kind="heads", heads=("out", 0, 2, head))
 
 
 def _rewrite_heads(*attributes: str):
@@ -145,13 +150,29 @@ def multi_head_attention(node, view, r: Reached):
     return _separate_qkv(node, view, r, int(attr(node, "num_heads", 0)), (6, 7), (1, 2, 3), bias=3, masks=(4, 5))
 
 
-@rule("Attention", rewrite=_rewrite_heads("q_num_heads", "kv_num_heads"))
+def standard_attention_rewrite(node, view, cut):
+    """q_num_heads and kv_num_heads (where set) to the query and key heads left: counted on the head
+    axis (batch, heads, sequence, head size), or as the width over the head size."""
+    q, k = node.inputs[0], node.inputs[1]
+    if view.rank(q) == 4:
+        new = {"q_num_heads": cut.new_dim(q, 1), "kv_num_heads": cut.new_dim(k, 1)}
+    else:
+        head = view.dim(q, 2) // int(attr(node, "q_num_heads"))
+        new = {"q_num_heads": cut.new_dim(q, 2) // head, "kv_num_heads": cut.new_dim(k, 2) // head}
+    for name, heads in new.items():
+        if attr(node, name) is not None:
+            node.attrs[name] = heads
+
+
+@rule("Attention", rewrite=standard_attention_rewrite)
 def standard_attention(node, view, r: Reached):
     q_heads, kv_heads = int(attr(node, "q_num_heads", 0)), int(attr(node, "kv_num_heads", 0))
     if view.rank(node.inputs[0]) == 4:
+        if view.dim(node.inputs[0], 1) != view.dim(node.inputs[1], 1):
+            return _grouped_standard_attention(node, view, r)
         return _head_axis_attention(node, view, r)
     if q_heads != kv_heads:
-        return barrier("grouped-query attention (q_num_heads != kv_num_heads)")
+        return _grouped_standard_attention(node, view, r)
     return _separate_qkv(node, view, r, q_heads, (4, 5), (1, 2, 3), bias=None, masks=(3,))
 
 
@@ -164,7 +185,7 @@ def _head_axis_attention(node, view, r: Reached):
         return barrier("an attention mask per head")
     q, k, v = node.inputs[:3]
     if not (view.dim(q, 1) == view.dim(k, 1) == view.dim(v, 1)):
-        return barrier("grouped-query attention (fewer key/value heads than query heads)")
+        return barrier("keys and values have different head counts")
     reached = (0, 1, 2) if r.side == "in" else (0,)
     if r.index not in reached or r.axis != 1:
         return barrier("Attention mixes the sequence and the head size" if r.index in reached else
@@ -173,6 +194,56 @@ def _head_axis_attention(node, view, r: Reached):
     if r.side == "in":
         links.append(Link("out", 0, 1, r.owner))
     return Relation(links, kind="heads")
+
+
+def _standard_gqa_layout(node, view) -> tuple[int, tuple[int, int, int]] | str:
+    """(head axis, (query heads, key/value heads, positions per head)) of a grouped standard Attention:
+    on (batch, heads, sequence, head size) one position per head, on (batch, sequence, heads x head
+    size) the head size; or why it does not fit."""
+    q, k, v, out = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+    if view.rank(q) == 4:
+        heads, kv_heads = view.dim(q, 1), view.dim(k, 1)
+        fits = heads and kv_heads and view.dim(v, 1) == kv_heads and view.dim(out, 1) == heads
+        axis, layout = 1, (heads, kv_heads, 1)
+    else:
+        heads, kv_heads = int(attr(node, "q_num_heads", 0)), int(attr(node, "kv_num_heads", 0))
+        head = _head_size(view.dim(q, 2), heads)
+        fits = head and kv_heads > 0 and view.dim(k, 2) == view.dim(v, 2) == kv_heads * head \
+            and view.dim(out, 2) == heads * head
+        axis, layout = 2, (heads, kv_heads, head)
+    if not fits:
+        return "heads do not divide the widths (or values have another head size)"
+    if heads % kv_heads:
+        return "query heads are not a multiple of the key/value heads"
+    return axis, layout
+
+
+def _grouped_standard_attention(node, view, r: Reached):
+    """The standard Attention with q_num_heads query heads over fewer key/value heads. By default
+    the r-th query head of every group goes together (num_heads stays a multiple of the key/value
+    heads; keys and values stay whole); with ``prune_kv_groups`` a key/value head with its query
+    heads, as GroupQueryAttention's."""
+    if any(given(node, i) for i in (4, 5)) or any(used(node, view, j) for j in (1, 2, 3)):
+        return barrier("a KV cache (past / present) is used")
+    if _per_head_bias(node, view, (3,)):
+        return barrier("an attention mask per head")
+    fitted = _standard_gqa_layout(node, view)
+    if isinstance(fitted, str):
+        return barrier(fitted)
+    axis, layout = fitted
+    slot = {("in", 0): "query", ("in", 1): "key", ("in", 2): "value", ("out", 0): "output"}.get((r.side, r.index))
+    if slot is None or r.axis != axis:
+        return barrier("Attention mixes the sequence" if slot else "channels reach an Attention mask as an activation")
+    shown = ("out", 0, axis, layout[2])
+    if not _whole_kv_groups(view):
+        if slot in ("key", "value"):
+            return barrier(KV_WHOLE)
+        links = [Link(side, 0, axis, r.owner) for side in ("in", "out") if side != r.side]
+        return Relation(links, ties=_within_group_ties(layout), kind="heads", heads=shown)
+    q, k, v = _gqa_spread(r, slot, layout)
+    wanted = [("in", 0, q), ("in", 1, k), ("in", 2, v), ("out", 0, q)]
+    links = [Link(side, i, axis, own) for side, i, own in wanted if (side, i) != (r.side, r.index)]
+    return Relation(links, ties=_gqa_ties(slot, layout), kind="heads", heads=shown)
 
 
 # --- GroupQueryAttention: num_heads query heads share kv_num_heads key/value heads ---------------
@@ -234,25 +305,36 @@ def gqa_rewrite(node, view, cut):
 def _whole_kv_groups(view) -> bool:
     """Whether key/value heads go, each with its query heads (the view's prune_kv_groups), or
     only query heads, as many in every group. The option comes with the rules for grouped-query attention
-    written out (repeat_kv); a view without it cuts whole groups, the one way packed q/k/v can."""
+    written out (repeat_kv); a view without it cuts whole groups."""
     return getattr(view, "prune_kv_groups", True)
 
 
-def _query_heads_within_groups(node, view, r: Reached, slot: str, layout) -> Relation:
-    """Query heads only, the r-th of every key/value group together (so num_heads stays a
-    multiple of kv_num_heads); keys, values and the caches stay whole."""
-    if slot not in ("query", "output"):
-        return barrier("key/value heads go only with their whole group of query heads"
-                       if slot != "packed" else "packed q/k/v: query heads cut alone would leave key/value "
-                       "columns in between; only whole key/value groups go")
+def _within_group_ties(layout) -> list[np.ndarray]:
+    """Positions of the query heads (heads x positions per head, first on the axis) that go together:
+    the r-th query head of every key/value group, so every group keeps as many."""
     heads, kv_heads, head = layout
     share = heads // kv_heads
-    links = [Link(side, i, 2, r.owner) for side, i in (("in", 0), ("out", 0)) if (side, i) != (r.side, r.index)]
-    if given(node, 11):
-        links.append(Link("in", 11, 0, r.owner[::head], "bias"))
-    ties = [np.concatenate([np.arange(h * head, (h + 1) * head) for h in range(j, heads, share)])
+    return [np.concatenate([np.arange(h * head, (h + 1) * head) for h in range(j, heads, share)])
             for j in range(share)]
-    return Relation(links, ties=ties, kind="heads")
+
+
+def _query_heads_within_groups(node, view, r: Reached, slot: str, layout, packed: bool) -> Relation:
+    """Query heads only, the r-th of every key/value group together (so num_heads stays a
+    multiple of kv_num_heads); keys, values and the caches stay whole. Packed q/k/v ([q | k | v]
+    on the last axis): the query columns go, the key and value columns are kept (``Relation.kept``:
+    they leave the group of the packed projection's output features)."""
+    heads, kv_heads, head = layout
+    width = heads * head
+    if slot in ("key", "value", "cache") or (slot == "packed" and (r.owner[:width] < 0).all()):
+        return barrier(KV_WHOLE)
+    q = r.owner[:width]
+    kv = np.full(2 * kv_heads * head, -1)
+    wanted = {("in", 0): np.concatenate([q, kv]) if packed else q, ("out", 0): q}
+    links = [Link(side, i, 2, own) for (side, i), own in wanted.items() if (side, i) != (r.side, r.index)]
+    if given(node, 11):
+        links.append(Link("in", 11, 0, q[::head], "bias"))
+    kept = np.arange(width, len(r.owner)) if slot == "packed" else None
+    return Relation(links, ties=_within_group_ties(layout), kind="heads", kept=kept, heads=("out", 0, 2, head))
 
 
 @rule("GroupQueryAttention", domain=MS, rewrite=gqa_rewrite)
@@ -278,7 +360,7 @@ def group_query_attention(node, view, r: Reached):
         return barrier("GroupQueryAttention mixes the sequence" if slot else
                        "channels reach a GroupQueryAttention parameter as an activation")
     if not _whole_kv_groups(view):
-        return _query_heads_within_groups(node, view, r, slot, layout)
+        return _query_heads_within_groups(node, view, r, slot, layout, packed)
     heads, kv_heads, head = layout
     q, k, v = _gqa_spread(r, slot, layout)
     wanted = [("in", 0, 2, np.concatenate([q, k, v]) if packed else q), ("out", 0, 2, q)]
@@ -288,7 +370,7 @@ def group_query_attention(node, view, r: Reached):
     links = [Link(side, i, ax, own) for side, i, ax, own in wanted if (side, i) != (r.side, r.index)]
     if given(node, 11):
         links.append(Link("in", 11, 0, q[::head], "bias"))
-    return Relation(links, ties=_gqa_ties(slot, layout), kind="heads")
+    return Relation(links, ties=_gqa_ties(slot, layout), kind="heads", heads=("out", 0, 2, head))
 
 
 # --- RotaryEmbedding (com.microsoft): rotates pairs within each head -------------------------------
@@ -325,4 +407,5 @@ def rotary_embedding(node, view, r: Reached):
     head = _rotary_head(node, view)
     if head is None or len(r.owner) % head:
         return barrier("heads do not divide the width")
-    return Relation([Link(other, 0, 2, r.owner)], ties=blocks_of(len(r.owner), head), kind="heads")
+    return Relation([Link(other, 0, 2, r.owner)], ties=blocks_of(len(r.owner), head), kind="heads",
+                    heads=("out", 0, 2, head))

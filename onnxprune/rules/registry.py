@@ -42,6 +42,12 @@ class Relation:
     # What the group's units are, when a rule can tell: "heads" where channels are
     # the head axis of attention (a batch axis of a MatMul between activations).
     kind: str | None = None
+    # Positions on the reached axis that stay whole (packed q/k/v's keys and values where only query
+    # heads go): their channels leave the group, with every channel tied to them.
+    kept: np.ndarray | None = None
+    # Where the node counts its heads, for kind "heads": (side, index, axis, positions per head); None:
+    # the reached axis, one position per head (the head axis of a MatMul between activations).
+    heads: tuple[str, int, int, int] | None = None
 
 
 def barrier(reason: str) -> Relation:
