@@ -17,6 +17,7 @@ from test_depth import cached_decoder
 from onnxprune.cut import iochange
 from onnxprune.cut.renumber import cache_template, new_cache_names, renumber_cache
 from onnxprune.errors import UsageError
+from onnxprune.report.records import SCHEMA_FILE
 
 from graphs import make_feeds, one_error_line, run, run_main
 
@@ -152,6 +153,8 @@ def test_dropping_a_middle_layer_renumbers_its_cache(tmp_path, capsys):
                                       "present_0_out": plain_errors["present_0_out"],
                                       "present_1_out": plain_errors["present_2_out"]}
     assert report["recipe"]["renumber-cache"] is True
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
 
 
 def test_renumbering_a_model_cut_elsewhere_is_exact(tmp_path, capsys):
@@ -227,6 +230,39 @@ def test_configs_follow_a_renumbered_cut_and_gaps_still_fail_without_it(tmp_path
     names = {i.name for i in onnx.load(out).graph.input}
     assert {decoder["inputs"]["past_key_names"] % n for n in range(2)} <= names  # the templates name the cache
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the input folder is untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_gpt2_heads_and_a_middle_layer_renumbered_equal_the_plain_cut(tmp_path, capsys, exporter):
+    """Heads pruned and layer 1's attention removed from a 3-layer GPT-2 (both exporters' names,
+    past_key_N): the renumbered model is the plain cut's, under the map, head positions and all."""
+    transformers = pytest.importorskip("transformers")
+    from tools.bench_decoder import export_gpt2_with_cache
+
+    config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=64)
+    config._attn_implementation = "eager"
+    export_gpt2_with_cache(tmp_path / "gpt2.onnx", config, exporter, past=3, new=2)
+    cut = [tmp_path / "gpt2.onnx", "--allow-io-change", "--structured", "0.5", "--drop-blocks", "model.h.1.attn",
+           "--input-shape", "input_ids:1,2"]
+    assert run_main(capsys, *cut, "-o", tmp_path / "plain.onnx")[0] == 0
+    code, out, _ = run_main(capsys, *cut, "--renumber-cache", "-o", tmp_path / "renamed.onnx")
+    assert code == 0, out
+    plain, renamed = onnx.load(tmp_path / "plain.onnx"), onnx.load(tmp_path / "renamed.onnx")
+    onnx.checker.check_model(renamed, full_check=True)
+    cache = [f"past_{kv}_{n}" for n in range(2) for kv in ("key", "value")]
+    assert [i.name for i in renamed.graph.input] == ["input_ids", *cache]
+    assert [o.name for o in renamed.graph.output] == ["hidden", *(n.replace("past", "present") for n in cache)]
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 100, (1, 2))}
+    feeds |= {i.name: rng.standard_normal((1, 2, 3, 16)).astype(np.float32) for i in plain.graph.input[1:]}
+    rename = {"past_key_2": "past_key_1", "past_value_2": "past_value_1"}
+    want = run(plain, feeds)
+    got = run(renamed, {rename.get(k, k): v for k, v in feeds.items()})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    heads = {c.name: c.kept for c in iochange.read(renamed) if c.axis == 1}
+    assert heads == {c.name: c.kept for c in iochange.read(plain) if c.axis == 1}  # positions: original names
 
 
 # --- onnxruntime-genai: the builder's tiny Llama, a middle layer gone, renumbered, loads and generates ---
