@@ -157,6 +157,35 @@ def test_dropping_a_middle_layer_renumbers_its_cache(tmp_path, capsys):
     jsonschema.validate(report, json.loads(SCHEMA_FILE.read_text()))
 
 
+def test_a_removed_layers_input_read_for_its_shape_goes_and_the_shape_is_read_off_a_kept_one(tmp_path, capsys):
+    """As the dynamo export of GPT-2 reads the past length off layer 0's past_value: with layer 0's
+    attention removed, the Shape reads the kept layer 1's input (declared alike), so past_0 goes too
+    and the remaining cache can be numbered 0..n-1."""
+    from test_depth import branch_zeroed
+
+    model = cached_decoder(layers=3)
+    model.graph.node.append(helper.make_node("Shape", ["past_0"], ["past_length"], start=1, end=2))
+    model.graph.output.append(helper.make_tensor_value_info("past_length", TensorProto.INT64, [1]))
+    path = _saved(tmp_path, model)
+    code, out, _ = run_main(capsys, path, "--allow-io-change", "--drop-blocks", "block:0", "--renumber-cache",
+                            "-o", tmp_path / "o.onnx")
+    assert code == 0, out
+    assert "input   past_0 [1, 2, 8] removed" in out
+    pruned = onnx.load(tmp_path / "o.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == ["x", "past_0", "past_1"]  # were past_1 and past_2
+    feeds = make_feeds(model)
+    names = [o.name for o in model.graph.output]
+    want = dict(zip(names, run(branch_zeroed(model, "l0.add1", "x"), feeds)))
+    changes = iochange.read(pruned)
+    want = iochange.comparable_outputs(want, changes)
+    got = dict(zip([o.name for o in pruned.graph.output], run(pruned, iochange.candidate_feeds(feeds, changes))))
+    assert list(got) == list(want) == ["l2.add2_out", "present_0_out", "present_1_out", "past_length"]
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert got["past_length"].tolist() == [2]
+
+
 def test_renumbering_a_model_cut_elsewhere_is_exact(tmp_path, capsys):
     path = _three_layers(tmp_path)
     run_main(capsys, path, "--allow-io-change", "--drop-blocks", "block:2", "-o", tmp_path / "plain.onnx")
@@ -233,17 +262,18 @@ def test_configs_follow_a_renumbered_cut_and_gaps_still_fail_without_it(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_gpt2_heads_and_a_middle_layer_renumbered_equal_the_plain_cut(tmp_path, capsys, exporter):
-    """Heads pruned and layer 1's attention removed from a 3-layer GPT-2 (both exporters' names,
-    past_key_N): the renumbered model is the plain cut's, under the map, head positions and all."""
+@pytest.mark.parametrize("exporter,layer", [("legacy", 1), ("dynamo", 1), ("dynamo", 0)])
+def test_gpt2_heads_and_a_layer_renumbered_equal_the_plain_cut(tmp_path, capsys, exporter, layer):
+    """Heads pruned and one layer's attention removed from a 3-layer GPT-2 (both exporters' names,
+    past_key_N; dynamo reads layer 0's past_value for its shape): the renumbered model is the plain
+    cut's, under the map, head positions and all."""
     transformers = pytest.importorskip("transformers")
     from tools.bench_decoder import export_gpt2_with_cache
 
     config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=64)
     config._attn_implementation = "eager"
     export_gpt2_with_cache(tmp_path / "gpt2.onnx", config, exporter, past=3, new=2)
-    cut = [tmp_path / "gpt2.onnx", "--allow-io-change", "--structured", "0.5", "--drop-blocks", "model.h.1.attn",
+    cut = [tmp_path / "gpt2.onnx", "--allow-io-change", "--structured", "0.5", "--drop-blocks", f"model.h.{layer}.attn",
            "--input-shape", "input_ids:1,2"]
     assert run_main(capsys, *cut, "-o", tmp_path / "plain.onnx")[0] == 0
     code, out, _ = run_main(capsys, *cut, "--renumber-cache", "-o", tmp_path / "renamed.onnx")
@@ -256,7 +286,9 @@ def test_gpt2_heads_and_a_middle_layer_renumbered_equal_the_plain_cut(tmp_path, 
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 100, (1, 2))}
     feeds |= {i.name: rng.standard_normal((1, 2, 3, 16)).astype(np.float32) for i in plain.graph.input[1:]}
-    rename = {"past_key_2": "past_key_1", "past_value_2": "past_value_1"}
+    kept = [n for n in range(3) if n != layer]
+    rename = {f"past_{kv}_{old}": f"past_{kv}_{new}" for new, old in enumerate(kept) for kv in ("key", "value")}
+    assert [i.name for i in plain.graph.input[1:]] == list(rename)  # the removed layer's cache went whole
     want = run(plain, feeds)
     got = run(renamed, {rename.get(k, k): v for k, v in feeds.items()})
     for w, g in zip(want, got):
