@@ -92,6 +92,9 @@ def test_the_remaining_layers_are_renumbered_in_order_and_fed_by_the_map(names):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     assert renumber_cache(renamed) is renamed  # already 0..n-1: nothing to do
+    assert names(2, "key")[0] in {i.name for i in model.graph.input}  # the input model is left as it was
+    in_place = renumber_cache(model, copy=False)  # a model the caller owns: renamed itself, not copied
+    assert in_place is model and in_place.SerializeToString() == renamed.SerializeToString()
 
 
 def test_a_layer_one_template_lacks_is_a_one_line_error():

@@ -75,14 +75,19 @@ def new_cache_names(model: onnx.ModelProto) -> dict[str, str]:
     return {t % n: t % number[n] for t, have in sorted(templates.items()) for n in sorted(have) if number[n] != n}
 
 
-def renumber_cache(model: onnx.ModelProto) -> onnx.ModelProto:
+def renumber_cache(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with its cache tensors numbered 0..n-1, the renaming added to its IO record
-    (``model`` itself when the numbers already are). ``model`` is not modified."""
+    (``model`` itself when the numbers already are). ``copy=False`` renames ``model`` itself instead:
+    for a model the caller owns (a cut's result), whose weights are then not held twice."""
     mapping = new_cache_names(model)
     if not mapping:
         return model
-    renamed = onnx.ModelProto()
-    renamed.CopyFrom(model)
+    before = iochange.read(model)
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    renamed = model
+    if copy:
+        renamed = onnx.ModelProto()
+        renamed.CopyFrom(model)
     graph = renamed.graph
     taken = _names(graph) - set(mapping)
     clash = next((new for new in mapping.values() if new in taken), None)
@@ -90,9 +95,9 @@ def renumber_cache(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UsageError(f"`renumber_cache`: the graph already has a tensor named {clash}, which a renumbered "
                          "cache tensor would take")
     _rename_in(graph, mapping)
-    changes = [iochange.renaming(t.name, role, mapping[t.name]) for role, tensors in
-               (("input", model.graph.input), ("output", model.graph.output)) for t in tensors if t.name in mapping]
-    iochange.record(renamed, iochange.read(model) + changes)
+    changes = [iochange.renaming(name, role, mapping[name]) for role, names in (("input", inputs), ("output", outputs))
+               for name in names if name in mapping]
+    iochange.record(renamed, before + changes)
     return renamed
 
 

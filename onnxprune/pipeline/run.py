@@ -200,8 +200,8 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
 
 def _renumbered(result: PruneResult, model: onnx.ModelProto) -> PruneResult:
     """The cut's remaining cache numbered 0..n-1 (cut/renumber.py), the renaming in the report."""
-    renamed = renumber_cache(result.model)
-    if renamed is not result.model:
+    renamed = renumber_cache(result.model, copy=result.model is model)  # a cut's result is this run's own
+    if any(c.is_rename for c in iochange.read(renamed)):  # the run's record starts empty: these are its own
         result.report.io_changes = iochange.describe(iochange.read(renamed), declared_shapes(model))
     return PruneResult(renamed, result.plan, result.report)
 
