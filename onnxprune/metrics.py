@@ -111,14 +111,16 @@ class Reference:
         sess = session(candidate.SerializeToString())
         changes = iochange.read(candidate)
         error, predicted = ErrorSum(), []
-        names = [n for n in self.names if not any(c.removed and c.name == n for c in changes)]
+        renamed = iochange.new_names(changes, "output")  # the candidate's name of each original output
+        names = [renamed.get(n, n) for n in self.names if not any(c.removed and c.name == n for c in changes)]
+        first = renamed.get(self.names[0], self.names[0])
         for (feeds, _), expected in zip(self.batches, self.expected):
             got = dict(zip(names, sess.run(names, iochange.candidate_feeds(feeds, changes))))
             kept = iochange.comparable_outputs(expected, changes)
             for name in names:
                 error.add(kept[name], got[name])
             if self.classes:
-                predicted.append(np.argmax(got[self.names[0]], axis=1))
+                predicted.append(np.argmax(got[first], axis=1))
         result = Measured(error.value, self.samples)
         if predicted:
             predicted = np.concatenate(predicted)

@@ -233,7 +233,7 @@ class Target:
 
 @dataclass
 class OutputOptions:
-    """What a file run writes besides the model."""
+    """What a file run writes besides the model, and under which names the model's cache."""
 
     force: bool = False  # replace an existing output file (never one the run reads)
     dry_run: bool = False  # plan and report only
@@ -244,6 +244,7 @@ class OutputOptions:
     command: list[str] | None = None  # the command line, for the report
     summary_md: str | Path | None = None  # the Markdown summary (report/markdown.py); - for stdout
     reads: tuple = ()  # other files the run read (the command line's --ratios): never overwritten
+    renumber_cache: bool = False  # a decoder's remaining KV cache renamed to layers 0..n-1 (cut/renumber.py)
 
 
 @dataclass
@@ -396,7 +397,7 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     if options.target is not None:
         _check_target(options)
     elif whole_run and widths.ratio is None and widths.plan is None and not widths.ratios and not sparse \
-            and options.depth is None:
+            and options.depth is None and not options.output.renumber_cache:  # renumbering a cut made elsewhere
         raise UsageError("nothing to do: give `ratio` R, `depth` R, `target_macs` F, `plan` FILE, `unstructured` R "
                          "or `nm` N:M")
     if sparse and sparsity.nm is not None and widths.global_ranking and widths.ratio is None:
@@ -411,6 +412,8 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
                            options.widths.plan is not None)
     _check_rounds(options, has_data)
     _check_min_reduction(options.gate, structured or options.depth is not None)
+    if options.output.renumber_cache and not options.analysis.allow_io_change:
+        raise UsageError("`renumber_cache` renames the cache inputs and outputs: it needs `allow_io_change`")
     if options.bench is not None:
         if options.output.dry_run:
             raise UsageError("`bench` times the written model: drop `dry_run`")

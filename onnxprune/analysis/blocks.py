@@ -52,7 +52,7 @@ class Block:
     writers: list[str] = field(default_factory=list)
     weighted: list[str] = field(default_factory=list)  # names of its nodes that have MACs
     # with `allow_io_change`: the graph outputs it writes (a KV cache) and the graph inputs only it
-    # reads (their shapes), removed with it
+    # reads, but for Shape nodes (their shapes), removed with it
     io_outputs: list[str] = field(default_factory=list)
     io_inputs: dict[str, list | None] = field(default_factory=dict)
 
@@ -330,7 +330,11 @@ def _leak(graph: _Graph, block: Block, shapes: dict[str, tuple], allow_io_change
                 return f"its tensor {name} is also read by {reader.op_type} {reader.name or '(unnamed)'}"
     if not returned:
         return None
-    own = [t for t in sorted(graph.inputs) if graph.consumers.get(t) and set(graph.consumers[t]) <= inside]
+    # its own inputs: those it reads and nothing else does, but for Shape nodes (the dynamo export of
+    # GPT-2 reads the past length off a layer's past_value), which the cut points at a kept layer's
+    # input declared alike (cut/depth.py)
+    own = [t for t in sorted(graph.inputs) if set(graph.consumers.get(t, ())) & inside
+           and all(j in inside or graph.node(j).op_type == "Shape" for j in graph.consumers[t])]
     if not own:
         return f"its tensor {returned[0]} is a graph output"
     if not allow_io_change:

@@ -152,6 +152,11 @@ def _depth_options(p: argparse.ArgumentParser) -> None:
                    help=f"block importance: {', '.join(BLOCK_CRITERIA)} (removal: output error with the block "
                         "removed; influence: 1 - cos(block input, output); both need --data; weights: the RMS of "
                         "the weight that writes into the residual. Default: removal with --data, else weights)")
+    g.add_argument("--renumber-cache", action="store_true",
+                   help="with --allow-io-change: rename the remaining KV cache inputs/outputs so that their layer "
+                        "numbers are 0..n-1 again, in order (past_key_values.2.key -> past_key_values.1.key once "
+                        "layer 1 is gone), as onnxruntime-genai expects; the report and the model's metadata "
+                        "(onnxprune.io_changes) map the old names to the new")
 
 
 def _group_ratio_options(p: argparse.ArgumentParser) -> None:
@@ -182,6 +187,7 @@ FLAGS = {
     "batches": "--bench-batch", "iters": "--bench-iters", "threads": "--threads", "verbose": "--verbose",
     "augment": "--augment", "config": "--config", "summary_md": "--summary-md", "depth": "--depth",
     "drop_blocks": "--drop-blocks", "block_importance": "--block-importance", "quantize": "--quantize",
+    "renumber_cache": "--renumber-cache",
     "per_channel": "--quantize-per-channel", "quantize_format": "--quantize-format", "keep_float": "--keep-float",
 }
 
@@ -268,7 +274,8 @@ def prune_options(args, argv):
         bench=bench,
         quantize=_quantize(args, argv),
         output=OutputOptions(args.force, args.dry_run, args.plan_out, args.report,
-                             reads=tuple(p for p in (args.ratios, args.config) if p)),
+                             reads=tuple(p for p in (args.ratios, args.config) if p),
+                             renumber_cache=args.renumber_cache),
         seed=args.seed,
         quiet=args.quiet,
     )

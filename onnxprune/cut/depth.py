@@ -8,8 +8,9 @@ block's output is a graph output, an Identity keeps that name.
 
 A decoder's attention block found under ``allow_io_change`` takes its KV
 cache with it: the graph outputs it wrote and the graph inputs only it read
-go, recorded as removed in the model's metadata (cut/iochange.py), so that
-verification, output errors and training feed and compare the rest.
+(Shape nodes elsewhere read a kept layer's input instead) go, recorded as
+removed in the model's metadata (cut/iochange.py), so that verification,
+output errors and training feed and compare the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from onnx import helper
 
 from ..analysis.blocks import Block
 from . import iochange
+from .renumber import cache_template
 
 
 def remove_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProto:
@@ -68,13 +70,41 @@ def _drop_cache_outputs(graph: onnx.GraphProto, blocks: list[Block]) -> list[ioc
 
 
 def _drop_cache_inputs(graph: onnx.GraphProto, blocks: list[Block]) -> list[iochange.IOChange]:
-    """The graph inputs only the removed blocks read (their past cache), now read by none."""
-    read = _used(graph.node) | _subgraph_reads(graph.node)
+    """The graph inputs only the removed blocks read (their past cache), now read by none (one that
+    Shape nodes still read takes its shape from a kept layer's input: ``_shape_from_kept``)."""
     own = {name: shape for b in blocks for name, shape in b.io_inputs.items()}
+    _shape_from_kept(graph, set(own))
+    read = _used(graph.node) | _subgraph_reads(graph.node)
     dropped = [i for i in graph.input if i.name in own and i.name not in read]
     for i in dropped:
         graph.input.remove(i)
     return [iochange.removal(i.name, "input", own[i.name]) for i in dropped]
+
+
+def _shape_from_kept(graph: onnx.GraphProto, own: set[str]) -> None:
+    """A removed layer's cache input that the graph still reads, with Shape nodes only (the dynamo
+    export of GPT-2 reads the batch size and the past length off layer 0's and the last layer's
+    past_value), is read off a kept layer's input of the same cache template (cut/renumber.py)
+    declared with the same type and dims: the same sizes by the model's own declaration, so the
+    removed layer's input can go with it, and the cache left is numbered like the layers left."""
+    inputs = {i.name: i for i in graph.input}
+    inside = _subgraph_reads(graph.node)
+    for name in sorted(own & set(inputs) - inside):
+        readers = [n for n in graph.node if name in n.input]
+        if not readers or any(n.op_type != "Shape" or n.domain not in ("", "ai.onnx") for n in readers):
+            continue
+        twin = next((i.name for i in graph.input if i.name not in own and _same_cache(inputs[name], i)), None)
+        for node in readers if twin is not None else ():
+            node.input[0] = twin
+
+
+def _same_cache(a: onnx.ValueInfoProto, b: onnx.ValueInfoProto) -> bool:
+    """Two cache tensors of one template, declared alike with every dim named or sized."""
+    template_a, template_b = cache_template(a.name), cache_template(b.name)
+    dims = a.type.tensor_type.shape.dim
+    return (template_a is not None and template_b is not None and template_a[0] == template_b[0]
+            and a.type.tensor_type.HasField("shape") and a.type == b.type
+            and all(d.HasField("dim_value") or d.HasField("dim_param") for d in dims))
 
 
 def _resolve(name: str, renamed: dict[str, str]) -> str:

@@ -9,8 +9,9 @@ ops' head attributes, the cache inputs, the MLP's down projections) rather than 
 plan: whatever pruned the model, width or depth, the configs say what it is.
 
 A value that one number cannot describe (heads pruned unevenly across layers, cache names
-with gaps) is a UsageError raised by ``updated_configs``, which the run calls before it
-stages anything: no output appears. The input folder is never written.
+with gaps, which ``renumber_cache`` closes: cut/renumber.py) is a UsageError raised by
+``updated_configs``, which the run calls before it stages anything: no output appears. The
+input folder is never written.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def pruned_shape(model: onnx.ModelProto, past_key: str = DEFAULT_PAST_KEY) -> di
     if layers:
         if layers != list(range(len(layers))):
             raise UsageError(f"the pruned model's cache inputs are layers {_listed(layers)}: onnxruntime-genai and "
-                             f"config.json expect 0..{len(layers) - 1} (renumbering the cache is not supported yet: "
-                             f"write the output to a folder without the configs)")
+                             f"config.json expect 0..{len(layers) - 1} (`renumber_cache` renumbers them; or write "
+                             f"the output to a folder without the configs)")
         shape["num_hidden_layers"] = len(layers)
     shape.update(_one("intermediate_size", set(_mlp_widths(model).values()), "MLP layers"))
     return shape

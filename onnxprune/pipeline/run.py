@@ -22,6 +22,7 @@ import onnx
 
 from ..analysis.stats import count_params
 from ..cut import iochange
+from ..cut.renumber import new_cache_names, renumber_cache
 from ..cut.sparsity import sparsify, weight_names
 from ..errors import QualityGateFailed, UsageError, VerificationFailed
 from ..memory import release_freed_memory
@@ -73,8 +74,13 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     stage_done("load")
     model, conversion = loaded.model, loaded.conversion
     del loaded  # `model` must be the input's only reference: it is freed before verification
+    # what this run records (onnxprune.io_changes) is relative to its input: a record the input carries
+    # from an earlier run is not, and cuts that extend the record (depth, renumbering) must not extend it
+    iochange.record(model, [])
     if options.quantize is not None:
         refuse_quantized(model)
+    if options.output.renumber_cache:  # a cache it cannot renumber fails now, not after the pruning
+        new_cache_names(model)
     options = replace(options, data=replace(options.data, data=steps.data_of(model, options.data)))
     searched, budget = None, options.target
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
@@ -91,6 +97,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
         stage_done("search")
         options = replace(options, widths=replace(options.widths, ratio=searched.ratio))
     result = _prune(model, depth, options)
+    if options.output.renumber_cache:  # before sparsity and quantization: every later step sees the final names
+        result = _renumbered(result, model)
     if options.sparsity is not None:
         result = _sparsified(result, options)
         stage_done("sparsity")
@@ -190,6 +198,14 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
                           report.barriers, report.modules)
     return result
+
+
+def _renumbered(result: PruneResult, model: onnx.ModelProto) -> PruneResult:
+    """The cut's remaining cache numbered 0..n-1 (cut/renumber.py), the renaming in the report."""
+    renamed = renumber_cache(result.model, copy=result.model is model)  # a cut's result is this run's own
+    if any(c.is_rename for c in iochange.read(renamed)):  # the run's record starts empty: these are its own
+        result.report.io_changes = iochange.describe(iochange.read(renamed), declared_shapes(model))
+    return PruneResult(renamed, result.plan, result.report)
 
 
 def _planned_blocks(options: PruneOptions) -> bool:

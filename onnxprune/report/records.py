@@ -243,16 +243,20 @@ class Report:
                 f"{labelled_reason(example.reason, labels)})"
             )
         if self.io_changes:
-            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped or removed "
+            lines.append(f"io      {len(self.io_changes)} graph input(s)/output(s) reshaped, removed or renamed "
                          "(`allow_io_change`):")
         changed = (self.io_changes or []) if verbose else (self.io_changes or [])[:8]
         for c in changed:
             if c["shape_after"] is None:  # removed with its block (depth pruning)
                 lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} removed")
                 continue
+            renamed = f" renamed {c['renamed']}" if c.get("renamed") else ""  # `renumber_cache`
+            if not c["kept"]:
+                lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])}{renamed}")
+                continue
             kept = "; ".join(f"axis {a} keeps {_kept_positions(k)}" for a, k in c["kept"].items())
             lines.append(f"  {c['role']:<6}  {c['name']} {_shape(c['shape_before'])} -> {_shape(c['shape_after'])}"
-                         f"  ({kept})")
+                         f"  ({kept}){renamed}")
         if len(self.io_changes or []) > len(changed):
             lines.append(f"  ... {len(self.io_changes) - len(changed)} more reshaped (`verbose` or `report_path`)")
         for c in self.configs or []:  # genai_config.json / config.json beside the output (model/configs.py)

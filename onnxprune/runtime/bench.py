@@ -165,8 +165,9 @@ def bench(
         raise UsageError(f"`input_shapes` names unknown input {unknown[0]!r}; inputs are: {', '.join(sorted(names))}")
     # Validate every batch size before spending time on sessions and runs.
     # A model with a reshaped cache (--allow-io-change) takes the pinned shapes' kept positions.
-    pins = [iochange.shrink_shapes({k: v for k, v in pinned.items() if k in {i.name for i in graph_inputs(m)}},
-                                   iochange.read(m)) for m in models]
+    # Shrunk (and renamed, --renumber-cache) before they are matched with the model's inputs.
+    pins = [{k: v for k, v in iochange.shrink_shapes(pinned, iochange.read(m)).items()
+             if k in {i.name for i in graph_inputs(m)}} for m in models]
     shapes = {b: [batch_shapes(m, p, b, pin) for m, p, pin in zip(models, paths, pins)] for b in batches}
     sessions = [open_session(p, provider, threads) for p in paths]
     result = BenchResult(provider, threads, warmup, iters)
