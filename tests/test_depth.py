@@ -351,8 +351,6 @@ def test_drop_blocks_by_glob_with_structured(tmp_path, capsys):
     (["--depth", "0.5", "--block-importance", "removal"], "--block-importance removal measures on data: give --data"),
     (["--block-importance", "weights", "--structured", "0.2"], "--block-importance scores blocks for --depth R"),
     (["--depth", "0.3", "--plan-in", "plan.json"], "--plan-in and --depth/--drop-blocks are exclusive"),
-    (["--depth", "0.3", "--target-speedup", "1.5", "--provider", "cpu"],
-     "--target-speedup and --depth/--drop-blocks do not combine yet"),
 ])
 def test_depth_errors_are_one_line(tmp_path, capsys, args, message):
     path = _saved(tmp_path, resnet_like(3, projection=True))

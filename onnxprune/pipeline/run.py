@@ -79,10 +79,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
     if depth is not None:
         stage_done("depth")
-    if depth is not None and budget is not None:  # the channels meet what the removed blocks left of it
-        if depth.removed and options.data.data is not None and options.depth is not None and options.depth.depth:
-            depth = depth_for_budget(model, options, budget, depth)  # how many of the blocks: by output error
-        options = replace(options, target=rest_of_budget(budget, depth))
+    if depth is not None and budget is not None:  # the channels meet what the removed blocks leave of it
+        depth, searched, options = _budget_with_depth(model, input_path, depth, budget, options)
     if options.target is not None and options.widths.allocate != "sensitivity":
         with muted_stages():  # its candidates' stages: one line for the whole search
             searched = find_ratio(depth.model if depth is not None else model, options.target,
@@ -188,6 +186,29 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         require_reduction(report.macs_before, report.macs_after, gate and gate.min_reduction,
                           report.barriers, report.modules)
     return result
+
+
+def _budget_with_depth(model: onnx.ModelProto, input_path: Path, depth: DepthResult, budget, options: PruneOptions):
+    """The depth step's share of ``budget`` and what the channels are left to meet: (depth, the speedup
+    search already done or None, options). With `depth` R, data or a speedup budget, how many of the
+    blocks go is chosen by what each share measures (pipeline/budget_depth.py); else all of them go.
+    A MACs or params budget leaves its rest as the target (searched or allocated as any); a speedup
+    is measured against the input, so its search sets the ratio (0: the blocks alone met it)."""
+    searched = None
+    shares = depth.removed and options.depth is not None and options.depth.depth \
+        and (options.data.data is not None or budget.metric == "speedup")
+    if shares:
+        with muted_stages():  # every share's prunes and timings: one line
+            depth, searched = depth_for_budget(model, options, budget, depth, input_path)
+        stage_done("search")
+    if budget.metric != "speedup":
+        return depth, None, replace(options, target=rest_of_budget(budget, depth))
+    if searched is None:  # the blocks named (or none removable): the channels meet the speedup on what is left
+        with muted_stages():
+            searched = find_ratio(depth.model, budget, input_path, options, base=model if depth.removed else None)
+        stage_done("search")
+    ratio = searched.ratio or None  # 0: no channel is cut
+    return depth, searched, replace(options, target=None, widths=replace(options.widths, ratio=ratio))
 
 
 def _planned_blocks(options: PruneOptions) -> bool:
