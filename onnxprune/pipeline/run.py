@@ -42,7 +42,7 @@ from ..scoring.criteria import needs_gradients
 from . import steps
 from .budget_depth import depth_for_budget
 from .depth import DepthResult, prune_depth, record_depth, rest_of_budget
-from .prune import PruneResult, declared_shapes, unpruned
+from .prune import PruneResult, declared_shapes, reconstruct_depth, unpruned
 from .quantize import CALIBRATION_SAMPLES, quantize, refuse_quantized
 from .reduction import require_reduction
 from .rounds import prune_rounds
@@ -165,6 +165,11 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
     if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
         options = replace(options, gate=replace(options.gate, min_reduction=None))
     removed_io = depth.changes if depth is not None else []
+    refitted = None  # the depth cut's reconstruction
+    if depth is not None and depth.removed and not removed_io and options.data.data is not None \
+            and options.data.reconstruct is not False:  # the layers after the removed blocks, refitted
+        source, refitted = reconstruct_depth(model, source, frozenset(b.input for b in depth.removed), options)
+        stage_done("reconstruct")
     if channels:
         if removed_io and options.data.data is not None:  # the data as the model without the cache takes it
             options = replace(options, data=replace(options.data,
@@ -172,8 +177,11 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         result = prune_rounds(source, options, teacher=model)
         if removed_io and result.model is not source:  # the channel cut recorded its changes relative to source
             iochange.record(result.model, iochange.compose(removed_io, iochange.read(result.model)))
+        if refitted is not None:  # the channel cut's own reconstruction is the report's
+            depth.record = {**depth.record, "reconstruction": refitted}
     else:
         result = unpruned(source, options.analysis.input_shapes)
+        result.report.reconstruction = refitted
         if depth is not None and options.training is not None and depth.removed:
             result.model, trained = train(result.model, model, options.data.data, options.training)
             result.report.training = trained.to_json()
