@@ -21,6 +21,7 @@ from ..analysis.stats import barrier_macs, count_macs, count_params, held_macs, 
 from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
+from ..graph.shapes import refresh_value_info
 from ..metrics import Reference
 from ..model.inputs import declared_dim, resolve_with_choices
 from ..options import PruneOptions
@@ -207,7 +208,11 @@ def reconstruct_depth(model: onnx.ModelProto, pruned: onnx.ModelProto, moved: fr
     data = options.data
     calib = data.data.sample(data.calib_samples, options.seed)
     reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size)
-    return _reconstructed(model, pruned, {}, calib, reference, options, moved)
+    # the readers' ranks come from the recorded shapes, which the channel cut refreshes and the depth
+    # cut only trims (an export without them, as the legacy exporter's, would leave every conv unknown)
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(pruned)
+    return _reconstructed(model, refresh_value_info(shaped), {}, calib, reference, options, moved)
 
 
 def _reconstructed(model, cut_model: onnx.ModelProto, removed: dict, calib: Dataset, reference: Reference,
