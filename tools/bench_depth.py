@@ -278,8 +278,9 @@ def run_accuracy(args) -> dict:
     rows = {"original": original}
 
     def run(name, flags):  # each result printed as it comes: a long run still shows what it measured
-        rows[name] = row = reused(name, ctx) if args.reuse else None
-        if row is None:
+        if args.reuse:
+            rows[name] = row = reused(name, ctx) or {"run": name, "error": f"no {name}.onnx in {OUT_DIR} (--reuse)"}
+        else:
             rows[name] = row = bp.run_cli(name, argv(name, flags), ctx)
         if "error" not in row:
             print(f"{name}: held-out top-1 {bp._ci(row['top1'], row['top1_ci'])}, MACs {row['macs_ratio']:.2f}x "
@@ -301,13 +302,14 @@ def run_accuracy(args) -> dict:
     # (budgets.md): the width the project would pick, at depth's MACs, its latency measured below
     run("width-alloc", ["--target-macs", f"{1 / rows['depth']['macs_ratio']:.3f}"])
     run("both", [*depth_flags, *speed])
+    asked = (rows["width"].get("target") or {}).get("value", target)  # a reused run's own, else this one
     done = [r for r in ("depth", "width", "width-alloc", "both") if "error" not in rows[r]]
     speedups = {r: [] for r in done}
     for _ in range(args.repeats):  # all four in one interleaved run, repeated
         result = bench([str(base_path), *(rows[r]["model"] for r in done)], [1], **lat)
         for r, t in zip(done, result.timings[1:]):
             speedups[r].append(t.speedup)
-    print(f"\n## EfficientNet-Lite1 width vs depth at about equal latency (batch-1 speedup {target:.2f}x asked), "
+    print(f"\n## EfficientNet-Lite1 width vs depth at about equal latency (batch-1 speedup {asked:.3f}x asked), "
           f"--data reconstruction; top-1 on {len(y)} held-out ImageNet photos\n")
     print("| run | MACs ratio | blocks removed | bs1 speedup (median of repeats) | top-1 % [95% CI] "
           "| agreement % [95% CI] | vs depth, top-1 points [paired 95% CI] |")
@@ -322,7 +324,7 @@ def run_accuracy(args) -> dict:
         print(f"| {name} | {r['macs_ratio']:.2f}x | {blocks} | {s} | {bp._ci(r['top1'], r['top1_ci'])} "
               f"| {bp._ci(r['agreement'], r['agreement_ci'])} | {vs} |")
     clean = {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in rows.items()}
-    return {"target_speedup": target, "speedups": speedups, "rows": clean}
+    return {"target_speedup": asked, "depth_speedup_measured": target, "speedups": speedups, "rows": clean}
 
 
 def reused(name: str, ctx: dict) -> dict | None:
@@ -362,7 +364,8 @@ def parse_args(argv):
     p.add_argument("--lite-depth", type=float, default=0.3, help="accuracy part: --depth R (default 0.3)")
     p.add_argument("--data-dir", type=Path, default=lite.DATA_DIR, help=f"default {lite.DATA_DIR}")
     p.add_argument("--reuse", action="store_true",
-                   help="accuracy part: measure the models already in build/bench_depth instead of pruning again")
+                   help="accuracy part: measure the models already in build/bench_depth (from an earlier run, "
+                        "or the printed commands run by hand) instead of pruning again")
     p.add_argument("--json", metavar="OUT.json", help="also write every figure as JSON")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
