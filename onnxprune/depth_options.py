@@ -21,11 +21,10 @@ class DepthOptions:
     block_importance: str | None = None
 
 
-def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | None = None,
-                   planned: bool = False) -> DepthOptions | None:
+def validate_depth(depth: DepthOptions | None, has_data: bool, planned: bool = False) -> DepthOptions | None:
     """Check the depth options; a copy with the block criterion resolved (None: no depth pruning).
-    ``target``: the option of a budget given with them (`target_macs`): a MACs or params budget
-    takes the blocks first, then the channels meet the rest of it. ``planned``: a plan is applied
+    Any budget (`target_macs`, `target_params`, `target_speedup`) combines with them: the blocks
+    go first, then the channels meet the rest of it (pipeline/run.py). ``planned``: a plan is applied
     (it names the blocks itself)."""
     from .scoring.blocks import BLOCK_CRITERIA, DATA_CRITERIA
 
@@ -47,7 +46,4 @@ def validate_depth(depth: DepthOptions | None, has_data: bool, target: str | Non
         raise UsageError(f"unknown `block_importance` {criterion!r}; choose from {', '.join(BLOCK_CRITERIA)}")
     if criterion in DATA_CRITERIA and not has_data:
         raise UsageError(f"`block_importance` {criterion} measures on data: give `data` FILE (or use weights)")
-    if target == "`target_speedup`":
-        raise UsageError(f"{target} and `depth`/`drop_blocks` do not combine yet: the speedup search times "
-                         "channel ratios only")
     return replace(depth, drop_blocks=drop, block_importance=criterion)

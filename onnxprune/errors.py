@@ -47,6 +47,10 @@ class PlanMismatch(UsageError):
     """A plan file does not fit the model it is applied to."""
 
 
+class BudgetUnreachable(UsageError):
+    """A MACs, params or speedup budget no ratio meets (blocked groups, `min_channels`, `round_to`, timings)."""
+
+
 class MissingDependency(UsageError):
     """An optional package the requested work needs is not installed."""
 

@@ -408,8 +408,7 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     widths = _default_allocation(widths, has_data, budget)
     widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
     data = validate_data(options.data)
-    depth = validate_depth(options.depth, has_data, options.target and options.target.option,
-                           options.widths.plan is not None)
+    depth = validate_depth(options.depth, has_data, options.widths.plan is not None)
     _check_rounds(options, has_data)
     _check_min_reduction(options.gate, structured or options.depth is not None)
     if options.output.renumber_cache and not options.analysis.allow_io_change:

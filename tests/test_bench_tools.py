@@ -1,6 +1,6 @@
 """The accuracy benchmarks' own logic: skipping without data, intervals, the targets' verdicts,
 and the text model's corpus split and perplexity (tools/bench_pretrained.py, tools/bench_quantized.py,
-tools/make_text_model.py)."""
+tools/make_text_model.py, tools/bench_depth.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
+from tools import bench_depth, bench_quantized
 from tools import bench_pretrained as bench
-from tools import bench_quantized
 from tools import make_text_model as text
 
 
@@ -122,3 +122,31 @@ def test_the_cost_table_gives_ratios_to_the_model_and_the_io_floor_and_fits_seco
     assert "| a | 1000 | 5.00 | 6.00 | 2384 | 2.50x | 2.00 | 2.50x | - | - |" in text
     assert "| b | 2000 | 9.00 | 9.00 | 3815 | 2.00x | 3.00 | 3.00x | 1.00 | 3.50 |" in text
     assert "4.0 s per GB of model" in text and "a: exit 1: boom" in text
+
+
+def test_the_depth_benchmarks_accuracy_part_skips_with_its_reason_when_the_photos_are_absent(tmp_path, capsys):
+    assert bench_depth.main(["--part", "accuracy", "--data-dir", str(tmp_path)]) == 0
+    assert "accuracy part skipped: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("valid,blocks,speedup,passed", [
+    (True, 3, 1.25, True),  # MACs fell 20%, latency 20%: 1.0x the MACs' fall
+    (True, 3, 1.2, False),  # latency fell 16.7% < 0.9 x 20%
+    (True, 2, 1.5, False),  # fewer than 3 blocks
+    (False, 3, 1.5, False),  # not valid or not the same IO
+    (True, 3, None, False),  # not timed
+])
+def test_the_point_6_verdict_compares_the_latency_fall_with_the_macs_fall(valid, blocks, speedup, passed):
+    verdict = bench_depth.point6_verdict(valid, blocks, 0.8, speedup)
+    assert verdict["pass"] is passed and verdict["macs_fall"] == pytest.approx(0.2)
+
+
+def test_the_depth_latency_table_gives_ratios_and_efficiency_against_the_base():
+    base = bench_depth.Row("m", "base", "b.onnx", macs=2e9, speedup={"cpu": {1: 1.0}}, median_ms={"cpu": {1: 10.0}})
+    depth = bench_depth.Row("m", "depth", "d.onnx", macs=1e9, blocks=4, speedup={"cpu": {1: 1.6}},
+                            median_ms={"cpu": {1: 6.25}})
+    failed = bench_depth.Row("m", "width", error="UsageError: no")
+    lines = bench_depth.latency_table([base, depth, failed], [1])
+    assert lines[0] == "| model | MACs | MACs ratio | blocks removed | channel ratio | bs1 ms | bs1 speedup | bs1 eff |"
+    assert lines[3] == "| depth | 1.00G | 2.00x | 4 | - | 6.2 | 1.60x | 0.80 |"
+    assert lines[4].startswith("| width | failed: UsageError: no |")

@@ -351,8 +351,6 @@ def test_drop_blocks_by_glob_with_structured(tmp_path, capsys):
     (["--depth", "0.5", "--block-importance", "removal"], "--block-importance removal measures on data: give --data"),
     (["--block-importance", "weights", "--structured", "0.2"], "--block-importance scores blocks for --depth R"),
     (["--depth", "0.3", "--plan-in", "plan.json"], "--plan-in and --depth/--drop-blocks are exclusive"),
-    (["--depth", "0.3", "--target-speedup", "1.5", "--provider", "cpu"],
-     "--target-speedup and --depth/--drop-blocks do not combine yet"),
 ])
 def test_depth_errors_are_one_line(tmp_path, capsys, args, message):
     path = _saved(tmp_path, resnet_like(3, projection=True))
@@ -570,8 +568,38 @@ def test_reconstruction_after_depth_and_channels(tmp_path, capsys):
     record = json.loads(report.read_text())
     assert record["depth"]["criterion"] == "influence" and len(record["depth"]["removed"]) == 1
     assert record["reconstruction"]["readers"] > 0
+    assert record["depth"]["reconstruction"]["readers"] > 0  # the depth cut's, refitted first
     assert record["macs_before"] == count_macs(model) > record["macs_after"]
     check_valid(model, onnx.load(tmp_path / "out.onnx"))
+
+
+def test_reconstruction_after_a_depth_cut_alone_refits_the_layers_after_it(tmp_path, capsys):
+    """--depth with --data and no channel cut: the first linear node after a removed block (through
+    its Relu) and every one after it are refitted to the original's outputs, whose names they keep;
+    kept because the output error falls on samples the fit did not see. The nodes before it stay.
+    The model records no intermediate shapes (as the legacy exporter's): the readers' ranks are inferred."""
+    model = resnet_like(4)
+    del model.graph.value_info[:]
+    path, data = _saved(tmp_path, model), _calibration(tmp_path, model, 16)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, _, err = run_main(capsys, path, "--depth", "0.5", "--drop-blocks", "block:0", "--data", data,
+                            "-o", out, "--report", report)
+    assert code == 0, err
+    record = json.loads(report.read_text())
+    recon = record["reconstruction"]
+    assert recon["readers"] > 0 and recon["kept"]
+    assert not [why for why in recon["skipped"].values() if "-D convolution" in why]
+    assert recon["held_out"]["output_error"]["after"] < recon["held_out"]["output_error"]["before"]
+    pruned = onnx.load(out)
+    check_valid(model, pruned)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stem = next(n for n in pruned.graph.node if n.name == "stem")
+    assert np.array_equal(numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == stem.input[1])),
+                          weights[stem.input[1]])  # before the first removed block: untouched
+    # without --data nothing is refitted
+    code, _, _ = run_main(capsys, path, "--drop-blocks", "block:0", "-o", tmp_path / "plain.onnx",
+                          "--report", tmp_path / "plain.json")
+    assert code == 0 and json.loads((tmp_path / "plain.json").read_text())["reconstruction"] is None
 
 
 def test_depth_on_a_model_without_blocks_warns_and_a_foreign_plan_is_refused(tmp_path, capsys):

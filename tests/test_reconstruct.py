@@ -243,7 +243,7 @@ def test_a_reconstruction_that_does_worse_on_samples_it_did_not_fit_is_discarded
     model = redundant_model()
     data = data_for(model, n=40)
 
-    def spoiled(original, pruned, removed, fit, batch_size=None, downstream=False):
+    def spoiled(original, pruned, removed, fit, batch_size=None, downstream=False, moved=frozenset()):
         bad = onnx.ModelProto()
         bad.CopyFrom(pruned)
         for t in bad.graph.initializer:  # every weight scaled: far from the original's outputs

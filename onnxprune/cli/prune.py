@@ -145,7 +145,8 @@ def _depth_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=_ratio, metavar="R",
                    help="remove the fraction R of the removable residual blocks (ResNet/MobileNet/ConvNeXt blocks, "
                         "pre-norm attention and MLP sub-blocks, post-norm transformer layers), the least important "
-                        "first; combines with --structured (the channels are pruned after)")
+                        "first; combines with --structured and the budgets --target-macs/-params/-speedup (the "
+                        "channels are pruned after)")
     g.add_argument("--drop-blocks", metavar="GLOB[,GLOB...]",
                    help="remove these blocks (ids as 'onnxprune info' lists them: module paths, or block:N)")
     g.add_argument("--block-importance", choices=BLOCK_CRITERIA, metavar="NAME",

@@ -21,6 +21,7 @@ from ..analysis.stats import barrier_macs, count_macs, count_params, held_macs, 
 from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
+from ..graph.shapes import refresh_value_info
 from ..metrics import Reference
 from ..model.inputs import declared_dim, resolve_with_choices
 from ..options import PruneOptions
@@ -124,8 +125,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
                                                                              reference, options)
                     stage_done("compensate")
                 if reconstruct:
-                    pruned, report.reconstruction = _reconstructed(model, cut, calib, reference, options,
-                                                                   measured_cut)
+                    pruned, report.reconstruction = _reconstructed(model, cut.model, cut.removed, calib, reference,
+                                                                   options, measured_cut=measured_cut)
                     stage_done("reconstruct")
             report.add_warnings(caught)
     report.seconds = time.perf_counter() - started
@@ -203,23 +204,41 @@ def _heads_kept(group, kept) -> tuple[int, int]:
     return len(owned) // per_head, sum(1 for o in owned if int(o) in kept_set) // per_head
 
 
-def _reconstructed(model, cut: steps.Cut, calib: Dataset, reference: Reference, options: PruneOptions,
+def reconstruct_depth(model: onnx.ModelProto, pruned: onnx.ModelProto, moved: frozenset[str],
+                      options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
+    """After a depth cut alone (pipeline/depth.py): every linear node from the first reader of a
+    ``moved`` tensor on (a removed block's input, which its output's readers now read) refitted to
+    ``model``'s outputs, which keep their names; kept only if the held-out check says so, as after
+    a channel cut. ``options``: validated, with data."""
+    data = options.data
+    calib = data.data.sample(data.calib_samples, options.seed)
+    reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size)
+    # the readers' ranks come from the recorded shapes, which the channel cut refreshes and the depth
+    # cut only trims (an export without them, as the legacy exporter's, would leave every conv unknown)
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(pruned)
+    return _reconstructed(model, refresh_value_info(shaped), {}, calib, reference, options, moved)
+
+
+def _reconstructed(model, cut_model: onnx.ModelProto, removed: dict, calib: Dataset, reference: Reference,
+                   options: PruneOptions, moved: frozenset[str] = frozenset(),
                    measured_cut=None) -> tuple[onnx.ModelProto, dict]:
     """The cut model with its readers refitted (recovery/reconstruct.py) if that brings the
     model's outputs closer to the original's on samples the fit did not see; and what it did.
-    ``measured_cut``: ``reference.measure(cut.model)`` where it was measured already."""
+    ``measured_cut``: ``reference.measure(cut_model)`` where it was measured already."""
     fit, check = _fit_and_check(calib, options.seed)
-    refitted, done = reconstruct(model, cut.model, cut.removed, fit, options.data.batch_size, downstream=True)
+    refitted, done = reconstruct(model, cut_model, removed, fit, options.data.batch_size, downstream=True,
+                                 moved=moved)
     found = done.to_json()
     judge = _judge(model, check, options.data.batch_size) if done.readers else None
     if judge is not None:
-        held = {"before": judge.measure(cut.model).output_error, "after": judge.measure(refitted).output_error}
+        held = {"before": judge.measure(cut_model).output_error, "after": judge.measure(refitted).output_error}
         found["held_out"] = {"samples": len(check), "output_error": held}
         found["kept"] = held["after"] < held["before"]
     else:
         found["kept"] = bool(done.readers)
-    result = refitted if found["kept"] else cut.model
-    before, after = measured_cut or reference.measure(cut.model), reference.measure(refitted)
+    result = refitted if found["kept"] else cut_model
+    before, after = measured_cut or reference.measure(cut_model), reference.measure(refitted)
     return result, {**found, "output_error": {"before": before.output_error, "after": after.output_error},
                     "agreement": {"before": before.agreement, "after": after.agreement}}
 

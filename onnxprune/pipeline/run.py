@@ -44,7 +44,7 @@ from ..scoring.criteria import needs_gradients
 from . import steps
 from .budget_depth import depth_for_budget
 from .depth import DepthResult, prune_depth, record_depth, rest_of_budget
-from .prune import PruneResult, declared_shapes, unpruned
+from .prune import PruneResult, declared_shapes, reconstruct_depth, unpruned
 from .quantize import CALIBRATION_SAMPLES, quantize, refuse_quantized
 from .reduction import require_reduction
 from .rounds import prune_rounds
@@ -86,10 +86,8 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     depth = prune_depth(model, options) if options.depth is not None or _planned_blocks(options) else None
     if depth is not None:
         stage_done("depth")
-    if depth is not None and budget is not None:  # the channels meet what the removed blocks left of it
-        if depth.removed and options.data.data is not None and options.depth is not None and options.depth.depth:
-            depth = depth_for_budget(model, options, budget, depth)  # how many of the blocks: by output error
-        options = replace(options, target=rest_of_budget(budget, depth))
+    if depth is not None and budget is not None:  # the channels meet what the removed blocks leave of it
+        depth, searched, options = _budget_with_depth(model, input_path, depth, budget, options)
     if options.target is not None and options.widths.allocate != "sensitivity":
         with muted_stages():  # its candidates' stages: one line for the whole search
             searched = find_ratio(depth.model if depth is not None else model, options.target,
@@ -177,6 +175,11 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
     if depth is not None and options.gate is not None:  # the whole run's reduction is checked, below
         options = replace(options, gate=replace(options.gate, min_reduction=None))
     removed_io = depth.changes if depth is not None else []
+    refitted = None  # the depth cut's reconstruction
+    if depth is not None and depth.removed and not removed_io and options.data.data is not None \
+            and options.data.reconstruct is not False:  # the layers after the removed blocks, refitted
+        source, refitted = reconstruct_depth(model, source, frozenset(b.input for b in depth.removed), options)
+        stage_done("reconstruct")
     if channels:
         if removed_io and options.data.data is not None:  # the data as the model without the cache takes it
             options = replace(options, data=replace(options.data,
@@ -184,8 +187,11 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         result = prune_rounds(source, options, teacher=model)
         if removed_io and result.model is not source:  # the channel cut recorded its changes relative to source
             iochange.record(result.model, iochange.compose(removed_io, iochange.read(result.model)))
+        if refitted is not None:  # the channel cut's own reconstruction is the report's
+            depth.record = {**depth.record, "reconstruction": refitted}
     else:
         result = unpruned(source, options.analysis.input_shapes)
+        result.report.reconstruction = refitted
         if depth is not None and options.training is not None and depth.removed:
             result.model, trained = train(result.model, model, options.data.data, options.training)
             result.report.training = trained.to_json()
@@ -206,6 +212,29 @@ def _renumbered(result: PruneResult, model: onnx.ModelProto) -> PruneResult:
     if any(c.is_rename for c in iochange.read(renamed)):  # the run's record starts empty: these are its own
         result.report.io_changes = iochange.describe(iochange.read(renamed), declared_shapes(model))
     return PruneResult(renamed, result.plan, result.report)
+
+
+def _budget_with_depth(model: onnx.ModelProto, input_path: Path, depth: DepthResult, budget, options: PruneOptions):
+    """The depth step's share of ``budget`` and what the channels are left to meet: (depth, the speedup
+    search already done or None, options). With `depth` R, data or a speedup budget, how many of the
+    blocks go is chosen by what each share measures (pipeline/budget_depth.py); else all of them go.
+    A MACs or params budget leaves its rest as the target (searched or allocated as any); a speedup
+    is measured against the input, so its search sets the ratio (0: the blocks alone met it)."""
+    searched = None
+    shares = depth.removed and options.depth is not None and options.depth.depth \
+        and (options.data.data is not None or budget.metric == "speedup")
+    if shares:
+        with muted_stages():  # every share's prunes and timings: one line
+            depth, searched = depth_for_budget(model, options, budget, depth, input_path)
+        stage_done("search")
+    if budget.metric != "speedup":
+        return depth, None, replace(options, target=rest_of_budget(budget, depth))
+    if searched is None:  # the blocks named (or none removable): the channels meet the speedup on what is left
+        with muted_stages():
+            searched = find_ratio(depth.model, budget, input_path, options, base=model if depth.removed else None)
+        stage_done("search")
+    ratio = searched.ratio or None  # 0: no channel is cut
+    return depth, searched, replace(options, target=None, widths=replace(options.widths, ratio=ratio))
 
 
 def _planned_blocks(options: PruneOptions) -> bool:

@@ -17,6 +17,11 @@ channels, multiples of --round-to), so no ratio in between does better.
 Latency is not monotone to the last percent (timings are noisy), so the
 speedup search measures at most ``max_evaluations`` candidates; candidates
 with the same channel widths as one already timed are not timed again.
+
+A speedup is always the input model's latency over the candidate's. After a
+depth cut (pipeline/depth.py) the model searched is not that input (``base``):
+its ratio 0 is timed first, and where the removed blocks alone meet the
+target, no channel is cut.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import UsageError
+from ..errors import BudgetUnreachable, UsageError
 from ..model.save import AtomicModelWriter
 from ..options import PruneOptions, Target
 from .prune import prune_model
@@ -63,12 +68,13 @@ class TargetResult:
 
 
 def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | None = None,
-               options: PruneOptions | None = None) -> TargetResult:
+               options: PruneOptions | None = None, base: onnx.ModelProto | None = None) -> TargetResult:
     """The smallest uniform ratio whose pruned model meets ``target``, with ``options`` (validated,
     their data loaded) as for any prune; their own target and ratio are not used.
 
-    ``base_path`` (the model's file) is what a speedup target times against;
-    without it the model is written to a temporary folder first.
+    ``base_path`` (the file of the model the speedup is measured against) is what a speedup target
+    times against; without it that model is written to a temporary folder first. It is ``model``
+    itself, or ``base`` where ``model`` is already a cut of it (the blocks a depth step removed).
     """
     target.check()
     started = time.perf_counter()
@@ -77,8 +83,9 @@ def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | N
     options = replace(options, target=None, data=replace(options.data, compensate=False, reconstruct=False))
     with tempfile.TemporaryDirectory(prefix="onnxprune-target-") as tmp:
         if target.metric == "speedup":
-            probe = _SpeedupProbe(model, target, Path(tmp), base_path, options)
-            result = _bisect(target, probe, MAX_SPEEDUP_RATIO, SPEEDUP_RESOLUTION, target.max_evaluations)
+            probe = _SpeedupProbe(model, target, Path(tmp), base_path, options, base)
+            at_zero = probe(0.0) if base is not None else None  # what the depth cut alone achieved
+            result = _bisect(target, probe, MAX_SPEEDUP_RATIO, SPEEDUP_RESOLUTION, target.max_evaluations, at_zero)
             result.provider, result.batch = probe.provider, probe.batch
         else:
             result = _bisect(target, _CountProbe(model, target, options), MAX_RATIO, RESOLUTION, None)
@@ -94,14 +101,18 @@ def _meets(target: Target, achieved: float) -> bool:
     return achieved >= target.value if target.metric == "speedup" else achieved <= target.value
 
 
-def _bisect(target: Target, probe, high: float, resolution: float, budget: int | None) -> TargetResult:
-    result = TargetResult(target.metric, target.value, 0.0, 1.0, resolution)
-    if _meets(target, 1.0):  # the unpruned model already meets it
+def _bisect(target: Target, probe, high: float, resolution: float, budget: int | None,
+            at_zero: Evaluation | None = None) -> TargetResult:
+    """``at_zero``: ratio 0 measured (a model already cut), else it achieves 1.0 (the input itself)."""
+    result = TargetResult(target.metric, target.value, 0.0, 1.0 if at_zero is None else at_zero.achieved, resolution)
+    if at_zero is not None:
+        result.evaluations.append(at_zero)
+    if _meets(target, result.achieved):  # the model as it is already meets it
         return result
     at_high = probe(high)
     result.evaluations.append(at_high)
     if not _meets(target, at_high.achieved):
-        raise UsageError(_unreachable(target, at_high))
+        raise BudgetUnreachable(_unreachable(target, at_high))
     low, best = 0.0, at_high
     while high - low > resolution and (budget is None or probe.runs < budget):
         mid = (low + high) / 2
@@ -148,14 +159,14 @@ class _CountProbe:
 class _SpeedupProbe:
     """Measured speedup at a ratio: prune in memory, write, time base vs candidate interleaved."""
 
-    def __init__(self, model, target: Target, folder: Path, base_path, options: PruneOptions):
+    def __init__(self, model, target: Target, folder: Path, base_path, options: PruneOptions, base=None):
         self.model, self.folder, self.options = model, folder, options
         self.latency = target.latency
         self.provider = self.latency.check()
         self.batch = self.latency.batches[0]
         if base_path is None:
             base_path = folder / "base.onnx"
-            _write(model, base_path)
+            _write(model if base is None else base, base_path)
         self.base_path = Path(base_path)
         self.runs = 0  # evaluations that did the work (cached ones excluded)
         self.measured = None  # scores and statistics: measured by the first prune, reused by the rest

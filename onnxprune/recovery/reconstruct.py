@@ -68,13 +68,20 @@ class Reader:
 
 
 def readers(pruned: onnx.ModelProto, removed: dict[tuple[str, int], np.ndarray],
-            downstream: bool = False) -> tuple[list[Reader], dict]:
+            downstream: bool = False, moved: frozenset[str] = frozenset()) -> tuple[list[Reader], dict]:
     """The nodes of ``pruned`` that sum over removed channels, in graph order; and those skipped, with why.
 
     ``removed``: (tensor, axis) -> positions the cut removed there (of the original's extent).
     ``downstream``: also every linear node after the first of them (their inputs moved too).
+    ``moved``: tensors whose readers read something else than in the original, every channel kept
+    (a removed block's input, which its output's readers now read: cut/depth.py); the first linear
+    node they reach, through any others, is a reader (with ``downstream``, every one after it too).
     """
     weights = {t.name for t in pruned.graph.initializer}
+    moved = set(moved)
+    for node in pruned.graph.node if moved else ():  # graph order is topological: one pass reaches them all
+        if any(name in moved for name in node.input):
+            moved.update(node.output)
     ranks, dims = _ranks(pruned), _dims(pruned)
     found, skipped = [], {}
     for node in pruned.graph.node:
@@ -86,7 +93,7 @@ def readers(pruned: onnx.ModelProto, removed: dict[tuple[str, int], np.ndarray],
         slot = entry.operands.get(0)
         axis = slot.reduces(attrs, ranks.get(data, 0)) if slot is not None and slot.reduces else None
         cut_input = axis is not None and len(removed.get((data, axis), ())) > 0
-        if not cut_input and not (downstream and (found or skipped)):
+        if not cut_input and data not in moved and not (downstream and (found or skipped)):
             continue
         if _depthwise(node, attrs, ranks) and cut_input:
             continue  # a removed channel takes its own outputs with it: nothing to refit
@@ -149,14 +156,16 @@ def _ranks(model: onnx.ModelProto) -> dict:
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, removed: dict, data: Dataset,
                 batch_size: int | None = None, damping: float = DAMPING,
-                downstream: bool = False) -> tuple[onnx.ModelProto, Reconstruction]:
-    """``pruned`` with its readers refitted to ``original``'s outputs on ``data``; neither input is modified."""
+                downstream: bool = False, moved: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto,
+                                                                                         Reconstruction]:
+    """``pruned`` with its readers refitted to ``original``'s outputs on ``data``; neither input is
+    modified. ``moved``: see ``readers``."""
     torch = require("torch", "reconstruction", "'onnxprune[torch]'")
     from ..executor.module import TorchGraph
     from ..executor.walk import Walk
 
     started = time.perf_counter()
-    found, skipped = readers(pruned, removed, downstream)
+    found, skipped = readers(pruned, removed, downstream, moved)
     done = Reconstruction(skipped=skipped)
     if not found:
         return pruned, done

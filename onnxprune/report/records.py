@@ -316,7 +316,25 @@ def _depth_lines(depth: dict, verbose: bool) -> list[str]:
     if unfit:
         lines.append(f"  not removable: {unfit[0]['id']}: {unfit[0]['reason']}"
                      + (f" (and {len(unfit) - 1} more)" if len(unfit) > 1 else ""))
+    if depth.get("budget"):
+        lines.append(_budget_line(depth["budget"]))
     return lines
+
+
+def _budget_line(budget: dict) -> str:
+    """The shares of a budget between depth and width (pipeline/budget_depth.py), on one line."""
+    def share(t: dict) -> str:
+        if t["ratio"] is None:
+            return f"{t['blocks']} block(s) + channels: not met"
+        measured = [f"{t['macs']:.3f} MACs" if t.get("macs") is not None else None,
+                    f"{t['speedup']:.2f}x" if t.get("speedup") is not None else None,
+                    f"error {t['output_error']:.3g}" if t.get("output_error") is not None else None]
+        return f"{t['blocks']} block(s) + ratio {t['ratio']:.3f} ({', '.join(m for m in measured if m)})"
+
+    how = {"output_error": "least output error", "macs_kept": "most MACs kept"}.get(budget.get("chosen_by"),
+                                                                                      "least output error")
+    return (f"  budget  blocks + channels tried: {'; '.join(share(t) for t in budget['tried'])}; "
+            f"{budget['blocks']} block(s) taken ({how})")
 
 
 def _training_lines(t: dict) -> list[str]:
