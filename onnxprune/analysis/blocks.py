@@ -17,6 +17,9 @@ such sub-blocks in a row, ``LN(h + G(h))`` after ``h = LN(x + F(x))``, are one
 transformer layer, and that layer, both LayerNorms included, is the unit: it
 becomes the identity.
 
+A pre-norm sum fused into a Skip*Norm node (onnxruntime-genai's builder,
+onnxruntime's optimizer) holds sub-blocks of its own: analysis/skipblocks.py.
+
 A candidate that is not safely removable is kept with its reason: the branch
 changes the shape, one of its tensors is read outside it or is a graph
 output (a KV cache), it holds a subgraph.
@@ -55,6 +58,10 @@ class Block:
     # reads, but for Shape nodes (their shapes), removed with it
     io_outputs: list[str] = field(default_factory=list)
     io_inputs: dict[str, list | None] = field(default_factory=dict)
+    # a sub-block whose sum is fused (analysis/skipblocks.py): the first output of the Skip*Norm node
+    # its result enters, which the cut turns into the plain norm of ``input`` (cut/skipnorm.py)
+    skip_norm: str | None = None
+    branch_output: str | None = None  # its result F, that node's operand
 
     @property
     def removable(self) -> bool:
@@ -120,7 +127,9 @@ def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_chang
         if not sums.intersection(branch.branch):
             found.append(branch)
             sums.add(i)
-    blocks = _pair_post_norm(graph, found)
+    from .skipblocks import find_skip_blocks  # it builds on this module's helpers
+
+    blocks = _pair_post_norm(graph, found + find_skip_blocks(graph))
     paths = module_paths(model)
     paths.update({n.name: p for n in model.graph.node if n.name not in paths and (p := scoped_name_path(n.name))})
     for block in blocks:
@@ -144,6 +153,7 @@ class _Found:
     norm: int | None = None  # the LayerNormalization that reads the sum (post-norm)
     reason: str | None = None
     writer: str | None = None  # the weight of the branch's last node that has one
+    skip: bool = False  # ``add`` is the Skip*Norm node the branch enters (analysis/skipblocks.py)
 
 
 def _branch(graph: _Graph, add: int, shapes: dict[str, tuple]) -> _Found | None:
@@ -285,6 +295,12 @@ def _block(graph: _Graph, kind: str, x: str, y: str, nodes: list[int], reason: s
 
 
 def _residual(graph: _Graph, item: _Found) -> Block:
+    if item.skip:  # the Skip*Norm node stays, rewritten: its sum (or, with none, its norm) stands for y
+        node = graph.node(item.add)
+        y = node.output[3] if len(node.output) > 3 and node.output[3] else node.output[0]
+        block = _block(graph, RESIDUAL, item.x, y, item.branch, item.reason, (item,))
+        block.skip_norm, block.branch_output = node.output[0], item.f
+        return block
     return _block(graph, RESIDUAL, item.x, graph.node(item.add).output[0], [*item.branch, item.add], item.reason,
                   (item,))
 
@@ -324,7 +340,8 @@ def _leak(graph: _Graph, block: Block, shapes: dict[str, tuple], allow_io_change
                 continue
             if name in graph.outputs:
                 returned.append(name)
-            outside = [j for j in graph.consumers.get(name, ()) if j not in inside]
+            outside = [j for j in graph.consumers.get(name, ()) if j not in inside
+                       and not (name == block.branch_output and graph.node(j).output[0] == block.skip_norm)]
             if outside:
                 reader = graph.node(outside[0])
                 return f"its tensor {name} is also read by {reader.op_type} {reader.name or '(unnamed)'}"
