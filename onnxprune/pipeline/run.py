@@ -185,7 +185,9 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         if removed_io and result.model is not source:  # the channel cut recorded its changes relative to source
             iochange.record(result.model, iochange.compose(removed_io, iochange.read(result.model)))
     else:
-        result = unpruned(source, options.analysis.input_shapes)
+        # the shapes pinned for a removed layer's cache go with it (the model no longer takes it)
+        pinned = options.analysis.input_shapes
+        result = unpruned(source, iochange.shrink_shapes(pinned, removed_io) if pinned and removed_io else pinned)
         if depth is not None and options.training is not None and depth.removed:
             result.model, trained = train(result.model, model, options.data.data, options.training)
             result.report.training = trained.to_json()
