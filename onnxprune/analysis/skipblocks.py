@@ -20,7 +20,7 @@ and ``r_k+1 = r_k``. Found from the graph alone, no names.
 
 from __future__ import annotations
 
-from .blocks import _between, _Found, _Graph, _subgraph_problem
+from .branches import _between, _Found, _Graph, _subgraph_problem
 
 MS = "com.microsoft"
 SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
