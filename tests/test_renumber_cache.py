@@ -304,8 +304,8 @@ def test_gpt2_heads_and_a_layer_renumbered_equal_the_plain_cut(tmp_path, capsys,
 
 def _without_layer(model: onnx.ModelProto, layer: int) -> onnx.ModelProto:
     """The builder's graph with one decoder layer cut out as a depth cut leaves it (the cache of the
-    others keeps its names). The builder fuses each residual sum into SkipSimplifiedLayerNormalization,
-    which onnxprune's block finder does not take apart yet, so the cut is made here: the next layer's
+    others keeps its names), made here by a graph edit so that the renaming is tested apart from the block
+    finder (tests/test_skip_depth.py cuts it with --drop-blocks): the next layer's
     input norm reads what this layer's input norm read (its MLP output and residual), and what only the
     layer computed goes, its cache inputs and outputs with it."""
     graph = model.graph

@@ -17,6 +17,9 @@ such sub-blocks in a row, ``LN(h + G(h))`` after ``h = LN(x + F(x))``, are one
 transformer layer, and that layer, both LayerNorms included, is the unit: it
 becomes the identity.
 
+A pre-norm sum fused into a Skip*Norm node (onnxruntime-genai's builder,
+onnxruntime's optimizer) holds sub-blocks of its own: analysis/skipblocks.py.
+
 A candidate that is not safely removable is kept with its reason: the branch
 changes the shape, one of its tensors is read outside it or is a graph
 output (a KV cache), it holds a subgraph.
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..graph.names import module_paths, scoped_name_path
+from .branches import _between, _Found, _Graph, _subgraph_problem
+from .skipblocks import find_skip_blocks
 from .stats import macs_by_output
 
 RESIDUAL = "residual"  # y = x + F(x): F goes, y = x
@@ -55,6 +60,10 @@ class Block:
     # reads, but for Shape nodes (their shapes), removed with it
     io_outputs: list[str] = field(default_factory=list)
     io_inputs: dict[str, list | None] = field(default_factory=dict)
+    # a sub-block whose sum is fused (analysis/skipblocks.py): the first output of the Skip*Norm node
+    # its result enters, which the cut turns into the plain norm of ``input`` (cut/skipnorm.py)
+    skip_norm: str | None = None
+    branch_output: str | None = None  # its result F, that node's operand
 
     @property
     def removable(self) -> bool:
@@ -65,38 +74,6 @@ class Block:
                 "nodes": len(self.nodes), "macs": self.macs, "params": self.params,
                 **({"reason": self.reason} if self.reason else {}),
                 **({"io_removed": [*self.io_inputs, *self.io_outputs]} if self.io_outputs else {})}
-
-
-@dataclass
-class _Graph:
-    """Producers and consumers of a model's main graph, by node index (nodes are in topological order)."""
-
-    model: onnx.ModelProto
-    producer: dict[str, int]
-    consumers: dict[str, list[int]]
-    constants: set[str]
-    matrices: set[str]  # initializers of rank 2 or more: weights
-    outputs: set[str]
-    inputs: set[str]
-
-    @classmethod
-    def of(cls, model: onnx.ModelProto) -> _Graph:
-        producer, consumers = {}, {}
-        constants = {t.name for t in model.graph.initializer}
-        for i, node in enumerate(model.graph.node):
-            for name in node.output:
-                producer[name] = i
-            if node.op_type == "Constant":
-                constants.update(node.output)
-            for name in dict.fromkeys(node.input):
-                if name:
-                    consumers.setdefault(name, []).append(i)
-        matrices = {t.name for t in model.graph.initializer if len(t.dims) >= 2}
-        return cls(model, producer, consumers, constants, matrices, {o.name for o in model.graph.output},
-                   {i.name for i in model.graph.input})
-
-    def node(self, i: int) -> onnx.NodeProto:
-        return self.model.graph.node[i]
 
 
 def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_change: bool = False) -> list[Block]:
@@ -120,7 +97,7 @@ def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_chang
         if not sums.intersection(branch.branch):
             found.append(branch)
             sums.add(i)
-    blocks = _pair_post_norm(graph, found)
+    blocks = _pair_post_norm(graph, found + find_skip_blocks(graph))
     paths = module_paths(model)
     paths.update({n.name: p for n in model.graph.node if n.name not in paths and (p := scoped_name_path(n.name))})
     for block in blocks:
@@ -133,17 +110,6 @@ def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_chang
             block.reason = _shape_problem(shapes, block) or _leak(graph, block, shapes, allow_io_change)
     _name(blocks, paths)
     return blocks
-
-
-@dataclass
-class _Found:
-    add: int  # the residual Add's node index
-    x: str
-    f: str
-    branch: list[int]  # node indices of F, in graph order
-    norm: int | None = None  # the LayerNormalization that reads the sum (post-norm)
-    reason: str | None = None
-    writer: str | None = None  # the weight of the branch's last node that has one
 
 
 def _branch(graph: _Graph, add: int, shapes: dict[str, tuple]) -> _Found | None:
@@ -195,45 +161,6 @@ def _projection(graph: _Graph, add: int) -> _Found | None:
     return None
 
 
-SHAPE_OPS = ("Shape", "Size")  # read only x's shape, which removing the block leaves as it is
-
-
-def _between(graph: _Graph, x: str, last: int, add: int) -> list[int]:
-    """Nodes that descend from tensor ``x`` and lead to node ``last`` (ending there), all before
-    ``add``; empty when ``last`` does not descend from ``x``. What descends from x's shape alone
-    is not the branch's: it reads x's shape, the same once the block is gone (the legacy
-    exporter builds the attention mask of every layer from the first layer's input shape)."""
-    descends, frontier = set(), [x]
-    while frontier:
-        for i in graph.consumers.get(frontier.pop(), ()):
-            if i < add and i not in descends and graph.node(i).op_type not in SHAPE_OPS:
-                descends.add(i)
-                frontier.extend(graph.node(i).output)
-    if last not in descends:
-        return []
-    leads, stack = {last}, [last]
-    while stack:
-        for name in graph.node(stack.pop()).input:
-            j = graph.producer.get(name)
-            if j is not None and j in descends and j not in leads:
-                leads.add(j)
-                stack.append(j)
-    return sorted(leads | _readers_within(graph, leads, add))
-
-
-def _readers_within(graph: _Graph, nodes: set[int], add: int) -> set[int]:
-    """Nodes before ``add`` that read the tensors of ``nodes`` (and so on): the shape arithmetic a
-    branch does on its own tensors (Shape -> Gather -> Concat -> Reshape) goes with it. Whether
-    one of them is read beyond the block is the leak check's to say."""
-    found, frontier = set(), [t for i in nodes for t in graph.node(i).output]
-    while frontier:
-        for j in graph.consumers.get(frontier.pop(), ()):
-            if j < add and j not in nodes and j not in found:
-                found.add(j)
-                frontier.extend(graph.node(j).output)
-    return found
-
-
 def _norm_after(graph: _Graph, y: str) -> int | None:
     """The LayerNormalization that alone reads the sum ``y`` (a post-norm sub-block), if any."""
     readers = graph.consumers.get(y, [])
@@ -249,13 +176,6 @@ def _normalised(graph: _Graph, x: str) -> bool:
     each sub-block's); a pre-norm stream is a sum, whose last one alone feeds the final LayerNorm."""
     i = graph.producer.get(x)
     return i is not None and graph.node(i).op_type == "LayerNormalization"
-
-
-def _subgraph_problem(graph: _Graph, nodes: list[int]) -> str | None:
-    for i in nodes:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in graph.node(i).attribute):
-            return f"holds a subgraph ({graph.node(i).op_type} {graph.node(i).name})"
-    return None
 
 
 def _pair_post_norm(graph: _Graph, found: list[_Found]) -> list[Block]:
@@ -285,6 +205,12 @@ def _block(graph: _Graph, kind: str, x: str, y: str, nodes: list[int], reason: s
 
 
 def _residual(graph: _Graph, item: _Found) -> Block:
+    if item.skip:  # the Skip*Norm node stays, rewritten: its sum (or, with none, its norm) stands for y
+        node = graph.node(item.add)
+        y = node.output[3] if len(node.output) > 3 and node.output[3] else node.output[0]
+        block = _block(graph, RESIDUAL, item.x, y, item.branch, item.reason, (item,))
+        block.skip_norm, block.branch_output = node.output[0], item.f
+        return block
     return _block(graph, RESIDUAL, item.x, graph.node(item.add).output[0], [*item.branch, item.add], item.reason,
                   (item,))
 
@@ -324,7 +250,8 @@ def _leak(graph: _Graph, block: Block, shapes: dict[str, tuple], allow_io_change
                 continue
             if name in graph.outputs:
                 returned.append(name)
-            outside = [j for j in graph.consumers.get(name, ()) if j not in inside]
+            outside = [j for j in graph.consumers.get(name, ()) if j not in inside
+                       and not (name == block.branch_output and graph.node(j).output[0] == block.skip_norm)]
             if outside:
                 reader = graph.node(outside[0])
                 return f"its tensor {name} is also read by {reader.op_type} {reader.name or '(unnamed)'}"

@@ -4,7 +4,9 @@ The block's nodes go; so do the nodes and initializers that only they used
 (a Constant, a shape computation, a weight), and the shapes recorded for the
 tensors that are gone. Every other tensor keeps its name and shape: a block
 is removable only where its input and output have one shape. Where the
-block's output is a graph output, an Identity keeps that name.
+block's output is a graph output, an Identity keeps that name. A sub-block
+whose sum was fused into a Skip*Norm node leaves that node as the plain
+norm of its stream (cut/skipnorm.py).
 
 A decoder's attention block found under ``allow_io_change`` takes its KV
 cache with it: the graph outputs it wrote and the graph inputs only it read
@@ -21,6 +23,7 @@ from onnx import helper
 from ..analysis.blocks import Block
 from . import iochange
 from .renumber import cache_template
+from .skipnorm import unskip
 
 
 def remove_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProto:
@@ -33,12 +36,23 @@ def remove_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProt
     graph = pruned.graph
     renamed: dict[str, str] = {}  # a removed block's output -> the tensor that stands for it now
     gone: set[str] = set()  # first outputs of the removed nodes
+    unskipped: dict[str, str] = {}  # a Skip*Norm node a removed branch entered (its first output) -> its stream
     for block in sorted(blocks, key=lambda b: -len(b.nodes)):  # a block inside a removed one goes with it
         if block.output in gone:
             continue
         gone.update(block.nodes)
-        renamed[block.output] = block.input
-    keep = [n for n in graph.node if not (n.output and n.output[0] in gone)]
+        if block.skip_norm is not None:
+            unskipped[block.skip_norm] = block.input
+        else:
+            renamed[block.output] = block.input
+    keep = []
+    for node in graph.node:
+        if node.output and node.output[0] in unskipped:
+            nodes, sums = unskip(node, unskipped[node.output[0]])
+            keep += nodes
+            renamed.update(sums)
+        elif not (node.output and node.output[0] in gone):
+            keep.append(node)
     resolved = {name: _resolve(name, renamed) for name in renamed}
     for node in keep:
         for i, name in enumerate(node.input):

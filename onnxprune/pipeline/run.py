@@ -190,7 +190,9 @@ def _prune(model: onnx.ModelProto, depth: DepthResult | None, options: PruneOpti
         if refitted is not None:  # the channel cut's own reconstruction is the report's
             depth.record = {**depth.record, "reconstruction": refitted}
     else:
-        result = unpruned(source, options.analysis.input_shapes)
+        # the shapes pinned for a removed layer's cache go with it (the model no longer takes it)
+        pinned = options.analysis.input_shapes
+        result = unpruned(source, iochange.shrink_shapes(pinned, removed_io) if pinned and removed_io else pinned)
         result.report.reconstruction = refitted
         if depth is not None and options.training is not None and depth.removed:
             result.model, trained = train(result.model, model, options.data.data, options.training)
