@@ -36,6 +36,7 @@ from graphs import (
 )
 
 TOL = 1e-5  # relative to the outputs' scale (measured: 0 on every graph here)
+DEEP_QDQ_TOL = 0.05  # a quantized ResNet-18 (test_quantized_resnet18_mask_equivalence says why)
 
 
 def run_unfused(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -526,8 +527,13 @@ def test_quantized_resnet18_mask_equivalence(resnet18_quantized):
     assert len(analysis.prunable) == 12
     result = onnxprune.prune(model, 0.4)
     feeds = make_feeds(model)
+    # Not TOL: the masked reference's convolutions sum over more input channels (the zeroed ones),
+    # so their float sums are blocked differently; a last-bit difference moves a value across a
+    # QuantizeLinear rounding step, and 18 quantized layers carry such steps on. Measured on this
+    # project's AVX2 EPYC: 0.0323 relative on the logits, at any optimisation level, on main as it
+    # was before too. The small graphs' tests above check the cut at TOL.
     assert_close(run_unfused(quantized_masked_reference(model, analysis, result.plan), feeds),
-                 run_unfused(result.model, feeds), TOL)
+                 run_unfused(result.model, feeds), DEEP_QDQ_TOL)
 
 
 # --- prune, then quantize: --quantize ------------------------------------------------------------

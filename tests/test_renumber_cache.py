@@ -349,7 +349,8 @@ def test_genai_folder_without_a_middle_layer_renumbered_loads_and_generates(tmp_
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the test/genai extra)")
     transformers = pytest.importorskip("transformers", reason="transformers builds the tiny model")
     import torch
-    from test_configs import _tokenizer
+
+    from tools.bench_genai import tiny_tokenizer
 
     layers = 4
     torch.manual_seed(0)
@@ -357,7 +358,7 @@ def test_genai_folder_without_a_middle_layer_renumbered_loads_and_generates(tmp_
                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
-    _tokenizer(transformers).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer(transformers).save_pretrained(tmp_path / "hf")
     built = tmp_path / "built"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "hf"),
                     "-o", str(built), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")],

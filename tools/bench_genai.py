@@ -33,7 +33,7 @@ LAYERS, HEADS, KV_HEADS = 2, 4, 2
 MODES = {"MLP only": ["--head-ratio", "0"], "default": [], "--prune-kv-groups": ["--prune-kv-groups"]}
 
 
-def _tokenizer(transformers):
+def tiny_tokenizer(transformers):
     """A word-level tokenizer trained on a few words: offline, and enough for the builder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -55,7 +55,7 @@ def build_folder(work: Path, precision: str, hidden: int) -> Path:
                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                       num_key_value_heads=KV_HEADS, max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained(work / "hf")
-    _tokenizer(transformers).save_pretrained(work / "hf")  # the builder copies it beside the model
+    tiny_tokenizer(transformers).save_pretrained(work / "hf")  # the builder copies it beside the model
     built = work / "in"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"),
                     "-o", str(built), "-p", precision, "-e", "cpu", "-c", str(work / "cache")],
