@@ -160,13 +160,9 @@ def check_apart(structure: onnx.ModelProto, weights, full_check: bool = False) -
     for t in weights:
         onnx.checker.check_tensor(t)
         declared.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    light = weights_as_inputs(structure)  # stand-ins and external tensors become inputs as well
+    light = weights_as_inputs(structure)  # light_copy's stand-ins (external tensors among them) as inputs
     listed = {i.name for i in light.graph.input}
     light.graph.input.extend(v for v in declared if v.name not in listed)
-    names = {v.name for v in declared}
-    kept = [t for t in light.graph.initializer if t.name not in names]
-    del light.graph.initializer[:]
-    light.graph.initializer.extend(kept)
     onnx.checker.check_model(light, full_check=full_check)
 
 
