@@ -19,6 +19,7 @@ PLAIN = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
          "SkipLayerNormalization": "LayerNormalization"}
 BIAS = {"SkipSimplifiedLayerNormalization": 3, "SkipLayerNormalization": 4}  # the optional bias input
 BETA = {"SkipLayerNormalization": 3}
+SKIP_EPSILON = 1e-12  # onnxruntime's default for SkipLayerNormalization and SkipSimplifiedLayerNormalization
 
 
 def unskip(node: onnx.NodeProto, stream: str) -> tuple[list[onnx.NodeProto], dict[str, str]]:
@@ -35,7 +36,9 @@ def unskip(node: onnx.NodeProto, stream: str) -> tuple[list[onnx.NodeProto], dic
     elif total:
         renamed[total] = stream
     beta = inputs[BETA[node.op_type]] if node.op_type in BETA else ""
-    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)  # the contrib op's default
+    # absent, the Skip ops' own default (as the executor reads them, executor/ops/contrib.py), not the
+    # plain norm's 1e-5 that the new node would take
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), SKIP_EPSILON)
     nodes.append(helper.make_node(PLAIN[node.op_type], [normed, inputs[2], *([beta] if beta else [])],
                                   [node.output[0]], name=f"{name}/plain", axis=-1, epsilon=epsilon))
     return nodes, renamed
