@@ -65,7 +65,7 @@ class WidthOptions:
     head_ratio: float | None = None  # for groups of attention heads (default: ratio)
     ratios: dict[str, float] | None = None  # group id or source glob -> its own ratio
     # "sensitivity": per-group ratios from measured output error; "uniform": the same ratio for
-    # every group; None: sensitivity for a MACs/params budget with data, else uniform (validate)
+    # every group; None: sensitivity for a budget with data, else uniform (validate)
     allocate: str | None = None
     plan: object | None = None  # a Plan (or a plan file) applied exactly, instead of a ratio
     importance: str | None = None  # criterion (default l1)
@@ -308,8 +308,8 @@ def validate_analysis(options: AnalysisOptions) -> AnalysisOptions:
 
 def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = True,
                     budget: bool = False) -> WidthOptions:
-    """Check ``widths``; a copy with importance and round_to resolved. ``budget``: a MACs or
-    params target stands in for the ratio (of an allocation)."""
+    """Check ``widths``; a copy with importance and round_to resolved. ``budget``: a target
+    (MACs, params, or a speedup without depth) stands in for the ratio (of an allocation)."""
     from .runtime.hardware import round_to_for
     from .scoring.criteria import check_criterion
 
@@ -343,7 +343,7 @@ def validate_widths(widths: WidthOptions, has_data: bool, needs_amount: bool = T
 
 
 def _check_group_ratios(widths: WidthOptions, has_data: bool, budget: bool = False) -> None:
-    """``budget``: a MACs or params target gives the allocation its goal instead of a ratio."""
+    """``budget``: a target gives the allocation its goal instead of a ratio."""
     if widths.ratios is not None:
         check_ratio_mapping(widths.ratios)
     if widths.allocate is not None and widths.allocate not in ALLOCATE_METHODS:
@@ -354,7 +354,7 @@ def _check_group_ratios(widths: WidthOptions, has_data: bool, budget: bool = Fal
         raise UsageError("`ratios` and `allocate` are exclusive: the allocation chooses every group's ratio")
     if widths.ratio is None and not budget:
         raise UsageError("`allocate` sensitivity needs `ratio` R (the fraction of channels to remove overall) "
-                         "or a `target_macs`/`target_params` budget")
+                         "or a `target_macs`/`target_params`/`target_speedup` budget")
     if not has_data:
         raise UsageError("`allocate` sensitivity measures output error on data: give `data` FILE")
     if widths.global_ranking:
@@ -405,8 +405,10 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
     structured = options.target is not None or widths.ratio is not None or widths.plan is not None \
         or bool(widths.ratios)
     budget = options.target is not None and options.target.metric in ("macs", "params")
-    widths = _default_allocation(widths, has_data, budget)
-    widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=budget)
+    # a speedup with depth is met by one ratio over the shares of blocks (pipeline/budget_depth.py)
+    allocatable = budget or (options.target is not None and options.depth is None)
+    widths = _default_allocation(widths, has_data, allocatable)
+    widths = validate_widths(widths, has_data, needs_amount=structured and options.target is None, budget=allocatable)
     data = validate_data(options.data)
     depth = validate_depth(options.depth, has_data, options.widths.plan is not None)
     _check_rounds(options, has_data)
@@ -425,12 +427,14 @@ def validate(options: PruneOptions, whole_run: bool = True) -> PruneOptions:
 
 
 def _default_allocation(widths: WidthOptions, has_data: bool, budget: bool) -> WidthOptions:
-    """A MACs or params budget with data is allocated by measured sensitivity (the channels go
-    where the damage per MAC or parameter is smallest) unless `allocate` says otherwise or the
-    per-group ratios are fixed another way. On the ImageNet-pretrained EfficientNet-Lite1 at
-    0.7 of the MACs (250 held-out photos, original 84.0%), with reconstruction, a uniform ratio
-    kept 20.0% top-1 (obs) and about 1% (l1), the allocation 75.2% (obs) and 70.4% (l1): a
-    uniform ratio cuts the residual stream and the stem as much as the rest. A ratio (`ratio`
+    """A budget with data (MACs, params, or a speedup without `depth`) is allocated by measured
+    sensitivity (the channels go where the damage per MAC or parameter is smallest; a speedup
+    searches how many MACs the allocation removes: pipeline/speedup_allocation.py) unless
+    `allocate` says otherwise or the per-group ratios are fixed another way. On the
+    ImageNet-pretrained EfficientNet-Lite1 at 0.7 of the MACs (250 held-out photos, original
+    84.0%), with reconstruction, a uniform ratio kept 20.0% top-1 (obs) and about 1% (l1), the
+    allocation 75.2% (obs) and 70.4% (l1): a uniform ratio cuts the residual stream and the stem
+    as much as the rest. A ratio (`ratio`
     R) stays uniform: it names each group's fraction."""
     if widths.allocate is None and budget and has_data and not (widths.ratios or widths.global_ranking):
         return replace(widths, allocate="sensitivity")
@@ -447,8 +451,9 @@ def _check_target(options: PruneOptions) -> None:
         raise UsageError(f"{flag} and `plan` are exclusive: a plan already says what to cut")
     if options.steps > 1:
         raise UsageError(f"{flag} chooses one ratio; it does not combine with `steps`")
-    if widths.allocate == "sensitivity" and target.metric == "speedup":
-        raise UsageError(f"{flag} and `allocate` are exclusive: the allocation meets MACs or params budgets")
+    if widths.allocate == "sensitivity" and target.metric == "speedup" and options.depth is not None:
+        raise UsageError(f"{flag} with `depth` searches one ratio over the shares of blocks: "
+                         "`allocate` sensitivity does not combine with them")
     target.check()
 
 

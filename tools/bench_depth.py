@@ -29,12 +29,14 @@ of ../shared/data/imagenet-500 of ``tools/bench_pretrained.py`` (its cached expo
 onnxprune command line in a subprocess (``bench_pretrained.run_cli``), each with ``--data`` (the
 same recovery: reconstruction and compensation, the defaults with data):
   depth: ``--depth R`` (``--lite-depth``);
-  width: ``--target-speedup S --provider cpu``, S = depth's speedup measured here (batch 1): one
-  uniform ratio, as the speedup search takes;
-  width-alloc: ``--target-macs F``, F = depth's MACs kept: allocated by sensitivity (the default
-  for a MACs budget with data), its latency as measured;
+  width: ``--target-speedup S --provider cpu``, S = depth's speedup measured here (batch 1):
+  allocated by sensitivity (the default for a budget with data), the MACs it removes searched
+  until the speedup is met;
+  width-uniform: the same with ``--allocate uniform``: one ratio for every group, searched;
+  width-alloc: ``--target-macs F``, F = depth's MACs kept: allocated by sensitivity, its latency
+  as measured;
   both: ``--depth R --target-speedup S --provider cpu`` (the share of blocks chosen by output error).
-Then one interleaved timing of the four at batch 1 and held-out top-1 with 95% bootstrap intervals,
+Then one interleaved timing of the five at batch 1 and held-out top-1 with 95% bootstrap intervals,
 paired differences against depth (``bench_pretrained``'s helpers).
 """
 
@@ -297,15 +299,16 @@ def run_accuracy(args) -> dict:
     target = statistics.median(timed)
     print(f"\ndepth's batch-1 speedup, median of {args.repeats} interleaved runs: {target:.3f}x", flush=True)
     speed = ["--target-speedup", f"{target:.3f}", "--provider", "cpu", "--bench-iters", str(args.iters)]
+    # with data a speedup budget is allocated by sensitivity (pipeline/speedup_allocation.py); the
+    # uniform ratio it took before, and a MACs budget at depth's MACs (allocated too), beside it
     run("width", speed)
-    # a speedup budget takes one uniform ratio; a MACs budget with data is allocated by sensitivity
-    # (budgets.md): the width the project would pick, at depth's MACs, its latency measured below
+    run("width-uniform", [*speed, "--allocate", "uniform"])
     run("width-alloc", ["--target-macs", f"{1 / rows['depth']['macs_ratio']:.3f}"])
     run("both", [*depth_flags, *speed])
     asked = (rows["width"].get("target") or {}).get("value", target)  # a reused run's own, else this one
-    done = [r for r in ("depth", "width", "width-alloc", "both") if "error" not in rows[r]]
+    done = [r for r in ("depth", "width", "width-uniform", "width-alloc", "both") if "error" not in rows[r]]
     speedups = {r: [] for r in done}
-    for _ in range(args.repeats):  # all four in one interleaved run, repeated
+    for _ in range(args.repeats):  # all of them in one interleaved run, repeated
         result = bench([str(base_path), *(rows[r]["model"] for r in done)], [1], **lat)
         for r, t in zip(done, result.timings[1:]):
             speedups[r].append(t.speedup)

@@ -166,9 +166,9 @@ def _group_ratio_options(p: argparse.ArgumentParser) -> None:
                    "name or module path) to a ratio; other groups get --structured R (or stay whole without it)")
     g.add_argument("--allocate", choices=("uniform", "sensitivity"),
                    help="sensitivity: measure each group's output error on --data and choose per-group ratios "
-                        "that remove --structured R of all prunable channels (or meet --target-macs/--target-params) "
-                        "with the least error; uniform: one ratio for every group. Default: sensitivity for "
-                        "--target-macs/--target-params with --data, else uniform")
+                        "that remove --structured R of all prunable channels (or meet --target-macs/--target-params/"
+                        "--target-speedup) with the least error; uniform: one ratio for every group. Default: "
+                        "sensitivity for a --target-* with --data (a speedup: without --depth), else uniform")
 
 
 # option -> flag, for this command's messages (cli/options.render)

@@ -30,7 +30,8 @@ from ..metrics import Reference
 from ..options import PruneOptions, Target
 from .depth import MEASURED_SAMPLES, DepthResult, prune_depth, rest_of_budget
 from .prune import prune_model
-from .target import TargetResult, find_ratio
+from .search import TargetResult
+from .target import find_ratio
 
 
 def depth_for_budget(model: onnx.ModelProto, options: PruneOptions, budget: Target, first: DepthResult,

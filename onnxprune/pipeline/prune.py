@@ -33,6 +33,7 @@ from ..recovery.reconstruct import reconstruct
 from ..report.records import NO_STRUCTURED, BlockedGroup, GroupReport, Report
 from . import steps
 from .sensitivity import Prepared, allocate_ratios
+from .speedup_allocation import allocate_for_speedup
 
 MEASURED_SAMPLES = 256  # calibration samples the report's output errors are measured on
 # Reconstruction holds every sample's live activations at once (executor/walk.py): a bounded sample.
@@ -86,16 +87,18 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
             if stats is not None:
                 stage_done("measure")
         if planned:
-            plan, scores, allocation = widths.plan, {}, None
+            plan, scores, allocation, searched = widths.plan, {}, None, None
             check_plan(plan, analysis.groups)
         else:
             scores = measured.scores if measured is not None else steps.score(analysis, criterion, options.seed,
                                                                               stats)
-            per_group, allocation = _group_ratios(model, analysis, scores, stats, calib, options)
+            per_group, allocation, searched = _group_ratios(model, analysis, scores, stats, calib, options)
             plan = steps.choose(analysis, scores, widths, per_group)
         stage_done("allocate" if allocation else "plan")
     report = _report(analysis, plan, scores, widths.ratio, criterion or "plan")
     report.allocation = allocation and allocation.to_json()
+    if searched is not None:  # a speedup budget met by the allocation
+        report.target = {**searched.to_json(), "allocated": True}
     report.round_to = None if planned else widths.round_to
     report.add_warnings(caught)
     hidden = [g for g in analysis.prunable if g.kind == "hidden" and len(plan.keep.get(g.id, ())) < g.size]
@@ -133,24 +136,27 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     return PruneResult(pruned, plan, report, analysis, Measured(scores, stats))
 
 
-def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions) -> tuple[dict[str, float], object]:
-    """Group id -> ratio for the groups that do not take the uniform ratio; and the allocation, if any."""
+def _group_ratios(model, analysis, scores, stats, calib, options: PruneOptions):
+    """Group id -> ratio for the groups that do not take the uniform ratio; the allocation, if any;
+    and the speedup search that chose it, if a speedup budget did."""
     widths = options.widths
     chosen = {g.id: widths.head_ratio for g in analysis.prunable if g.kind == "heads"} \
         if widths.head_ratio is not None else {}
-    allocation = None
+    allocation = searched = None
     if widths.allocate == "sensitivity":
         prepared = Prepared(analysis, scores, stats)
         target = options.target
         if target is None:
             allocation = allocate_ratios(model, calib, widths.ratio, options, prepared)
+        elif target.metric == "speedup":
+            allocation, searched = allocate_for_speedup(model, calib, options, prepared)
         else:
             allocation = _within_budget(model, analysis, scores, options, allocate_ratios(
                 model, calib, 1 - target.value, options, prepared, unit=target.metric))
         chosen.update(allocation.ratios)
     elif widths.ratios:
         chosen.update(resolve_ratios(analysis.groups, widths.ratios))
-    return chosen, allocation
+    return chosen, allocation, searched
 
 
 def _within_budget(model, analysis, scores, options: PruneOptions, allocation):

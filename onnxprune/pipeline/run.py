@@ -112,9 +112,10 @@ def run_file(input_path: str | Path, output_path: str | Path | None, options: Pr
     report = result.report
     report.input = str(input_path)
     report.conversion = conversion and conversion.to_json()
-    report.target = searched and searched.to_json()
     report.recipe, report.command = out.recipe, out.command
-    if budget is not None and searched is None:  # allocated to the budget (pipeline/prune.py), or met by depth
+    if searched is not None:
+        report.target = searched.to_json()
+    elif budget is not None and report.target is None:  # allocated to the budget (pipeline/prune.py), or met by depth
         report.target = _allocated(budget, report)
     plan, pruned, unchanged = result.plan, result.model, result.model is model
     result = model = None  # free the input model and its analysis before verification loads it again

@@ -108,8 +108,14 @@ def allocate_ratios(model: onnx.ModelProto, data: Dataset, target: float, option
                     prepared: Prepared | None = None, unit: str = "channels") -> Allocation:
     """Measure on the grid for ``target`` and allocate per-group ratios removing ``target`` of the
     prunable channels (or of the model's MACs or params: ``unit``)."""
-    grid = allocation_grid(target, unit)
-    data = data.sample(ALLOCATION_SAMPLES, options.seed)
-    measured = measure_sensitivity(model, data, grid, options=replace(options, widths=replace(
-        options.widths, ratio=None, allocate="uniform")), prepared=prepared)
+    measured = sensitivity_for_allocation(model, data, allocation_grid(target, unit), options, prepared)
     return choose_allocation(measured, target, unit)
+
+
+def sensitivity_for_allocation(model: onnx.ModelProto, data: Dataset, grid, options: PruneOptions,
+                               prepared: Prepared | None = None) -> Sensitivity:
+    """Every group cut alone at each ratio of ``grid``, on ALLOCATION_SAMPLES of ``data``: what an
+    allocation chooses from."""
+    data = data.sample(ALLOCATION_SAMPLES, options.seed)
+    return measure_sensitivity(model, data, grid, options=replace(options, widths=replace(
+        options.widths, ratio=None, allocate="uniform")), prepared=prepared)

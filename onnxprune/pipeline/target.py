@@ -28,43 +28,20 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
-from ..errors import BudgetUnreachable, UsageError
-from ..model.save import AtomicModelWriter
+from ..errors import UsageError
 from ..options import PruneOptions, Target
 from .prune import prune_model
+from .search import Evaluation, TargetResult, bisect, write_candidate
 
 MAX_RATIO = 0.99  # a prune takes ratios in [0, 1)
 MAX_SPEEDUP_RATIO = 0.9  # beyond this, the latency search would time nearly empty models
 RESOLUTION = 1 / 1024  # MACs/params: about 11 prunes for the whole search
 SPEEDUP_RESOLUTION = 0.01
-
-
-@dataclass
-class Evaluation:
-    ratio: float
-    achieved: float  # fraction of MACs/params kept, or measured speedup
-    cached: bool = False  # speedup: a candidate with the same channel widths was timed before
-
-
-@dataclass
-class TargetResult:
-    metric: str
-    value: float
-    ratio: float  # the ratio chosen
-    achieved: float  # at that ratio: fraction kept, or measured speedup
-    resolution: float  # the ratio ``resolution`` below ``ratio`` misses the budget
-    evaluations: list[Evaluation] = field(default_factory=list)
-    provider: str | None = None  # speedup only
-    batch: int | None = None
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | None = None,
@@ -85,55 +62,16 @@ def find_ratio(model: onnx.ModelProto, target: Target, base_path: str | Path | N
         if target.metric == "speedup":
             probe = _SpeedupProbe(model, target, Path(tmp), base_path, options, base)
             at_zero = probe(0.0) if base is not None else None  # what the depth cut alone achieved
-            result = _bisect(target, probe, MAX_SPEEDUP_RATIO, SPEEDUP_RESOLUTION, target.max_evaluations, at_zero)
+            result = bisect(target, probe, MAX_SPEEDUP_RATIO, SPEEDUP_RESOLUTION, target.max_evaluations, at_zero)
             result.provider, result.batch = probe.provider, probe.batch
         else:
-            result = _bisect(target, _CountProbe(model, target, options), MAX_RATIO, RESOLUTION, None)
+            result = bisect(target, _CountProbe(model, target, options), MAX_RATIO, RESOLUTION, None)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _at(options: PruneOptions, ratio: float) -> PruneOptions:
     return replace(options, widths=replace(options.widths, ratio=ratio))
-
-
-def _meets(target: Target, achieved: float) -> bool:
-    return achieved >= target.value if target.metric == "speedup" else achieved <= target.value
-
-
-def _bisect(target: Target, probe, high: float, resolution: float, budget: int | None,
-            at_zero: Evaluation | None = None) -> TargetResult:
-    """``at_zero``: ratio 0 measured (a model already cut), else it achieves 1.0 (the input itself)."""
-    result = TargetResult(target.metric, target.value, 0.0, 1.0 if at_zero is None else at_zero.achieved, resolution)
-    if at_zero is not None:
-        result.evaluations.append(at_zero)
-    if _meets(target, result.achieved):  # the model as it is already meets it
-        return result
-    at_high = probe(high)
-    result.evaluations.append(at_high)
-    if not _meets(target, at_high.achieved):
-        raise BudgetUnreachable(_unreachable(target, at_high))
-    low, best = 0.0, at_high
-    while high - low > resolution and (budget is None or probe.runs < budget):
-        mid = (low + high) / 2
-        at_mid = probe(mid)
-        result.evaluations.append(at_mid)
-        if _meets(target, at_mid.achieved):
-            high, best = mid, at_mid
-        else:
-            low = mid
-    result.ratio, result.achieved = best.ratio, best.achieved
-    result.resolution = high - low
-    return result
-
-
-def _unreachable(target: Target, at: Evaluation) -> str:
-    if target.metric == "speedup":
-        return (f"{target.option} {target.value:g} cannot be met: ratio {at.ratio:g} measured {at.achieved:.2f}x; "
-                "ask for less, or pin the dims and batch that matter (`input_shapes`, `batches`)")
-    what = "MACs" if target.metric == "macs" else "params"
-    return (f"{target.option} {target.value:g} cannot be met: at ratio {at.ratio:g} the model still keeps "
-            f"{at.achieved:.3f} of its {what} (blocked groups, `min_channels`, `round_to`, `ignore`)")
 
 
 class _CountProbe:
@@ -166,7 +104,7 @@ class _SpeedupProbe:
         self.batch = self.latency.batches[0]
         if base_path is None:
             base_path = folder / "base.onnx"
-            _write(model if base is None else base, base_path)
+            write_candidate(model if base is None else base, base_path)
         self.base_path = Path(base_path)
         self.runs = 0  # evaluations that did the work (cached ones excluded)
         self.measured = None  # scores and statistics: measured by the first prune, reused by the rest
@@ -179,14 +117,9 @@ class _SpeedupProbe:
         if widths in self.seen:
             return Evaluation(ratio, self.seen[widths], cached=True)
         path = self.folder / f"candidate{self.runs}.onnx"
-        _write(result.model, path)
+        write_candidate(result.model, path)
         timing = self.latency.time([self.base_path, path], self.options.analysis.input_shapes, [self.batch])
         path.unlink()
         self.runs += 1
         self.seen[widths] = timing.timings[1].speedup
         return Evaluation(ratio, self.seen[widths])
-
-
-def _write(model: onnx.ModelProto, path: Path) -> None:
-    with AtomicModelWriter(path) as writer:
-        writer.write(model)

@@ -112,9 +112,10 @@ def summary_line(target: dict) -> str:
     n = len(target["evaluations"])
     if target["metric"] == "speedup":
         timed = sum(1 for e in target["evaluations"] if not e["cached"])
+        chosen = (f"allocated by sensitivity, {target['ratio']:.3f} of the MACs removed" if target.get("allocated")
+                  else f"ratio {target['ratio']:.4f} chosen")
         return (f"target  speedup >= {target['value']:g}x on {target['provider']} batch {target['batch']}: "
-                f"ratio {target['ratio']:.4f} chosen, {target['achieved']:.2f}x measured "
-                f"({timed} benchmark run(s), {target['seconds']:.1f} s)")
+                f"{chosen}, {target['achieved']:.2f}x measured ({timed} benchmark run(s), {target['seconds']:.1f} s)")
     what = "MACs" if target["metric"] == "macs" else "params"
     if target.get("allocated"):
         return (f"target  {what} <= {target['value']:g} of the original: allocated by sensitivity, "
