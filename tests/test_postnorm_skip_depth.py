@@ -141,3 +141,17 @@ def test_a_skip_node_whose_extra_output_is_read_is_not_removable(bert_pair, outp
     blocks = blocks_of(model)
     assert [b.removable for b in blocks] == [True, False, True, True]
     assert blocks[1].reason == f"the {what} output of SkipLayerNormalization {node.name} is read"
+
+
+def test_half_the_depth_of_the_fused_bert_with_data_reconstructs(bert_pair, capsys):
+    """With data: scored by removal, then the layers after each removed one refitted (reconstruction)."""
+    folder, _, fused = bert_pair
+    batches = [feeds(seed) for seed in range(8)]
+    np.savez(folder / "data.npz", **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    code, _, err = run_main(capsys, folder / "fused.onnx", "--depth", "0.5", "--data", folder / "data.npz", *PINS,
+                            "-o", folder / "half_data.onnx", "--report", folder / "half_data.json")
+    assert code == 0, err
+    report = json.loads((folder / "half_data.json").read_text())
+    assert report["depth"]["criterion"] == "removal" and len(report["depth"]["removed"]) == 2
+    assert report["reconstruction"]["readers"] > 0
+    check_valid(fused, onnx.load(folder / "half_data.onnx"))
