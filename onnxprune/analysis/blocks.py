@@ -19,6 +19,8 @@ becomes the identity.
 
 A pre-norm sum fused into a Skip*Norm node (onnxruntime-genai's builder,
 onnxruntime's optimizer) holds sub-blocks of its own: analysis/skipblocks.py.
+A post-norm one (a BERT fused by onnxruntime's optimizer) holds post-norm
+sub-blocks, paired into layers here as the unfused ones: analysis/postnorm_skip.py.
 
 A candidate that is not safely removable is kept with its reason: the branch
 changes the shape, one of its tensors is read outside it or is a graph
@@ -34,6 +36,7 @@ import onnx
 
 from ..graph.names import module_paths, scoped_name_path
 from .branches import _between, _Found, _Graph, _subgraph_problem
+from .postnorm_skip import find_post_norm_skip_blocks
 from .skipblocks import find_skip_blocks
 from .stats import macs_by_output
 
@@ -46,7 +49,7 @@ class Block:
     id: str
     kind: str  # RESIDUAL or POST_NORM
     input: str  # x: what the block's output becomes
-    output: str  # y (a post-norm layer: its second LayerNorm's output)
+    output: str  # y (a post-norm layer: its second LayerNorm's output, or its second Skip*Norm node's output 0)
     nodes: list[str]  # first output of each node removed with it (output names are unique, node names may be empty)
     node_names: list[str]
     macs: int | None = 0
@@ -97,7 +100,8 @@ def find_blocks(model: onnx.ModelProto, shapes: dict[str, tuple], allow_io_chang
         if not sums.intersection(branch.branch):
             found.append(branch)
             sums.add(i)
-    blocks = _pair_post_norm(graph, found + find_skip_blocks(graph))
+    fused = find_skip_blocks(graph) + find_post_norm_skip_blocks(graph)
+    blocks = _pair_post_norm(graph, sorted(found + fused, key=lambda item: item.add))  # pairs: in graph order
     paths = module_paths(model)
     paths.update({n.name: p for n in model.graph.node if n.name not in paths and (p := scoped_name_path(n.name))})
     for block in blocks:
