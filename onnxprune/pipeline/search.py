@@ -85,3 +85,28 @@ def unreachable(target: Target, at: Evaluation, knob: str = "ratio") -> str:
 def write_candidate(model: onnx.ModelProto, path: Path) -> None:
     with AtomicModelWriter(path) as writer:
         writer.write(model)
+
+
+class CandidateTimer:
+    """Times candidates against ``base_path`` interleaved at one batch, once per set of channel widths:
+    the part the speedup searches share (a probe holds one)."""
+
+    def __init__(self, latency, base_path: Path, folder: Path, input_shapes):
+        self.latency, self.base_path, self.folder, self.input_shapes = latency, Path(base_path), folder, input_shapes
+        self.provider, self.batch = latency.check(), latency.batches[0]
+        self.runs = 0  # evaluations that did the work (cached ones excluded)
+        self.seen: dict[tuple, float] = {}  # channel widths -> speedup measured
+
+    def evaluate(self, value: float, keep: dict, build) -> Evaluation:
+        """The speedup of the candidate with kept channels ``keep`` (group id -> kept), ``build()`` its model,
+        called only when no candidate with the same widths was timed."""
+        widths = tuple(sorted((gid, len(kept)) for gid, kept in keep.items()))
+        if widths in self.seen:  # another value, the same widths (whole channels, rounding)
+            return Evaluation(value, self.seen[widths], cached=True)
+        path = self.folder / f"candidate{self.runs}.onnx"
+        write_candidate(build(), path)
+        timing = self.latency.time([self.base_path, path], self.input_shapes, [self.batch])
+        path.unlink()
+        self.runs += 1
+        self.seen[widths] = timing.timings[1].speedup
+        return Evaluation(value, self.seen[widths])

@@ -24,7 +24,7 @@ from ..options import PruneOptions
 from ..planning.allocation import Allocation, allocation_grid, choose_allocation
 from ..report.sensitivity import Sensitivity
 from . import steps
-from .search import Evaluation, TargetResult, bisect, write_candidate
+from .search import CandidateTimer, Evaluation, TargetResult, bisect, write_candidate
 from .sensitivity import Prepared, sensitivity_for_allocation
 
 RESOLUTION = 0.01  # of the MACs removed: finer than the timings resolve
@@ -65,28 +65,20 @@ class _AllocationProbe:
     def __init__(self, model, analysis: Analysis, scores: dict, sensitivity: Sensitivity,
                  options: PruneOptions, folder: Path):
         self.model, self.analysis, self.scores, self.options = model, analysis, scores, options
-        self.sensitivity, self.folder = sensitivity, folder
-        self.latency = options.target.latency
-        self.provider, self.batch = self.latency.check(), self.latency.batches[0]
-        self.base_path = folder / "base.onnx"  # the input as given: what a speedup is measured against
-        write_candidate(model, self.base_path)
-        self.runs = 0  # evaluations that did the work (cached ones excluded)
-        self.seen: dict[tuple, float] = {}  # channel widths -> speedup measured
+        self.sensitivity = sensitivity
+        base_path = folder / "base.onnx"  # the input as given: what a speedup is measured against
+        write_candidate(model, base_path)
+        self.timer = CandidateTimer(options.target.latency, base_path, folder, options.analysis.input_shapes)
+        self.provider, self.batch = self.timer.provider, self.timer.batch
+
+    @property
+    def runs(self) -> int:
+        return self.timer.runs
 
     def allocation_at(self, share: float) -> Allocation:
         return choose_allocation(self.sensitivity, share, "macs")
 
     def __call__(self, share: float) -> Evaluation:
         plan = steps.choose(self.analysis, self.scores, self.options.widths, self.allocation_at(share).ratios)
-        widths = tuple(sorted((gid, len(keep)) for gid, keep in plan.keep.items()))
-        if widths in self.seen:  # another goal, the same widths (whole channels, rounding)
-            return Evaluation(share, self.seen[widths], cached=True)
-        cut = steps.cut(self.model, steps.analyse(self.model, self.options.analysis), plan)
-        path = self.folder / f"candidate{self.runs}.onnx"
-        write_candidate(cut.model, path)
-        timing = self.latency.time([self.base_path, path], self.options.analysis.input_shapes, [self.batch])
-        path.unlink()
-        self.runs += 1
-        self.seen[widths] = timing.timings[1].speedup
-        return Evaluation(share, self.seen[widths])
-
+        return self.timer.evaluate(share, plan.keep, lambda: steps.cut(
+            self.model, steps.analyse(self.model, self.options.analysis), plan).model)

@@ -36,7 +36,7 @@ import onnx
 from ..errors import UsageError
 from ..options import PruneOptions, Target
 from .prune import prune_model
-from .search import Evaluation, TargetResult, bisect, write_candidate
+from .search import CandidateTimer, Evaluation, TargetResult, bisect, write_candidate
 
 MAX_RATIO = 0.99  # a prune takes ratios in [0, 1)
 MAX_SPEEDUP_RATIO = 0.9  # beyond this, the latency search would time nearly empty models
@@ -105,21 +105,14 @@ class _SpeedupProbe:
         if base_path is None:
             base_path = folder / "base.onnx"
             write_candidate(model if base is None else base, base_path)
-        self.base_path = Path(base_path)
-        self.runs = 0  # evaluations that did the work (cached ones excluded)
+        self.timer = CandidateTimer(self.latency, base_path, folder, options.analysis.input_shapes)
         self.measured = None  # scores and statistics: measured by the first prune, reused by the rest
-        self.seen: dict[tuple, float] = {}  # channel widths -> speedup measured
+
+    @property
+    def runs(self) -> int:
+        return self.timer.runs
 
     def __call__(self, ratio: float) -> Evaluation:
         result = prune_model(self.model, _at(self.options, ratio), self.measured)
         self.measured = result.measured
-        widths = tuple(sorted((gid, len(keep)) for gid, keep in result.plan.keep.items()))
-        if widths in self.seen:
-            return Evaluation(ratio, self.seen[widths], cached=True)
-        path = self.folder / f"candidate{self.runs}.onnx"
-        write_candidate(result.model, path)
-        timing = self.latency.time([self.base_path, path], self.options.analysis.input_shapes, [self.batch])
-        path.unlink()
-        self.runs += 1
-        self.seen[widths] = timing.timings[1].speedup
-        return Evaluation(ratio, self.seen[widths])
+        return self.timer.evaluate(ratio, result.plan.keep, lambda: result.model)
