@@ -400,8 +400,11 @@ def test_depth_with_data_and_distillation_recovers(tmp_path, capsys):
     assert code == 0, out
     record = json.loads(report.read_text())
     assert record["depth"]["criterion"] == "removal" and len(record["depth"]["removed"]) == 1
-    epochs = record["training"]["epochs"]
-    assert len(epochs) == 2 and epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    # The loss after one block of a random net goes is already small, so the second epoch may sit at
+    # the floor the first reached: recovery means the best epoch beats the untrained pruned model.
+    training = record["training"]
+    assert len(training["epochs"]) == 2
+    assert min(e["val_loss"] for e in training["epochs"]) < training["before"]["val_loss"]
     check_valid(model, onnx.load(tmp_path / "out.onnx"))
 
 
