@@ -360,3 +360,65 @@ def test_fixed_batch_with_too_few_samples_is_a_usage_error(fixed_batch_model, ca
                  "--dry-run", "-q", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") <= 2, err
+
+
+# --- gradient criteria where the batch is not the first axis -----------------------------------
+
+T, N_TOKENS_IN, HIDDEN, CLASSES = 5, 4, 6, 3
+
+
+def token_model(layout: str) -> onnx.ModelProto:
+    """x(N, T, 4) -> MatMul(4->6) -> Relu -> [layout] -> MatMul(6->3) -> mean over T -> (N, 3) logits.
+
+    ``layout`` says how the second MatMul reads the hidden channels: "batch-first" (N, T, 6);
+    "sequence-first" (T, N, 6), as nn.MultiheadAttention's legacy export lays it out; "merged"
+    (T x N, 6), the batch merged into the sequence axis, as that export feeds its output projection.
+    The networks compute the same function."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((N_TOKENS_IN, HIDDEN)).astype(np.float32)
+    w2 = rng.standard_normal((HIDDEN, CLASSES)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array([T, -1, HIDDEN], np.int64), "tnh"),
+             numpy_helper.from_array(np.array([-1, HIDDEN], np.int64), "flat"),
+             numpy_helper.from_array(np.array([T, -1, CLASSES], np.int64), "tnk")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"), helper.make_node("Relu", ["h1"], ["a"])]
+    if layout == "batch-first":
+        nodes += [helper.make_node("MatMul", ["a", "w2"], ["y"], name="mm2"),
+                  helper.make_node("ReduceMean", ["y"], ["logits"], axes=[1], keepdims=0)]
+    else:
+        nodes.append(helper.make_node("Transpose", ["a"], ["a_t"], perm=[1, 0, 2]))
+        if layout == "sequence-first":
+            nodes.append(helper.make_node("MatMul", ["a_t", "w2"], ["y"], name="mm2"))
+        else:
+            nodes += [helper.make_node("Reshape", ["a_t", "flat"], ["a_m"]),
+                      helper.make_node("MatMul", ["a_m", "w2"], ["y_m"], name="mm2"),
+                      helper.make_node("Reshape", ["y_m", "tnk"], ["y"])]
+        nodes.append(helper.make_node("ReduceMean", ["y"], ["logits"], axes=[0], keepdims=0))
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("layout", ["sequence-first", "merged"])
+def test_gradient_criteria_find_the_samples_where_the_batch_is_not_the_first_axis(layout):
+    """Taylor is the same whatever the layout; Fisher is too where the batch has an axis of its own
+    (sequence-first). Merged into the sequence, the batch counts as one sample for Fisher (its
+    square is the batch's), which still scores every channel finitely."""
+    pytest.importorskip("torch")
+    from onnxprune.scoring.calibration import gradient_stats
+
+    rng = np.random.default_rng(0)
+    data = Dataset({"x": rng.standard_normal((8, T, 4)).astype(np.float32)}, rng.integers(0, CLASSES, 8), "memory")
+    stats = {}
+    for name in ("batch-first", layout):
+        model = token_model(name)
+        analysis = analyse(model)
+        group = next(g for g in analysis.prunable if "mm1" in g.sources)
+        stats[name] = gradient_stats(model, [group], analysis.view, data, batch_size=4)[group.id]
+    np.testing.assert_allclose(stats[layout].taylor, stats["batch-first"].taylor, rtol=1e-6, atol=1e-12)
+    if layout == "sequence-first":
+        np.testing.assert_allclose(stats[layout].fisher, stats["batch-first"].fisher, rtol=1e-6, atol=1e-12)
+    else:
+        assert np.isfinite(stats[layout].fisher).all() and (stats[layout].fisher > 0).all()

@@ -164,6 +164,22 @@ def _cross_entropy(torch, logits, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+def _per_sample_sums(prod, axis: int, samples: int) -> np.ndarray:
+    """(samples, channels): ``prod`` summed over every axis but the batch and ``axis``.
+
+    The batch axis is the first when it has ``samples`` entries, else the one other axis that
+    has. Some readers see a tensor with the batch merged into another axis (the legacy export of
+    nn.MultiheadAttention reads its output projection's input as (sequence x batch, hidden)); no
+    sample's positions can be told apart there, so the batch is summed into one row: the signed
+    sum (Taylor) is exact, Fisher then squares the batch's sum instead of each sample's."""
+    moved = prod.movedim(axis, 0)  # channels first: the original first axis is now axis 1
+    dims = [d for d in range(1, moved.dim()) if moved.shape[d] == samples]
+    batch = 1 if axis > 0 and 1 in dims else (dims[0] if len(dims) == 1 else None)
+    if samples == 1 or batch is None:
+        return moved.reshape(moved.shape[0], -1).sum(-1).numpy()[None, :]
+    return moved.movedim(batch, 1).reshape(moved.shape[0], samples, -1).sum(-1).numpy().T
+
+
 def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
                    batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
     """Taylor and Fisher scores per channel from activation x gradient at the read points."""
@@ -196,10 +212,11 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
                 grad = grads[p.name]
                 if grad is None:
                     continue
-                prod = (values[p.name].detach() * grad).double().movedim(p.axis, 1)
-                per_pos = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1).numpy()
+                prod = (values[p.name].detach() * grad).double()
+                per_pos = _per_sample_sums(prod, p.axis, len(targets))
                 owned = p.owner >= 0
-                np.add.at(per_sample.T, p.owner[owned], per_pos[:, owned].T)
+                rows = per_sample if len(per_pos) == len(targets) else per_sample[:1]
+                np.add.at(rows.T, p.owner[owned], per_pos[:, owned].T)
             signed[g.id] += per_sample.sum(0)
             squared[g.id] += (per_sample ** 2).sum(0)
     return {g.id: GroupStats(g.size, taylor=np.abs(signed[g.id]) / max(total, 1),
