@@ -74,32 +74,38 @@ def _solve(fit: np.ndarray, check: np.ndarray, block: np.ndarray, k1: np.ndarray
     """The refit of ``targets`` (rows over ``block``) on the inputs ``k1``: the damping (of
     DAMPINGS) that reproduces the held-out Gram's outputs best, then solved on all samples; None
     when the cut weights alone do better held out (too few samples for this reader's inputs)."""
-    def error(s: np.ndarray, gram: np.ndarray) -> float:
-        return float((s * (s @ gram[np.ix_(k1, k1)])).sum() - 2 * (s * (targets @ gram[np.ix_(block, k1)])).sum()
-                     + (targets * (targets @ gram[np.ix_(block, block)])).sum())
-
     cut_weights = np.zeros((len(targets), len(k1)))
     cut_weights[:, :-1] = targets[:, np.searchsorted(block, k1[:-1])]
+    # What every damping shares, computed once: the kept inputs' Gram block and the original
+    # outputs' products with it (the products are the costly part: rows x block x kept).
+    fit_kk, fit_rhs = fit[np.ix_(k1, k1)], fit[np.ix_(k1, block)] @ targets.T
 
-    def solve(gram: np.ndarray, factor: float):
+    def solve(a: np.ndarray, rhs: np.ndarray, factor: float):
         """Damped towards the cut weights: a direction the data barely excites keeps them."""
-        a = gram[np.ix_(k1, k1)]
         reg = np.eye(len(k1)) * factor * max(float(np.diag(a)[:-1].mean()) if len(k1) > 1 else 1.0, 1e-30)
         reg[-1, -1] = 0.0  # the bias is not pulled anywhere
         try:
-            return np.linalg.solve(a + reg, gram[np.ix_(k1, block)] @ targets.T + reg @ cut_weights.T).T
+            return np.linalg.solve(a + reg, rhs + reg @ cut_weights.T).T
         except np.linalg.LinAlgError:
             return None
 
     if not check.any():  # nothing held out: the default damping
-        return solve(fit, DAMPING)
-    tried = {None: error(cut_weights, check)}
+        return solve(fit_kk, fit_rhs, DAMPING)
+    check_kk, cross = check[np.ix_(k1, k1)], targets @ check[np.ix_(block, k1)]
+    original = float((targets * (targets @ check[np.ix_(block, block)])).sum())
+
+    def error(s: np.ndarray) -> float:
+        """||s x_K1 - targets x||^2 summed over the held-out samples, from their Gram matrix."""
+        return float((s * (s @ check_kk)).sum() - 2 * (s * cross).sum() + original)
+
+    tried = {None: error(cut_weights)}
     for factor in DAMPINGS:
-        s = solve(fit, factor)
+        s = solve(fit_kk, fit_rhs, factor)
         if s is not None and np.isfinite(s).all():
-            tried[factor] = error(s, check)
+            tried[factor] = error(s)
     best = min(tried, key=lambda k: tried[k])
-    return None if best is None else solve(fit + check, best)
+    # on all samples: the Gram matrices add, and check[K1, block] @ targets^T is cross^T (symmetric)
+    return None if best is None else solve(fit_kk + check_kk, fit_rhs + cross.T, best)
 
 
 def _refit_reader(view: GraphView, slot: ParamSlot, gram: np.ndarray, cut: np.ndarray, by_dim) -> str:
