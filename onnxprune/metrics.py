@@ -13,6 +13,11 @@ and recovery's validation:
   indices (one per sample) and the first output is (batch, classes) logits.
 - **agreement**: the fraction of samples where the candidate's top-1 class is
   the original's (needs no labels).
+- **divergence**: when the first output is (batch, classes) logits, the mean
+  KL(softmax(original) || softmax(candidate)) per sample (needs no labels).
+  Unlike the RMS over every logit, it weighs a logit's error by how much it
+  moves the predicted distribution, so a group whose cut only disturbs
+  classes nobody predicts costs little.
 
 ``Reference`` runs the original once on the data and measures any number of
 candidates against those outputs with onnxruntime. A candidate whose graph
@@ -78,6 +83,20 @@ class Measured:
     samples: int
     accuracy: float | None = None  # top-1 with class labels
     agreement: float | None = None  # top-1 equal to the original's
+    divergence: float | None = None  # mean KL(original || candidate) per sample, for logits
+
+
+def kl_divergences(expected, got) -> np.ndarray:
+    """KL(softmax(expected) || softmax(got)) of each row of two (batch, classes) logit arrays
+    (float64, stable log-softmax; infinite where the candidate is not finite)."""
+    expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
+    if not np.isfinite(got).all():
+        return np.full(len(expected), math.inf)
+    p_log = expected - expected.max(1, keepdims=True)
+    p_log -= np.log(np.exp(p_log).sum(1, keepdims=True))
+    q_log = got - got.max(1, keepdims=True)
+    q_log -= np.log(np.exp(q_log).sum(1, keepdims=True))
+    return np.sum(np.exp(p_log) * (p_log - q_log), axis=1)
 
 
 class Reference:
@@ -110,7 +129,7 @@ class Reference:
 
         sess = session(candidate.SerializeToString())
         changes = iochange.read(candidate)
-        error, predicted = ErrorSum(), []
+        error, predicted, divergences = ErrorSum(), [], []
         renamed = iochange.new_names(changes, "output")  # the candidate's name of each original output
         names = [renamed.get(n, n) for n in self.names if not any(c.removed and c.name == n for c in changes)]
         first = renamed.get(self.names[0], self.names[0])
@@ -121,9 +140,11 @@ class Reference:
                 error.add(kept[name], got[name])
             if self.classes:
                 predicted.append(np.argmax(got[first], axis=1))
+                divergences.append(kl_divergences(expected[self.names[0]], got[first]))
         result = Measured(error.value, self.samples)
         if predicted:
             predicted = np.concatenate(predicted)
+            result.divergence = float(np.mean(np.concatenate(divergences)))
             result.agreement = float(np.mean(predicted == self.top1))
             if self.labels is not None:
                 result.accuracy = float(np.mean(predicted == self.labels))

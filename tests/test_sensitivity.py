@@ -348,3 +348,40 @@ def test_cli_plot_without_matplotlib_fails_before_measuring(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs matplotlib" in err[0]
     assert not (tmp_path / "s.json").exists()
+
+
+# --- the KL of a classifier's logits -----------------------------------------------------------
+
+def test_kl_divergence_of_logits_is_zero_for_equal_rows_and_matches_its_definition():
+    from onnxprune.metrics import kl_divergences
+
+    rng = np.random.default_rng(0)
+    p, q = rng.standard_normal((3, 5)) * 4, rng.standard_normal((3, 5))
+    assert np.allclose(kl_divergences(p, p + 7.0), 0.0, atol=1e-12)  # a shift leaves softmax as it is
+    sp, sq = np.exp(p) / np.exp(p).sum(1, keepdims=True), np.exp(q) / np.exp(q).sum(1, keepdims=True)
+    assert np.allclose(kl_divergences(p, q), np.sum(sp * np.log(sp / sq), 1), rtol=1e-9)
+    q[1, 2] = np.nan
+    assert np.isinf(kl_divergences(p, q)).all()
+
+
+def test_sensitivity_of_a_classifier_records_the_kl_of_each_cut():
+    model = two_branch_model(a_scale=0.02, ramp=False)
+    result = measure_sensitivity(model, dataset(model, n=16), [0.25, 0.5])
+    by_id = {g.id: g for g in result.groups}
+    # every cut disturbs the logits, the quiet branch's far less than the loud one's
+    assert all(len(g.divergence) == 2 and min(g.divergence) >= 0 for g in result.groups)
+    assert by_id[A1].divergence[1] < by_id[B1].divergence[1]
+    assert by_id[B1].divergence[1] > by_id[B1].divergence[0] > 0
+    assert json.loads(json.dumps(result.to_json()))["groups"][0]["divergence"] == result.groups[0].divergence
+
+
+def test_allocation_takes_its_steps_by_the_kl_only_when_asked(monkeypatch):
+    from onnxprune.planning import allocation
+
+    sensitivity = synthetic({"a": [0.01, 0.02, 0.03], "b": [0.5, 0.8, 0.9]})
+    sensitivity.groups[0].divergence, sensitivity.groups[1].divergence = [0.5, 0.8, 0.9], [0.001, 0.002, 0.003]
+    assert choose_allocation(sensitivity, 0.3).ratios == {"a": 0.6, "b": 0.0}  # by the error: the default
+    monkeypatch.setattr(allocation, "DAMAGE", "divergence")
+    chosen = choose_allocation(sensitivity, 0.3)
+    assert chosen.ratios == {"a": 0.0, "b": 0.6}
+    assert chosen.chosen_error == {"a": 0.0, "b": 0.9}  # the report still gives the output error

@@ -25,7 +25,7 @@ from ..analysis.stats import count_macs, count_params
 from ..checks import check_grid
 from ..cut import iochange
 from ..data import Dataset
-from ..metrics import Reference
+from ..metrics import Measured, Reference
 from ..options import PruneOptions, validate_widths
 from ..planning.allocation import Allocation, allocation_grid, choose_allocation
 from ..planning.plan import make_plan
@@ -92,6 +92,7 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
             fewer_params = params - count_params(cut.model)
         else:  # rounding kept every channel: the model is the original
             error, accuracy = 0.0, reference.accuracy
+            measured = Measured(0.0, reference.samples, divergence=0.0 if reference.classes else None)
         result = results[index]
         result.removed.append(removed)
         result.macs.append(fewer_macs)
@@ -99,6 +100,8 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         result.error.append(error)
         if result.accuracy is not None:
             result.accuracy.append(accuracy)
+        if measured.divergence is not None:
+            result.divergence = (result.divergence or []) + [measured.divergence]
     return Sensitivity(ratios, widths.importance, len(data), compensate, reference.accuracy, results,
                        time.perf_counter() - started, macs, params,
                        [c.to_json() for c in prepared.analysis.shapes.chosen], {k: list(v) for k, v in shapes.items()})

@@ -23,6 +23,7 @@ class GroupSensitivity:
     macs: list[int] = field(default_factory=list)  # MACs removed at each ratio
     params: list[int] = field(default_factory=list)  # parameters removed at each ratio
     modules: list[str | None] = field(default_factory=list)  # each source's module path (graph/names.py)
+    divergence: list[float] | None = None  # mean KL of the logits at each ratio, for classifiers (metrics.py)
 
 
 @dataclass
