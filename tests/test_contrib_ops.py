@@ -364,7 +364,7 @@ def test_standard_attention_on_the_head_axis_loses_whole_heads():
 
 # --- BERT fused by onnxruntime's transformer optimizer --------------------------------------------
 
-def export_and_fuse(folder, model):
+def export_and_fuse(folder, model, heads=HEADS, hidden=64):
     """``model`` (ids, mask -> one output) exported to folder/bert.onnx, fused to folder/fused.onnx."""
     torch = pytest.importorskip("torch")
     optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
@@ -374,8 +374,8 @@ def export_and_fuse(folder, model):
         torch.onnx.export(model, args, str(folder / "bert.onnx"), input_names=names, output_names=["hidden"],
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "hidden"]}, opset_version=17,
                           dynamo=False)
-        fused = optimizer.optimize_model(str(folder / "bert.onnx"), model_type="bert", num_heads=HEADS,
-                                         hidden_size=64, opt_level=0)
+        fused = optimizer.optimize_model(str(folder / "bert.onnx"), model_type="bert", num_heads=heads,
+                                         hidden_size=hidden, opt_level=0)
         fused.save_model_to_file(str(folder / "fused.onnx"))
     return folder
 
@@ -415,6 +415,32 @@ def test_bert_fused_by_the_optimizer_prunes_like_its_export(fused_bert, capsys):
     assert macs["fused"] == pytest.approx(macs["bert"], rel=0.01)
     pruned = onnx.load(fused_bert / "fused.pruned.onnx")
     assert {attr_of(n, "num_heads") for n in nodes_of(pruned, "Attention")} == {HEADS - 1}
+    session(pruned)
+
+
+@pytest.mark.slow
+def test_fused_bert_of_bert_base_width_has_1_3x_fewer_weights_at_0_3(tmp_path, capsys):
+    """BERT-base's layer shape (hidden 768, 12 heads, MLP 3072; 2 layers, a 500-token vocabulary to
+    keep it small): 0.3 of 12 heads is 4 whole heads, so the fused model reaches 1.3x fewer weights
+    (the 4-head model above rounds 0.3 of its heads down to 1 and stops at 1.27x)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from test_transformers import LastHidden
+
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=768, num_attention_heads=12,
+                                     intermediate_size=3072, vocab_size=500, attn_implementation="eager")
+    torch.manual_seed(0)
+    export_and_fuse(tmp_path, LastHidden(transformers.BertModel(config), False).eval(), heads=12, hidden=768)
+    fused = onnx.load(tmp_path / "fused.onnx")
+    assert len(nodes_of(fused, "Attention")) == 2
+    code, _, err = run_main(capsys, tmp_path / "fused.onnx", "--structured", "0.3", "--input-shape",
+                            "input_ids:1,128", "--input-shape", "attention_mask:1,128", "-o",
+                            tmp_path / "pruned.onnx", "--report", tmp_path / "report.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["params_before"] / report["params_after"] >= 1.3
+    pruned = onnx.load(tmp_path / "pruned.onnx")
+    assert {attr_of(n, "num_heads") for n in nodes_of(pruned, "Attention")} == {8}
     session(pruned)
 
 
