@@ -15,6 +15,13 @@ hidden 1024: 0.73 GB). The CLI runs ``--structured 0.4`` with its defaults (veri
 included); Torch-Pruning prunes the same torch model by L1 magnitude at 0.4 (BERT: heads and MLP
 neurons, the hidden size kept, as the CLI keeps it). The last line fits the CLI's seconds per GB
 of model.
+
+``--taylor N`` adds, for the torchvision models, the cost of pruning by gradients on the same N
+seeded random images (timing only: what the numbers are does not matter, the work does): the
+CLI with ``--importance taylor --data`` (compensation on, reconstruction off: ``--no-reconstruct``)
+against Torch-Pruning's ``TaylorImportance`` (forward and backward over the same images in batches
+of the same size, the loss the cross-entropy against the model's own top-1, as the CLI takes it
+without labels), then its pruning and export.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 
 RATIO = 0.4
 ROOT = Path(__file__).resolve().parent.parent
+TAYLOR_BATCH = 16  # the batch both sides run their gradients at
 
 
 # --- the child: one measurement, its own time, CPU time and peak memory ---------------------------
@@ -49,8 +57,17 @@ def _child(kind: str, name: str, model: str, out: str) -> dict:
         code = main([model, "--structured", str(RATIO), "-o", out, "--force", "-q"])
         if code:
             raise SystemExit(code)
+    elif kind == "cli_taylor":
+        from onnxprune.cli import main
+
+        code = main([model, "--structured", str(RATIO), "--importance", "taylor", "--data", _taylor_data(out),
+                     "--no-reconstruct", "--batch-size", str(TAYLOR_BATCH), "-o", out, "--force", "-q"])
+        if code:
+            raise SystemExit(code)
     elif kind == "torch_pruning":
         return _torch_pruning(name, out, start, cpu)
+    elif kind == "tp_taylor":
+        return _torch_pruning(name, out, start, cpu, taylor=_taylor_data(out))
     else:
         raise SystemExit(f"unknown measurement {kind}")
     return _done(start, cpu)
@@ -101,8 +118,45 @@ def export_model(name: str) -> Path:
     return path
 
 
-def _torch_pruning(name: str, out: str, start: float, cpu: float) -> dict:
-    """Build the torch model, prune it with Torch-Pruning (magnitude, the classifier kept), export."""
+def cached_export(name: str) -> Path:
+    import torch
+
+    from tools.bench_depth import cached_export
+
+    torch.backends.mha.set_fastpath_enabled(False)  # the legacy exporter has no fused attention kernel
+    return cached_export(name)
+
+
+def _taylor_data(out: str) -> str:
+    """The images both sides of the Taylor comparison score on: written beside ``out`` by the parent."""
+    return str(Path(out).parent / "taylor.npz")
+
+
+def write_taylor_data(folder: Path, name: str, samples: int) -> None:
+    import numpy as np
+
+    from tools import zoo
+
+    size = zoo.input_size(name)
+    x = np.random.default_rng(0).standard_normal((samples, 3, size, size)).astype(np.float32)
+    np.savez(folder / "taylor.npz", input=x)
+
+
+def _taylor_gradients(torch, model, images: str) -> None:
+    """What TaylorImportance reads: the weights' gradients of the cross-entropy against the model's
+    own top-1, accumulated over the images in TAYLOR_BATCH batches."""
+    import numpy as np
+
+    x = torch.from_numpy(np.load(images)["input"])
+    model.zero_grad()
+    for i in range(0, len(x), TAYLOR_BATCH):
+        logits = model(x[i:i + TAYLOR_BATCH])
+        torch.nn.functional.cross_entropy(logits, logits.argmax(1).detach()).backward()
+
+
+def _torch_pruning(name: str, out: str, start: float, cpu: float, taylor: str | None = None) -> dict:
+    """Build the torch model, prune it with Torch-Pruning (magnitude, the classifier kept; or Taylor
+    on the ``taylor`` images), export."""
     if name in BERTS:
         return _torch_pruning_bert(name, out, start, cpu)
     import torch
@@ -119,9 +173,12 @@ def _torch_pruning(name: str, out: str, start: float, cpu: float) -> dict:
     # class token and position table are not layers it can follow)
     heads = {m: m.num_heads for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
     ignored = classifier + [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and heads]
-    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+    importance = tp.importance.TaylorImportance() if taylor else tp.importance.MagnitudeImportance(p=1)
+    pruner = tp.pruner.MetaPruner(model, example, importance=importance,
                                   pruning_ratio=RATIO, ignored_layers=ignored, num_heads=heads,
                                   prune_head_dims=False, prune_num_heads=bool(heads), head_pruning_ratio=RATIO)
+    if taylor:
+        _taylor_gradients(torch, model, taylor)
     pruner.step()
     pruned = time.perf_counter()
     torch.backends.mha.set_fastpath_enabled(False)  # the legacy exporter has no fused attention kernel
@@ -182,6 +239,12 @@ def _row(name: str, size: int, runs: dict[str, list[dict]]) -> dict:
            "tp_prune_export_seconds": (_median(tp, "prune_seconds") or 0) + (_median(tp, "export_seconds") or 0)
            if _median(tp, "prune_seconds") is not None else None,
            "errors": sorted({r["error"] for rs in runs.values() for r in rs if "error" in r})}
+    if runs.get("cli_taylor"):
+        tp_taylor = runs["tp_taylor"]
+        row.update(cli_taylor_seconds=_median(runs["cli_taylor"], "seconds"),
+                   tp_taylor_prune_seconds=_median(tp_taylor, "prune_seconds"),
+                   tp_taylor_prune_export_seconds=(_median(tp_taylor, "prune_seconds") or 0)
+                   + (_median(tp_taylor, "export_seconds") or 0) if _median(tp_taylor, "prune_seconds") else None)
     return row
 
 
@@ -205,6 +268,14 @@ def table(rows: list[dict]) -> str:
     if len(timed) >= 2:
         slope = statistics.linear_regression([g for g, _ in timed], [s for _, s in timed]).slope
         lines.append(f"\nCLI time fitted over the models: {slope:.1f} s per GB of model.")
+    taylor = [r for r in rows if "cli_taylor_seconds" in r]
+    if taylor:
+        lines += ["", "| model | CLI `--importance taylor --data` s | Torch-Pruning Taylor: gradients + prune s | "
+                  "+ export s | CLI / Torch-Pruning + export |", "|---|---|---|---|---|"]
+        for r in taylor:
+            cli, tp = r["cli_taylor_seconds"], r["tp_taylor_prune_export_seconds"]
+            lines.append(f"| {r['model']} | {_fmt(cli, '.2f')} | {_fmt(r['tp_taylor_prune_seconds'], '.2f')} | "
+                         f"{_fmt(tp, '.2f')} | {_fmt(cli and tp and cli / tp, '.2f')}{'x' if cli and tp else ''} |")
     for r in rows:
         for error in r["errors"]:
             lines.append(f"\n{r['model']}: {error}")
@@ -217,6 +288,9 @@ def main(argv=None) -> int:
                    help="comma-separated: torchvision model names, bert_base, bert_large, bert_1024x12")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (medians shown)")
     p.add_argument("--json", help="write the measurements as JSON")
+    p.add_argument("--taylor", type=int, default=0, metavar="N",
+                   help="also time Taylor pruning on N random images, the CLI against Torch-Pruning "
+                        "(torchvision models only)")
     p.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -224,16 +298,26 @@ def main(argv=None) -> int:
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     paths = {name: export_model(name) for name in names}
-    runs = {name: {"cli": [], "floor": [], "torch_pruning": []} for name in names}
+    kinds = {name: ["floor", "cli", "torch_pruning"] + (["cli_taylor", "tp_taylor"]
+                                                         if args.taylor and name not in BERTS else [])
+             for name in names}
+    runs = {name: {kind: [] for kind in kinds[name]} for name in names}
+    # the gradients run at TAYLOR_BATCH on both sides: the CLI needs an export with a dynamic batch
+    dynamic = {name: cached_export(name) for name in names if "cli_taylor" in kinds[name]}
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
         for _ in range(args.repeat):  # interleaved: every model's measurements see the same machine state
             for name in names:
-                for kind in ("floor", "cli", "torch_pruning"):
-                    runs[name][kind].append(_measure(kind, name, paths[name], Path(tmp)))
+                folder = Path(tmp) / name
+                folder.mkdir(exist_ok=True)
+                if "cli_taylor" in kinds[name] and not (folder / "taylor.npz").exists():
+                    write_taylor_data(folder, name, args.taylor)
+                for kind in kinds[name]:
+                    path = dynamic[name] if kind == "cli_taylor" else paths[name]
+                    runs[name][kind].append(_measure(kind, name, path, folder))
     rows = [_row(name, model_bytes(paths[name]), runs[name]) for name in names]
     print(table(rows))
     if args.json:
-        record = {"python": platform.python_version(), "cores": os.cpu_count(), "ratio": RATIO,
+        record = {"python": platform.python_version(), "cores": os.cpu_count(), "ratio": RATIO, "taylor": args.taylor,
                   "repeat": args.repeat, "rows": rows, "runs": runs,
                   "load_average_1m": os.getloadavg()[0]}
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

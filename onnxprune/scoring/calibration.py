@@ -6,7 +6,7 @@ Conv the channels pass through). Removing a channel means those readers stop
 seeing it, so that is where its effect shows. A group without such a reader
 (channels that only meet other activations) is measured where it is created.
 
-Two measurements:
+Two measurements (``measure`` makes what a run needs in one pass over the data):
 
 - ``activation_stats``: onnxruntime runs a copy of the model whose outputs
   include the read tensors; per channel, streamed over batches, it keeps
@@ -103,51 +103,79 @@ def _positions_per_channel(shape, point: ReadPoint, size: int) -> np.ndarray:
     return np.bincount(point.owner[owned], minlength=size) * per_pos
 
 
-def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
-                     batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
-    """Mean |a|, mean a per read position, and APoZ per channel, for every prunable group."""
-    from ..runtime.session import session
+class Activations:
+    """Mean |a|, mean a per read position and APoZ per channel, accumulated over batches."""
 
-    points = {g.id: read_points(g, view) for g in groups}
-    relus = {g.id: relu_points(g, view) for g in groups}
-    names = sorted({p.name for ps in points.values() for p in ps} | {p.name for ps in relus.values() for p in ps})
-    try:
-        sess = session(capture_model(model, names).SerializeToString())
-    except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot run the model to measure activations: {first_line(exc)}") from None
-    stats = {g.id: GroupStats(g.size, relu_seen=bool(relus[g.id])) for g in groups}
-    sums = {g.id: np.zeros(g.size) for g in groups}
-    counts = {g.id: np.zeros(g.size) for g in groups}
-    zero_sums = {g.id: np.zeros(g.size) for g in groups}
-    zero_counts = {g.id: np.zeros(g.size) for g in groups}
-    mean_sums: dict[tuple[str, str], np.ndarray] = {}
-    seen = 0
-    batches, steps = model_batches(data, model, batch_size)
-    for feeds, _ in progress(batches, steps, "activations", quiet):
-        values = dict(zip(names, sess.run(names, feeds)))
-        samples = len(next(iter(feeds.values())))
-        seen += samples
-        for g in groups:
-            for p in points[g.id]:
+    def __init__(self, groups: list[Group], view: GraphView):
+        self.groups = groups
+        self.points = {g.id: read_points(g, view) for g in groups}
+        self.relus = {g.id: relu_points(g, view) for g in groups}
+        self.names = sorted({p.name for ps in self.points.values() for p in ps}
+                            | {p.name for ps in self.relus.values() for p in ps})
+        self.sums = {g.id: np.zeros(g.size) for g in groups}
+        self.counts = {g.id: np.zeros(g.size) for g in groups}
+        self.zero_sums = {g.id: np.zeros(g.size) for g in groups}
+        self.zero_counts = {g.id: np.zeros(g.size) for g in groups}
+        self.mean_sums: dict[tuple[str, str], np.ndarray] = {}
+        self.seen = 0
+
+    def add(self, values: dict[str, np.ndarray], samples: int) -> None:
+        """One batch of ``samples`` samples: ``values`` holds (at least) every name of ``names``."""
+        self.seen += samples
+        for g in self.groups:
+            for p in self.points[g.id]:
                 a = values[p.name]
-                sums[g.id] += _per_channel(np.abs(a), p, g.size)
-                counts[g.id] += _positions_per_channel(a.shape, p, g.size)
+                self.sums[g.id] += _per_channel(np.abs(a), p, g.size)
+                self.counts[g.id] += _positions_per_channel(a.shape, p, g.size)
                 per_pos = np.moveaxis(a, p.axis, 0).reshape(a.shape[p.axis], -1).sum(axis=1, dtype=np.float64)
                 key = (g.id, p.name)
                 per_pos /= np.prod(a.shape) / a.shape[p.axis]
                 # weighted by the batch's samples, not len(a): a time-first tensor (T, B, ...), as
                 # recurrent layers read and write, has the batch on axis 1
-                mean_sums[key] = mean_sums.get(key, 0) + per_pos * samples
-            for p in relus[g.id] or points[g.id]:
+                self.mean_sums[key] = self.mean_sums.get(key, 0) + per_pos * samples
+            for p in self.relus[g.id] or self.points[g.id]:
                 a = values[p.name]
-                zero_sums[g.id] += _per_channel((a == 0).astype(np.float32), p, g.size)
-                zero_counts[g.id] += _positions_per_channel(a.shape, p, g.size)
-    for g in groups:
-        s = stats[g.id]
-        s.abs_mean = sums[g.id] / np.maximum(counts[g.id], 1)
-        s.zeros = zero_sums[g.id] / np.maximum(zero_counts[g.id], 1)
-        s.mean = {name: v / max(seen, 1) for (gid, name), v in mean_sums.items() if gid == g.id}
-    return stats
+                self.zero_sums[g.id] += _per_channel((a == 0).astype(np.float32), p, g.size)
+                self.zero_counts[g.id] += _positions_per_channel(a.shape, p, g.size)
+
+    def result(self) -> dict[str, GroupStats]:
+        stats = {g.id: GroupStats(g.size, relu_seen=bool(self.relus[g.id])) for g in self.groups}
+        for g in self.groups:
+            s = stats[g.id]
+            s.abs_mean = self.sums[g.id] / np.maximum(self.counts[g.id], 1)
+            s.zeros = self.zero_sums[g.id] / np.maximum(self.zero_counts[g.id], 1)
+            s.mean = {name: v / max(self.seen, 1) for (gid, name), v in self.mean_sums.items() if gid == g.id}
+        return stats
+
+
+def run_captured(model: onnx.ModelProto, data: Dataset, takers: list, batch_size: int | None, quiet: bool,
+                 label: str) -> None:
+    """One onnxruntime pass over ``data`` capturing the tensors every taker names, each batch
+    handed to every taker's ``add(values, samples)``."""
+    from ..runtime.session import session
+
+    names = sorted({n for taker in takers for n in taker.names})
+    if not names:
+        return
+    try:
+        sess = session(capture_model(model, names).SerializeToString())
+    except Exception as exc:
+        raise UnsupportedModel(f"onnxruntime cannot run the model to measure on the calibration data "
+                               f"({label}): {first_line(exc)}") from None
+    batches, steps = model_batches(data, model, batch_size)
+    for feeds, _ in progress(batches, steps, label, quiet):
+        values = dict(zip(names, sess.run(names, feeds)))
+        samples = len(next(iter(feeds.values())))
+        for taker in takers:
+            taker.add(values, samples)
+
+
+def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
+                     batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
+    """Mean |a|, mean a per read position, and APoZ per channel, for every prunable group."""
+    activations = Activations(groups, view)
+    run_captured(model, data, [activations], batch_size, quiet, "activations")
+    return activations.result()
 
 
 # --- gradients, with the PyTorch executor -------------------------------------
@@ -181,8 +209,11 @@ def _per_sample_sums(prod, axis: int, samples: int) -> np.ndarray:
 
 
 def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
-                   batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
-    """Taylor and Fisher scores per channel from activation x gradient at the read points."""
+                   batch_size: int | None = None, quiet: bool = True, takers: tuple = ()) -> dict[str, GroupStats]:
+    """Taylor and Fisher scores per channel from activation x gradient at the read points.
+
+    ``takers`` (Activations, obs.Grams) are handed the tensors they name from the same forward
+    pass, so that scoring by gradients and compensation run the model once, not once each."""
     torch = require("torch", "a gradient criterion (taylor, fisher)", "'onnxprune[torch]'")
     from ..executor.module import TorchGraph
 
@@ -190,6 +221,7 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
     graph.eval()
     points = {g.id: read_points(g, view) for g in groups}
     names = sorted({p.name for ps in points.values() for p in ps})
+    captured = sorted({n for taker in takers for n in taker.names} - set(names))
     output = graph.output_names[0]
     signed = {g.id: np.zeros(g.size) for g in groups}
     squared = {g.id: np.zeros(g.size) for g in groups}
@@ -198,7 +230,7 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
     batches, steps = model_batches(data, model, batch_size)
     for feeds, labels in progress(batches, steps, "gradients", quiet):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-        values = graph.run(tensors, names + [output])
+        values = graph.run(tensors, names + captured + [output])
         logits = values[output]
         targets = (torch.from_numpy(labels.astype(np.int64)) if labels_fit and labels is not None
                    else logits.detach().argmax(_loss_axis(logits.dim())))
@@ -206,6 +238,10 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
         acts = [values[n] for n in names]
         grads = dict(zip(names, torch.autograd.grad(loss, acts, allow_unused=True)))
         total += len(targets)
+        if takers:
+            arrays = {n: values[n].detach().numpy() for n in {n for t in takers for n in t.names}}
+            for taker in takers:
+                taker.add(arrays, len(next(iter(feeds.values()))))
         for g in groups:
             per_sample = np.zeros((len(targets), g.size))
             for p in points[g.id]:
@@ -227,8 +263,10 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
             gradients: bool, activations: bool, grams: bool = False, obs: bool = False,
             batch_size: int | None = None, quiet: bool = True) -> dict[str, GroupStats]:
     """The statistics the chosen criterion and compensation need, merged per group: ``grams`` the
-    readers' Gram matrices (for a refit, cut/refit.py), ``obs`` the obs scores they give."""
-    from .obs import measure_grams, obs_scores
+    readers' Gram matrices (for a refit, cut/refit.py), ``obs`` the obs scores they give. One
+    pass over the data: the gradients' (PyTorch) when a gradient criterion is asked for, else
+    one onnxruntime pass for the activations and the Gram matrices together."""
+    from .obs import Grams, obs_scores
 
     stats = {g.id: GroupStats(g.size) for g in groups}
     # Groups with channels on tensors inside a subgraph cannot be measured (onnxruntime hands out
@@ -237,13 +275,23 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
     groups = [g for g in groups if not any(name in view.inner_tensors for name, _ in g.dims)]
     if not groups:
         return stats
+    takers = {}
     if activations:
-        stats.update(activation_stats(model, groups, view, data, batch_size, quiet))
-    if gradients:
-        for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet).items():
-            stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
+        takers["activations"] = Activations(groups, view)
     if grams or obs:
-        readers, measured = measure_grams(model, groups, view, data, batch_size, quiet)
+        takers["grams"] = Grams(groups, view)
+    if gradients:
+        for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet,
+                                         tuple(takers.values())).items():
+            stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
+    elif takers:
+        run_captured(model, data, list(takers.values()), batch_size, quiet, "calibration")
+    if activations:
+        for gid, found in takers["activations"].result().items():
+            stats[gid].abs_mean, stats[gid].zeros, stats[gid].mean = found.abs_mean, found.zeros, found.mean
+            stats[gid].relu_seen = found.relu_seen
+    if grams or obs:
+        readers, measured = takers["grams"].result()
         for gid, found in readers.items():
             stats[gid].grams = {name: measured[name] for _, name, _ in found if name in measured}
         if obs:

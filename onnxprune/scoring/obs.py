@@ -26,10 +26,8 @@ import numpy as np
 import onnx
 
 from ..analysis.groups import Group
-from ..data import Dataset, model_batches
-from ..errors import UnsupportedModel, first_line
+from ..data import Dataset
 from ..graph.view import GraphView
-from ..progress import progress
 from ..rules.weights import MULTIPLIED, WEIGHTS
 
 MAX_ROWS = 2048  # positions per sample in the Gram matrix (a uniform subsample; it estimates an average)
@@ -63,6 +61,36 @@ def reader_slots(group: Group, view: GraphView) -> list[tuple]:
     return found
 
 
+class Grams:
+    """Per reader input, its Gram matrix accumulated over batches (what ``measure_grams`` returns),
+    fed the captured tensors of each batch by whichever pass runs the model."""
+
+    def __init__(self, groups: list[Group], view: GraphView):
+        self.readers = {g.id: reader_slots(g, view) for g in groups}
+        self.names = sorted({name for found in self.readers.values() for _, name, _ in found})
+        self.axes = {name: axis for found in self.readers.values() for _, name, axis in found}
+        self.sums: dict[str, list] = {}
+        self.rng = np.random.default_rng(0)
+        self.seen = 0
+
+    def add(self, values: dict[str, np.ndarray], count: int) -> None:
+        """One batch of ``count`` samples: ``values`` holds (at least) every name of ``names``."""
+        batch_held = (self.seen + np.arange(count)) % HOLDOUT == HOLDOUT - 1
+        self.seen += count
+        for name in self.names:
+            value = np.asarray(values[name])
+            # samples along axis 0 (anything else, say a weight-like operand, is all fitted on)
+            held = batch_held if value.ndim > 1 and len(value) == count else np.zeros(len(value), bool)
+            parts = [_gram(_rows(value[~held], self.axes[name], self.rng)) if (~held).any() else 0,
+                     _gram(_rows(value[held], self.axes[name], self.rng)) if held.any() else 0]
+            before = self.sums.get(name, [0, 0])
+            self.sums[name] = [before[0] + parts[0], before[1] + parts[1]]
+
+    def result(self) -> tuple[dict, dict[str, np.ndarray]]:
+        return self.readers, {name: np.stack([np.asarray(fit, np.float64), np.broadcast_to(check, np.shape(fit))])
+                              for name, (fit, check) in self.sums.items()}
+
+
 def measure_grams(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,
                   batch_size: int | None = None, quiet: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """The readers of each group (``reader_slots``) and, per reader input, its Gram matrix over
@@ -70,37 +98,11 @@ def measure_grams(model: onnx.ModelProto, groups: list[Group], view: GraphView, 
     rows); only the diagonal (without the ones) for inputs wider than MAX_INPUTS. Each is two,
     stacked: of the samples a refit is fitted on, and of every HOLDOUT-th sample, held out to
     check it (cut/refit.py)."""
-    from ..runtime.session import capture_model, session
+    from .calibration import run_captured
 
-    readers = {g.id: reader_slots(g, view) for g in groups}
-    names = sorted({name for found in readers.values() for _, name, _ in found})
-    if not names:
-        return readers, {}
-    try:
-        sess = session(capture_model(model, names).SerializeToString())
-    except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot run the model to measure the obs criterion: "
-                               f"{first_line(exc)}") from None
-    axes = {name: axis for found in readers.values() for _, name, axis in found}
-    grams: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(0)
-    batches, steps = model_batches(data, model, batch_size)
-    seen = 0
-    for feeds, _ in progress(batches, steps, "obs", quiet):
-        count = len(next(iter(feeds.values())))
-        batch_held = (seen + np.arange(count)) % HOLDOUT == HOLDOUT - 1
-        seen += count
-        for name, value in zip(names, sess.run(names, feeds)):
-            value = np.asarray(value)
-            # samples along axis 0 (anything else, say a weight-like operand, is all fitted on)
-            held = batch_held if value.ndim > 1 and len(value) == count else np.zeros(len(value), bool)
-            parts = [_gram(_rows(value[~held], axes[name], rng)) if (~held).any() else 0,
-                     _gram(_rows(value[held], axes[name], rng)) if held.any() else 0]
-            if name not in grams:
-                grams[name] = [0, 0]
-            grams[name] = [grams[name][0] + parts[0], grams[name][1] + parts[1]]
-    return readers, {name: np.stack([np.asarray(fit, np.float64), np.broadcast_to(check, np.shape(fit))])
-                     for name, (fit, check) in grams.items()}
+    grams = Grams(groups, view)
+    run_captured(model, data, [grams], batch_size, quiet, "obs")
+    return grams.result()
 
 
 def _gram(rows: np.ndarray) -> np.ndarray:
