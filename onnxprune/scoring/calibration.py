@@ -32,11 +32,11 @@ import onnx
 
 from ..analysis.groups import Group
 from ..data import Dataset, model_batches
-from ..errors import UnsupportedModel, first_line, require
+from ..errors import require
 from ..graph.view import GraphView
 from ..metrics import class_labels
 from ..progress import progress
-from ..runtime.session import capture_model
+from .capture import run_captured
 
 RELU_LIKE = {"Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Mish"}
 
@@ -146,28 +146,6 @@ class Activations:
             s.zeros = self.zero_sums[g.id] / np.maximum(self.zero_counts[g.id], 1)
             s.mean = {name: v / max(self.seen, 1) for (gid, name), v in self.mean_sums.items() if gid == g.id}
         return stats
-
-
-def run_captured(model: onnx.ModelProto, data: Dataset, takers: list, batch_size: int | None, quiet: bool,
-                 label: str) -> None:
-    """One onnxruntime pass over ``data`` capturing the tensors every taker names, each batch
-    handed to every taker's ``add(values, samples)``."""
-    from ..runtime.session import session
-
-    names = sorted({n for taker in takers for n in taker.names})
-    if not names:
-        return
-    try:
-        sess = session(capture_model(model, names).SerializeToString())
-    except Exception as exc:
-        raise UnsupportedModel(f"onnxruntime cannot run the model to measure on the calibration data "
-                               f"({label}): {first_line(exc)}") from None
-    batches, steps = model_batches(data, model, batch_size)
-    for feeds, _ in progress(batches, steps, label, quiet):
-        values = dict(zip(names, sess.run(names, feeds)))
-        samples = len(next(iter(feeds.values())))
-        for taker in takers:
-            taker.add(values, samples)
 
 
 def activation_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: Dataset,

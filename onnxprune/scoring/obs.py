@@ -29,6 +29,7 @@ from ..analysis.groups import Group
 from ..data import Dataset
 from ..graph.view import GraphView
 from ..rules.weights import MULTIPLIED, WEIGHTS
+from .capture import run_captured
 
 MAX_ROWS = 2048  # positions per sample in the Gram matrix (a uniform subsample; it estimates an average)
 # Of the mean diagonal, before H is inverted. Small: it only keeps the inverse finite, and a
@@ -98,8 +99,6 @@ def measure_grams(model: onnx.ModelProto, groups: list[Group], view: GraphView, 
     rows); only the diagonal (without the ones) for inputs wider than MAX_INPUTS. Each is two,
     stacked: of the samples a refit is fitted on, and of every HOLDOUT-th sample, held out to
     check it (cut/refit.py)."""
-    from .calibration import run_captured
-
     grams = Grams(groups, view)
     run_captured(model, data, [grams], batch_size, quiet, "obs")
     return grams.result()
