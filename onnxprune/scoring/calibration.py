@@ -199,7 +199,8 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
     graph.eval()
     points = {g.id: read_points(g, view) for g in groups}
     names = sorted({p.name for ps in points.values() for p in ps})
-    captured = sorted({n for taker in takers for n in taker.names} - set(names))
+    wanted = {n for taker in takers for n in taker.names}
+    captured = sorted(wanted - set(names))
     output = graph.output_names[0]
     signed = {g.id: np.zeros(g.size) for g in groups}
     squared = {g.id: np.zeros(g.size) for g in groups}
@@ -217,7 +218,7 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
         grads = dict(zip(names, torch.autograd.grad(loss, acts, allow_unused=True)))
         total += len(targets)
         if takers:
-            arrays = {n: values[n].detach().numpy() for n in {n for t in takers for n in t.names}}
+            arrays = {n: values[n].detach().numpy() for n in wanted}
             for taker in takers:
                 taker.add(arrays, len(next(iter(feeds.values()))))
         for g in groups:
@@ -258,16 +259,13 @@ def measure(model: onnx.ModelProto, groups: list[Group], view: GraphView, data: 
         takers["activations"] = Activations(groups, view)
     if grams or obs:
         takers["grams"] = Grams(groups, view)
-    if gradients:
-        for gid, found in gradient_stats(model, groups, view, data, batch_size, quiet,
-                                         tuple(takers.values())).items():
-            stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
-    elif takers:
+    scored = gradient_stats(model, groups, view, data, batch_size, quiet, tuple(takers.values())) if gradients else {}
+    if not gradients and takers:
         run_captured(model, data, list(takers.values()), batch_size, quiet, "calibration")
     if activations:
-        for gid, found in takers["activations"].result().items():
-            stats[gid].abs_mean, stats[gid].zeros, stats[gid].mean = found.abs_mean, found.zeros, found.mean
-            stats[gid].relu_seen = found.relu_seen
+        stats.update(takers["activations"].result())
+    for gid, found in scored.items():
+        stats[gid].taylor, stats[gid].fisher = found.taylor, found.fisher
     if grams or obs:
         readers, measured = takers["grams"].result()
         for gid, found in readers.items():

@@ -11,15 +11,13 @@ import onnx
 from ..data import Dataset, model_batches
 from ..errors import UnsupportedModel, first_line
 from ..progress import progress
-from ..runtime.session import capture_model
+from ..runtime.session import capture_model, session
 
 
 def run_captured(model: onnx.ModelProto, data: Dataset, takers: list, batch_size: int | None, quiet: bool,
                  label: str) -> None:
     """One onnxruntime pass over ``data`` capturing the tensors every taker names, each batch
     handed to every taker's ``add(values, samples)``."""
-    from ..runtime.session import session
-
     names = sorted({n for taker in takers for n in taker.names})
     if not names:
         return
