@@ -8,7 +8,6 @@ another node (deduplicated biases, tied weights) stays intact for it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 
 import numpy as np
@@ -27,7 +26,8 @@ class Cut:
         self.dims: dict[tuple[str, int], np.ndarray] = {}
         self.params: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
         self.param_nodes: dict[tuple[int, int], gs.Node] = {}
-        self._copies: dict[tuple, gs.Constant] = {}
+        self._copies: dict[str, list[gs.Constant]] = {}  # base name -> the constants made from it
+        self._made = 0
         dims = defaultdict(list)
         for group in groups:
             if group.id not in plan.keep:
@@ -63,13 +63,18 @@ class Cut:
         node.inputs[index] = const
 
     def _constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        """One constant per distinct value made from ``base`` (a weight shared by two nodes, sliced
+        alike for both, stays shared). Values are compared only when a base comes again: hashing
+        every cut weight cost more than the comparisons it was to spare."""
         values = np.ascontiguousarray(values)
-        # Plain numeric buffers are hashed in place (no copy of a large weight).
-        digest = hashlib.sha1(values if values.dtype.kind in "biuf" else values.tobytes()).hexdigest()
-        key = (base, values.dtype.str, values.shape, digest)
-        if key not in self._copies:
-            self._copies[key] = gs.Constant(f"{base}_{len(self._copies)}", values)
-        return self._copies[key]
+        made = self._copies.setdefault(base, [])
+        for const in made:
+            if const.values.dtype == values.dtype and np.array_equal(const.values, values):
+                return const
+        const = gs.Constant(f"{base}_{self._made}", values)
+        self._made += 1
+        made.append(const)
+        return const
 
     def slice_params(self) -> None:
         for key, axes in self.params.items():
