@@ -677,7 +677,7 @@ def test_info_opset_below_7_exit_4(tmp_path, capsys):
 def test_verification_failure_exit_5_leaves_nothing(model, capsys, tmp_path, monkeypatch):
     import onnxprune.pipeline.run as run
 
-    def failing(path, feeds, reference):
+    def failing(path, feeds, reference, checked=False):
         assert Path(path).exists()  # it verifies the written temp file
         raise onnxprune.VerificationFailed("simulated: pruned model rejected")
 

@@ -8,8 +8,10 @@ import io
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper, numpy_helper
 
+from onnxprune.errors import VerificationFailed
 from onnxprune.model.publish import Staging, write_model
 
 from graphs import assert_close, make_feeds, run, run_main, small_cnn, write_mlp
@@ -47,6 +49,33 @@ def test_functions_sparse_initializers_and_external_references_kept():
     external.external_data.add(key="location", value="w.data")
     model.graph.initializer.append(external)
     assert _written(model) == model
+
+
+def test_large_weights_of_every_width_written_as_serialising_them_whole():
+    """Weights over a MiB are written with their size taken from their dims (publish._encoded_size):
+    the file is the model's own encoding for 4-bit, 16-bit, 32-bit and 64-bit types alike."""
+    model = small_cnn()
+    rng = np.random.default_rng(0)
+    for name, dtype in (("f32", np.float32), ("f16", np.float16), ("i64", np.int64)):
+        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((600, 700)).astype(dtype), name))
+    packed = onnx.TensorProto(name="i4", data_type=onnx.TensorProto.INT4, dims=[2_100_001],
+                              raw_data=rng.integers(0, 255, 1_050_001, dtype=np.uint8).tobytes())
+    model.graph.initializer.append(packed)
+    model.graph.initializer[-1].doc_string = "a field beside the raw data"
+    buffer = io.BytesIO()
+    write_model(buffer, model)
+    assert _written(model) == model  # the same fields (in another order: the weights after the graph's rest)
+    assert len(buffer.getvalue()) == model.ByteSize()
+
+
+def test_a_weight_whose_data_its_dims_contradict_is_not_written():
+    """The size written ahead of a large weight comes from its dims: one holding other data would
+    make a file that does not parse, so it is refused (verification's exit, nothing published)."""
+    model = small_cnn()
+    model.graph.initializer.append(onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1 << 19],
+                                                    raw_data=bytes((1 << 21) + 4)))
+    with pytest.raises(VerificationFailed, match="'w' holds 2097156 bytes.*need 2097152"):
+        write_model(io.BytesIO(), model)
 
 
 def test_graph_without_initializers():

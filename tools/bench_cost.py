@@ -282,6 +282,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_package() -> None:
+    """onnxprune's bytecode, written now: an installed package carries it, but a checkout run with
+    PYTHONDONTWRITEBYTECODE (as in CI) would compile its 130 modules again in every child, 0.27 s
+    of each CLI measurement (2-core Xeon) that no user pays."""
+    import compileall
+
+    compileall.compile_dir(ROOT / "onnxprune", quiet=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50,vit_b_16",
@@ -297,6 +306,7 @@ def main(argv=None) -> int:
         print(json.dumps(_child(*args.child)))
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    compile_package()
     paths = {name: export_model(name) for name in names}
     kinds = {name: ["floor", "cli", "torch_pruning"] + (["cli_taylor", "tp_taylor"]
                                                          if args.taylor and name not in BERTS else [])

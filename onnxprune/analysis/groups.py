@@ -226,9 +226,10 @@ def _grow(view, source, tensor, axis, owner, index, claims, ignored, allow_io_ch
         """A position reached as channel a by one path and b by another goes only when both go:
         a and b become one unit (e.g. the halves of a Split added together, a head's
         channels met again through its head index)."""
-        both = (have >= 0) & (new >= 0)
-        for a, b in zip(have[both], new[both]):
-            if a != b:
+        differ = (have >= 0) & (new >= 0) & (have != new)
+        if differ.any():  # (rare: most paths agree; a Python loop over every position cost 0.2 s on BERT-base)
+            # each pair once, in the order of the positions (a pair met again is a union made already)
+            for a, b in dict.fromkeys(zip(have[differ].tolist(), new[differ].tolist())):
                 uf.union((a, b))
 
     def visit(node, reached: Reached, at: gs.Tensor) -> None:

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidModel, UnsupportedModel, first_line, quoted
 from ..rules.weights import WEIGHTS, group_problem
 from .inputs import declared_dim, name_negative_dims
-from .proto import approx_size, is_stand_in, light_copy, opset_of, weights_as_inputs
+from .proto import PACKED_4BIT, approx_size, is_stand_in, light_copy, opset_of, weights_as_inputs
 from .runtime_ops import check_runtime_ops, hidden_from_checker
 from .stream import read_model_file
 
@@ -110,10 +110,11 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
         raise InvalidModel(f"{where}not an ONNX model (no graph, nodes or opset)")
     with hidden_from_checker(model):
         try:
+            sized = set()  # the weights whose data size the check settled (not read again below)
             if approx_size(model) <= CHECKED_WHOLE_BYTES:
                 onnx.checker.check_model(model)
             else:
-                check_in_parts(model)
+                sized = check_in_parts(model)
         except Exception as exc:
             raise InvalidModel(f"{where}fails onnx.checker: {first_line(exc)}") from exc
     check_runtime_ops(model, where)
@@ -121,8 +122,9 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
     opset = opset_of(model)
     if opset < MIN_OPSET:
         model, conversion = upgrade_opset(model, opset, where)
+        sized = set()  # a converted model's weights are its own
     check_text(model.graph, where)
-    check_initializer_sizes(model.graph, where)
+    check_initializer_sizes(model.graph, where, sized)
     try:
         with hidden_from_checker(model):
             light = light_copy(model)
@@ -141,29 +143,33 @@ def checked_model(model: onnx.ModelProto, path: str | os.PathLike | None = None)
 CHECKED_WHOLE_BYTES = 64 << 20
 
 
-def check_in_parts(model: onnx.ModelProto, full_check: bool = False) -> None:
-    """What ``onnx.checker.check_model(model)`` checks, without a copy of the whole model."""
+def check_in_parts(model: onnx.ModelProto, full_check: bool = False) -> set[str]:
+    """What ``onnx.checker.check_model(model)`` checks, without a copy of the whole model; the
+    names of the weights whose data size it checked (``check_apart``)."""
     light = light_copy(model)
     left_out = {t.name for t in light.graph.initializer if is_stand_in(t)}
     # a tensor in an external file is read (and its location checked) by loading, not here
-    check_apart(light, (t for t in model.graph.initializer
-                        if t.name in left_out and t.data_location != onnx.TensorProto.EXTERNAL), full_check)
+    return check_apart(light, (t for t in model.graph.initializer
+                               if t.name in left_out and t.data_location != onnx.TensorProto.EXTERNAL), full_check)
 
 
-def check_apart(structure: onnx.ModelProto, weights, full_check: bool = False) -> None:
+def check_apart(structure: onnx.ModelProto, weights, full_check: bool = False) -> set[str]:
     """onnx.checker on a model given as ``structure`` (a ``light_copy``: the model without
     ``weights``, or with value-less stand-ins for them) and ``weights``, an iterable of its
     initializers: each weight is checked alone (its type, data and layout), then the structure
     with the weights and stand-ins declared as graph inputs of their type and shape (the graph,
-    its nodes, types and names). Memory: the structure and one weight's copy at a time."""
-    declared = []
+    its nodes, types and names). Memory: the structure and one weight's copy at a time. The names
+    of the weights whose data size was checked (``check_weight``)."""
+    declared, sized = [], set()
     for t in weights:
-        check_weight(t)
+        if check_weight(t):
+            sized.add(t.name)
         declared.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     light = weights_as_inputs(structure)  # light_copy's stand-ins (external tensors among them) as inputs
     listed = {i.name for i in light.graph.input}
     light.graph.input.extend(v for v in declared if v.name not in listed)
     onnx.checker.check_model(light, full_check=full_check)
+    return sized
 
 
 # The value fields a tensor may hold its data in besides raw_data (onnx.TensorProto).
@@ -171,20 +177,22 @@ _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "doubl
 _KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
 
 
-def check_weight(t: onnx.TensorProto) -> None:
+def check_weight(t: onnx.TensorProto) -> bool:
     """onnx.checker.check_tensor's verdict on ``t``. A tensor held as raw data (nearly every
     weight) is checked here, with its size too: the checker serialises each tensor to parse it
     again in C++, 0.8 s of a 435 MB BERT's run for what a length comparison settles. Any other
-    (typed fields, strings, external data, an undefined type) goes to the checker itself."""
+    (typed fields, strings, external data, an undefined type) goes to the checker itself. Whether
+    its data size was checked (``_size_problem``: then it need not be read again for that)."""
     raw = (t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data")
            and t.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING)
            and t.data_type in _KNOWN_TYPES and not any(len(getattr(t, f)) for f in _TYPED_FIELDS))
     if not raw:
         onnx.checker.check_tensor(t)
-        return
+        return False
     problem = _size_problem(t)
     if problem:
         raise onnx.checker.ValidationError(f"tensor {quoted(t.name)}: {problem}")
+    return True
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int, where: str = "") -> tuple[onnx.ModelProto, Conversion]:
@@ -263,17 +271,13 @@ def check_text(graph: onnx.GraphProto, where: str = "") -> None:
 
 
 
-# Element types packed two to a byte (and two to an int32_data entry).
-_PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
-                if hasattr(onnx.TensorProto, name)}
-
-
-def check_initializer_sizes(graph: onnx.GraphProto, where: str = "") -> None:
+def check_initializer_sizes(graph: onnx.GraphProto, where: str = "", checked: set[str] = frozenset()) -> None:
     """Every initializer holds exactly the data its dtype and shape say (onnx.checker does not
     check it): a tensor whose raw data is longer or shorter would be cut and counted wrong, or
-    read past its end by onnxruntime."""
+    read past its end by onnxruntime. Those in ``checked`` were (``check_weight``): reading a
+    weight's data size copies it (0.1 s on BERT-base)."""
     for t in graph.initializer:
-        problem = _size_problem(t)
+        problem = None if t.name in checked else _size_problem(t)
         if problem:
             raise InvalidModel(f"{where}initializer {quoted(t.name)}: {problem}")
 
@@ -283,7 +287,7 @@ def _size_problem(t: onnx.TensorProto) -> str | None:
         return None  # not loaded here: onnx reads external data with its own checks
     elements = math.prod(t.dims)
     shape = f"shape {list(t.dims)}"
-    packed = t.data_type in _PACKED_4BIT
+    packed = t.data_type in PACKED_4BIT
     if t.HasField("raw_data"):
         if t.data_type == onnx.TensorProto.STRING:
             return "holds strings as raw data"

@@ -17,6 +17,10 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # used for shape inference (they may be Reshape targets, Slice bounds, ...).
 SMALL_CONSTANT = 64
 
+# Element types packed two to a byte (and two to an int32_data entry).
+PACKED_4BIT = frozenset(getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                        if hasattr(onnx.TensorProto, name))
+
 
 def opset_of(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:

@@ -21,6 +21,7 @@ during it, every file of the run and the staging folders are removed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -34,8 +35,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from ..errors import UsageError
-from .proto import needs_external_data
+from ..errors import UsageError, VerificationFailed
+from .proto import PACKED_4BIT, needs_external_data
 from .stream import GRAPH_INITIALIZER, MODEL_GRAPH, length_key
 
 STAGING_PREFIX = ".onnxprune-"
@@ -204,7 +205,7 @@ def write_model(f, model: onnx.ModelProto) -> None:
     encoding does not matter, that of repeated entries is kept)."""
     graph = model.graph
     rest = _without(graph, "initializer").SerializeToString()
-    sizes = [t.ByteSize() for t in graph.initializer]
+    sizes = [_encoded_size(t) for t in graph.initializer]
     graph_size = len(rest) + sum(len(length_key(GRAPH_INITIALIZER, n)) + n for n in sizes)
     f.write(_without(model, "graph").SerializeToString())
     if model.HasField("graph"):
@@ -219,13 +220,41 @@ def _write_tensor(f, t: onnx.TensorProto, size: int) -> None:
     """``t``'s encoding, its raw bytes written apart: protobuf serialises a message into a buffer of
     its own and copies that into the bytes returned, two copies of the largest weight at once
     (BERT-base's 94 MB embedding table: the run's peak was that); ``raw_data`` read alone is one."""
-    if size < LARGE_RAW_BYTES or not t.HasField("raw_data"):  # (size: ByteSize(), known without a copy)
+    raw_length = _raw_length(t)
+    if size < LARGE_RAW_BYTES or raw_length is None:
         f.write(t.SerializeToString())
         return
     f.write(_without(t, "raw_data").SerializeToString())
     raw = t.raw_data
+    if len(raw) != raw_length:  # the size written ahead came from the dims: the file would not parse
+        raise VerificationFailed(f"weight {t.name!r} holds {len(raw)} bytes, its dtype and shape "
+                                 f"{list(t.dims)} need {raw_length}: not written")
     f.write(length_key(TENSOR_RAW_DATA, len(raw)))
     f.write(raw)
+
+
+def _encoded_size(t: onnx.TensorProto) -> int:
+    """``t.ByteSize()`` without encoding ``t`` whole where it holds raw data (ByteSize encodes the
+    message to measure it, and reading ``raw_data`` copies it: 0.2 s of BERT-base's write for what
+    its dims say); ``_write_tensor`` checks the raw length it writes against it."""
+    raw_length = _raw_length(t)
+    if raw_length is None or raw_length < LARGE_RAW_BYTES:
+        return t.ByteSize()
+    return _without(t, "raw_data").ByteSize() + len(length_key(TENSOR_RAW_DATA, raw_length)) + raw_length
+
+
+def _raw_length(t: onnx.TensorProto) -> int | None:
+    """The bytes of ``t``'s raw data from its dims and dtype, or None when it holds none (or a
+    dtype of no fixed size)."""
+    if not t.HasField("raw_data") or t.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    elements = math.prod(t.dims)
+    if t.data_type in PACKED_4BIT:
+        return (elements + 1) // 2
+    try:
+        return elements * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError):  # a dtype this onnx does not know
+        return None
 
 
 TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
@@ -233,13 +262,18 @@ LARGE_RAW_BYTES = 1 << 20  # below this, one copy more does not matter
 
 
 def _without(message, skipped: str):
-    """A copy of ``message`` without its field ``skipped`` (the rest is small: nodes, names)."""
+    """A copy of ``message`` without its field ``skipped`` (the rest is small: nodes, names). Its
+    fields are visited by descriptor, not ``ListFields()``, which would read (copy) ``skipped`` too."""
     copy = type(message)()
-    for field, value in message.ListFields():
+    for field in message.DESCRIPTOR.fields:
         if field.name == skipped:
             continue
+        value = getattr(message, field.name)
         if field.is_repeated:
-            getattr(copy, field.name).extend(value)
+            if len(value):
+                getattr(copy, field.name).extend(value)
+        elif not message.HasField(field.name):
+            continue
         elif field.type == field.TYPE_MESSAGE:
             getattr(copy, field.name).CopyFrom(value)
         else:

@@ -38,7 +38,7 @@ from ..progress import muted_stages, restart_stage_clock, stage_done, stage_time
 from ..recovery.train import train
 from ..report.markdown import markdown_summary
 from ..report.records import Report, run_environment
-from ..runtime.verify import index_bounds, run_original, verify_file
+from ..runtime.verify import check_beside_original, index_bounds, verify_file
 from ..scoring.calibration import weight_scores
 from ..scoring.criteria import needs_gradients
 from . import steps
@@ -349,12 +349,13 @@ def _write_verified(stage: Staging, models: list, output: Path, input_path: Path
         # that the run's peak holds one model, not two (issue 20: resnet50's peak was that session)
         del pruned
         if verify:  # the original's inputs and outputs (run_original collects and trims the freed memory first)
-            feeds, reference = run_original(input_path, iochange.grow_shapes(shapes, changes), bounds, seed, chosen)
+            feeds, reference = check_beside_original(staged, input_path, iochange.grow_shapes(shapes, changes),
+                                                     bounds, seed, chosen)
             if reference is not None:
                 feeds = iochange.candidate_feeds(feeds, changes)
                 reference = iochange.comparable_outputs(reference, changes)
-            stage_done("reference")
-            result = verify_file(staged, feeds, reference)
+            stage_done("reference")  # and the full check
+            result = verify_file(staged, feeds, reference, checked=True)
             stage_done("verify")
             bad = [n for n, e in result.output_error.items() if not np.isfinite(e)]
             if bad:

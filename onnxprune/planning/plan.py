@@ -178,12 +178,14 @@ def _choose(group, scores, count: int) -> list[int]:
     """Best units until ``count`` channels are kept; then no tensor may be left empty."""
     ordered, _ = _unit_order(group, scores)
     kept = np.zeros(group.size, bool)
-    for members in ordered:
-        if kept.sum() >= count:
-            break
-        kept[members] = True
-    unit_of = {int(c): m for m in ordered for c in m}
-    for owner in emptied_slots(group, kept):  # e.g. a Slice that passes on only removed channels
+    sizes = np.array([len(m) for m in ordered])
+    # units are disjoint: the i-th is taken while those before it keep fewer than ``count``
+    taken = int(np.searchsorted(np.cumsum(sizes) - sizes, count, side="left"))
+    if taken:
+        kept[np.concatenate(ordered[:taken])] = True
+    emptied = emptied_slots(group, kept)  # e.g. a Slice that passes on only removed channels
+    unit_of = {int(c): m for m in ordered for c in m} if emptied else {}
+    for owner in emptied:
         best = owner[np.argmax(scores[owner])]
         kept[unit_of[int(best)]] = True
     return np.nonzero(kept)[0].tolist()
