@@ -239,6 +239,16 @@ def test_bench_feeds_each_model_its_own_cache_shape(decoder, tmp_path):
     result = bench([str(path), str(out)], [1], warmup=1, iters=3,
                                    input_shapes={n: (1, HEADS, PAST, HEAD_DIM) for n in CACHE_INPUTS})
     assert len(result.timings) == 2
+    # the pruned model's error, on the kept heads of the original's cache: as verification measures it
+    # on the same inputs (the same seed and shapes), not left out because its inputs changed
+    report = tmp_path / "r.json"
+    assert main([str(path), "--structured", "0.5", "--allow-io-change", "-o", str(out), "--force", "-q",
+                 "--report", str(report)]
+                + [a for n in CACHE_INPUTS for a in ("--input-shape", f"{n}:1,{HEADS},{PAST},{HEAD_DIM}")]) == 0
+    verified = max(json.loads(report.read_text())["output_error"].values())
+    benched = bench([str(path), str(out)], [1], warmup=1, iters=3,
+                    input_shapes={n: (1, HEADS, PAST, HEAD_DIM) for n in CACHE_INPUTS}).output_error
+    assert benched[str(path)] == 0.0 and 0 < benched[str(out)] == pytest.approx(verified, rel=1e-6)
 
 
 def test_compose_shrink_and_grow():

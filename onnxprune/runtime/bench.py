@@ -53,6 +53,7 @@ class BenchResult:
     sizes: dict[str, int] = field(default_factory=dict)
     # model -> max output deviation from the first model on the first batch's inputs, relative to the
     # first model's output scale (runtime/verify.relative_error); absent where the inputs differ
+    # (beyond what the model's io-change record maps: a pruned KV cache, renamed inputs)
     output_error: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -186,7 +187,8 @@ def bench(
                 raise UnsupportedModel(_unrunnable(path, b, shape, result.dynamic_dims.get(path), exc)) from exc
             runners.append(make_runner(sess, feeds, provider))
         if b == batches[0]:
-            result.output_error = output_errors(labels, sessions, shapes[b], index_bounds(models[0]), seed)
+            result.output_error = output_errors(labels, sessions, shapes[b], index_bounds(models[0]), seed,
+                                                [iochange.read(m) for m in models])
         times = time_interleaved(runners, warmup, iters)
         first = summarise(labels[0], b, times[0], None)
         result.timings.append(first)
@@ -205,19 +207,33 @@ def size_on_disk(path: str) -> int:
                                      if (path.parent / loc).is_file())
 
 
-def output_errors(labels: list[str], sessions: list, shapes: list[dict], bounds, seed: int) -> dict[str, float]:
+def output_errors(labels: list[str], sessions: list, shapes: list[dict], bounds, seed: int,
+                  changes: list[list] | None = None) -> dict[str, float]:
     """Each model's deviation from the first one on the first model's inputs (those that take the
-    same inputs and give the same outputs: a pruned or quantized copy)."""
+    same inputs and give the same outputs: a pruned or quantized copy). A model whose inputs and
+    outputs onnxprune reshaped (``changes``: its io-change record, cut/iochange.py, relative to the
+    first model) takes the kept positions of the first one's inputs and is compared at the kept
+    positions of its outputs, as verification compares it; one whose record does not lead back to
+    the first model's inputs gets no figure."""
     feeds = make_inputs(sessions[0], shapes[0], bounds, seed)
-    reference = sessions[0].run(None, feeds)
     names = [o.name for o in sessions[0].get_outputs()]
+    reference = dict(zip(names, sessions[0].run(None, feeds)))
     errors = {labels[0]: 0.0}
-    for label, sess, shape in zip(labels[1:], sessions[1:], shapes[1:]):
-        if shape != shapes[0] or [o.name for o in sess.get_outputs()] != names:
+    changes = changes or [[] for _ in sessions]
+    for label, sess, shape, change in zip(labels[1:], sessions[1:], shapes[1:], changes[1:]):
+        try:  # a record about another model names inputs or positions the first one lacks
+            their_feeds = iochange.candidate_feeds(feeds, change)
+            expected = iochange.comparable_outputs(reference, change)
+        except (KeyError, IndexError, ValueError):
             continue
-        got = sess.run(None, feeds)
-        if all(np.shape(a) == np.shape(g) for a, g in zip(reference, got)):
-            errors[label] = max((relative_error(a, g) for a, g in zip(reference, got)), default=0.0)
+        takes = [i.name for i in sess.get_inputs()]
+        if any(n not in their_feeds for n in takes) or [o.name for o in sess.get_outputs()] != list(expected) \
+                or any(n not in their_feeds or np.shape(their_feeds[n]) != tuple(d) for n, d in shape.items()):
+            continue
+        their_feeds = {n: their_feeds[n] for n in takes}
+        got = sess.run(None, their_feeds)
+        if all(np.shape(a) == np.shape(g) for a, g in zip(expected.values(), got)):
+            errors[label] = max((relative_error(a, g) for a, g in zip(expected.values(), got)), default=0.0)
     return errors
 
 
