@@ -90,11 +90,21 @@ def relu_points(group: Group, view: GraphView) -> list[ReadPoint]:
 
 
 # --- activations, with onnxruntime ------------------------------------------
-def _per_channel(values: np.ndarray, point: ReadPoint, size: int) -> np.ndarray:
-    """Sum over samples and every other axis, gathered into the group's channels."""
-    per_pos = np.moveaxis(values, point.axis, 0).reshape(values.shape[point.axis], -1).sum(axis=1, dtype=np.float64)
+def _position_sums(values: np.ndarray, axis: int) -> np.ndarray:
+    """Sum over every axis but ``axis`` (float64), one value per position on it. Reduced in
+    place, not moved into rows first: the copy took longer than the sum (ResNet-50: 2.5x)."""
+    return values.sum(axis=tuple(d for d in range(values.ndim) if d != axis), dtype=np.float64)
+
+
+def _gathered(per_pos: np.ndarray, point: ReadPoint, size: int) -> np.ndarray:
+    """Per position values gathered into the group's channels."""
     owned = point.owner >= 0
     return np.bincount(point.owner[owned], per_pos[owned], minlength=size)
+
+
+def _per_channel(values: np.ndarray, point: ReadPoint, size: int) -> np.ndarray:
+    """Sum over samples and every other axis, gathered into the group's channels."""
+    return _gathered(_position_sums(values, point.axis), point, size)
 
 
 def _positions_per_channel(shape, point: ReadPoint, size: int) -> np.ndarray:
@@ -127,7 +137,7 @@ class Activations:
                 a = values[p.name]
                 self.sums[g.id] += _per_channel(np.abs(a), p, g.size)
                 self.counts[g.id] += _positions_per_channel(a.shape, p, g.size)
-                per_pos = np.moveaxis(a, p.axis, 0).reshape(a.shape[p.axis], -1).sum(axis=1, dtype=np.float64)
+                per_pos = _position_sums(a, p.axis)
                 key = (g.id, p.name)
                 per_pos /= np.prod(a.shape) / a.shape[p.axis]
                 # weighted by the batch's samples, not len(a): a time-first tensor (T, B, ...), as
@@ -135,7 +145,8 @@ class Activations:
                 self.mean_sums[key] = self.mean_sums.get(key, 0) + per_pos * samples
             for p in self.relus[g.id] or self.points[g.id]:
                 a = values[p.name]
-                self.zero_sums[g.id] += _per_channel((a == 0).astype(np.float32), p, g.size)
+                zeros = np.count_nonzero(a == 0, axis=tuple(d for d in range(a.ndim) if d != p.axis))
+                self.zero_sums[g.id] += _gathered(zeros.astype(np.float64), p, g.size)
                 self.zero_counts[g.id] += _positions_per_channel(a.shape, p, g.size)
 
     def result(self) -> dict[str, GroupStats]:
