@@ -90,10 +90,14 @@ def relu_points(group: Group, view: GraphView) -> list[ReadPoint]:
 
 
 # --- activations, with onnxruntime ------------------------------------------
+def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(d for d in range(ndim) if d != axis)
+
+
 def _position_sums(values: np.ndarray, axis: int) -> np.ndarray:
     """Sum over every axis but ``axis`` (float64), one value per position on it. Reduced in
     place, not moved into rows first: the copy took longer than the sum (ResNet-50: 2.5x)."""
-    return values.sum(axis=tuple(d for d in range(values.ndim) if d != axis), dtype=np.float64)
+    return values.sum(axis=_other_axes(values.ndim, axis), dtype=np.float64)
 
 
 def _gathered(per_pos: np.ndarray, point: ReadPoint, size: int) -> np.ndarray:
@@ -145,7 +149,7 @@ class Activations:
                 self.mean_sums[key] = self.mean_sums.get(key, 0) + per_pos * samples
             for p in self.relus[g.id] or self.points[g.id]:
                 a = values[p.name]
-                zeros = np.count_nonzero(a == 0, axis=tuple(d for d in range(a.ndim) if d != p.axis))
+                zeros = np.count_nonzero(a == 0, axis=_other_axes(a.ndim, p.axis))
                 self.zero_sums[g.id] += _gathered(zeros.astype(np.float64), p, g.size)
                 self.zero_counts[g.id] += _positions_per_channel(a.shape, p, g.size)
 
