@@ -422,3 +422,59 @@ def test_gradient_criteria_find_the_samples_where_the_batch_is_not_the_first_axi
         np.testing.assert_allclose(stats[layout].fisher, stats["batch-first"].fisher, rtol=1e-6, atol=1e-12)
     else:
         assert np.isfinite(stats[layout].fisher).all() and (stats[layout].fisher > 0).all()
+
+
+# --- one pass, reused ------------------------------------------------------------------------
+
+def test_means_only_measures_the_same_means_and_nothing_else():
+    """Compensation's means alone (no activation criterion): the same means as the full pass."""
+    from onnxprune.scoring.calibration import measure
+
+    model, data = probe_model(), probe_data()
+    analysis = analyse(model)
+    full = measure(model, analysis.prunable, analysis.view, data, gradients=False, activations=True)
+    means = measure(model, analysis.prunable, analysis.view, data, gradients=False, activations=True,
+                    means_only=True)
+    for gid, stats in full.items():
+        assert stats.abs_mean is not None and means[gid].abs_mean is None and means[gid].zeros is None
+        assert stats.mean.keys() == means[gid].mean.keys() and stats.mean
+        for name, value in stats.mean.items():
+            np.testing.assert_allclose(means[gid].mean[name], value, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gradients", [False, True])
+def test_reference_reuses_the_outputs_of_the_measuring_pass(gradients):
+    """The original's outputs captured by the calibration pass (onnxruntime, or the PyTorch
+    executor's under a gradient criterion) make the same reference as a pass of its own."""
+    if gradients:
+        pytest.importorskip("torch")
+    from onnxprune.metrics import OutputCapture, Reference
+    from onnxprune.scoring.calibration import measure
+
+    model, data = probe_model(), probe_data(40)
+    analysis = analyse(model)
+    captured = OutputCapture(model)
+    measure(model, analysis.prunable, analysis.view, data, gradients=gradients, activations=True,
+            grams=True, batch_size=16, also=(captured,))
+    assert [len(next(iter(b.values()))) for b in captured.batches] == [16, 16, 8]
+    reused = Reference(model, data, 16, captured=captured)
+    fresh = Reference(model, data, 16)
+    for got, want in zip(reused.expected, fresh.expected, strict=True):
+        for name in fresh.names:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    pruned = prune(model, 0.5).model
+    assert reused.measure(pruned).output_error == pytest.approx(fresh.measure(pruned).output_error, rel=1e-5)
+    # other batches than the captured ones: the reference runs its own pass
+    other = Reference(model, data, 8, captured=captured)
+    assert len(other.expected) == 5
+
+
+def test_compensation_report_matches_a_fresh_reference():
+    """The compensation's reported output error, against the reused outputs, is what a reference
+    of its own measures."""
+    from onnxprune.metrics import Reference
+
+    model, data = probe_model(), probe_data()
+    result = prune(model, 0.5, data=data, compensate=True, reconstruct=False)
+    fresh = Reference(model, data).measure(result.model).output_error
+    assert result.report.compensation["output_error"]["with"] == pytest.approx(fresh, rel=1e-5)

@@ -22,7 +22,7 @@ from ..cut import iochange
 from ..data import Dataset
 from ..errors import UsageError
 from ..graph.shapes import refresh_value_info
-from ..metrics import Reference
+from ..metrics import OutputCapture, Reference
 from ..model.inputs import declared_dim, resolve_with_choices
 from ..options import PruneOptions
 from ..planning.allocation import choose_allocation
@@ -76,6 +76,9 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     compensate = calib is not None and data.compensate is not False
     planned = isinstance(widths.plan, Plan)
     criterion = widths.importance if not planned else None
+    # the original's outputs on the calibration samples, kept from the measuring pass for the
+    # reference that compensation and reconstruction are reported against (when it runs on them all)
+    outputs = OutputCapture(model) if calib is not None and len(calib) <= MEASURED_SAMPLES else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = steps.analyse(model, options.analysis)
@@ -83,7 +86,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
         if measured is not None:
             stats = measured.stats
         else:
-            stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet)
+            stats = steps.measure(model, analysis, calib, criterion, compensate, data.batch_size, options.quiet,
+                                  outputs)
             if stats is not None:
                 stage_done("measure")
         if planned:
@@ -121,7 +125,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
         if cut.compensation is not None or reconstruct:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size)
+                reference = Reference(model, calib.sample(MEASURED_SAMPLES, seed=0), data.batch_size,
+                                      captured=outputs)
                 measured_cut = None  # the cut model against the reference: measured once, reported twice
                 if cut.compensation is not None:
                     report.compensation, measured_cut = _compensation_effect(model, pruned, plan, cut.compensation,

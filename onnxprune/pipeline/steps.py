@@ -26,6 +26,7 @@ from ..cut.export import export
 from ..cut.refit import refit
 from ..cut.surgery import apply_plan
 from ..data import Dataset, load_data
+from ..metrics import OutputCapture
 from ..options import AnalysisOptions, DataOptions, WidthOptions
 from ..planning.plan import Plan, make_plan
 from ..scoring.calibration import GroupStats
@@ -55,16 +56,20 @@ def data_of(model: onnx.ModelProto, options: DataOptions) -> Dataset | None:
 
 
 def measure(model: onnx.ModelProto, analysis: Analysis, calib: Dataset | None, criterion: str | None,
-            compensate: bool, batch_size: int | None, quiet: bool = True) -> dict[str, GroupStats] | None:
-    """What the data criterion ``criterion`` (None: a weight criterion) and compensation need."""
+            compensate: bool, batch_size: int | None, quiet: bool = True,
+            outputs: OutputCapture | None = None) -> dict[str, GroupStats] | None:
+    """What the data criterion ``criterion`` (None: a weight criterion) and compensation need;
+    ``outputs`` is handed the model's outputs from the same pass, when one runs."""
     data_criterion = criterion is not None and needs_data(criterion)
     if calib is None or not (data_criterion or compensate):
         return None
+    scored_by_activations = data_criterion and needs_activations(criterion)
     return measure_stats(model, analysis.prunable, analysis.view, calib,
                          gradients=data_criterion and needs_gradients(criterion),
-                         activations=compensate or (data_criterion and needs_activations(criterion)),
+                         activations=compensate or scored_by_activations,
                          grams=compensate, obs=data_criterion and needs_grams(criterion), batch_size=batch_size,
-                         quiet=quiet)
+                         quiet=quiet, means_only=not scored_by_activations,
+                         also=(outputs,) if outputs is not None else ())
 
 
 def score(analysis: Analysis, criterion: str, seed: int, stats: dict | None) -> dict:

