@@ -78,7 +78,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     criterion = widths.importance if not planned else None
     # the original's outputs on the calibration samples, kept from the measuring pass for the
     # reference that compensation and reconstruction are reported against (when it runs on them all)
-    outputs = OutputCapture(model) if calib is not None and len(calib) <= MEASURED_SAMPLES else None
+    reported = compensate or (calib is not None and data.reconstruct is not False)
+    outputs = OutputCapture(model) if reported and len(calib) <= MEASURED_SAMPLES else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = steps.analyse(model, options.analysis)

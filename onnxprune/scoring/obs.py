@@ -81,9 +81,13 @@ class Grams:
         for name in self.names:
             value = np.asarray(values[name])
             # samples along axis 0 (anything else, say a weight-like operand, is all fitted on)
-            held = batch_held if value.ndim > 1 and len(value) == count else np.zeros(len(value), bool)
-            parts = [_gram(_rows(value[~held], self.axes[name], self.rng)) if (~held).any() else 0,
-                     _gram(_rows(value[held], self.axes[name], self.rng)) if held.any() else 0]
+            axis = self.axes[name]
+            by_sample = value.ndim > 1 and len(value) == count and axis != 0
+            held = batch_held if by_sample else np.zeros(len(value), bool)
+            # the samples are picked inside _rows's gather, not copied out of the tensor first
+            parts = [_gram(_rows(value, axis, self.rng, np.nonzero(~held)[0] if by_sample else None))
+                     if (~held).any() else 0,
+                     _gram(_rows(value, axis, self.rng, np.nonzero(held)[0])) if held.any() else 0]
             before = self.sums.get(name, [0, 0])
             self.sums[name] = [before[0] + parts[0], before[1] + parts[1]]
 
@@ -130,17 +134,23 @@ def obs_scores(groups: list[Group], view: GraphView, readers: dict, grams: dict)
     return {g.id: _scores(g, readers[g.id], view, grams) if readers[g.id] else None for g in groups}
 
 
-def _rows(value: np.ndarray, axis: int, rng) -> np.ndarray:
-    """The tensor as rows over its channel ``axis`` (float32, float64 kept), at most MAX_ROWS per sample."""
+def _rows(value: np.ndarray, axis: int, rng, samples: np.ndarray | None = None) -> np.ndarray:
+    """The tensor as rows over its channel ``axis`` (float32, float64 kept), at most MAX_ROWS per
+    sample; ``samples``: only these indices of axis 0 (the batch; ``axis`` is not 0)."""
     channels = value.shape[axis]
     moved = np.moveaxis(value, axis, -1)  # a view: only the rows kept are copied out of it
-    count = moved.size // max(channels, 1)
-    limit = MAX_ROWS * (value.shape[0] if value.ndim > 2 else 1)
+    shape = moved.shape[:-1] if samples is None else (len(samples), *moved.shape[1:-1])
+    count = int(np.prod(shape)) if channels else 0
+    limit = MAX_ROWS * (shape[0] if value.ndim > 2 else 1)
     if count > limit:
-        picked = np.sort(rng.choice(count, limit, replace=False))
-        rows = moved[np.unravel_index(picked, moved.shape[:-1])]
-    else:
+        index = np.unravel_index(np.sort(rng.choice(count, limit, replace=False)), shape)
+        if samples is not None:
+            index = (samples[index[0]], *index[1:])
+        rows = moved[index]
+    elif samples is None:
         rows = moved.reshape(-1, channels)
+    else:
+        rows = moved[samples].reshape(-1, channels)
     return rows.astype(np.float64 if rows.dtype == np.float64 else np.float32, copy=False)
 
 
