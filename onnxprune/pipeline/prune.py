@@ -78,8 +78,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
     criterion = widths.importance if not planned else None
     # the original's outputs on the calibration samples, kept from the measuring pass for the
     # reference that compensation and reconstruction are reported against (when it runs on them all)
-    reported = compensate or (calib is not None and data.reconstruct is not False)
-    outputs = OutputCapture(model) if reported and len(calib) <= MEASURED_SAMPLES else None
+    reconstruct = calib is not None and data.reconstruct is not False
+    outputs = OutputCapture(model) if (compensate or reconstruct) and len(calib) <= MEASURED_SAMPLES else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         analysis = steps.analyse(model, options.analysis)
@@ -122,7 +122,6 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
             report.io_changes = iochange.describe(cut.changes, declared_shapes(model))
         report.params_after = count_params(pruned)
         report.macs_after = count_macs(pruned, iochange.shrink_shapes(analysis.shapes.pinned_inputs, cut.changes))
-        reconstruct = calib is not None and data.reconstruct is not False
         if cut.compensation is not None or reconstruct:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -255,7 +255,9 @@ def gradient_stats(model: onnx.ModelProto, groups: list[Group], view: GraphView,
                     continue
                 # products and sums in float32 (one sum per sample and channel, pairwise in torch),
                 # then float64 across samples: a float64 copy of every product cost more than the sum
-                prod = (values[p.name].detach() * grad).float()  # half-precision models: float32 sums
+                prod = values[p.name].detach() * grad
+                if prod.dtype != torch.float64:  # half precision summed in float32; float64 kept
+                    prod = prod.float()
                 per_pos = _per_sample_sums(prod, p.axis, len(targets)).astype(np.float64)
                 owned = p.owner >= 0
                 rows = per_sample if len(per_pos) == len(targets) else per_sample[:1]

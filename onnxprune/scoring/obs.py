@@ -82,7 +82,7 @@ class Grams:
             value = np.asarray(values[name])
             # samples along axis 0 (anything else, say a weight-like operand, is all fitted on)
             axis = self.axes[name]
-            by_sample = value.ndim > 1 and len(value) == count and axis != 0
+            by_sample = value.ndim > 1 and len(value) == count and axis != 0  # axis 0 holds channels
             held = batch_held if by_sample else np.zeros(len(value), bool)
             # the samples are picked inside _rows's gather, not copied out of the tensor first
             parts = [_gram(_rows(value, axis, self.rng, np.nonzero(~held)[0] if by_sample else None))
