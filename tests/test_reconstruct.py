@@ -198,6 +198,37 @@ def test_obs_takes_the_channel_others_can_stand_in_for_first():
     assert scores["l1"] != scores["obs"]  # magnitude keeps the big copy and drops another channel
 
 
+def test_obs_greedy_order_matches_refitting_from_scratch_at_every_step():
+    """The greedy removal updates its inverse in place and drops removed rows as it goes
+    (scoring/obs.py): each step must still take the channel a from-scratch least-squares refit
+    says is cheapest, on a group wide enough to be compacted several times."""
+    from onnxprune.options import AnalysisOptions
+    from onnxprune.pipeline import steps
+    from onnxprune.scoring import obs
+
+    wide = 48
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.op("Relu", [b.conv(x, 3, wide, name="c1")], name="r1")
+    model = b.build(b.conv(h, wide, 6, k=1, name="c2"))
+    analysis = steps.analyse(model, AnalysisOptions())
+    group = c1(analysis)
+    stats = steps.measure(model, analysis, data_for(model, 96), "obs", True, None)[group.id]
+    gram = next(iter(stats.grams.values())).sum(0)  # fitted and held-out samples: what obs uses
+    damped = gram + np.eye(len(gram)) * obs.DAMPING * np.diag(gram).mean()
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c2.W"))
+    w = weight.reshape(6, wide).astype(np.float64)
+    w = np.concatenate([w, np.zeros((6, 1))], axis=1)  # the ones column (the bias) starts at zero
+    kept, order = list(range(wide)), []
+    for _ in range(wide):
+        k1 = kept + [wide]
+        inverse = np.linalg.inv(damped[np.ix_(k1, k1)])
+        refit = w @ damped[:, k1] @ inverse  # the original outputs refitted on the kept inputs
+        damage = (refit[:, :-1] ** 2).sum(0) / np.diag(inverse)[:-1]
+        order.append(kept.pop(int(np.argmin(damage))))
+    assert list(np.argsort(stats.obs)) == order
+
+
 # --- allocation to a budget ------------------------------------------------------------------------
 
 def test_allocation_meets_a_macs_budget_and_reports_it(tmp_path):
