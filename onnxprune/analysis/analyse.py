@@ -43,11 +43,13 @@ def refuse_hand_dequantized(model: onnx.ModelProto) -> None:
                                "model, then quantize the result")
 
 
-def analyse(model: onnx.ModelProto, options: AnalysisOptions | None = None) -> Analysis:
-    """Channel groups of ``model`` (which is not modified)."""
+def analyse(model: onnx.ModelProto, options: AnalysisOptions | None = None, shapes: Shapes | None = None) -> Analysis:
+    """Channel groups of ``model`` (which is not modified). ``shapes``: of an earlier analysis of
+    the same model with the same options (read, never modified), so that a fresh view for one
+    more cut does not infer them again."""
     options = options or AnalysisOptions()
     refuse_hand_dequantized(model)
-    shapes = analyse_shapes(model, options.input_shapes)
+    shapes = shapes or analyse_shapes(model, options.input_shapes)
     view = GraphView.from_model(model, shapes)
     view.prune_hidden = options.prune_hidden
     view.prune_kv_groups = options.prune_kv_groups

@@ -44,8 +44,8 @@ class Cut:
     removed: dict | None = None  # (tensor, axis) -> positions removed there: what reconstruction refits
 
 
-def analyse(model: onnx.ModelProto, options: AnalysisOptions) -> Analysis:
-    return analyse_model(model, options)
+def analyse(model: onnx.ModelProto, options: AnalysisOptions, shapes=None) -> Analysis:
+    return analyse_model(model, options, shapes)
 
 
 def data_of(model: onnx.ModelProto, options: DataOptions) -> Dataset | None:
