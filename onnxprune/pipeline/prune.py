@@ -129,8 +129,8 @@ def prune_model(model: onnx.ModelProto, options: PruneOptions, measured: Measure
                                       captured=outputs)
                 measured_cut = None  # the cut model against the reference: measured once, reported twice
                 if cut.compensation is not None:
-                    report.compensation, measured_cut = _compensation_effect(model, pruned, plan, cut.compensation,
-                                                                             reference, options)
+                    report.compensation, measured_cut = _compensation_effect(
+                        model, analysis, pruned, plan, cut.compensation, reference, options)
                     stage_done("compensate")
                 if reconstruct:
                     pruned, report.reconstruction = _reconstructed(model, cut.model, cut.removed, calib, reference,
@@ -170,7 +170,7 @@ def _within_budget(model, analysis, scores, options: PruneOptions, allocation):
     target, widths = options.target, options.widths
     for _ in range(BUDGET_TRIES):
         plan = steps.choose(analysis, scores, widths, allocation.ratios)
-        cut = steps.cut(model, steps.analyse(model, options.analysis), plan)
+        cut = steps.cut(model, steps.reanalyse(analysis, options.analysis), plan)
         kept = _kept(model, cut, analysis, target.metric)
         if kept <= target.value + 1e-9:
             break
@@ -192,10 +192,10 @@ def declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
             for vi in (*model.graph.input, *model.graph.output)}
 
 
-def _compensation_effect(model, pruned, plan, folded, reference: Reference, options: PruneOptions):
+def _compensation_effect(model, analysis, pruned, plan, folded, reference: Reference, options: PruneOptions):
     """How much output error compensation removed, on (up to 256 of) the calibration samples; and
     the measurement of ``pruned`` (the compensated cut), which reconstruction reports again."""
-    plain = steps.cut(model, steps.analyse(model, options.analysis), plan).model
+    plain = steps.cut(model, steps.reanalyse(analysis, options.analysis), plan).model
     measured = {name: reference.measure(m) for name, m in (("without", plain), ("with", pruned))}
     errors = {name: m.output_error for name, m in measured.items()}
     return {**folded.to_json(), "output_error": errors}, measured["with"]

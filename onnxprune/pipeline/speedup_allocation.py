@@ -81,4 +81,4 @@ class _AllocationProbe:
     def __call__(self, share: float) -> Evaluation:
         plan = steps.choose(self.analysis, self.scores, self.options.widths, self.allocation_at(share).ratios)
         return self.timer.evaluate(share, plan.keep, lambda: steps.cut(
-            self.model, steps.analyse(self.model, self.options.analysis), plan).model)
+            self.model, steps.reanalyse(self.analysis, self.options.analysis), plan).model)

@@ -44,8 +44,15 @@ class Cut:
     removed: dict | None = None  # (tensor, axis) -> positions removed there: what reconstruction refits
 
 
-def analyse(model: onnx.ModelProto, options: AnalysisOptions, shapes=None) -> Analysis:
-    return analyse_model(model, options, shapes)
+def analyse(model: onnx.ModelProto, options: AnalysisOptions) -> Analysis:
+    return analyse_model(model, options)
+
+
+def reanalyse(analysis: Analysis, options: AnalysisOptions) -> Analysis:
+    """A fresh analysis of the model ``analysis`` was made of, for one more cut (a cut edits the
+    view it is given); the model's shapes, inferred once, are reused (on EfficientNet-Lite1,
+    0.29 -> 0.21 s an analysis)."""
+    return analyse_model(analysis.model, options, analysis.shapes)
 
 
 def data_of(model: onnx.ModelProto, options: DataOptions) -> Dataset | None:
