@@ -23,6 +23,8 @@ and recovery's validation:
 candidates against those outputs with onnxruntime. A candidate whose graph
 inputs/outputs were reshaped (--allow-io-change) is fed the kept positions of
 the original's inputs and compared at the kept positions of its outputs.
+With ``downstream`` (the model the candidates were cut from, as exported), a
+candidate runs only its part that differs from it (runtime/downstream.py).
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ class Reference:
     """
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch_size: int | None = None,
-                 outputs: list[str] | None = None, captured: OutputCapture | None = None):
+                 outputs: list[str] | None = None, captured: OutputCapture | None = None,
+                 downstream: onnx.ModelProto | None = None):
+        from .runtime.downstream import Downstream
         from .runtime.session import session
 
         self.batches = list(model_batches(data, model, batch_size)[0])
@@ -141,19 +145,20 @@ class Reference:
             self.labels = np.concatenate([labels for _, labels in self.batches])
         self.top1 = np.concatenate([np.argmax(f, axis=1) for f in first]) if self.classes else None
         self.accuracy = float(np.mean(self.top1 == self.labels)) if self.labels is not None else None
+        # many candidates that each change a part of ``downstream``, the model as they were made
+        # from (sensitivity's cuts, compared with the uncut export that folds what they fold): each
+        # is run from where it starts to differ, on that model's tensors there
+        self.downstream = (Downstream(downstream, [feeds for feeds, _ in self.batches])
+                           if downstream is not None else None)
 
     def measure(self, candidate: onnx.ModelProto) -> Measured:
         """Output error, accuracy and agreement of ``candidate`` on the reference's batches."""
-        from .runtime.session import session
-
-        sess = session(candidate.SerializeToString())
         changes = iochange.read(candidate)
         error, predicted, divergences = ErrorSum(), [], []
         renamed = iochange.new_names(changes, "output")  # the candidate's name of each original output
         names = [renamed.get(n, n) for n in self.names if not any(c.removed and c.name == n for c in changes)]
         first = renamed.get(self.names[0], self.names[0])
-        for (feeds, _), expected in zip(self.batches, self.expected):
-            got = dict(zip(names, sess.run(names, iochange.candidate_feeds(feeds, changes))))
+        for expected, got in zip(self.expected, self._runs(candidate, names, changes)):
             kept = iochange.comparable_outputs(expected, changes)
             for name in names:
                 error.add(kept[name], got[name])
@@ -168,6 +173,18 @@ class Reference:
             if self.labels is not None:
                 result.accuracy = float(np.mean(predicted == self.labels))
         return result
+
+    def _runs(self, candidate: onnx.ModelProto, names: list[str], changes):
+        """The candidate's outputs ``names`` on each batch."""
+        from .runtime.session import session
+
+        if self.downstream is not None:
+            split = self.downstream.run(candidate, names, self.expected)
+            if split is not None:
+                return split
+        sess = session(candidate.SerializeToString())
+        return (dict(zip(names, sess.run(names, iochange.candidate_feeds(feeds, changes))))
+                for feeds, _ in self.batches)
 
 
 def _covers(captured: OutputCapture, batches: list, outputs: list[str] | None) -> bool:

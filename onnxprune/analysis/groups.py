@@ -93,9 +93,10 @@ class Group:
         if self._members is None:
             _, first, inverse = np.unique(self.units, return_index=True, return_inverse=True)
             by_unit = np.argsort(inverse, kind="stable")
-            bounds = np.cumsum(np.bincount(inverse))[:-1]
-            members = np.split(by_unit, bounds)
-            self._members = [members[u] for u in np.argsort(first)]
+            ends = np.cumsum(np.bincount(inverse)).tolist()
+            # views of one array by slicing, not np.split (2.7 us a unit: 0.1 s over ViT-B's groups)
+            members = [by_unit[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+            self._members = [members[u] for u in np.argsort(first).tolist()]
         return self._members
 
 
@@ -110,7 +111,7 @@ class _UnionFind:
         return x
 
     def union(self, xs) -> None:
-        roots = [self.find(int(x)) for x in xs]
+        roots = [self.find(x) for x in (xs.tolist() if isinstance(xs, np.ndarray) else xs)]
         for r in roots[1:]:
             self.parent[r] = roots[0]
 

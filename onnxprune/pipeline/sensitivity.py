@@ -72,7 +72,9 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         stats = steps.measure(model, analysis, data, widths.importance, compensate, batch, options.quiet)
         prepared = Prepared(analysis, steps.score(analysis, widths.importance, options.seed, stats), stats)
     groups = prepared.analysis.prunable
-    reference = Reference(model, data, batch)
+    # each cut runs from where it differs from the uncut export (which folds what the cuts fold)
+    uncut = steps.cut(model, steps.reanalyse(prepared.analysis, options.analysis), make_plan([], {}, 0.0)).model
+    reference = Reference(model, data, batch, downstream=uncut)
     shapes = prepared.analysis.shapes.pinned_inputs
     macs, params = count_macs(model, shapes), count_params(model)
     results = [GroupSensitivity(g.id, g.sources, g.size, [], [], [] if reference.accuracy is not None else None,
