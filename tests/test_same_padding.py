@@ -268,3 +268,27 @@ def test_keras_same_padding_on_a_dynamic_input(tmp_path):
     result, analysis, _ = prune_checked(model, 0.4, feeds=nhwc[0])
     reference = masked_reference(model, analysis, result.plan)
     assert_close(run(reference, nhwc[1]), run(result.model, nhwc[1]))  # and at another input size
+
+
+@pytest.mark.parametrize("exporter,dynamic", FORMS)
+def test_cuts_from_the_normalised_export_are_the_cuts_of_the_original(exported, exporter, dynamic, one_torch_thread):
+    """Sensitivity cuts the uncut export, whose padding arithmetic is folded where the dims are
+    static: the same groups, and each cut the same model as a cut of the original."""
+    from onnxprune.options import PruneOptions
+    from onnxprune.pipeline import steps
+    from onnxprune.planning.plan import make_plan
+
+    model = exported(exporter, dynamic)
+    options = PruneOptions.from_keywords().analysis
+    analysis = steps.analyse(model, options)
+    uncut, base = steps.as_normalised(analysis, options)
+    assert base is not analysis and base.model is uncut  # the same groups: the normalised one is cut
+    if exporter == "legacy" and not dynamic:  # the dynamo exporter folds static pads itself
+        assert len(uncut.graph.node) < len(model.graph.node)
+    scores = steps.score(analysis, "l1", 0, None)
+    for group in analysis.prunable:
+        plan = make_plan([group], scores, 0.5, 1)
+        ours = steps.cut(base.model, steps.reanalyse(base, options), plan).model
+        theirs = steps.cut(model, steps.reanalyse(analysis, options), plan).model
+        feeds = feeds_at(*SIZES[0])
+        assert_close(run(theirs, feeds), run(ours, feeds), tol=1e-6)

@@ -72,8 +72,9 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         stats = steps.measure(model, analysis, data, widths.importance, compensate, batch, options.quiet)
         prepared = Prepared(analysis, steps.score(analysis, widths.importance, options.seed, stats), stats)
     groups = prepared.analysis.prunable
-    # each cut runs from where it differs from the uncut export (which folds what the cuts fold)
-    uncut = steps.cut(model, steps.reanalyse(prepared.analysis, options.analysis), make_plan([], {}, 0.0)).model
+    # cuts are made from the uncut export (the model as normalised, which every cut exports), and
+    # each runs from where it differs from it
+    uncut, base = steps.as_normalised(prepared.analysis, options.analysis)
     reference = Reference(model, data, batch, downstream=uncut)
     shapes = prepared.analysis.shapes.pinned_inputs
     macs, params = count_macs(model, shapes), count_params(model)
@@ -85,8 +86,8 @@ def measure_sensitivity(model: onnx.ModelProto, data: Dataset, ratios=DEFAULT_RA
         removed = group.size - len(plan.keep[group.id])
         fewer_macs = fewer_params = 0
         if removed:
-            fresh = steps.reanalyse(prepared.analysis, options.analysis)
-            cut = steps.cut(model, fresh, plan, prepared.stats if compensate else None)
+            fresh = steps.reanalyse(base, options.analysis)
+            cut = steps.cut(base.model, fresh, plan, prepared.stats if compensate else None)
             measured = reference.measure(cut.model)
             error, accuracy = measured.output_error, measured.accuracy
             after = count_macs(cut.model, iochange.shrink_shapes(shapes, cut.changes))
